@@ -1,0 +1,106 @@
+"""What every page-table walker shares: the result type, the cache of
+translations keyed by page-table root, and entry reads through it."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vmscope.vmi.memory import PhysicalMemory
+
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class Page:
+    """One mapped page: ``size`` bytes at virtual ``vbase`` backed by physical
+    ``pbase``, with the effective permissions of the whole walk (a page is
+    writable only if every level allows it, non-executable if any level says
+    so)."""
+
+    vbase: int
+    pbase: int
+    size: int
+    writable: bool
+    user: bool
+    nx: bool
+    level: str  # the table whose entry mapped the page: "PT", "PD", "L3"...
+
+
+@dataclass(frozen=True)
+class Translation:
+    """A virtual address and where it lands."""
+
+    vaddr: int
+    paddr: int
+    page: Page
+
+    @property
+    def page_size(self) -> int:
+        return self.page.size
+
+
+class TranslationCache:
+    """Translations and page-table entries, per page-table root.
+
+    Guest page tables change only while the guest runs, so a stopped guest
+    can be walked once per page; whoever resumes the guest calls
+    :meth:`invalidate` (the client does so on every continue and step).
+    """
+
+    def __init__(self) -> None:
+        self._pages: dict[int, dict[int, Page]] = {}
+        self._entries: dict[int, int] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def pages(self, root: int) -> dict[int, Page]:
+        return self._pages.setdefault(root, {})
+
+    def entry(self, phys: PhysicalMemory, addr: int) -> int:
+        try:
+            value = self._entries[addr]
+        except KeyError:
+            value = self._entries[addr] = _U64.unpack(phys.read(addr, 8))[0]
+        return value
+
+    def invalidate(self) -> None:
+        self._pages.clear()
+        self._entries.clear()
+
+
+class Walker:
+    """A page-table walker bound to one set of roots.
+
+    Subclasses implement :meth:`_walk` (va -> :class:`Page` or raise
+    :class:`~vmscope.vmi.errors.TranslationError`); this class adds the
+    cache lookup, keyed at 4 KiB granularity so pages of any size hit.
+    """
+
+    root_key: int = 0
+
+    def __init__(self, phys: PhysicalMemory, cache: TranslationCache | None = None):
+        self.phys = phys
+        self.cache = cache if cache is not None else TranslationCache()
+
+    def _entry(self, addr: int) -> int:
+        return self.cache.entry(self.phys, addr)
+
+    def _walk(self, vaddr: int) -> Page:
+        raise NotImplementedError
+
+    def page(self, vaddr: int) -> Page:
+        pages = self.cache.pages(self.root_key)
+        key = vaddr >> 12
+        page = pages.get(key)
+        if page is None:
+            self.cache.misses += 1
+            page = self._walk(vaddr)
+            pages[key] = page
+        else:
+            self.cache.hits += 1
+        return page
+
+    def translate(self, vaddr: int) -> Translation:
+        page = self.page(vaddr)
+        return Translation(vaddr, page.pbase + (vaddr - page.vbase), page)
