@@ -1,0 +1,390 @@
+"""One debugger session: packets from GDB in, calls on a Target, replies out.
+
+The session does no I/O of its own (the transport feeds it payloads and
+sends what it returns), so protocol behaviour is testable with plain bytes
+and any Target. What it answers is derived from the target's capabilities
+(:mod:`vmscope.gdbserver.target`), never from fixed lists.
+
+Guarantees the transport relies on:
+
+- :meth:`Session.handle` never raises: a target error becomes ``Exx``, a
+  malformed packet ``E16`` (EINVAL), an unknown one the empty reply.
+- Every breakpoint and watchpoint GDB inserted is remembered, so
+  :meth:`Session.cleanup` can restore the guest whatever way the debugger
+  leaves (``D``, ``k``, a closed socket).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import Callable
+
+from vmscope.gdbserver.target import (
+    HwBreakpoints,
+    MonitorCommands,
+    ResumeAction,
+    ResumeActions,
+    StopEvent,
+    SwBreakpoints,
+    Target,
+    TargetError,
+    ThreadNames,
+    Watchpoints,
+)
+from vmscope.rsp import packets as P
+
+log = logging.getLogger("vmscope.gdbserver")
+
+#: Our PacketSize: big, so GDB reads memory in 512 KiB chunks per round trip.
+PACKET_SIZE = 0x100000
+_MAX_MEMORY = (PACKET_SIZE - 32) // 2
+
+_WATCH_KINDS = {2: "write", 3: "read", 4: "access"}
+
+
+class Session:
+    def __init__(self, target: Target, *, on_output: Callable[[str], None] | None = None) -> None:
+        self.target = target
+        self.arch = target.arch
+        self.running = False
+        self.closed = False  # the transport should close the connection
+        self.killed = False
+        self.noack_pending = False  # the transport must stop acking after this reply
+        self.binary_upload = False  # GDB >= 16 "x" replies start with 'b'
+        self.g_thread = 0
+        self.c_thread = 0
+        self.current = target.threads()[0]
+        self.inserted: set[tuple[int, int, int]] = set()  # (Z type, addr, kind)
+        self.last_stop: StopEvent | None = None
+        self._on_output = on_output
+
+    # --- entry points ------------------------------------------------------
+
+    def handle(self, payload: bytes) -> bytes | None:
+        """The reply payload, or None when the target is now running (the
+        reply is the stop reply from :meth:`on_stop`) or none is due."""
+        try:
+            req = P.parse_request(payload)
+            if self.running and not isinstance(req, (P.Query, P.Kill, P.Detach)):
+                return P.error(errno.EBUSY)
+            return self._dispatch(req)
+        except P.ProtocolError as e:
+            log.debug("malformed packet %r: %s", payload[:64], e)
+            return P.error(errno.EINVAL)
+        except TargetError as e:
+            log.debug("target error for %r: %s", payload[:64], e)
+            return P.error(e.errno)
+        except Exception:  # a bug in a target must not kill the stub
+            log.exception("error handling %r", payload[:64])
+            return P.error(errno.EIO)
+
+    def interrupt(self) -> None:
+        """The 0x03 byte arrived."""
+        if self.running:
+            self.target.interrupt()
+
+    def on_stop(self, event: StopEvent) -> bytes:
+        """The target stopped: the stop reply to send."""
+        self.running = False
+        if event.kind == "exited":
+            self.closed = True
+            return P.exit_reply(event.code)
+        if event.kind == "terminated":
+            self.closed = True
+            return P.terminated_reply(event.signal)
+        self.current = event.tid
+        self.last_stop = event
+        self.g_thread = self.c_thread = 0
+        return self._stop_reply(event)
+
+    def cleanup(self) -> None:
+        """Remove every breakpoint and watchpoint GDB left inserted. The
+        target must be stopped."""
+        for ztype, addr, kind in sorted(self.inserted):
+            try:
+                self._remove(ztype, addr, kind)
+            except Exception:
+                log.exception("could not remove Z%d at %#x", ztype, addr)
+        self.inserted.clear()
+
+    # --- helpers -----------------------------------------------------------
+
+    def _tid(self, selected: int) -> int:
+        threads = self.target.threads()
+        if selected in (P.ANY_THREAD, P.ALL_THREADS):
+            return self.current if self.current in threads else threads[0]
+        if selected not in threads:
+            raise TargetError(f"no thread {selected}", errno.ESRCH)
+        return selected
+
+    def _stop_reply(self, event: StopEvent) -> bytes:
+        regs = self.target.read_registers(event.tid)
+        expedited = [
+            (self.arch.index[name], self.arch.encode_register(name, regs.get(name, 0)))
+            for name in self.arch.expedited
+        ]
+        reason = event.kind if event.kind in ("swbreak", "hwbreak", "watch", "rwatch", "awatch") else None
+        return P.stop_reply(event.signal, event.tid, expedited, reason, event.addr)
+
+    # --- dispatch ----------------------------------------------------------
+
+    def _dispatch(self, req: P.Request) -> bytes | None:
+        t = self.target
+        if isinstance(req, P.HaltReason):
+            if self.last_stop is None:
+                self.last_stop = t.initial_stop()
+                self.current = self.last_stop.tid
+            return self._stop_reply(self.last_stop)
+        if isinstance(req, P.ReadRegisters):
+            tid = self._tid(self.g_thread)
+            return P.hexbytes(self.arch.encode_g(t.read_registers(tid)))
+        if isinstance(req, P.WriteRegisters):
+            t.write_registers(self._tid(self.g_thread), self.arch.decode_g(req.data))
+            return P.OK
+        if isinstance(req, P.ReadRegister):
+            if req.regnum >= len(self.arch.registers):
+                return P.error(errno.EINVAL)
+            name = self.arch.registers[req.regnum].name
+            value = t.read_registers(self._tid(self.g_thread)).get(name, 0)
+            return P.hexbytes(self.arch.encode_register(name, value))
+        if isinstance(req, P.WriteRegister):
+            if req.regnum >= len(self.arch.registers):
+                return P.error(errno.EINVAL)
+            name = self.arch.registers[req.regnum].name
+            value = self.arch.decode_register(name, req.data) if len(req.data) == self.arch.registers[req.regnum].size \
+                else None
+            if value is None:
+                raise P.ProtocolError(f"register {name} takes {self.arch.registers[req.regnum].size} bytes")
+            t.write_registers(self._tid(self.g_thread), {name: value})
+            return P.OK
+        if isinstance(req, P.ReadMemory):
+            return self._read_memory(req)
+        if isinstance(req, P.WriteMemory):
+            if req.data:
+                t.write_memory(req.addr, req.data, self._tid(self.g_thread))
+            return P.OK
+        if isinstance(req, P.Resume):
+            return self._resume(req)
+        if isinstance(req, P.VContQuery):
+            return b"vCont;c;C;s;S;t"
+        if isinstance(req, P.SetThread):
+            tid = req.tid if req.tid in (P.ANY_THREAD, P.ALL_THREADS) else self._tid(req.tid)
+            if req.op == "c":
+                self.c_thread = tid
+            else:
+                self.g_thread = tid
+            return P.OK
+        if isinstance(req, P.ThreadAlive):
+            self._tid(req.tid)
+            return P.OK
+        if isinstance(req, P.Breakpoint):
+            return self._breakpoint(req)
+        if isinstance(req, P.Query):
+            return self._query(req)
+        if isinstance(req, P.Detach):
+            if self.running:
+                return P.error(errno.EBUSY)
+            self.cleanup()
+            t.detach()
+            self.closed = True
+            return P.OK
+        if isinstance(req, P.Kill):
+            t.kill()
+            self.closed = self.killed = True
+            return P.OK if req.vkill else None
+        return P.EMPTY
+
+    def _read_memory(self, req: P.ReadMemory) -> bytes:
+        length = min(req.length, _MAX_MEMORY)
+        if length == 0:
+            return (b"b" if self.binary_upload else P.OK) if req.binary else P.EMPTY
+        data = self.target.read_memory(req.addr, length, self._tid(self.g_thread))
+        if req.binary:
+            return (b"b" + data) if self.binary_upload else data
+        return P.hexbytes(data)
+
+    def _resume(self, req: P.Resume) -> bytes | None:
+        threads = self.target.threads()
+        actions = ResumeActions()
+        if req.legacy:
+            kind, sig, _ = req.actions[0]
+            tid = self._tid(self.c_thread)
+            action = ResumeAction("step" if kind == "s" else "continue", sig)
+            if kind == "s":
+                actions.per_thread[tid] = action
+            else:
+                actions.default = action
+            if req.addr is not None:
+                self.target.write_registers(tid, {self.arch.pc: req.addr})
+        else:
+            for kind, sig, tid in req.actions:
+                action = None if kind == "t" else ResumeAction("step" if kind == "s" else "continue", sig)
+                if tid == P.ALL_THREADS:
+                    if actions.default is None and action is not None:
+                        actions.default = action
+                    continue
+                if tid == P.ANY_THREAD:
+                    tid = self.current
+                if tid not in threads:
+                    raise TargetError(f"vCont names unknown thread {tid}", errno.ESRCH)
+                if tid not in actions.per_thread and action is not None:
+                    actions.per_thread[tid] = action
+        if not actions.per_thread and actions.default is None:
+            return P.OK  # nothing to run
+        self.running = True
+        try:
+            self.target.resume(actions)
+        except BaseException:
+            self.running = False
+            raise
+        return None
+
+    def _breakpoint(self, req: P.Breakpoint) -> bytes:
+        key = (req.type, req.addr, req.kind)
+        if not self._supports(req.type):
+            return P.EMPTY
+        if req.insert:
+            if key not in self.inserted:
+                self._insert(*key)
+                self.inserted.add(key)
+        else:
+            if key in self.inserted:
+                self._remove(*key)
+                self.inserted.discard(key)
+        return P.OK
+
+    def _supports(self, ztype: int) -> bool:
+        t = self.target
+        return (
+            (ztype == 0 and isinstance(t, SwBreakpoints))
+            or (ztype == 1 and isinstance(t, HwBreakpoints))
+            or (ztype in _WATCH_KINDS and isinstance(t, Watchpoints))
+        )
+
+    def _insert(self, ztype: int, addr: int, kind: int) -> None:
+        t = self.target
+        if ztype == 0:
+            t.add_sw_breakpoint(addr, kind)  # type: ignore[attr-defined]
+        elif ztype == 1:
+            t.add_hw_breakpoint(addr, kind)  # type: ignore[attr-defined]
+        else:
+            t.add_watchpoint(addr, kind, _WATCH_KINDS[ztype])  # type: ignore[attr-defined]
+
+    def _remove(self, ztype: int, addr: int, kind: int) -> None:
+        t = self.target
+        if ztype == 0:
+            t.remove_sw_breakpoint(addr, kind)  # type: ignore[attr-defined]
+        elif ztype == 1:
+            t.remove_hw_breakpoint(addr, kind)  # type: ignore[attr-defined]
+        else:
+            t.remove_watchpoint(addr, kind, _WATCH_KINDS[ztype])  # type: ignore[attr-defined]
+
+    # --- queries -------------------------------------------------------------
+
+    def supported(self, offered: bytes) -> bytes:
+        t = self.target
+        gdb_features = set(offered.split(b";"))
+        self.binary_upload = b"binary-upload+" in gdb_features
+        feats = [
+            f"PacketSize={PACKET_SIZE:x}",
+            "qXfer:features:read+",
+            "qXfer:threads:read+",
+            "QStartNoAckMode+",
+            "vContSupported+",
+        ]
+        if isinstance(t, SwBreakpoints):
+            feats.append("swbreak+")
+        if isinstance(t, HwBreakpoints):
+            feats.append("hwbreak+")
+        if self.binary_upload:
+            feats.append("binary-upload+")
+        return ";".join(feats).encode()
+
+    def _query(self, q: P.Query) -> bytes:
+        t = self.target
+        name = q.name
+        if self.running and name not in ("Supported",):
+            return P.error(errno.EBUSY)
+        if name == "Supported":
+            return self.supported(q.args)
+        if name == "StartNoAckMode" and q.set:
+            self.noack_pending = True
+            return P.OK
+        if name == "Attached":
+            return b"1"
+        if name == "C" and not q.args:
+            return b"QC" + P.format_thread_id(self._tid(P.ANY_THREAD)).encode()
+        if name == "fThreadInfo":
+            return b"m" + ",".join(P.format_thread_id(x) for x in t.threads()).encode()
+        if name == "sThreadInfo":
+            return b"l"
+        if name == "ThreadExtraInfo":
+            tid = self._tid(P.parse_thread_id(q.args))
+            return P.hexbytes(self._thread_name(tid).encode())
+        if name == "Symbol":
+            return P.OK
+        if name == "Xfer":
+            return self._xfer(q.args)
+        if name == "Rcmd":
+            return self._monitor(q.args)
+        if name == "HostInfo":
+            return self._host_info()
+        return P.EMPTY
+
+    def _thread_name(self, tid: int) -> str:
+        if isinstance(self.target, ThreadNames):
+            return self.target.thread_name(tid)
+        return f"CPU {tid - 1}"
+
+    def _xfer(self, args: bytes) -> bytes:
+        parts = args.split(b":")
+        if len(parts) != 4 or parts[1] != b"read":
+            return P.EMPTY
+        obj, _, annex, window = parts
+        offset, length = P._addr_len(window)
+        if obj == b"features":
+            if annex != b"target.xml":
+                return P.error(errno.ENOENT)
+            data = self.arch.target_xml.encode()
+        elif obj == b"threads":
+            data = self._threads_xml().encode()
+        else:
+            return P.EMPTY
+        chunk = data[offset : offset + min(length, PACKET_SIZE - 16)]
+        return (b"l" if offset + len(chunk) >= len(data) else b"m") + chunk
+
+    def _threads_xml(self) -> str:
+        from xml.sax.saxutils import quoteattr
+
+        rows = [
+            f'  <thread id="{P.format_thread_id(tid)}" core="{tid - 1}" name={quoteattr(self._thread_name(tid))}/>'
+            for tid in self.target.threads()
+        ]
+        return '<?xml version="1.0"?>\n<threads>\n' + "\n".join(rows) + "\n</threads>\n"
+
+    def _monitor(self, args: bytes) -> bytes:
+        try:
+            command = bytes.fromhex(args.decode("ascii")).decode("utf-8", "replace").strip()
+        except (ValueError, UnicodeDecodeError):
+            raise P.ProtocolError("qRcmd takes a hex-encoded command") from None
+        if isinstance(self.target, MonitorCommands):
+            try:
+                text = self.target.monitor(command)
+            except TargetError as e:
+                text = f"error: {e}\n"
+        elif command in ("", "help"):
+            text = "This target has no monitor commands.\n"
+        else:
+            text = f"unknown monitor command {command!r}; this target has none\n"
+        if text and not text.endswith("\n"):
+            text += "\n"
+        return P.hexbytes(text.encode()) if text else P.OK
+
+    def _host_info(self) -> bytes:
+        """LLDB asks for this first; it names the architecture."""
+        triple = {"i386:x86-64": "x86_64-unknown-none", "aarch64": "aarch64-unknown-none"}.get(self.arch.name)
+        if triple is None:
+            return P.EMPTY
+        return f"triple:{triple.encode().hex()};endian:little;ptrsize:8;".encode()
+

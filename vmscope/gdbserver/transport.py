@@ -1,0 +1,182 @@
+"""Sockets for the stub: listen, serve one debugger at a time, clean up.
+
+The loop selects on the client socket and the target's stop descriptor, so
+a Ctrl-C (0x03) reaches a running target at once and a stop is reported as
+soon as it happens. Whatever way a client leaves (``detach``, ``kill``, a
+closed socket, gdb killed with SIGKILL) the guest is stopped if needed, every
+breakpoint and watchpoint is removed, and the guest resumes; the listener
+then accepts the next client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+from typing import Callable
+
+from vmscope.gdbserver.session import Session
+from vmscope.gdbserver.target import StopEvent, Target
+from vmscope.rsp.framing import BadPacket, Endpoint, Interrupt, Packet
+
+log = logging.getLogger("vmscope.gdbserver")
+
+#: how long a vanished client's running target gets to stop before cleanup
+STOP_TIMEOUT = 10.0
+
+
+def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``PORT``, ``:PORT``, ``HOST:PORT`` or ``[v6]:PORT`` -> (host, port).
+
+    The default host is loopback: a stub gives full control of the guest,
+    so it is only reachable from elsewhere when the user says so.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or default_host
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"bad port in {text!r}: expected [HOST:]PORT") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} out of range 0-65535")
+    return host, number
+
+
+class GdbServer:
+    """A TCP listener serving one GDB client at a time for one target."""
+
+    def __init__(self, target: Target, host: str = "127.0.0.1", port: int = 1234) -> None:
+        self.target = target
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.socket(family, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind((host, port))
+        except OSError:
+            self.listener.close()
+            raise
+        self.listener.listen(1)
+        self.address = self.listener.getsockname()[:2]
+        self._wake_r, self._wake_w = os.pipe()
+        self._closing = False
+        self.killed = threading.Event()
+        self.clients_served = 0
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop serving (from any thread); the current client is dropped
+        after its breakpoints are removed."""
+        if not self._closing:
+            self._closing = True
+            os.write(self._wake_w, b"x")
+
+    def serve_forever(self, on_client: Callable[[tuple], None] | None = None) -> None:
+        try:
+            while not self._closing and not self.killed.is_set():
+                r, _, _ = select.select([self.listener, self._wake_r], [], [])
+                if self._wake_r in r:
+                    break
+                conn, peer = self.listener.accept()
+                if on_client:
+                    on_client(peer)
+                self.clients_served += 1
+                try:
+                    self.serve_client(conn)
+                finally:
+                    conn.close()
+        finally:
+            self.listener.close()
+
+    # --- one client -----------------------------------------------------------
+
+    def serve_client(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        target = self.target
+        # A previous client may have left the guest running: stop it first,
+        # so the new one attaches to a stopped target, as GDB expects.
+        if target.is_running():
+            target.interrupt()
+            self._wait_stop()
+        target.take_stop()
+        session = Session(target)
+        endpoint = Endpoint()
+        stop_fd = target.stop_fd()
+        try:
+            while not session.closed:
+                r, _, _ = select.select([conn, stop_fd, self._wake_r], [], [])
+                if self._wake_r in r:
+                    break
+                if conn in r:
+                    try:
+                        data = conn.recv(1 << 20)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        log.info("debugger connection closed")
+                        break
+                    for event in endpoint.receive(data):
+                        if isinstance(event, Packet):
+                            reply = session.handle(event.payload)
+                            if reply is not None:
+                                endpoint.send(reply)
+                            if session.noack_pending:
+                                conn.sendall(endpoint.data_to_send())
+                                endpoint.disable_acks()
+                                session.noack_pending = False
+                            if session.closed:
+                                break
+                        elif isinstance(event, Interrupt):
+                            session.interrupt()
+                        elif isinstance(event, BadPacket):
+                            log.warning("bad packet from debugger: %s", event.reason)
+                if stop_fd in r:
+                    event = target.take_stop()
+                    if event is not None and session.running:
+                        endpoint.send(session.on_stop(event))
+                    elif event is not None:
+                        log.debug("stop while not running ignored: %s", event)
+                out = endpoint.data_to_send()
+                if out:
+                    try:
+                        conn.sendall(out)
+                    except OSError:
+                        log.info("debugger connection lost while sending")
+                        break
+        finally:
+            if session.killed:
+                self.killed.set()
+            elif not session.closed:
+                self._abandon(session)
+
+    def _wait_stop(self) -> StopEvent | None:
+        r, _, _ = select.select([self.target.stop_fd()], [], [], STOP_TIMEOUT)
+        return self.target.take_stop() if r else None
+
+    def _abandon(self, session: Session) -> None:
+        """The client vanished: leave the guest running and unpatched."""
+        target = self.target
+        try:
+            if session.running:
+                target.interrupt()
+                if self._wait_stop() is None:
+                    log.error("target did not stop within %.0f s; breakpoints may remain", STOP_TIMEOUT)
+                    return
+                session.running = False
+            session.cleanup()
+            target.detach()
+            log.info("debugger gone: breakpoints removed, guest resumed")
+        except Exception:
+            log.exception("cleanup after a vanished debugger failed")
+
+
+def serve(target: Target, host: str = "127.0.0.1", port: int = 1234) -> GdbServer:
+    """Start a stub for ``target`` in a daemon thread; returns the server
+    (``server.address`` has the bound port when ``port`` was 0)."""
+    server = GdbServer(target, host, port)
+    threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True).start()
+    return server

@@ -1,0 +1,273 @@
+"""GDB Remote Serial Protocol framing, without I/O.
+
+Bytes in, events out; payloads in, bytes out. The stub and the client both
+feed whatever they read from their socket into :meth:`Endpoint.receive` and
+write whatever :meth:`Endpoint.data_to_send` returns. Nothing here blocks,
+reads a clock or touches a socket, so every line is testable with plain bytes
+(the model is h11).
+
+Wire format: ``$payload#cc`` where ``cc`` is the modulo-256 sum of the
+payload bytes in two hex digits. Inside a payload ``}`` escapes the next byte
+(XOR 0x20) and ``X*n`` repeats the previous byte ``ord(n) - 29`` more times
+(run-length encoding). ``+``/``-`` acknowledge a packet until both sides
+agree to ``QStartNoAckMode``; a lone 0x03 byte is an interrupt request;
+``%payload#cc`` is an asynchronous notification.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+ESCAPE = 0x7D  # '}'
+RLE = 0x2A  # '*'
+INTERRUPT = 0x03
+#: bytes that must never appear raw in a payload we send
+_MUST_ESCAPE = frozenset(b"$#}*")
+
+
+class FramingError(ValueError):
+    """A payload that cannot be decoded (dangling escape, bad run length)."""
+
+
+# --- events ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Packet:
+    """A well-formed packet; ``payload`` is unescaped and RLE-expanded."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Notification:
+    """A ``%name:data#cc`` asynchronous notification."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Ack:
+    pass
+
+
+@dataclass(frozen=True)
+class Nack:
+    """The peer asked for the last packet again (it was retransmitted)."""
+
+
+@dataclass(frozen=True)
+class Interrupt:
+    """The 0x03 byte (Ctrl-C in GDB)."""
+
+
+@dataclass(frozen=True)
+class BadPacket:
+    """A packet that failed its checksum or could not be decoded. In ack
+    mode a ``-`` has been queued so the peer retransmits."""
+
+    raw: bytes
+    reason: str
+
+
+Event = Union[Packet, Notification, Ack, Nack, Interrupt, BadPacket]
+
+
+# --- encoding helpers ----------------------------------------------------------
+
+
+def checksum(data: bytes) -> int:
+    return sum(data) & 0xFF
+
+
+def escape(payload: bytes) -> bytes:
+    """Escape the bytes that would break framing (``$ # } *``)."""
+    if not any(b in _MUST_ESCAPE for b in payload):
+        return payload
+    out = bytearray()
+    for b in payload:
+        if b in _MUST_ESCAPE:
+            out.append(ESCAPE)
+            out.append(b ^ 0x20)
+        else:
+            out.append(b)
+    return bytes(out)
+
+
+def decode(body: bytes) -> bytes:
+    """Undo escapes and run-length encoding, in the single pass GDB uses:
+    a repeat applies to the previous decoded byte."""
+    if ESCAPE not in body and RLE not in body:
+        return body
+    out = bytearray()
+    i, n = 0, len(body)
+    while i < n:
+        b = body[i]
+        if b == ESCAPE:
+            if i + 1 >= n:
+                raise FramingError("escape character at end of packet")
+            out.append(body[i + 1] ^ 0x20)
+            i += 2
+        elif b == RLE:
+            if not out or i + 1 >= n:
+                raise FramingError("run-length marker without a byte to repeat")
+            count = body[i + 1] - 29
+            if count < 0:
+                raise FramingError(f"bad run length {body[i + 1]:#x}")
+            out.extend(out[-1:] * count)
+            i += 2
+        else:
+            out.append(b)
+            i += 1
+    return bytes(out)
+
+
+def rle_encode(payload: bytes) -> bytes:
+    """Run-length encode an already escaped payload (optional for senders).
+
+    Runs are cut so that the count byte is printable and never one of
+    ``$ # + -`` (GDB's rule), and so that an escape pair is never split.
+    """
+    out = bytearray()
+    i, n = 0, len(payload)
+    while i < n:
+        b = payload[i]
+        if b == ESCAPE and i + 1 < n:
+            out += payload[i : i + 2]
+            i += 2
+            continue
+        run = 1
+        while i + run < n and payload[i + run] == b and run < 98:
+            run += 1
+        repeat = run - 1
+        while repeat >= 3 and chr(repeat + 29) in "$#+-":
+            repeat -= 1
+        if repeat >= 3:
+            out.append(b)
+            out.append(RLE)
+            out.append(repeat + 29)
+            i += repeat + 1
+        else:
+            out.append(b)
+            i += 1
+    return bytes(out)
+
+
+def frame(payload: bytes, *, rle: bool = False, notification: bool = False) -> bytes:
+    """``$payload#cc`` with escaping (and RLE if asked)."""
+    body = escape(payload)
+    if rle:
+        body = rle_encode(body)
+    start = b"%" if notification else b"$"
+    return start + body + b"#" + b"%02x" % checksum(body)
+
+
+# --- the endpoint --------------------------------------------------------------
+
+
+class Endpoint:
+    """One side of an RSP connection: parser, ack handling, retransmission.
+
+    ``receive(data)`` returns events in order; outgoing bytes (packets, acks
+    and retransmissions) accumulate until :meth:`data_to_send`.
+    """
+
+    #: a packet larger than this is dropped as garbage (and nacked)
+    MAX_PACKET = 16 * 1024 * 1024
+
+    def __init__(self, *, rle_replies: bool = False) -> None:
+        self.ack_mode = True
+        self.rle_replies = rle_replies
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._last_sent: bytes | None = None
+        self._scanned = 0  # bytes of an incomplete packet already searched for '#'
+
+    # output
+    def send(self, payload: bytes) -> None:
+        raw = frame(payload, rle=self.rle_replies)
+        self._last_sent = raw
+        self._out += raw
+
+    def send_notification(self, payload: bytes) -> None:
+        self._out += frame(payload, notification=True)
+
+    def send_interrupt(self) -> None:
+        self._out.append(INTERRUPT)
+
+    def data_to_send(self) -> bytes:
+        data, self._out = bytes(self._out), bytearray()
+        return data
+
+    def disable_acks(self) -> None:
+        """Call after the ``OK`` to ``QStartNoAckMode`` was queued (stub) or
+        received (client): from then on no ``+``/``-`` is sent or expected."""
+        self.ack_mode = False
+
+    # input
+    def receive(self, data: bytes) -> list[Event]:
+        self._buf += data
+        events: list[Event] = []
+        buf = self._buf
+        i = 0
+        n = len(buf)
+        while i < n:
+            c = buf[i]
+            if c == 0x24 or c == 0x25:  # '$' or '%'
+                end = buf.find(b"#", max(i + 1, self._scanned))
+                if end < 0:
+                    self._scanned = n
+                    if n - i > self.MAX_PACKET:
+                        events.append(BadPacket(bytes(buf[i : i + 64]), "packet too large"))
+                        i = n
+                        self._nack()
+                    break
+                if end + 2 >= n:
+                    break  # checksum not here yet
+                body = bytes(buf[i + 1 : end])
+                cs_text = bytes(buf[end + 1 : end + 3])
+                i = end + 3
+                events.append(self._packet(c, body, cs_text))
+            elif c == 0x2B:  # '+'
+                events.append(Ack())
+                i += 1
+            elif c == 0x2D:  # '-'
+                if self._last_sent is not None:
+                    self._out += self._last_sent
+                events.append(Nack())
+                i += 1
+            elif c == INTERRUPT:
+                events.append(Interrupt())
+                i += 1
+            else:
+                i += 1  # line noise between packets is ignored, as GDB does
+        del buf[:i]
+        self._scanned = max(0, self._scanned - i) if self._buf else 0
+        return events
+
+    def _packet(self, start: int, body: bytes, cs_text: bytes) -> Event:
+        raw = bytes([start]) + body + b"#" + cs_text
+        try:
+            expected = int(cs_text, 16)
+        except ValueError:
+            expected = -1
+        # In no-ack mode the checksum is still sent but need not be checked
+        # (GDB ignores it too); a corrupt packet is then caught by parsing.
+        if self.ack_mode and expected != checksum(body):
+            self._nack()
+            return BadPacket(raw, f"checksum {cs_text!r} != {checksum(body):02x}")
+        try:
+            payload = decode(body)
+        except FramingError as e:
+            self._nack()
+            return BadPacket(raw, str(e))
+        if start == 0x25:
+            return Notification(payload)
+        if self.ack_mode:
+            self._out.append(0x2B)
+        return Packet(payload)
+
+    def _nack(self) -> None:
+        if self.ack_mode:
+            self._out.append(0x2D)

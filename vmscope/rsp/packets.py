@@ -1,0 +1,378 @@
+"""Typed RSP requests and reply formatting, without I/O.
+
+:func:`parse_request` turns a packet payload from GDB into one of the request
+dataclasses below (or raises :class:`ProtocolError` for a malformed one and
+returns :class:`Unknown` for one we do not implement). The reply helpers
+build payloads; framing is :mod:`vmscope.rsp.framing`'s job. The client side
+uses the same helpers in reverse (``parse_stop_reply``, ``hex``...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Union
+
+
+class ProtocolError(ValueError):
+    """A packet whose syntax is wrong (answered with ``E16``: EINVAL)."""
+
+
+# --- thread ids --------------------------------------------------------------
+
+ALL_THREADS = -1
+ANY_THREAD = 0
+
+
+def parse_thread_id(text: bytes) -> int:
+    """``1f`` / ``-1`` / ``0`` / ``p1.2`` (multiprocess form) -> tid."""
+    if text.startswith(b"p"):
+        _, _, text = text[1:].partition(b".")
+        if not text:
+            return ALL_THREADS
+    if text == b"-1":
+        return ALL_THREADS
+    return _hex(text, "thread id")
+
+
+def format_thread_id(tid: int) -> str:
+    return "-1" if tid == ALL_THREADS else f"{tid:x}"
+
+
+def _hex(text: bytes, what: str) -> int:
+    try:
+        if not text or text.startswith((b"-", b"+")) or text.strip() != text:
+            raise ValueError
+        return int(text, 16)
+    except ValueError:
+        raise ProtocolError(f"bad {what}: {text[:32]!r}") from None
+
+
+def _addr_len(text: bytes) -> tuple[int, int]:
+    addr, sep, length = text.partition(b",")
+    if not sep:
+        raise ProtocolError(f"expected ADDR,LENGTH, got {text[:32]!r}")
+    return _hex(addr, "address"), _hex(length, "length")
+
+
+def _unhex(text: bytes, what: str = "hex data") -> bytes:
+    try:
+        return bytes.fromhex(text.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(f"bad {what}: {text[:32]!r}") from None
+
+
+# --- requests -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HaltReason:  # ?
+    pass
+
+
+@dataclass(frozen=True)
+class ReadRegisters:  # g
+    pass
+
+
+@dataclass(frozen=True)
+class WriteRegisters:  # G
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ReadRegister:  # p n
+    regnum: int
+
+
+@dataclass(frozen=True)
+class WriteRegister:  # P n=v
+    regnum: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ReadMemory:  # m addr,len / x addr,len
+    addr: int
+    length: int
+    binary: bool = False
+
+
+@dataclass(frozen=True)
+class WriteMemory:  # M addr,len:hex / X addr,len:bin
+    addr: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Resume:
+    """``c``/``s``/``C``/``S``/``vCont``: per-thread actions.
+
+    ``actions`` is a list of ``(kind, signal, tid)`` with kind ``"c"``,
+    ``"s"`` or ``"t"``; ``tid`` ``ALL_THREADS`` means "every thread not named
+    before", as in vCont. ``addr`` (old-style packets only) sets the pc of
+    the selected thread first.
+    """
+
+    actions: tuple[tuple[str, int | None, int], ...]
+    addr: int | None = None
+    legacy: bool = False  # c/s/C/S: applies to the Hc thread
+
+
+@dataclass(frozen=True)
+class VContQuery:  # vCont?
+    pass
+
+
+@dataclass(frozen=True)
+class SetThread:  # Hg tid / Hc tid
+    op: str
+    tid: int
+
+
+@dataclass(frozen=True)
+class ThreadAlive:  # T tid
+    tid: int
+
+
+@dataclass(frozen=True)
+class Breakpoint:  # Z/z type,addr,kind
+    insert: bool
+    type: int
+    addr: int
+    kind: int
+
+
+@dataclass(frozen=True)
+class Query:
+    """``qName[:args]`` / ``QName[:args]``; ``args`` is the text after the
+    first ``:`` (or ``,`` for qRcmd/qThreadExtraInfo)."""
+
+    name: str
+    args: bytes = b""
+    set: bool = False  # Q packet
+
+
+@dataclass(frozen=True)
+class Detach:  # D / D;pid
+    pass
+
+
+@dataclass(frozen=True)
+class Kill:  # k / vKill
+    vkill: bool = False
+
+
+@dataclass(frozen=True)
+class Unknown:
+    payload: bytes
+
+
+Request = Union[
+    HaltReason, ReadRegisters, WriteRegisters, ReadRegister, WriteRegister, ReadMemory, WriteMemory,
+    Resume, VContQuery, SetThread, ThreadAlive, Breakpoint, Query, Detach, Kill, Unknown,
+]
+
+
+def parse_request(payload: bytes) -> Request:
+    """Parse one packet payload from a debugger."""
+    if not payload:
+        return Unknown(payload)
+    cmd, rest = payload[:1], payload[1:]
+    if cmd == b"?":
+        return HaltReason()
+    if cmd == b"g":
+        return ReadRegisters()
+    if cmd == b"G":
+        return WriteRegisters(_unhex(rest, "register data"))
+    if cmd == b"p":
+        return ReadRegister(_hex(rest, "register number"))
+    if cmd == b"P":
+        num, sep, val = rest.partition(b"=")
+        if not sep:
+            raise ProtocolError("expected P n=value")
+        return WriteRegister(_hex(num, "register number"), _unhex(val, "register value"))
+    if cmd == b"m":
+        return ReadMemory(*_addr_len(rest))
+    if cmd == b"x":
+        addr, length = _addr_len(rest)
+        return ReadMemory(addr, length, binary=True)
+    if cmd in (b"M", b"X"):
+        head, sep, data = rest.partition(b":")
+        if not sep:
+            raise ProtocolError(f"expected {cmd.decode()} addr,length:data")
+        addr, length = _addr_len(head)
+        if cmd == b"M":
+            data = _unhex(data, "memory data")
+        if len(data) != length:
+            raise ProtocolError(f"length {length} does not match {len(data)} data bytes")
+        return WriteMemory(addr, data)
+    if cmd in (b"c", b"s"):
+        addr = _hex(rest, "address") if rest else None
+        return Resume(((cmd.decode(), None, ALL_THREADS),), addr, legacy=True)
+    if cmd in (b"C", b"S"):
+        sig, _, addr = rest.partition(b";")
+        return Resume(
+            ((cmd.decode().lower(), _hex(sig, "signal"), ALL_THREADS),),
+            _hex(addr, "address") if addr else None,
+            legacy=True,
+        )
+    if cmd == b"H":
+        if not rest[:1] or rest[:1] not in b"gcm":
+            raise ProtocolError(f"bad H packet {payload[:32]!r}")
+        return SetThread(rest[:1].decode(), parse_thread_id(rest[1:]))
+    if cmd == b"T":
+        return ThreadAlive(parse_thread_id(rest))
+    if cmd in (b"Z", b"z"):
+        parts = rest.split(b";")[0].split(b",")
+        if len(parts) != 3:
+            raise ProtocolError(f"expected {cmd.decode()}type,addr,kind")
+        return Breakpoint(cmd == b"Z", _hex(parts[0], "type"), _hex(parts[1], "address"), _hex(parts[2], "kind"))
+    if cmd == b"D":
+        return Detach()
+    if cmd == b"k":
+        return Kill()
+    if cmd in (b"q", b"Q"):
+        return _parse_query(payload)
+    if cmd == b"v":
+        return _parse_v(payload)
+    return Unknown(payload)
+
+
+def _parse_query(payload: bytes) -> Query:
+    text = payload[1:]
+    # qRcmd,HEX and qThreadExtraInfo,ID use ',' after the name
+    for name in (b"Rcmd", b"ThreadExtraInfo", b"Xfer", b"Supported", b"Symbol", b"Attached"):
+        if text.startswith(name) and text[len(name) : len(name) + 1] in (b",", b":", b""):
+            return Query(name.decode(), text[len(name) + 1 :], set=payload[:1] == b"Q")
+    name, _, args = text.partition(b":")
+    try:
+        return Query(name.decode("ascii"), args, set=payload[:1] == b"Q")
+    except UnicodeDecodeError:
+        raise ProtocolError("non-ASCII query name") from None
+
+
+def _parse_v(payload: bytes) -> Request:
+    if payload == b"vCont?":
+        return VContQuery()
+    if payload.startswith(b"vCont;"):
+        actions = []
+        for item in payload[6:].split(b";"):
+            act, _, tid_text = item.partition(b":")
+            if not act or act[:1] not in b"cCsSt":
+                raise ProtocolError(f"bad vCont action {item[:32]!r}")
+            kind = act[:1].decode().lower()
+            sig = _hex(act[1:], "signal") if act[:1] in (b"C", b"S") else None
+            if act[:1] in (b"c", b"s", b"t") and len(act) != 1:
+                raise ProtocolError(f"bad vCont action {item[:32]!r}")
+            tid = parse_thread_id(tid_text) if tid_text else ALL_THREADS
+            actions.append((kind, sig, tid))
+        return Resume(tuple(actions))
+    if payload.startswith(b"vKill"):
+        return Kill(vkill=True)
+    return Unknown(payload)
+
+
+# --- replies ----------------------------------------------------------------------
+
+OK = b"OK"
+EMPTY = b""
+
+
+def error(errno: int) -> bytes:
+    """``Exx``: GDB shows xx; the two hex digits carry an errno value."""
+    return b"E%02x" % (errno & 0xFF)
+
+
+def hexbytes(data: bytes) -> bytes:
+    return data.hex().encode()
+
+
+def stop_reply(
+    signal: int,
+    tid: int | None = None,
+    registers: Iterable[tuple[int, bytes]] = (),
+    reason: str | None = None,
+    addr: int | None = None,
+) -> bytes:
+    """A ``T`` stop reply: signal, expedited registers, thread, stop reason.
+
+    ``reason`` is ``swbreak``/``hwbreak`` (no value) or ``watch``/``rwatch``/
+    ``awatch`` (with the data address).
+    """
+    parts = [b"T%02x" % (signal & 0xFF)]
+    for num, raw in registers:
+        parts.append(b"%02x:%s;" % (num, raw.hex().encode()))
+    if tid is not None:
+        parts.append(b"thread:%s;" % format_thread_id(tid).encode())
+    if reason in ("swbreak", "hwbreak"):
+        parts.append(reason.encode() + b":;")
+    elif reason in ("watch", "rwatch", "awatch"):
+        parts.append(b"%s:%x;" % (reason.encode(), addr or 0))
+    return b"".join(parts)
+
+
+def exit_reply(code: int) -> bytes:
+    return b"W%02x" % (code & 0xFF)
+
+
+def terminated_reply(signal: int) -> bytes:
+    return b"X%02x" % (signal & 0xFF)
+
+
+def console_output(text: str) -> bytes:
+    """An ``O`` packet: text GDB prints while the target runs."""
+    return b"O" + text.encode().hex().encode()
+
+
+# --- the client side ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StopReply:
+    """A parsed ``S``/``T``/``W``/``X`` reply."""
+
+    kind: str  # "signal" | "exited" | "terminated"
+    signal: int = 0
+    code: int = 0
+    tid: int | None = None
+    registers: dict[int, bytes] = field(default_factory=dict)
+    reason: str | None = None
+    addr: int | None = None
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+
+def parse_stop_reply(payload: bytes) -> StopReply:
+    if not payload:
+        raise ProtocolError("empty stop reply")
+    kind = payload[:1]
+    if kind in (b"W", b"X"):
+        value = _hex(payload[1:3], "exit status")
+        return StopReply("exited" if kind == b"W" else "terminated", signal=value if kind == b"X" else 0,
+                         code=value if kind == b"W" else 0)
+    if kind == b"S":
+        return StopReply("signal", signal=_hex(payload[1:3], "signal"))
+    if kind != b"T":
+        raise ProtocolError(f"not a stop reply: {payload[:32]!r}")
+    sig = _hex(payload[1:3], "signal")
+    regs: dict[int, bytes] = {}
+    extra: dict[str, bytes] = {}
+    tid = reason = addr = None
+    for item in payload[3:].split(b";"):
+        if not item:
+            continue
+        key, _, value = item.partition(b":")
+        try:
+            num = int(key, 16)
+        except ValueError:
+            num = None
+        if num is not None and key.strip() == key:
+            regs[num] = _unhex(value, "register value")
+        elif key == b"thread":
+            tid = parse_thread_id(value)
+        elif key in (b"swbreak", b"hwbreak"):
+            reason = key.decode()
+        elif key in (b"watch", b"rwatch", b"awatch"):
+            reason, addr = key.decode(), _hex(value, "watch address")
+        else:
+            extra[key.decode(errors="replace")] = value
+    return StopReply("signal", signal=sig, tid=tid, registers=regs, reason=reason, addr=addr, extra=extra)
