@@ -1,0 +1,109 @@
+"""The RSP framing core, on bytes alone."""
+
+from hypothesis import given, strategies as st
+
+from vmscope.rsp.framing import (
+    Ack, BadPacket, Endpoint, Interrupt, Nack, Notification, Packet, checksum, decode, escape, frame, rle_encode,
+)
+
+
+def test_frame_known_packet():
+    # GDB's own example: the checksum of "OK" is 0x9a
+    assert frame(b"OK") == b"$OK#9a"
+    assert frame(b"") == b"$#00"
+
+
+def test_escapes_reserved_bytes():
+    raw = b"a$b#c}d*e"
+    body = escape(raw)
+    assert b"$" not in body and b"#" not in body and b"*" not in body
+    assert decode(body) == raw
+
+
+def test_rle_decoding_gdb_example():
+    # "0* " means '0' followed by 3 more '0's (' ' is 32 = 3 + 29)
+    assert decode(b"0* ") == b"0000"
+
+
+def test_receive_acks_valid_packet_and_nacks_bad_checksum():
+    ep = Endpoint()
+    events = ep.receive(b"$g#67")
+    assert events == [Packet(b"g")]
+    assert ep.data_to_send() == b"+"
+    events = ep.receive(b"$g#00")
+    assert isinstance(events[0], BadPacket)
+    assert ep.data_to_send() == b"-"
+
+
+def test_packet_split_across_reads():
+    ep = Endpoint()
+    wire = frame(b"m1000,40")
+    events = []
+    for i in range(len(wire)):
+        events += ep.receive(wire[i : i + 1])
+    assert events == [Packet(b"m1000,40")]
+
+
+def test_interrupt_ack_and_noise():
+    ep = Endpoint()
+    assert ep.receive(b"+\x03garbage-") == [Ack(), Interrupt(), Nack()]
+
+
+def test_retransmit_on_nack():
+    ep = Endpoint()
+    ep.send(b"OK")
+    assert ep.data_to_send() == b"$OK#9a"
+    ep.receive(b"-")
+    assert ep.data_to_send() == b"$OK#9a"
+
+
+def test_no_ack_mode_sends_no_acks():
+    ep = Endpoint()
+    ep.disable_acks()
+    assert ep.receive(b"$?#3f") == [Packet(b"?")]
+    assert ep.data_to_send() == b""
+
+
+def test_notification():
+    ep = Endpoint()
+    assert ep.receive(b"%Stop:T05#" + b"%02x" % checksum(b"Stop:T05")) == [Notification(b"Stop:T05")]
+    assert ep.data_to_send() == b""  # notifications are not acked
+
+
+def test_dangling_escape_is_a_bad_packet():
+    ep = Endpoint()
+    body = b"X0,1:}"
+    (ev,) = ep.receive(b"$" + body + b"#%02x" % checksum(body))
+    assert isinstance(ev, BadPacket) and "escape" in ev.reason
+
+
+@given(st.binary(max_size=600), st.booleans())
+def test_frame_roundtrip(payload, rle):
+    ep = Endpoint()
+    assert ep.receive(frame(payload, rle=rle)) == [Packet(payload)]
+
+
+@given(st.binary(max_size=300))
+def test_rle_never_expands_and_roundtrips(payload):
+    body = escape(payload)
+    enc = rle_encode(body)
+    assert len(enc) <= len(body)
+    assert decode(enc) == payload
+    assert b"$" not in enc and b"#" not in enc
+
+
+@given(st.lists(st.binary(max_size=80), max_size=5), st.integers(1, 7))
+def test_stream_of_packets_any_chunking(payloads, chunk):
+    wire = b"".join(frame(p) for p in payloads)
+    ep = Endpoint()
+    got = []
+    for i in range(0, len(wire), chunk):
+        got += [e.payload for e in ep.receive(wire[i : i + chunk]) if isinstance(e, Packet)]
+    assert got == payloads
+
+
+@given(st.binary(max_size=400))
+def test_garbage_never_raises(data):
+    ep = Endpoint()
+    ep.receive(data)
+    ep.data_to_send()

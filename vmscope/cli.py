@@ -1,0 +1,194 @@
+"""The ``vmscope`` command.
+
+``vmscope run``     boot a guest (KVM, or the emulated CPU), optionally with a GDB stub
+``vmscope guest``   write guest images (the embedded demo ELF, a Debian Linux kernel + initramfs)
+``vmscope inspect`` attach to any gdbstub and look inside the guest
+``vmscope lab``     the nested KVM lab (real KVM inside QEMU/TCG) for machines without VMX/SVM
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+from vmscope import __version__
+
+DEFAULT_GDB_HOST = "127.0.0.1"
+
+
+def _err(message: str) -> None:
+    print(f"vmscope: {message}", file=sys.stderr, flush=True)
+
+
+# --- run ------------------------------------------------------------------------
+
+
+def _host_arch() -> str:
+    m = platform.machine()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def kvm_usable() -> str | None:
+    """None when /dev/kvm can be opened, else the reason it cannot."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        return f"/dev/kvm: {e.strerror}"
+    os.close(fd)
+    return None
+
+
+def make_machine(config, accel: str):
+    """The back end for ``accel`` (kvm, emu or auto)."""
+    from vmscope.machine import MachineUnavailable
+
+    if accel == "auto":
+        why = kvm_usable()
+        if why is None and config.arch != _host_arch():
+            why = f"the host is {_host_arch()}, the guest {config.arch}"
+        if why is None:
+            accel = "kvm"
+        else:
+            _err(f"KVM not usable ({why}); using the emulated CPU (slower)")
+            accel = "emu"
+    if accel == "kvm":
+        if config.arch != _host_arch():
+            raise MachineUnavailable(f"KVM runs {_host_arch()} guests here, not {config.arch}; use --accel emu")
+        from vmscope.kvm import KvmMachine
+
+        return KvmMachine(config)
+    from vmscope.emu import EmuMachine
+
+    return EmuMachine(config)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from vmscope.gdbserver.transport import GdbServer, parse_address
+    from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
+
+    for label, path in (("kernel", args.kernel), ("initrd", args.initrd)):
+        if path is not None and not path.is_file():
+            _err(f"{label} image {path}: no such file")
+            return 2
+    config = MachineConfig(
+        arch=args.arch, kernel=args.kernel, initrd=args.initrd, append=args.append or "",
+        mem_mib=args.mem, cpus=args.cpus,
+        serial_in=sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None,
+    )
+    server = None
+    try:
+        if args.gdb is not None:
+            try:
+                host, port = parse_address(args.gdb, DEFAULT_GDB_HOST)
+            except ValueError as e:
+                _err(f"--gdb: {e}")
+                return 2
+        machine = make_machine(config, args.accel)
+        if args.gdb is not None:
+            try:
+                server = GdbServer(machine.debug_target(), host, port)
+            except OSError as e:
+                machine.shutdown()
+                _err(f"cannot listen for gdb on {host}:{port}: {e.strerror or e}")
+                return 2
+            h, p = server.address
+            _err(f"waiting for gdb on {h}:{p} (in gdb: target remote {h}:{p}); the guest starts when it continues")
+            threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True).start()
+        machine.start(paused=args.gdb is not None)
+    except (ImageError, MachineUnavailable) as e:
+        _err(str(e))
+        return 2
+    try:
+        status = machine.wait()
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        if server is not None:
+            server.close()
+        machine.shutdown()
+    return int(status or 0)
+
+
+# --- guest ------------------------------------------------------------------------
+
+
+def cmd_guest(args: argparse.Namespace) -> int:
+    if args.what == "demo":
+        from vmscope.guests import write_guest
+
+        path = write_guest(args.out, "demo", args.arch)
+        print(path)
+        return 0
+    from vmscope.images import linux
+
+    return linux.main(["--out", str(args.out), *args.rest])
+
+
+# --- wiring -------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmscope", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"vmscope {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for protocol detail)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a guest, optionally under a GDB stub",
+                         description="Boot a guest. Without --kernel, the embedded demo guest. "
+                                     "On a terminal, Ctrl-A X quits.")
+    run.add_argument("--kernel", type=Path, help="PVH ELF kernel (default: the embedded demo guest)")
+    run.add_argument("--initrd", type=Path, help="initial ramdisk")
+    run.add_argument("--append", help="kernel command line")
+    run.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
+    run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--gdb", metavar="[HOST:]PORT",
+                     help="serve GDB here and wait for it before the first instruction (host defaults to 127.0.0.1)")
+    run.add_argument("--arch", choices=["x86_64", "aarch64"], default=None, help="guest architecture (default: host's)")
+    run.add_argument("--accel", choices=["auto", "kvm", "emu"], default="auto",
+                     help="kvm, the emulated CPU, or auto (KVM when usable; default)")
+    run.set_defaults(func=cmd_run)
+
+    guest = sub.add_parser("guest", help="write guest images")
+    guest.add_argument("what", choices=["demo", "linux"], help="demo: the embedded bare-metal ELF; linux: Debian kernel + initramfs")
+    guest.add_argument("--out", type=Path, required=True, help="output directory")
+    guest.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64")
+    guest.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    guest.set_defaults(func=cmd_guest)
+
+    inspect = sub.add_parser("inspect", help="attach to a gdbstub and inspect the guest", add_help=False)
+    inspect.add_argument("rest", nargs=argparse.REMAINDER)
+    inspect.set_defaults(func=lambda a: _delegate("vmscope.client.inspect_cli", a.rest))
+
+    lab = sub.add_parser("lab", help="the nested KVM lab (real KVM inside QEMU/TCG)", add_help=False)
+    lab.add_argument("rest", nargs=argparse.REMAINDER)
+    lab.set_defaults(func=lambda a: _delegate("vmscope.lab", a.rest))
+    return p
+
+
+def _delegate(module: str, argv: list[str]) -> int:
+    import importlib
+
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="vmscope: %(name)s: %(message)s")
+    if getattr(args, "arch", None) is None and args.command == "run":
+        args.arch = _host_arch() if _host_arch() in ("x86_64", "aarch64") else "x86_64"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
