@@ -1,0 +1,165 @@
+/*
+ * vmscope's arm64 demo guest: bare metal, MMU off, for
+ * "qemu-system-aarch64 -M virt -cpu max -kernel demo.elf" and for vmscope's
+ * emulated target.
+ *
+ * Entry (_start): EL1, MMU and caches off, any registers. QEMU's virt board
+ * starts only CPU 0 there (secondaries stay powered off until PSCI CPU_ON);
+ * vmscope's emulated target starts every CPU there. Each CPU takes its index
+ * from MPIDR_EL1.Aff0, sets up its own stack, prints
+ * "vmscope demo guest: cpu N up\n" on the PL011 at 0x09000000 and calls
+ * tick(cpu) forever; tick increments the global 64-bit `counter`
+ * (atomically, with a load/store-exclusive loop that works on every ARMv8.0
+ * CPU) and per_cpu_counter[cpu].
+ *
+ * Memory: RAM starts at 0x40000000 on virt and QEMU puts the DTB at its
+ * start for bare-metal images, so the guest links at 0x40080000 (demo.ld).
+ * With the MMU off every data access is Device memory, so every access here
+ * is naturally aligned.
+ */
+        .equ UART_BASE, 0x09000000
+        .equ UART_FR, 0x18
+        .equ UART_FR_TXFF, 1 << 5
+        .equ MAX_CPUS, 16
+        .equ STACK_SHIFT, 12            // 4 KiB per CPU
+
+        .pushsection .note.vmscope, "a", %note
+        .balign 4
+        .long 8                 // namesz: "vmscope\0"
+        .long 0                 // descsz
+        .long 1                 // every CPU starts at the ELF entry
+        .asciz "vmscope"
+        .popsection
+
+        .text
+        .globl _start
+        .type _start, %function
+_start:
+        msr daifset, #0xf               // interrupts off
+        mrs x19, mpidr_el1
+        and x19, x19, #0xff             // the CPU index lives in x19
+        cmp x19, #MAX_CPUS
+        b.hs park
+        add x0, x19, #1
+        lsl x0, x0, #STACK_SHIFT
+        ldr x1, =stacks
+        add x0, x1, x0
+        mov sp, x0
+        bl announce
+        .size _start, . - _start
+
+        .globl main_loop
+        .type main_loop, %function
+main_loop:
+        mov x0, x19
+        bl tick
+        b main_loop
+        .size main_loop, . - main_loop
+
+// void tick(unsigned long cpu)
+        .globl tick
+        .type tick, %function
+tick:
+        ldr x1, =counter
+1:      ldxr x2, [x1]
+        add x2, x2, #1
+        stxr w3, x2, [x1]
+        cbnz w3, 1b
+        ldr x1, =per_cpu_counter
+        ldr x2, [x1, x0, lsl #3]
+        add x2, x2, #1
+        str x2, [x1, x0, lsl #3]
+        ret
+        .size tick, . - tick
+
+// CPUs beyond MAX_CPUS stop here.
+        .type park, %function
+park:
+        wfe
+        b park
+        .size park, . - park
+
+// putc(w0): wait while the transmit FIFO is full, then write the byte.
+        .type putc, %function
+putc:
+        ldr x1, =UART_BASE
+1:      ldr w2, [x1, #UART_FR]
+        tst w2, #UART_FR_TXFF
+        b.ne 1b
+        str w0, [x1]
+        ret
+        .size putc, . - putc
+
+// puts(x0 = NUL-terminated string)
+        .type puts, %function
+puts:
+        stp x29, x30, [sp, #-32]!
+        str x20, [sp, #16]
+        mov x20, x0
+1:      ldrb w0, [x20], #1
+        cbz w0, 2f
+        bl putc
+        b 1b
+2:      ldr x20, [sp, #16]
+        ldp x29, x30, [sp], #32
+        ret
+        .size puts, . - puts
+
+// announce: print "vmscope demo guest: cpu <x19> up\n" under a spinlock,
+// so that lines from several CPUs do not interleave.
+        .type announce, %function
+announce:
+        stp x29, x30, [sp, #-16]!
+        ldr x1, =print_lock
+        mov w2, #1
+1:      ldaxr w3, [x1]
+        cbnz w3, 1b
+        stxr w3, w2, [x1]
+        cbnz w3, 1b
+        ldr x0, =banner
+        bl puts
+        cmp x19, #10
+        b.lo 2f
+        mov x0, #'1'
+        bl putc
+        sub x0, x19, #10
+        b 3f
+2:      mov x0, x19
+3:      add x0, x0, #'0'
+        bl putc
+        ldr x0, =banner_end
+        bl puts
+        ldr x1, =print_lock
+        stlr wzr, [x1]
+        ldp x29, x30, [sp], #16
+        ret
+        .size announce, . - announce
+
+        .ltorg
+
+        .section .rodata
+banner:
+        .asciz "vmscope demo guest: cpu "
+banner_end:
+        .asciz " up\n"
+
+        .data
+        .balign 8
+        .globl counter
+        .type counter, %object
+        .size counter, 8
+counter:
+        .quad 0
+        .globl per_cpu_counter
+        .type per_cpu_counter, %object
+        .size per_cpu_counter, MAX_CPUS * 8
+per_cpu_counter:
+        .fill MAX_CPUS, 8, 0
+        .type print_lock, %object
+        .size print_lock, 4
+print_lock:
+        .long 0
+
+        .bss
+        .balign 16
+stacks: .skip MAX_CPUS << STACK_SHIFT

@@ -1,0 +1,103 @@
+/*
+ * vmscope's x86_64 demo guest: a PVH ELF that every vmscope target and
+ * QEMU's "-kernel" can boot, small enough to run quickly even where guest
+ * ring-0 code goes through KVM's instruction emulator.
+ *
+ * Each CPU takes an index (lock xadd), gets its own stack, prints
+ * "vmscope demo guest: cpu N up\n" on COM1 and then calls tick() forever.
+ * tick(cpu) increments the global 64-bit `counter` (atomically) and
+ * per_cpu_counter[cpu]. The loop does no port I/O and no privileged
+ * instruction, so once a CPU is up it never exits to the VMM.
+ *
+ * Entry points and notes: see pvh_boot.S. Loaded at 1 MiB (demo.ld).
+ */
+        .include "pvh_boot.S"
+
+        .equ MAX_CPUS, 16
+        .equ STACK_SHIFT, 12            /* 4 KiB per CPU */
+
+        PVH_NOTES pvh_entry
+
+        .text
+        .globl pvh_entry
+        .type pvh_entry, @function
+pvh_entry:
+        ENTER_LONG_MODE pml4, pdpt, pd, gdt_ptr, start64
+        .size pvh_entry, . - pvh_entry
+
+        .globl start64
+        .type start64, @function
+start64:
+        cli
+        LOAD_OWN_GDT gdt_ptr
+        movl $1, %eax
+        lock xaddl %eax, next_cpu(%rip)
+        cmpl $MAX_CPUS, %eax
+        jae park
+        movl %eax, %ebx                 /* the CPU index lives in %ebx */
+        leal 1(%eax), %ecx
+        shll $STACK_SHIFT, %ecx
+        leaq stacks(%rcx), %rsp
+        call announce
+        .size start64, . - start64
+
+        .globl main_loop
+        .type main_loop, @function
+main_loop:
+        movl %ebx, %edi
+        call tick
+        jmp main_loop
+        .size main_loop, . - main_loop
+
+/* void tick(unsigned cpu) */
+        .globl tick
+        .type tick, @function
+tick:
+        lock incq counter(%rip)
+        incq per_cpu_counter(,%rdi,8)
+        ret
+        .size tick, . - tick
+
+/* CPUs beyond MAX_CPUS stop here (quietly: they have no stack). */
+        .type park, @function
+park:
+        hlt
+        jmp park
+        .size park, . - park
+
+        DEFINE_CONSOLE banner, banner_end, print_lock
+
+        .section .rodata
+        GDT64 gdt, gdt_ptr
+banner:
+        .asciz "vmscope demo guest: cpu "
+banner_end:
+        .asciz " up\n"
+
+        .data
+        .balign 8
+        .globl counter
+        .type counter, @object
+        .size counter, 8
+counter:
+        .quad 0
+        .globl per_cpu_counter
+        .type per_cpu_counter, @object
+        .size per_cpu_counter, MAX_CPUS * 8
+per_cpu_counter:
+        .fill MAX_CPUS, 8, 0
+        .type next_cpu, @object
+        .size next_cpu, 4
+next_cpu:
+        .long 0
+        .type print_lock, @object
+        .size print_lock, 4
+print_lock:
+        .long 0
+
+        .bss
+        .balign 4096
+pml4:   .skip 4096
+pdpt:   .skip 4096
+pd:     .skip 4096
+stacks: .skip MAX_CPUS << STACK_SHIFT
