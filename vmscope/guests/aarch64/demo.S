@@ -17,6 +17,8 @@
  * With the MMU off every data access is Device memory, so every access here
  * is naturally aligned.
  */
+        .include "dwarf_types.S"
+
         .equ UART_BASE, 0x09000000
         .equ UART_FR, 0x18
         .equ UART_FR_TXFF, 1 << 5
@@ -163,3 +165,8 @@ print_lock:
         .bss
         .balign 16
 stacks: .skip MAX_CPUS << STACK_SHIFT
+
+        DWARF_BEGIN "demo.S"
+        DWARF_U64 counter
+        DWARF_U64_ARRAY per_cpu_counter, MAX_CPUS
+        DWARF_END

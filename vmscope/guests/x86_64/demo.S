@@ -12,6 +12,7 @@
  * Entry points and notes: see pvh_boot.S. Loaded at 1 MiB (demo.ld).
  */
         .include "pvh_boot.S"
+        .include "dwarf_types.S"
 
         .equ MAX_CPUS, 16
         .equ STACK_SHIFT, 12            /* 4 KiB per CPU */
@@ -101,3 +102,8 @@ pml4:   .skip 4096
 pdpt:   .skip 4096
 pd:     .skip 4096
 stacks: .skip MAX_CPUS << STACK_SHIFT
+
+        DWARF_BEGIN "demo.S"
+        DWARF_U64 counter
+        DWARF_U64_ARRAY per_cpu_counter, MAX_CPUS
+        DWARF_END

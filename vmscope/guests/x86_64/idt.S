@@ -14,6 +14,7 @@
  * Entry points and notes: see pvh_boot.S.
  */
         .include "pvh_boot.S"
+        .include "dwarf_types.S"
 
         .equ MAX_CPUS, 8
         .equ STACK_SHIFT, 12
@@ -139,3 +140,9 @@ pd:     .skip 4096
 idt:    .skip (BP_VECTOR + 1) * 16
         .balign 16
 stacks: .skip MAX_CPUS << STACK_SHIFT
+
+        DWARF_BEGIN "idt.S"
+        DWARF_U64 counter
+        DWARF_U64 bp_count
+        DWARF_U64_ARRAY per_cpu_counter, MAX_CPUS
+        DWARF_END
