@@ -1,1 +1,6 @@
+"""The debugger side: an RSP client for any GDB stub, plus memory helpers
+that bypass the protocol when the VM's RAM can be mapped directly."""
 
+from vmscope.client.client import (Client, Features, MemoryReadError, StubError,  # noqa: F401
+                                   Unsupported)
+from vmscope.client.transport import ConnectionLost, StubTimeout  # noqa: F401

@@ -1,0 +1,543 @@
+"""A synchronous GDB Remote Serial Protocol client.
+
+It speaks to any stub (vmscope's, QEMU's, gdbserver) over the same
+:mod:`vmscope.rsp` framing the stub uses, and adapts to what the stub offers:
+``qSupported`` features, no-ack mode, ``target.xml``, ``x`` vs ``m``,
+PacketSize. Every wait has a timeout and a closed connection raises
+:class:`ConnectionLost`, so a script never hangs on a dead stub.
+
+Typical use from a Python prompt::
+
+    c = Client.connect("localhost:1234")
+    c.registers()["rip"]; c.read_memory(0xffffffff81000000, 64)
+    c.set_breakpoint(addr); c.cont()  # -> StopEvent(kind="swbreak", ...)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+from vmscope.client.tdesc import RegisterLayout, layout_from_arch, parse_target_xml
+from vmscope.client.transport import ConnectionLost, StubTimeout, open_socket
+from vmscope.gdbserver.target import StopEvent
+from vmscope.rsp import framing
+from vmscope.rsp.packets import format_thread_id, parse_stop_reply, parse_thread_id
+
+PAGE = 0x1000
+WatchKind = Literal["write", "read", "access"]
+_WATCH_TYPE = {"write": 2, "read": 3, "access": 4}
+
+
+class StubError(Exception):
+    """The stub answered a request with ``Exx`` (or refused it)."""
+
+    def __init__(self, request: bytes, reply: bytes):
+        code = reply[1:3].decode(errors="replace") if reply.startswith(b"E") else ""
+        what = request[:40].decode(errors="replace")
+        detail = f"error E{code}" if code else f"reply {reply[:40]!r}"
+        if code.isalnum() and len(code) == 2:
+            try:
+                detail += f" ({os.strerror(int(code, 16))})"
+            except ValueError:
+                pass
+        super().__init__(f"stub refused {what!r}: {detail}")
+        self.request = request
+        self.reply = reply
+
+
+class Unsupported(StubError):
+    """The stub does not implement the request (empty reply)."""
+
+
+class MemoryReadError(StubError):
+    """Memory the stub could not read; ``addr`` is the first bad byte's page."""
+
+    def __init__(self, addr: int, size: int, reply: bytes = b""):
+        detail = f": stub replied {reply[:8].decode(errors='replace')}" if reply else ""
+        Exception.__init__(self, f"cannot read memory at 0x{addr:x} (+{size} bytes){detail}")
+        self.addr, self.size, self.request, self.reply = addr, size, b"", reply
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the stub said in its ``qSupported`` reply."""
+
+    raw: dict[str, str | bool]
+
+    def has(self, name: str) -> bool:
+        return self.raw.get(name) is True
+
+    @property
+    def packet_size(self) -> int:
+        value = self.raw.get("PacketSize")
+        return int(value, 16) if isinstance(value, str) else 400
+
+
+class Client:
+    """One connection to a GDB stub. Not thread-safe, except :meth:`interrupt`."""
+
+    CLIENT_FEATURES = b"qSupported:multiprocess-;swbreak+;hwbreak+;xmlRegisters=i386,aarch64;vContSupported+"
+
+    def __init__(self, sock: socket.socket, *, timeout: float = 10.0, arch=None):
+        self.sock = sock
+        self.timeout = timeout
+        self.endpoint = framing.Endpoint()
+        self._events: list[framing.Event] = []
+        self.console: list[str] = []  # text from O packets
+        self._resume_hooks: list[Callable[[], None]] = []
+        self._reg_cache: dict[str, int | None] | None = None
+        self.breakpoints: set[int] = set()  # software breakpoints we inserted
+        self._phys_mode: bool | None = False
+        self.running = False
+        self.last_stop: StopEvent | None = None
+        self.features = self._negotiate()
+        self.no_ack = False
+        if self.features.has("QStartNoAckMode"):
+            if self.request(b"QStartNoAckMode") == b"OK":
+                self.endpoint.disable_acks()
+                self.no_ack = True
+        # gdbserver needs a general thread before it can describe the target.
+        self.request(b"Hg0")
+        self.layout = self._load_layout(arch)
+        self._use_x = self.features.has("binary-upload")
+        self._vcont = self._query_vcont()
+        self.last_stop = self._stop_event(self.request(b"?"))
+
+    # ------------------------------------------------------------ connection
+
+    @classmethod
+    def connect(cls, address: str | tuple[str, int], *, timeout: float = 10.0, arch=None) -> "Client":
+        """Connect to ``host:port``, ``unix:/path`` or ``/path``."""
+        return cls(open_socket(address, timeout), timeout=timeout, arch=arch)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        finally:
+            self.running = False
+
+    def detach(self) -> None:
+        """Let the target run on without us and close the connection."""
+        try:
+            self._send(b"D")
+            self._recv_packet(self.timeout)
+        except (ConnectionLost, StubTimeout):
+            pass
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def on_resume(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` whenever the target is resumed (caches of guest
+        state, e.g. a :class:`~vmscope.vmi.TranslationCache`, register here)."""
+        self._resume_hooks.append(hook)
+
+    # ------------------------------------------------------------ packets
+
+    def _send(self, payload: bytes) -> None:
+        self.endpoint.send(payload)
+        self._flush()
+
+    def _flush(self) -> None:
+        data = self.endpoint.data_to_send()
+        if data:
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                raise ConnectionLost(f"connection to the stub broke while sending: {e}") from e
+
+    def _recv_packet(self, timeout: float | None, waiting_for: str = "a reply") -> bytes:
+        """Next packet payload; acks are absorbed and ``O`` console output
+        is collected (it can arrive before any reply while running)."""
+        while True:
+            while self._events:
+                ev = self._events.pop(0)
+                if isinstance(ev, framing.Packet):
+                    self._flush()  # our '+' for it
+                    return ev.payload
+                if isinstance(ev, framing.BadPacket):
+                    self._flush()  # the '-' asking for a retransmit
+            self.sock.settimeout(timeout)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise StubTimeout(f"no answer from the stub after {timeout} s while waiting for {waiting_for}") from None
+            except OSError as e:
+                raise ConnectionLost(f"connection to the stub broke while waiting for {waiting_for}: {e}") from e
+            if not data:
+                raise ConnectionLost(f"the stub closed the connection while we waited for {waiting_for}")
+            self._events.extend(self.endpoint.receive(data))
+
+    def request(self, payload: bytes, timeout: float | None = None) -> bytes:
+        """Send one packet and return the reply's payload (skipping ``O``
+        console packets, whose text lands in :attr:`console`)."""
+        self._send(payload)
+        what = f"the reply to {payload[:24].decode(errors='replace')!r}"
+        while True:
+            reply = self._recv_packet(timeout or self.timeout, what)
+            if reply.startswith(b"O") and reply != b"OK" and _is_hex(reply[1:]):
+                self.console.append(bytes.fromhex(reply[1:].decode()).decode(errors="replace"))
+                continue
+            return reply
+
+    def _checked(self, payload: bytes) -> bytes:
+        reply = self.request(payload)
+        if reply == b"":
+            raise Unsupported(payload, reply)
+        if reply.startswith(b"E") and len(reply) == 3:
+            raise StubError(payload, reply)
+        return reply
+
+    def _ok(self, payload: bytes) -> None:
+        reply = self._checked(payload)
+        if reply != b"OK":
+            raise StubError(payload, reply)
+
+    # ------------------------------------------------------------ negotiation
+
+    def _negotiate(self) -> Features:
+        reply = self.request(self.CLIENT_FEATURES)
+        raw: dict[str, str | bool] = {}
+        for item in reply.decode(errors="replace").split(";"):
+            if not item:
+                continue
+            if "=" in item:
+                key, _, value = item.partition("=")
+                raw[key] = value
+            elif item[-1] in "+-?":
+                raw[item[:-1]] = item[-1] == "+"
+        return Features(raw)
+
+    def _query_vcont(self) -> set[str]:
+        reply = self.request(b"vCont?")
+        if not reply.startswith(b"vCont"):
+            return set()
+        return {a for a in reply.decode().split(";")[1:] if a}
+
+    def read_xfer(self, obj: str, annex: str) -> bytes:
+        """A whole ``qXfer:OBJ:read:ANNEX`` object, in PacketSize pieces."""
+        out = bytearray()
+        chunk = max(256, self.features.packet_size - 16)
+        while True:
+            reply = self._checked(f"qXfer:{obj}:read:{annex}:{len(out):x},{chunk:x}".encode())
+            out += reply[1:]
+            if reply[:1] == b"l":
+                return bytes(out)
+            if reply[:1] != b"m":
+                raise StubError(b"qXfer", reply)
+
+    def _load_layout(self, arch) -> RegisterLayout:
+        if self.features.has("qXfer:features:read"):
+            try:
+                return parse_target_xml(lambda annex: self.read_xfer("features", annex))
+            except StubError:
+                pass
+        if arch is None:
+            from vmscope.arch.x86_64 import X86_64
+            arch = X86_64
+        return layout_from_arch(arch)
+
+    @property
+    def arch(self) -> str | None:
+        return self.layout.arch
+
+    # ------------------------------------------------------------ registers
+
+    def registers(self) -> dict[str, int | None]:
+        """All registers of the selected thread (``g``), cached until resume."""
+        if self._reg_cache is None:
+            raw = self._checked(b"g")
+            self._reg_cache = self.layout.decode_g(_unhex_regs(raw))
+        return dict(self._reg_cache)
+
+    def register(self, name: str) -> int:
+        """One register by name. Registers outside the ``g`` packet (QEMU's
+        system registers on some targets) are read with ``p``."""
+        reg = self.layout[name]
+        regs = self.registers()
+        value = regs.get(name)
+        if value is None:
+            raw = self._checked(b"p%x" % reg.regnum)
+            value = int.from_bytes(_unhex_regs(raw), "little")
+            self._reg_cache[name] = value  # type: ignore[index]
+        return value
+
+    def write_register(self, name: str, value: int) -> None:
+        reg = self.layout[name]
+        data = (value & ((1 << reg.bitsize) - 1)).to_bytes(reg.size, "little")
+        try:
+            self._ok(b"P%x=%s" % (reg.regnum, data.hex().encode()))
+        except Unsupported:
+            regs = self.registers()
+            regs[name] = value
+            raw = b"".join((regs.get(r.name) or 0).to_bytes(r.size, "little")
+                           for r in sorted(self.layout.registers, key=lambda r: r.regnum) if r.name in regs)
+            self._ok(b"G" + raw.hex().encode())
+        self._reg_cache = None
+
+    # ------------------------------------------------------------ memory
+
+    @property
+    def max_read(self) -> int:
+        """Largest read per packet: the reply must fit PacketSize (hex
+        doubles ``m`` data; ``x`` escapes rarely but may)."""
+        size = self.features.packet_size - 8
+        return max(16, size // 2 if not self._use_x else size * 7 // 8)
+
+    def set_physical_mode(self, on: bool) -> None:
+        """QEMU only: make memory packets address guest-physical memory."""
+        if self._phys_mode == on:
+            return
+        self._ok(b"Qqemu.PhyMemMode:%d" % int(on))
+        self._phys_mode = on
+
+    def _read_packet(self, addr: int, size: int) -> bytes:
+        if self._use_x:
+            reply = self.request(b"x%x,%x" % (addr, size))
+            if reply.startswith(b"b"):  # new-style x reply prefix
+                return reply[1:]
+            if not (reply.startswith(b"E") and len(reply) == 3) and reply:
+                return reply
+            if reply == b"":
+                self._use_x = False
+            else:
+                raise MemoryReadError(addr, size, reply)
+        reply = self.request(b"m%x,%x" % (addr, size))
+        if (reply.startswith(b"E") and len(reply) == 3) or not reply:
+            raise MemoryReadError(addr, size, reply)
+        try:
+            return bytes.fromhex(reply.decode())
+        except ValueError:
+            raise MemoryReadError(addr, size, reply) from None
+
+    def _read_run(self, addr: int, size: int) -> bytes:
+        out = bytearray()
+        while len(out) < size:
+            want = min(self.max_read, size - len(out))
+            data = self._read_packet(addr + len(out), want)
+            if not data:
+                raise MemoryReadError(addr + len(out), want, b"(empty)")
+            out += data[:want]
+        return bytes(out)
+
+    def read_memory(self, addr: int, size: int, *, physical: bool = False) -> bytes:
+        """``size`` bytes at ``addr``, or :class:`MemoryReadError` naming the
+        first unreadable page. Reads split at PacketSize; when a chunk fails
+        (QEMU fails a whole ``m`` for one unmapped byte) it is retried page by
+        page so the error names the exact page."""
+        data, holes = self.read_memory_partial(addr, size, physical=physical)
+        if holes:
+            hole_addr, hole_len = holes[0]
+            raise MemoryReadError(hole_addr, hole_len)
+        return data
+
+    def read_memory_partial(self, addr: int, size: int, *, physical: bool = False,
+                            fill: bytes = b"\0") -> tuple[bytes, list[tuple[int, int]]]:
+        """Like :meth:`read_memory`, but unreadable pages come back as
+        ``fill`` and are listed as ``(addr, length)`` holes."""
+        if self._phys_mode is not None or physical:
+            self.set_physical_mode(physical)
+        out = bytearray()
+        holes: list[tuple[int, int]] = []
+        pos, end = addr, addr + size
+        while pos < end:
+            n = min(end - pos, self.max_read)
+            try:
+                out += self._read_run(pos, n)
+                pos += n
+                continue
+            except MemoryReadError:
+                pass
+            stop = pos + n
+            while pos < stop:  # page by page inside the failed chunk
+                m = min(stop, (pos | (PAGE - 1)) + 1) - pos
+                try:
+                    out += self._read_run(pos, m)
+                except MemoryReadError:
+                    out += fill * m
+                    if holes and sum(holes[-1]) == pos:
+                        holes[-1] = (holes[-1][0], holes[-1][1] + m)
+                    else:
+                        holes.append((pos, m))
+                pos += m
+        return bytes(out), holes
+
+    def write_memory(self, addr: int, data: bytes, *, physical: bool = False) -> None:
+        if self._phys_mode is not None or physical:
+            self.set_physical_mode(physical)
+        step = max(16, (self.features.packet_size - 32) // 2)
+        for off in range(0, len(data), step):
+            piece = data[off : off + step]
+            self._ok(b"M%x,%x:%s" % (addr + off, len(piece), piece.hex().encode()))
+
+    # ------------------------------------------------------------ breakpoints
+
+    def _z(self, insert: bool, ztype: int, addr: int, kind: int) -> None:
+        self._ok(b"%s%d,%x,%x" % (b"Z" if insert else b"z", ztype, addr, kind))
+
+    def _bp_kind(self) -> int:
+        return 4 if self.arch and "aarch64" in self.arch else 1
+
+    def set_breakpoint(self, addr: int, *, hardware: bool = False, kind: int | None = None) -> None:
+        self._z(True, 1 if hardware else 0, addr, kind or self._bp_kind())
+        if not hardware:
+            self.breakpoints.add(addr)
+
+    def remove_breakpoint(self, addr: int, *, hardware: bool = False, kind: int | None = None) -> None:
+        self._z(False, 1 if hardware else 0, addr, kind or self._bp_kind())
+        if not hardware:
+            self.breakpoints.discard(addr)
+
+    def set_watchpoint(self, addr: int, length: int = 8, kind: WatchKind = "write") -> None:
+        self._z(True, _WATCH_TYPE[kind], addr, length)
+
+    def remove_watchpoint(self, addr: int, length: int = 8, kind: WatchKind = "write") -> None:
+        self._z(False, _WATCH_TYPE[kind], addr, length)
+
+    # ------------------------------------------------------------ execution
+
+    def _resumed(self) -> None:
+        self._reg_cache = None
+        self.running = True
+        for hook in self._resume_hooks:
+            hook()
+
+    def resume(self, *, step: bool = False, tid: int | None = None) -> None:
+        """Start the target and return at once; :meth:`wait` collects the stop."""
+        action = "s" if step else "c"
+        if self._vcont and action in self._vcont:
+            packet = f"vCont;{action}" + (f":{format_thread_id(tid)}" if tid is not None else "")
+        else:
+            if tid is not None:
+                self._ok(f"Hc{format_thread_id(tid)}".encode())
+            packet = action
+        self._resumed()
+        self._send(packet.encode())
+
+    def wait(self, timeout: float | None = None) -> StopEvent:
+        """Block until the target stops (``None``: wait for ever, still
+        raising :class:`ConnectionLost` if the stub goes away)."""
+        while True:
+            reply = self._recv_packet(timeout, "the target to stop")
+            if reply.startswith(b"O") and reply != b"OK" and _is_hex(reply[1:]):
+                self.console.append(bytes.fromhex(reply[1:].decode()).decode(errors="replace"))
+                continue
+            self.running = False
+            self.last_stop = self._stop_event(reply)
+            return self.last_stop
+
+    def _pc_name(self) -> str:
+        for name in ("rip", "pc", "eip"):
+            if name in self.layout:
+                return name
+        raise Unsupported(b"g", b"no program counter in the register layout")
+
+    def _step_off_breakpoint(self, tid: int | None) -> StopEvent | None:
+        """Like GDB: a thread sitting on one of our software breakpoints is
+        stepped with that breakpoint lifted, else it would hit it again at
+        once (gdbserver does not step over ``Z0`` breakpoints itself)."""
+        if not self.breakpoints:
+            return None
+        pc = self.register(self._pc_name())
+        if pc not in self.breakpoints:
+            return None
+        self.remove_breakpoint(pc)
+        try:
+            self.resume(step=True, tid=tid)
+            return self.wait(self.timeout)
+        finally:
+            self.set_breakpoint(pc)
+
+    def cont(self, timeout: float | None = None) -> StopEvent:
+        """Continue until the next stop (stepping off a breakpoint first)."""
+        stop = self._step_off_breakpoint(None)
+        if stop is not None and (stop.kind != "signal" or stop.signal != 5):
+            return stop  # the step itself ended somewhere noteworthy
+        self.resume()
+        return self.wait(timeout)
+
+    def step(self, tid: int | None = None, timeout: float | None = None) -> StopEvent:
+        """Execute one instruction of ``tid`` (default: the current thread)."""
+        stop = self._step_off_breakpoint(tid)
+        if stop is not None:
+            return stop
+        self.resume(step=True, tid=tid)
+        return self.wait(timeout if timeout is not None else self.timeout)
+
+    def interrupt(self) -> None:
+        """Ask a running target to stop (the 0x03 byte); then call :meth:`wait`."""
+        try:
+            self.sock.sendall(b"\x03")
+        except OSError as e:
+            raise ConnectionLost(f"connection to the stub broke while interrupting: {e}") from e
+
+    def halt(self, timeout: float | None = None) -> StopEvent:
+        self.interrupt()
+        return self.wait(timeout if timeout is not None else self.timeout)
+
+    def _stop_event(self, payload: bytes) -> StopEvent:
+        if payload.startswith(b"E") and len(payload) == 3:
+            raise StubError(b"?", payload)
+        reply = parse_stop_reply(payload)
+        tid = reply.tid if reply.tid is not None else 1
+        if reply.kind == "exited":
+            return StopEvent("exited", tid=tid, code=reply.code)
+        if reply.kind == "terminated":
+            return StopEvent("terminated", tid=tid, signal=reply.signal)
+        kind = reply.reason or "signal"
+        return StopEvent(kind, tid=tid, signal=reply.signal, addr=reply.addr)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------ threads
+
+    def threads(self) -> list[int]:
+        tids: list[int] = []
+        reply = self._checked(b"qfThreadInfo")
+        while reply.startswith(b"m"):
+            tids += [parse_thread_id(t) for t in reply[1:].split(b",") if t]
+            reply = self._checked(b"qsThreadInfo")
+        return tids
+
+    def select_thread(self, tid: int) -> None:
+        """Make ``tid`` the thread for register and memory access (``Hg``)."""
+        self._ok(f"Hg{format_thread_id(tid)}".encode())
+        self._reg_cache = None
+
+    def thread_name(self, tid: int) -> str | None:
+        try:
+            reply = self._checked(f"qThreadExtraInfo,{format_thread_id(tid)}".encode())
+        except StubError:
+            return None
+        return bytes.fromhex(reply.decode()).decode(errors="replace")
+
+    # ------------------------------------------------------------ monitor
+
+    def monitor(self, command: str) -> str:
+        """``monitor COMMAND`` (``qRcmd``); returns the text the stub printed."""
+        start = len(self.console)
+        reply = self.request(b"qRcmd," + command.encode().hex().encode())
+        if reply == b"":
+            raise Unsupported(b"qRcmd", reply)
+        if reply.startswith(b"E") and len(reply) == 3:
+            raise StubError(f"monitor {command}".encode(), reply)
+        text = "".join(self.console[start:])
+        del self.console[start:]
+        if reply != b"OK" and _is_hex(reply):
+            text += bytes.fromhex(reply.decode()).decode(errors="replace")
+        return text
+
+
+def _is_hex(data: bytes) -> bool:
+    return len(data) % 2 == 0 and all(c in b"0123456789abcdefABCDEF" for c in data)
+
+
+def _unhex_regs(raw: bytes) -> bytes:
+    """Register hex with ``xx`` for unavailable bytes (read as zero)."""
+    return bytes.fromhex(raw.replace(b"x", b"0").decode())
