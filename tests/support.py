@@ -1,0 +1,187 @@
+"""Test support: run ``vmscope run`` as a user would and drive real debuggers.
+
+- :class:`VmProcess`: ``python -m vmscope run ... --gdb 127.0.0.1:PORT`` in a
+  subprocess, its serial output collected, waiting until the stub listens.
+- :class:`Gdb`: an interactive ``gdb``/``gdb-multiarch`` on a pty (pexpect), so
+  Ctrl-C is a real SIGINT to a real GDB.
+- :func:`require_kvm`: skip when /dev/kvm is missing, unless
+  VMSCOPE_REQUIRE_KVM=1 (CI on a KVM machine), where a missing KVM fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def require_kvm() -> None:
+    ok = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    if not ok:
+        if os.environ.get("VMSCOPE_REQUIRE_KVM") == "1":
+            pytest.fail("VMSCOPE_REQUIRE_KVM=1 but /dev/kvm is not usable")
+        pytest.skip("needs /dev/kvm")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed (./dev.sh setup installs it)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VmProcess:
+    """``vmscope run`` in a subprocess."""
+
+    def __init__(self, *args: str, gdb_port: int | None = None, env: dict | None = None) -> None:
+        self.port = gdb_port
+        cmd = [sys.executable, "-m", "vmscope", "run", *args]
+        if gdb_port is not None:
+            cmd += ["--gdb", f"127.0.0.1:{gdb_port}"]
+        self.cmd = cmd
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=ROOT, env={**os.environ, **(env or {})},
+        )
+        self.output = bytearray()
+        self.errors = bytearray()
+        self._lock = threading.Lock()
+        self._readers = [
+            threading.Thread(target=self._pump, args=(self.proc.stdout, self.output), daemon=True),
+            threading.Thread(target=self._pump, args=(self.proc.stderr, self.errors), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _pump(self, stream, sink: bytearray) -> None:
+        while True:
+            chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(1)
+            if not chunk:
+                return
+            with self._lock:
+                sink += chunk
+
+    @property
+    def serial(self) -> str:
+        with self._lock:
+            return self.output.decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        with self._lock:
+            return self.errors.decode(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 60, stream: str = "serial") -> re.Match:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            text = self.serial if stream == "serial" else self.stderr
+            m = rx.search(text)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                text = self.serial if stream == "serial" else self.stderr
+                if rx.search(text):
+                    return rx.search(text)
+                raise AssertionError(
+                    f"vmscope exited ({self.proc.returncode}) before {pattern!r}\n"
+                    f"serial: {self.serial[-2000:]}\nstderr: {self.stderr[-3000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"timed out waiting for {pattern!r}\nserial: {self.serial[-2000:]}\nstderr: {self.stderr[-3000:]}"
+                )
+            time.sleep(0.05)
+
+    def wait_listening(self, timeout: float = 60) -> None:
+        self.wait_for(r"waiting for gdb", timeout, stream="stderr")
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+class Gdb:
+    """An interactive GDB on a pty, driven command by command."""
+
+    PROMPT = r"\(gdb\) $"
+
+    def __init__(self, elf: Path | None, *, binary: str = "gdb", timeout: float = 60) -> None:
+        exe = require_tool(binary)
+        args = ["-q", "-nx", "-iex", "set pagination off", "-iex", "set confirm off", "-iex", "set width 0",
+                "-iex", "set style enabled off"]
+        if elf is not None:
+            args.append(str(elf))
+        self.child = pexpect.spawn(exe, args, encoding="utf-8", codec_errors="replace", timeout=timeout,
+                                   dimensions=(200, 250), env={**os.environ, "TERM": "dumb"})
+        self.log: list[str] = []
+        self.child.expect(self.PROMPT)
+
+    def cmd(self, command: str, timeout: float | None = None) -> str:
+        self.child.sendline(command)
+        self.child.expect(self.PROMPT, timeout=timeout if timeout is not None else self.child.timeout)
+        out = self.child.before
+        # drop the echoed command line
+        out = out.split("\n", 1)[1] if "\n" in out else ""
+        out = out.replace("\r", "")
+        self.log.append(f"(gdb) {command}\n{out}")
+        return out
+
+    def start(self, command: str) -> None:
+        """Send a command that keeps running (continue) without waiting."""
+        self.child.sendline(command)
+        self.log.append(f"(gdb) {command}  [running]")
+
+    def interrupt(self, timeout: float = 30) -> str:
+        self.child.sendintr()
+        self.child.expect(self.PROMPT, timeout=timeout)
+        out = self.child.before.replace("\r", "")
+        self.log.append(f"^C\n{out}")
+        return out
+
+    def wait_prompt(self, timeout: float = 60) -> str:
+        self.child.expect(self.PROMPT, timeout=timeout)
+        out = self.child.before.replace("\r", "")
+        self.log.append(out)
+        return out
+
+    def value(self, expr: str) -> int:
+        out = self.cmd(f"print/x {expr}")
+        m = re.search(r"= (0x[0-9a-f]+)", out)
+        if not m:
+            raise AssertionError(f"cannot read {expr}: {out!r}")
+        return int(m.group(1), 16)
+
+    def close(self) -> None:
+        if self.child.isalive():
+            self.child.terminate(force=True)
+
+    def transcript(self) -> str:
+        return "\n".join(self.log[-40:])
