@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Side-by-side: the same GDB workload against vmscope's stub and QEMU's.
+
+Each peer boots the same demo ELF and waits for GDB; one stock ``gdb`` per
+peer then, once the guest sits in its ``tick`` loop:
+
+- single-steps N times (one ``stepi`` per GDB command): **stepi/s**
+- ``dump binary memory`` of 16 MiB of guest RAM: **memory MB/s**
+- continues N times to ``break tick``: **breakpoint hits/s**
+
+and the table shows vmscope's figure over the faster QEMU mode. Numbers are
+from one run on a noisy shared machine: compare within a run, not across.
+
+    python bench/gdb_ops.py                       # x86_64: vmscope KVM vs QEMU KVM and TCG
+    python bench/gdb_ops.py --arch aarch64        # vmscope emu vs qemu-system-aarch64 TCG
+    python bench/gdb_ops.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from vmscope.guests import guest_elf  # noqa: E402
+
+console = Console(stderr=True)
+
+GDB_SCRIPT = r"""
+set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+break tick
+continue
+delete
+python
+import gdb, time
+def timed(n, cmd):
+    t = time.perf_counter()
+    for _ in range(n):
+        gdb.execute(cmd, to_string=True)
+    return n / (time.perf_counter() - t)
+steps = timed({steps}, "stepi")
+t = time.perf_counter()
+gdb.execute("dump binary memory {dump} {mem_lo:#x} {mem_hi:#x}", to_string=True)
+mbps = ({mem_hi} - {mem_lo}) / (time.perf_counter() - t) / 1e6
+gdb.execute("break tick", to_string=True)
+hits = timed({hits}, "continue")
+gdb.execute("delete", to_string=True)
+print("RESULT stepi_per_s=%.1f mem_MBps=%.2f bp_hits_per_s=%.1f" % (steps, mbps, hits))
+end
+kill
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer exited early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def peers(arch: str, elf: Path, mem_mib: int) -> dict[str, list[str]]:
+    """Command lines per peer; ``{port}`` is filled in."""
+    if arch == "x86_64":
+        qemu = ["qemu-system-x86_64", "-kernel", str(elf), "-m", str(mem_mib), "-nodefaults", "-display", "none",
+                "-serial", "null", "-S", "-gdb", "tcp:127.0.0.1:{port}"]
+        out = {"vmscope (kvm)": [sys.executable, "-m", "vmscope", "run", "--accel", "kvm", "--mem", str(mem_mib),
+                                 "--gdb", "127.0.0.1:{port}"]}
+        if os.access("/dev/kvm", os.R_OK | os.W_OK):
+            out["qemu -enable-kvm"] = qemu + ["-enable-kvm"]
+        out["qemu -accel tcg"] = qemu + ["-accel", "tcg"]
+        return out
+    qemu = ["qemu-system-aarch64", "-M", "virt", "-cpu", "max", "-kernel", str(elf), "-m", str(mem_mib),
+            "-nodefaults", "-display", "none", "-serial", "null", "-S", "-gdb", "tcp:127.0.0.1:{port}"]
+    return {
+        "vmscope (emu)": [sys.executable, "-m", "vmscope", "run", "--accel", "emu", "--arch", "aarch64",
+                          "--mem", str(mem_mib), "--gdb", "127.0.0.1:{port}"],
+        "qemu -accel tcg": qemu + ["-accel", "tcg"],
+    }
+
+
+def run_peer(name: str, cmd: list[str], gdb: str, elf: Path, args, mem_lo: int, mem_hi: int) -> dict:
+    port = free_port()
+    cmd = [c.format(port=port) for c in cmd]
+    console.print(f"[bold]{name}[/]: {' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        wait_port(port, proc)
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "bench.gdb"
+            script.write_text(GDB_SCRIPT.format(port=port, steps=args.steps, hits=args.hits, dump=Path(tmp) / "mem.bin",
+                                                mem_lo=mem_lo, mem_hi=mem_hi))
+            res = subprocess.run([gdb, "-q", "-nx", "-batch", "-x", str(script), str(elf)],
+                                 capture_output=True, text=True, timeout=args.timeout)
+        m = re.search(r"RESULT stepi_per_s=([\d.]+) mem_MBps=([\d.]+) bp_hits_per_s=([\d.]+)", res.stdout)
+        if not m:
+            raise RuntimeError(f"{name}: gdb did not finish:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        return {"stepi_per_s": float(m[1]), "mem_MBps": float(m[2]), "bp_hits_per_s": float(m[3])}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--hits", type=int, default=200)
+    ap.add_argument("--dump-mib", type=int, default=16)
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+
+    elf = guest_elf("demo", args.arch)
+    gdb = shutil.which("gdb" if args.arch == "x86_64" else "gdb-multiarch")
+    base = 0x100000 if args.arch == "x86_64" else 0x40000000
+    mem_mib = max(64, args.dump_mib + 16)
+    results = {}
+    for name, cmd in peers(args.arch, elf, mem_mib).items():
+        try:
+            results[name] = run_peer(name, cmd, gdb, elf, args, base, base + args.dump_mib * 1024 * 1024)
+        except Exception as e:  # one failed peer should not hide the others
+            console.print(f"[red]{name} failed:[/] {e}")
+    ours = next((v for k, v in results.items() if k.startswith("vmscope")), None)
+    qemus = {k: v for k, v in results.items() if k.startswith("qemu")}
+    table = Table(title=f"gdb operations, {args.arch} demo guest ({args.steps} stepi, {args.dump_mib} MiB dump, "
+                        f"{args.hits} breakpoint hits)")
+    metrics = [("stepi/s", "stepi_per_s", 2.0), ("memory MB/s", "mem_MBps", 10.0), ("breakpoint hits/s", "bp_hits_per_s", 1.5)]
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    table.add_column("ratio vs best QEMU", justify="right")
+    table.add_column("target", justify="right")
+    ratios = {}
+    for label, key, target in metrics:
+        row = [label] + [f"{results[n][key]:.1f}" for n in results]
+        if ours and qemus:
+            best = max(v[key] for v in qemus.values())
+            ratios[key] = ours[key] / best if best else float("inf")
+            row += [f"{ratios[key]:.2f}x", f"{target:.1f}x"]
+        else:
+            row += ["-", f"{target:.1f}x"]
+        table.add_row(*row)
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "results": results, "ratios": ratios}, indent=2))
+    return 0 if ours else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
