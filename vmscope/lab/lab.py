@@ -1,0 +1,455 @@
+"""A nested KVM lab: Linux with a real ``/dev/kvm``, inside QEMU's emulator.
+
+Hosts without VMX/SVM (this project's CI among them) cannot run a KVM guest
+directly, but ``qemu-system-x86_64 -accel tcg -cpu max`` emulates AMD SVM
+with nested paging. :class:`Lab` boots Debian's cloud kernel there ("L1")
+with ``kvm-amd`` loaded and a command agent listening, then runs commands in
+it. Code under test runs in L1 against real KVM; its own guests are "L2".
+
+One :class:`Lab` is meant to be booted once and reused for many commands:
+booting costs seconds, a command round trip costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+from vmscope.images.cache import cache_dir
+from vmscope.lab.image import AGENT_PORT, KVM_MARKER, READY_MARKER, LabImage, build_lab_image
+
+FRAME = struct.Struct(">cI")
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
+PORT_RANGE_ENV = "VMSCOPE_LAB_PORTS"  # e.g. "14000-14999"
+
+
+class LabError(Exception):
+    """The lab failed to boot, died, or a command could not be run."""
+
+
+class LabTimeout(LabError):
+    """A command or the boot did not finish in time. ``result`` holds what
+    the command printed before it was killed (None for a boot timeout)."""
+
+    def __init__(self, message: str, result: "LabResult | None" = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclasses.dataclass
+class LabResult:
+    """What a finished command left behind."""
+
+    cmd: str | list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def check(self) -> "LabResult":
+        """Raise :class:`LabError` with the output if the command failed."""
+        if self.returncode != 0:
+            raise LabError(f"lab command {self.cmd!r} exited with {self.returncode}\n"
+                           f"--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}")
+        return self
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
+    if not m or not (0 < int(m.group(1)) <= int(m.group(2)) < 65536):
+        raise LabError(f"bad port range {text!r}; expected LOW-HIGH, e.g. 14000-14999")
+    return int(m.group(1)), int(m.group(2))
+
+
+def free_ports(count: int, port_range: tuple[int, int] | None = None,
+               avoid: Iterable[int] = ()) -> list[int]:
+    """``count`` TCP ports on 127.0.0.1 that nobody listens on right now.
+
+    Within ``port_range`` if given (tests run side by side with fixed ranges),
+    else whatever the kernel hands out.
+    """
+    ports: list[int] = []
+    avoid = set(avoid)
+    if port_range is None:
+        for _ in range(count):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        return ports
+    low, high = port_range
+    for port in range(low, high + 1):
+        if port in avoid:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise LabError(f"no {count} free TCP ports in {low}-{high}")
+
+
+class LabProcess:
+    """A command running in the lab (see :meth:`Lab.spawn`).
+
+    Output is collected in the background; :attr:`stdout` / :attr:`stderr`
+    show what arrived so far.
+    """
+
+    def __init__(self, sock: socket.socket, cmd: str | list[str],
+                 on_output: Callable[[str, bytes], None] | None = None) -> None:
+        self.cmd = cmd
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self._sock = sock
+        self._out = bytearray()
+        self._err = bytearray()
+        self._error = ""
+        self._on_output = on_output
+        self._done = threading.Event()
+        self._started = threading.Event()
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name=f"lab-cmd-{cmd!r:.30}", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        buf = b""
+        try:
+            while True:
+                chunk = self._sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                while len(buf) >= FRAME.size:
+                    kind, size = FRAME.unpack_from(buf)
+                    if len(buf) < FRAME.size + size:
+                        break
+                    payload = buf[FRAME.size:FRAME.size + size]
+                    buf = buf[FRAME.size + size:]
+                    self._frame(kind, payload)
+        except OSError:
+            pass
+        finally:
+            if self.returncode is None:
+                self._error = self._error or "connection to the lab agent was lost"
+                self.returncode = -255
+            self._started.set()
+            with self._changed:
+                self._done.set()
+                self._changed.notify_all()
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+    def _frame(self, kind: bytes, payload: bytes) -> None:
+        if kind == b"p":
+            self.pid = int(payload)
+            self._started.set()
+        elif kind in (b"o", b"e"):
+            (self._out if kind == b"o" else self._err).extend(payload)
+            if self._on_output:
+                self._on_output("stdout" if kind == b"o" else "stderr", payload)
+        elif kind == b"!":
+            self._error = payload.decode(errors="replace")
+            self._err.extend(payload + b"\n")
+        elif kind == b"x":
+            self.returncode = int(payload)
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def stdout(self) -> str:
+        return self._out.decode(errors="replace")
+
+    @property
+    def stderr(self) -> str:
+        return self._err.decode(errors="replace")
+
+    def poll(self) -> int | None:
+        return self.returncode if self._done.is_set() else None
+
+    def _send(self, msg: dict) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def write(self, text: str) -> None:
+        """Send text to the command's stdin."""
+        self._send({"stdin": text})
+
+    def close_stdin(self) -> None:
+        self._send({"eof": True})
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send a signal to the command's process group inside L1."""
+        self._send({"signal": int(signum)})
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> LabResult:
+        """Wait for the command to end; on timeout kill it and raise
+        :class:`LabTimeout` carrying the partial output."""
+        if not self._done.wait(timeout):
+            self.kill()
+            self._done.wait(10)
+            raise LabTimeout(f"lab command {self.cmd!r} did not finish in {timeout} s",
+                             self.result())
+        if self._error and self.returncode == -255:
+            raise LabError(f"lab command {self.cmd!r}: {self._error}")
+        return self.result()
+
+    def wait_for_output(self, pattern: str, timeout: float, stream: str = "any") -> re.Match:
+        """Wait until ``pattern`` (a regex) appears in the output so far."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                texts = {"stdout": self.stdout, "stderr": self.stderr}
+                for name, text in texts.items():
+                    if stream in ("any", name):
+                        m = rx.search(text)
+                        if m:
+                            return m
+                left = deadline - time.monotonic()
+                if self._done.is_set() or left <= 0:
+                    raise LabTimeout(
+                        f"{pattern!r} did not appear in the output of {self.cmd!r} "
+                        f"({'it exited with ' + str(self.returncode) if self._done.is_set() else f'{timeout} s'})"
+                        f"\n--- stdout ---\n{self.stdout[-2000:]}\n--- stderr ---\n{self.stderr[-2000:]}",
+                        self.result())
+                self._changed.wait(min(left, 1.0))
+
+    def result(self) -> LabResult:
+        return LabResult(self.cmd, self.returncode if self.returncode is not None else -1,
+                         self.stdout, self.stderr)
+
+    def __enter__(self) -> "LabProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done.is_set():
+            self.kill()
+            self._done.wait(10)
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+
+class Lab:
+    """An L1 guest with real KVM, booted under QEMU's TCG emulator.
+
+    ``forward`` lists guest TCP ports to reach from the host; the host side
+    is :meth:`host_port`. ``console`` receives each console line as it
+    arrives (the whole console is also kept in :attr:`console_log`, a file).
+    ``port_range`` (or ``$VMSCOPE_LAB_PORTS``) bounds the host ports used.
+    """
+
+    def __init__(self, cpus: int = 2, mem_mib: int = 2048, forward: Sequence[int] = (),
+                 console: Callable[[str], None] | None = None,
+                 port_range: tuple[int, int] | str | None = None,
+                 boot_timeout: float = 600, image: LabImage | None = None,
+                 extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
+                 cmdline: str = DEFAULT_CMDLINE, qemu: str = "qemu-system-x86_64",
+                 quiet: bool = True) -> None:
+        if cpus < 1 or mem_mib < 256:
+            raise LabError("the lab needs at least 1 CPU and 256 MiB")
+        self.cpus, self.mem_mib = cpus, mem_mib
+        self.forward = [int(p) for p in forward]
+        if AGENT_PORT in self.forward:
+            raise LabError(f"guest port {AGENT_PORT} is the lab agent's; forward another port")
+        self._console_cb = console
+        if isinstance(port_range, str):
+            port_range = parse_port_range(port_range)
+        if port_range is None and os.environ.get(PORT_RANGE_ENV):
+            port_range = parse_port_range(os.environ[PORT_RANGE_ENV])
+        self.port_range = port_range
+        self.boot_timeout = boot_timeout
+        self._image = image
+        self._extra_files = extra_files
+        self.cmdline = cmdline
+        self.qemu = qemu
+        self.quiet = quiet
+        self._proc: subprocess.Popen | None = None
+        self._ports: dict[int, int] = {}
+        self._lines: list[str] = []
+        self._lines_changed = threading.Condition()
+        self._workdir: Path | None = None
+        self.console_log: Path | None = None
+        self.kvm_available: bool | None = None
+        self.timings: dict[str, float] = {}
+
+    # -- life cycle -----------------------------------------------------------
+    def __enter__(self) -> "Lab":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise LabError("this lab is already started")
+        if not shutil.which(self.qemu):
+            raise LabError(f"{self.qemu} is not installed (apt-get install qemu-system-x86)")
+        t0 = time.monotonic()
+        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet)
+        self.image = image
+        self.timings["image_s"] = time.monotonic() - t0
+        self._workdir = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir("lab")))
+        initrd = image.combined(self._workdir / "initrd.cpio")
+        self.console_log = self._workdir / "console.log"
+        guest_ports = [AGENT_PORT, *self.forward]
+        host_ports = free_ports(len(guest_ports), self.port_range)
+        self._ports = dict(zip(guest_ports, host_ports))
+        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self._ports.items())
+        argv = [self.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
+                "-smp", str(self.cpus), "-m", str(self.mem_mib),
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-serial", "stdio", "-kernel", str(image.vmlinuz), "-initrd", str(initrd),
+                "-append", self.cmdline,
+                "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+        self.argv = argv
+        t1 = time.monotonic()
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=self._read_console, name="lab-console", daemon=True).start()
+        try:
+            self.wait_for_console(re.escape(READY_MARKER), self.boot_timeout)
+        except LabError as exc:
+            self.close()
+            raise LabError(f"the lab did not boot: {exc}") from None
+        self.timings["boot_s"] = time.monotonic() - t1
+        self.kvm_available = any(l.startswith(f"{KVM_MARKER} yes") for l in self._lines)
+
+    def close(self) -> None:
+        """Stop QEMU (nothing in L1 needs saving) and remove the run files."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc is not None and proc.stdin:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+        if self._workdir is not None:
+            initrd = self._workdir / "initrd.cpio"
+            initrd.unlink(missing_ok=True)  # large; the console log stays for post-mortems
+
+    # -- console --------------------------------------------------------------
+    def _read_console(self) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None and self.console_log is not None
+        with open(self.console_log, "wb") as log:
+            for raw in proc.stdout:
+                log.write(raw)
+                log.flush()
+                line = raw.decode(errors="replace").rstrip("\r\n")
+                with self._lines_changed:
+                    self._lines.append(line)
+                    self._lines_changed.notify_all()
+                if self._console_cb:
+                    with contextlib.suppress(Exception):
+                        self._console_cb(line)
+        with self._lines_changed:
+            self._lines_changed.notify_all()
+
+    @property
+    def console(self) -> str:
+        """Everything L1 printed on its serial console so far."""
+        with self._lines_changed:
+            return "\n".join(self._lines)
+
+    def wait_for_console(self, pattern: str, timeout: float) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._lines_changed:
+            while True:
+                for line in self._lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self._lines)
+                proc = self._proc
+                if proc is None or proc.poll() is not None:
+                    code = None if proc is None else proc.returncode
+                    raise LabError(f"QEMU exited ({code}) before {pattern!r} appeared; "
+                                   f"console:\n{self._tail()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LabTimeout(f"{pattern!r} did not appear on the console within "
+                                     f"{timeout} s; console:\n{self._tail()}")
+                self._lines_changed.wait(min(left, 0.5))
+
+    def _tail(self, n: int = 40) -> str:
+        return "\n".join(self._lines[-n:])
+
+    # -- commands ---------------------------------------------------------------
+    def host_port(self, guest_port: int) -> int:
+        """The 127.0.0.1 port on the host that reaches ``guest_port`` in L1."""
+        try:
+            return self._ports[guest_port]
+        except KeyError:
+            raise LabError(f"guest port {guest_port} is not forwarded; pass forward=[{guest_port}]") from None
+
+    def spawn(self, cmd: str | Sequence[str], env: Mapping[str, str] | None = None,
+              cwd: str | None = None,
+              on_output: Callable[[str, bytes], None] | None = None) -> LabProcess:
+        """Start ``cmd`` in L1 (a shell command line, or an argv list) and
+        return at once. Use as a context manager to kill it on exit."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise LabError("the lab is not running")
+        cmd = cmd if isinstance(cmd, str) else list(cmd)
+        try:
+            sock = socket.create_connection(("127.0.0.1", self._ports[AGENT_PORT]), timeout=30)
+        except OSError as exc:
+            raise LabError(f"cannot reach the lab agent: {exc}") from None
+        sock.settimeout(None)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(json.dumps({"cmd": cmd, "env": dict(env or {}), "cwd": cwd}).encode() + b"\n")
+        proc = LabProcess(sock, cmd, on_output)
+        if not proc._started.wait(60):
+            proc.__exit__()
+            raise LabError(f"the lab agent did not start {cmd!r}")
+        return proc
+
+    def run(self, cmd: str | Sequence[str], timeout: float | None = 600,
+            env: Mapping[str, str] | None = None, cwd: str | None = None,
+            input: str | None = None, check: bool = False) -> LabResult:
+        """Run ``cmd`` in L1 to completion and return its exit code and output."""
+        with self.spawn(cmd, env=env, cwd=cwd) as proc:
+            if input is not None:
+                proc.write(input)
+            proc.close_stdin()
+            result = proc.wait(timeout)
+        return result.check() if check else result
+
+    def python(self, code: str, timeout: float | None = 600, check: bool = False) -> LabResult:
+        """Run a Python snippet with L1's python3 (vmscope importable)."""
+        return self.run(["python3", "-c", code], timeout=timeout, check=check)
+
+
+def shell_quote(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
