@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -205,6 +207,10 @@ class Client:
 
     def _negotiate(self) -> Features:
         reply = self.request(self.CLIENT_FEATURES)
+        # QEMU stops a running guest when a debugger connects and sends that
+        # stop reply unasked, ahead of our first answer: skip it.
+        while re.fullmatch(rb"[ST][0-9a-fA-F]{2}.*", reply, re.S) and b"PacketSize" not in reply:
+            reply = self._recv_packet(self.timeout, "the reply to qSupported")
         raw: dict[str, str | bool] = {}
         for item in reply.decode(errors="replace").split(";"):
             if not item:
@@ -238,8 +244,8 @@ class Client:
         if self.features.has("qXfer:features:read"):
             try:
                 return parse_target_xml(lambda annex: self.read_xfer("features", annex))
-            except StubError:
-                pass
+            except (StubError, ET.ParseError, ValueError):
+                pass  # a description we cannot read: fall back to our tables
         if arch is None:
             from vmscope.arch.x86_64 import X86_64
             arch = X86_64
