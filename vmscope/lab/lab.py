@@ -318,13 +318,7 @@ class Lab:
         guest_ports = [AGENT_PORT, *self.forward]
         host_ports = free_ports(len(guest_ports), self.port_range)
         self._ports = dict(zip(guest_ports, host_ports))
-        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self._ports.items())
-        argv = [self.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
-                "-smp", str(self.cpus), "-m", str(self.mem_mib),
-                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                "-serial", "stdio", "-kernel", str(image.vmlinuz), "-initrd", str(initrd),
-                "-append", self.cmdline,
-                "-netdev", f"user,id=n0,{fwd}", "-device", "virtio-net-pci,netdev=n0"]
+        argv = self.qemu_argv(image, initrd)
         self.argv = argv
         t1 = time.monotonic()
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -337,6 +331,33 @@ class Lab:
             raise LabError(f"the lab did not boot: {exc}") from None
         self.timings["boot_s"] = time.monotonic() - t1
         self.kvm_available = any(l.startswith(f"{KVM_MARKER} yes") for l in self._lines)
+
+    def qemu_argv(self, image: LabImage, initrd: Path, serial: str = "stdio") -> list[str]:
+        """The QEMU command line: TCG with ``-cpu max`` (AMD SVM + nested
+        paging), virtio-net on user networking with the host forwards."""
+        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self._ports.items())
+        return [self.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
+                "-smp", str(self.cpus), "-m", str(self.mem_mib),
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-serial", serial, "-kernel", str(image.vmlinuz), "-initrd", str(initrd),
+                "-append", self.cmdline,
+                "-netdev", f"user,id=n0{',' if fwd else ''}{fwd}",
+                "-device", "virtio-net-pci,netdev=n0"]
+
+    def interactive(self) -> int:
+        """Boot L1 with the console on this terminal (``vmscope lab shell``).
+        Returns QEMU's exit status; Ctrl-A X quits."""
+        if not shutil.which(self.qemu):
+            raise LabError(f"{self.qemu} is not installed (apt-get install qemu-system-x86)")
+        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet)
+        self._workdir = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir("lab")))
+        initrd = image.combined(self._workdir / "initrd.cpio")
+        guest_ports = [AGENT_PORT, *self.forward]
+        self._ports = dict(zip(guest_ports, free_ports(len(guest_ports), self.port_range)))
+        try:
+            return subprocess.call(self.qemu_argv(image, initrd, serial="mon:stdio"))
+        finally:
+            initrd.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Stop QEMU (nothing in L1 needs saving) and remove the run files."""
