@@ -121,12 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("guests", nargs="*", metavar="ARCH/NAME",
                         help="guests to build, e.g. x86_64/demo (default: all)")
     args = parser.parse_args(argv)
-    try:
-        recipes = [recipe_for(*reversed(spec.split("/", 1))) if "/" in spec else None for spec in args.guests]
-    except ValueError as error:
-        parser.error(str(error))
-    if None in recipes:
-        parser.error("name guests as ARCH/NAME, e.g. x86_64/demo")
+    recipes = []
+    for spec in args.guests:
+        arch, slash, name = spec.partition("/")
+        if not slash:
+            parser.error(f"name guests as ARCH/NAME, e.g. x86_64/demo (got {spec!r})")
+        try:
+            recipes.append(recipe_for(name, arch))
+        except ValueError as error:
+            parser.error(str(error))
     try:
         for recipe in recipes or RECIPES:
             out_dir = args.out / recipe.arch if args.out else recipe.source_dir
