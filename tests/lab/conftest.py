@@ -1,0 +1,41 @@
+"""One lab (L1 under QEMU TCG with real KVM) per test session.
+
+Lab tests need qemu-system-x86_64, apt-get (to fetch Debian's kernel once
+into the cache) and Debian's python3.11: ./dev.sh setup installs them, so a
+missing one is a failure, not a skip. Host ports come from this suite's range
+(14000-14999) so the lab can run beside other suites.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+LAB_PORTS = (14000, 14999)
+FORWARDED_GUEST_PORT = 5555
+
+
+def _require(tool: str) -> None:
+    if shutil.which(tool) is None and not os.path.exists(tool):
+        pytest.fail(f"{tool} is not installed (./dev.sh setup installs it)")
+
+
+@pytest.fixture(scope="session")
+def lab():
+    for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "/usr/bin/python3.11"):
+        _require(tool)
+    from vmscope.lab import Lab
+
+    log = []
+
+    def console(line: str) -> None:
+        log.append(line)
+        if os.environ.get("VMSCOPE_LAB_CONSOLE"):
+            print(f"[L1] {line}", file=sys.stderr, flush=True)
+
+    with Lab(cpus=2, mem_mib=2048, forward=[FORWARDED_GUEST_PORT], port_range=LAB_PORTS,
+             console=console) as lab:
+        yield lab

@@ -1,0 +1,98 @@
+"""The nested KVM lab as a test fixture: real KVM inside, commands, ports."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from tests.lab.conftest import FORWARDED_GUEST_PORT
+from vmscope.lab import LabError, LabTimeout
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+
+def test_l1_has_kvm_amd_and_dev_kvm(lab):
+    assert lab.kvm_available, f"no /dev/kvm in L1; console:\n{lab.console}"
+    r = lab.run("ls -l /dev/kvm; cat /proc/modules; uname -r", check=True)
+    assert r.stdout.startswith("crw")
+    assert "kvm_amd " in r.stdout and "virtio_net " in r.stdout
+    assert r.stdout.strip().endswith("cloud-amd64")
+
+
+def test_kvm_api_version_create_vm_and_tiny_run(lab):
+    """An L2 guest really runs: three real-mode instructions, one I/O exit, HLT."""
+    r = lab.run("python3 tests/lab/kvm_smoke.py", timeout=300, check=True)
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["api_version"] == 12
+    assert report["vm_fd"] >= 0
+    assert report["exits"] == [{"exit": "io", "out": True, "port": 0x10, "value": 0x42},
+                               {"exit": "hlt"}]
+    assert report["rip"] == 0x1005  # after the hlt
+
+
+def test_import_vmscope_runs_the_checkout_under_test(lab):
+    import vmscope
+
+    r = lab.python("import vmscope, rich, elftools, capstone, unicorn, qemu.qmp; "
+                   "print(vmscope.__file__); print(vmscope.__version__)", check=True)
+    path, version = r.stdout.split()
+    assert path == "/opt/vmscope/src/vmscope/__init__.py"
+    assert version == vmscope.__version__
+
+
+def test_exit_code_stdout_and_stderr_come_back_apart(lab):
+    r = lab.run("echo to-out; echo to-err >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "to-out\n", "to-err\n")
+    assert not r.ok
+    with pytest.raises(LabError, match="exited with 3"):
+        r.check()
+    r = lab.run(["printf", "%s|", "two words", "$HOME"])
+    assert r.stdout == "two words|$HOME|"  # argv form: no shell
+
+
+def test_stdin_and_environment(lab):
+    r = lab.run("tr a-z A-Z; echo $GREETING", input="hello lab\n", env={"GREETING": "hi"})
+    assert r.stdout == "HELLO LAB\nhi\n"
+
+
+def test_timeout_kills_the_command_and_keeps_partial_output(lab):
+    with pytest.raises(LabTimeout) as info:
+        lab.run("echo started; sleep 600", timeout=3)
+    assert info.value.result.stdout == "started\n"
+    # the lab still works afterwards
+    assert lab.run("echo alive").stdout == "alive\n"
+
+
+def test_port_forwarding_reaches_a_server_in_l1(lab):
+    server = ("import socket; s=socket.socket(); "
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+              f"s.bind(('0.0.0.0', {FORWARDED_GUEST_PORT})); s.listen(1); print('listening', flush=True); "
+              "c,_=s.accept(); c.sendall(b'echo:' + c.recv(100)); c.close()")
+    with lab.spawn(["python3", "-c", server]) as proc:
+        proc.wait_for_output("listening", timeout=120)
+        with socket.create_connection(("127.0.0.1", lab.host_port(FORWARDED_GUEST_PORT)),
+                                      timeout=60) as conn:
+            conn.sendall(b"ping")
+            reply = b""
+            while chunk := conn.recv(100):
+                reply += chunk
+        assert reply == b"echo:ping"
+        assert proc.wait(120).returncode == 0
+    assert 14000 <= lab.host_port(FORWARDED_GUEST_PORT) <= 14999
+    with pytest.raises(LabError, match="not forwarded"):
+        lab.host_port(1234)
+
+
+def test_spawned_process_can_be_signalled(lab):
+    with lab.spawn("trap 'echo got-term; exit 9' TERM; echo ready; while true; do sleep 1; done") as p:
+        p.wait_for_output("ready", timeout=60)
+        p.signal()
+        assert p.wait(60).returncode == 9
+        assert "got-term" in p.stdout
+
+
+def test_l2_guest_images_are_in_l1(lab):
+    r = lab.run("ls $VMSCOPE_LAB_GUESTS/linux", check=True)
+    assert r.stdout.split() == ["initramfs-workload.cpio.gz", "initramfs.cpio.gz", "vmlinuz"]
