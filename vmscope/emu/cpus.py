@@ -1,0 +1,301 @@
+"""One emulated vCPU per Unicorn instance, with the per-architecture parts:
+register names to Unicorn ids, reset state, breakpoint exceptions, halts and
+address translation.
+
+Registers are read in one batch and cached until the CPU runs again, so a
+stop followed by ``g``, ``p`` and expedited-register requests costs one
+round of Unicorn calls.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Mapping
+
+from unicorn import UC_ARCH_ARM64, UC_ARCH_X86, UC_MODE_64, UC_MODE_ARM, UC_PROT_ALL, Uc, UcError
+from unicorn import arm64_const as A
+from unicorn import x86_const as X
+
+from vmscope.arch.aarch64 import AARCH64
+from vmscope.arch.registers import Arch
+from vmscope.arch.x86_64 import X86_64
+from vmscope.emu import paging
+from vmscope.emu.memory import GuestRam
+
+
+class EmuCpu:
+    """Common part: the Unicorn instance over the shared RAM and the
+    register cache. Subclasses fill in the architecture."""
+
+    arch: Arch
+    uc_arch: int
+    uc_mode: int
+    #: table name -> Unicorn register id, for registers read in one batch
+    simple_registers: dict[str, int]
+    #: name of the Unicorn pc register id
+    pc_id: int
+    #: instruction bytes that leave the CPU halted until an interrupt
+    halt_opcodes: tuple[bytes, ...] = ()
+    #: Unicorn's exception number for an undefined instruction
+    undefined_instruction_exception: int = -1
+
+    def __init__(self, index: int, ram: GuestRam) -> None:
+        self.index = index
+        self.tid = index + 1
+        self.ram = ram
+        self.uc = Uc(self.uc_arch, self.uc_mode)
+        self.uc.mem_map_ptr(ram.base, ram.size, UC_PROT_ALL, ram.host_address)
+        self.halted = False
+        self._cache: dict[str, int] | None = None
+        self._batch_names = list(self.simple_registers)
+        self._batch_ids = list(self.simple_registers.values())
+
+    # --- registers ---------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """The CPU ran (or was written): cached registers are stale."""
+        self._cache = None
+
+    def registers(self) -> dict[str, int]:
+        if self._cache is None:
+            values = dict(zip(self._batch_names, self.uc.reg_read_batch(self._batch_ids)))
+            values.update(self.read_special())
+            self._cache = values
+        return self._cache
+
+    def write_registers(self, values: Mapping[str, int]) -> None:
+        current = self.registers()
+        for name, value in values.items():
+            if current.get(name) == value:
+                continue  # G writes every register: leave the unchanged ones alone
+            reg_id = self.simple_registers.get(name)
+            if reg_id is not None:
+                self.uc.reg_write(reg_id, value)
+            else:
+                self.write_special(name, value)
+            if name == self.arch.pc:
+                self.halted = False
+        self.invalidate()
+
+    @property
+    def pc(self) -> int:
+        if self._cache is not None:
+            return self._cache[self.arch.pc]
+        return self.uc.reg_read(self.pc_id)
+
+    @pc.setter
+    def pc(self, value: int) -> None:
+        self.uc.reg_write(self.pc_id, value)
+        self.invalidate()
+
+    def read_special(self) -> dict[str, int]:
+        return {}
+
+    def write_special(self, name: str, value: int) -> None:
+        pass  # read-only or not modelled: ignored like QEMU does
+
+    # --- architecture hooks --------------------------------------------------
+
+    def breakpoint_address(self, intno: int) -> int | None:
+        """If exception ``intno`` is a breakpoint instruction, its address."""
+        raise NotImplementedError
+
+    def translate(self, addr: int) -> int:
+        raise NotImplementedError
+
+    def is_halted_after_run(self) -> bool:
+        """Did the slice end on a halt instruction (pc just past it)?"""
+        for op in self.halt_opcodes:
+            try:
+                phys = self.translate(self.pc - len(op))
+                if self.ram.contains(phys, len(op)) and self.ram.read(phys, len(op)) == op:
+                    return True
+            except Exception:
+                return False
+        return False
+
+    def _read_qword(self, phys: int) -> int:
+        return struct.unpack("<Q", self.ram.read(phys, 8))[0]
+
+
+# --- x86_64 ------------------------------------------------------------------
+
+_X86_GPRS = "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip eflags cs ss ds es fs gs".split()
+MSR_EFER = 0xC000_0080
+MSR_KERNEL_GS_BASE = 0xC000_0102
+
+#: guest-physical layout of the boot state the emulated x86 CPUs start in
+GDT_ADDR = 0x500
+PML4_ADDR = 0x1000  # PML4, PDPT and one PD of 2 MiB pages: 1 GiB identity map
+BOOT_STACK_TOP = 0x80000  # CPU n starts with rsp = top - n * 4 KiB ("any stack")
+CODE64_SELECTOR = 0x08
+DATA_SELECTOR = 0x10
+
+
+def x86_write_boot_tables(ram: GuestRam) -> None:
+    """A GDT (null, 64-bit code, data) and page tables identity-mapping the
+    first 1 GiB, below 1 MiB where the demo guest does not load."""
+    gdt = struct.pack("<3Q", 0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF)
+    ram.write(GDT_ADDR, gdt)
+    ram.write(PML4_ADDR, struct.pack("<Q", (PML4_ADDR + 0x1000) | 3))
+    ram.write(PML4_ADDR + 0x1000, struct.pack("<Q", (PML4_ADDR + 0x2000) | 3))
+    ram.write(PML4_ADDR + 0x2000, b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(512)))
+
+
+class X86Cpu(EmuCpu):
+    arch = X86_64
+    uc_arch = UC_ARCH_X86
+    uc_mode = UC_MODE_64
+    pc_id = X.UC_X86_REG_RIP
+    halt_opcodes = (b"\xf4",)
+    undefined_instruction_exception = 6  # #UD
+    simple_registers = {
+        **{n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in _X86_GPRS},
+        **{f"xmm{i}": getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16)},
+        "fctrl": X.UC_X86_REG_FPCW,
+        "fstat": X.UC_X86_REG_FPSW,
+        "ftag": X.UC_X86_REG_FPTAG,
+        "fiseg": X.UC_X86_REG_FCS,
+        "fioff": X.UC_X86_REG_FIP,
+        "foseg": X.UC_X86_REG_FDS,
+        "fooff": X.UC_X86_REG_FDP,
+        "fop": X.UC_X86_REG_FOP,
+        "mxcsr": X.UC_X86_REG_MXCSR,
+        "fs_base": X.UC_X86_REG_FS_BASE,
+        "gs_base": X.UC_X86_REG_GS_BASE,
+        "cr0": X.UC_X86_REG_CR0,
+        "cr2": X.UC_X86_REG_CR2,
+        "cr3": X.UC_X86_REG_CR3,
+        "cr4": X.UC_X86_REG_CR4,
+        "cr8": X.UC_X86_REG_CR8,
+    }
+
+    def reset(self, entry: int) -> None:
+        """Long mode, paging on with the 1 GiB identity map, interrupts off and
+        a scratch stack below 512 KiB: the state ``start64`` of the demo
+        guest expects (the PVH 32-bit entry is skipped)."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR3, PML4_ADDR)
+        uc.reg_write(X.UC_X86_REG_CR4, 0x20 | 0x200 | 0x400)  # PAE, OSFXSR, OSXMMEXCPT
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0x500))  # LME | LMA
+        uc.reg_write(X.UC_X86_REG_CR0, 0x8000_0033)  # PG | NE | ET | MP | PE
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT_ADDR, 23, 0))
+        uc.reg_write(X.UC_X86_REG_CS, CODE64_SELECTOR)
+        for seg in (X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES):
+            uc.reg_write(seg, DATA_SELECTOR)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+        uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
+        uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
+        uc.reg_write(X.UC_X86_REG_RSP, BOOT_STACK_TOP - self.index * 0x1000)
+        uc.reg_write(X.UC_X86_REG_RIP, entry)
+        self.invalidate()
+
+    def read_special(self) -> dict[str, int]:
+        out = {}
+        for i in range(8):
+            mantissa, exponent = self.uc.reg_read(X.UC_X86_REG_FP0 + i)
+            out[f"st{i}"] = (exponent << 64) | mantissa
+        out["k_gs_base"] = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_KERNEL_GS_BASE)
+        out["efer"] = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
+        return out
+
+    def write_special(self, name: str, value: int) -> None:
+        if name.startswith("st") and name[2:].isdigit():
+            mantissa, exponent = value & ((1 << 64) - 1), value >> 64
+            self.uc.reg_write(X.UC_X86_REG_FP0 + int(name[2:]), (mantissa, exponent))
+        elif name == "k_gs_base":
+            self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_KERNEL_GS_BASE, value))
+        elif name == "efer":
+            self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, value))
+
+    def breakpoint_address(self, intno: int) -> int | None:
+        # Unicorn reports #BP with rip already past the one-byte int3
+        return self.uc.reg_read(X.UC_X86_REG_RIP) - 1 if intno == 3 else None
+
+    def translate(self, addr: int) -> int:
+        r = self.registers()
+        return paging.x86_64_translate(addr, r["cr0"], r["cr3"], r["cr4"], self._read_qword)
+
+
+# --- aarch64 -----------------------------------------------------------------
+
+#: system registers Unicorn only reaches through UC_ARM64_REG_CP_REG:
+#: name -> (crn, crm, op0, op1, op2)
+_ARM64_CP_REGS = {
+    "SCTLR_EL1": (1, 0, 3, 0, 0),
+    "TCR_EL1": (2, 0, 3, 0, 2),
+    "SPSR_EL1": (4, 0, 3, 0, 0),
+}
+MPIDR_EL1_ENCODING = (3, 0, 0, 0, 5)  # op0, op1, crn, crm, op2
+EXCP_UDEF = 1
+EXCP_BKPT = 7
+
+
+class Arm64Cpu(EmuCpu):
+    arch = AARCH64
+    uc_arch = UC_ARCH_ARM64
+    uc_mode = UC_MODE_ARM
+    pc_id = A.UC_ARM64_REG_PC
+    halt_opcodes = (bytes.fromhex("7f2003d5"), bytes.fromhex("5f2003d5"))  # wfi, wfe
+    undefined_instruction_exception = 1  # EXCP_UDEF
+    simple_registers = {
+        **{f"x{i}": getattr(A, f"UC_ARM64_REG_X{i}") for i in range(31)},
+        "sp": A.UC_ARM64_REG_SP,
+        "pc": A.UC_ARM64_REG_PC,
+        "cpsr": A.UC_ARM64_REG_PSTATE,
+        **{f"v{i}": getattr(A, f"UC_ARM64_REG_Q{i}") for i in range(32)},
+        "fpsr": A.UC_ARM64_REG_FPSR,
+        "fpcr": A.UC_ARM64_REG_FPCR,
+        **{
+            n: getattr(A, f"UC_ARM64_REG_{n}")
+            for n in "TTBR0_EL1 TTBR1_EL1 MAIR_EL1 VBAR_EL1 ESR_EL1 FAR_EL1 ELR_EL1 SP_EL0 SP_EL1 TPIDR_EL0 TPIDR_EL1".split()
+        },
+    }
+
+    def __init__(self, index: int, ram: GuestRam) -> None:
+        super().__init__(index, ram)
+        #: what this CPU's MPIDR_EL1 reads as: Aff0 = CPU index, bit 31 RES1
+        self.mpidr = 0x8000_0000 | (index & 0xFFFF)  # Aff1:Aff0
+
+    def reset(self, entry: int) -> None:
+        """EL1h with the MMU off, interrupts masked, at the ELF entry (Unicorn's
+        own reset state, measured: PSTATE 0x3c5)."""
+        self.uc.reg_write(A.UC_ARM64_REG_PC, entry)
+        self.invalidate()
+
+    def read_special(self) -> dict[str, int]:
+        out = {name: self.uc.reg_read(A.UC_ARM64_REG_CP_REG, enc) for name, enc in _ARM64_CP_REGS.items()}
+        pstate = self.uc.reg_read(A.UC_ARM64_REG_PSTATE)
+        out["CurrentEL"] = pstate & 0xC
+        out["MPIDR_EL1"] = self.mpidr
+        if pstate & 1 and (pstate >> 2) & 3 == 1:  # EL1h: SP_EL1 is the live sp
+            out["SP_EL1"] = self.uc.reg_read(A.UC_ARM64_REG_SP)
+        return out
+
+    def write_special(self, name: str, value: int) -> None:
+        enc = _ARM64_CP_REGS.get(name)
+        if enc is not None:
+            self.uc.reg_write(A.UC_ARM64_REG_CP_REG, (*enc, value))
+
+    def emulate_mrs(self, reg: int, cp) -> bool:
+        """MRS hook: answer MPIDR_EL1 with this CPU's index (every Unicorn
+        instance would otherwise report CPU 0). True = handled."""
+        if (cp.op0, cp.op1, cp.crn, cp.crm, cp.op2) == MPIDR_EL1_ENCODING:
+            self.uc.reg_write(reg, self.mpidr)
+            return True
+        return False
+
+    def breakpoint_address(self, intno: int) -> int | None:
+        # BRK leaves pc on the instruction (measured)
+        return self.uc.reg_read(A.UC_ARM64_REG_PC) if intno == EXCP_BKPT else None
+
+    def translate(self, addr: int) -> int:
+        r = self.registers()
+        return paging.aarch64_translate(
+            addr, r["SCTLR_EL1"], r["TCR_EL1"], r["TTBR0_EL1"], r["TTBR1_EL1"], self._read_qword
+        )
+
+
+CPU_CLASSES: dict[str, type[EmuCpu]] = {"x86_64": X86Cpu, "aarch64": Arm64Cpu}
+
+__all__ = ["EmuCpu", "X86Cpu", "Arm64Cpu", "CPU_CLASSES", "UcError", "x86_write_boot_tables"]

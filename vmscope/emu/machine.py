@@ -1,0 +1,137 @@
+"""EmuMachine: a whole emulated computer behind :class:`vmscope.machine.Machine`.
+
+It runs where /dev/kvm is missing or unusable, so ``vmscope run`` (and the
+tests) have a full debug target on any machine. Layouts follow QEMU so the
+same ELF boots under both:
+
+- x86_64: RAM from 0, a 16550 at I/O port 0x3f8. Every CPU starts at the
+  ELF's 64-bit entry symbol ``start64`` in long mode with the first 1 GiB
+  identity-mapped and interrupts off (the GDT and page tables live below
+  1 MiB); the 32-bit PVH entry is not emulated.
+- aarch64: RAM from 0x40000000 (QEMU virt), a PL011 at 0x09000000. Every
+  CPU starts at the ELF entry at EL1h, MMU off, with MPIDR_EL1.Aff0 = its
+  index (trapped ``mrs``: separate Unicorn instances all say CPU 0).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from unicorn import UC_HOOK_INSN
+from unicorn import arm64_const as A
+from unicorn import x86_const as X
+
+from vmscope.emu.cpus import CPU_CLASSES, Arm64Cpu, EmuCpu, X86Cpu, x86_write_boot_tables
+from vmscope.emu.devices import Pl011, SerialSink, Uart16550
+from vmscope.emu.elf import LoadedElf, load_elf
+from vmscope.emu.memory import GuestRam
+from vmscope.emu.target import EmuTarget
+from vmscope.gdbserver.target import ResumeAction, ResumeActions
+from vmscope.machine import ImageError, MachineConfig
+
+RAM_BASE = {"x86_64": 0, "aarch64": 0x4000_0000}
+MAX_CPUS = 64
+
+
+def _default_kernel(arch: str) -> Path:
+    from vmscope.guests import guest_elf
+
+    return guest_elf("demo", arch)
+
+
+class EmuMachine:
+    """Guest RAM, devices and one Unicorn CPU per vCPU, plus its EmuTarget."""
+
+    def __init__(self, config: MachineConfig) -> None:
+        if config.arch not in CPU_CLASSES:
+            raise ValueError(f"unsupported --arch {config.arch!r} for the emulated target; choose x86_64 or aarch64")
+        if not 1 <= config.cpus <= MAX_CPUS:
+            raise ValueError(f"--cpus {config.cpus}: the emulated target runs 1 to {MAX_CPUS} CPUs")
+        if config.mem_mib < 2:
+            raise ValueError(f"--mem {config.mem_mib} MiB is too small: the emulated target needs at least 2 MiB")
+        if config.initrd is not None:
+            raise ImageError(f"{config.initrd}: the emulated target boots bare-metal ELF guests only (no initrd)")
+        self.config = config
+        self.kernel = Path(config.kernel) if config.kernel is not None else _default_kernel(config.arch)
+        self.ram = GuestRam(RAM_BASE[config.arch], config.mem_mib << 20)
+        self.serial = SerialSink(config.serial_out)
+        try:
+            self.image = load_elf(self.kernel, config.arch, self.ram)
+            entry = self._entry(self.image)
+            self.cpus: list[EmuCpu] = [CPU_CLASSES[config.arch](i, self.ram) for i in range(config.cpus)]
+        except BaseException:
+            self.ram.close()
+            raise
+        if config.arch == "x86_64":
+            x86_write_boot_tables(self.ram)
+            self.uart = Uart16550(self.serial)
+            for cpu in self.cpus:
+                cpu.uc.hook_add(UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
+                cpu.uc.hook_add(UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
+        else:
+            self.uart = Pl011(self.serial)
+            for cpu in self.cpus:
+                cpu.uc.mmio_map(self.uart.base, Pl011.SIZE, self._mmio_read, None, self._mmio_write, None)
+                cpu.uc.hook_add(UC_HOOK_INSN, self._mrs, cpu, 1, 0, A.UC_ARM64_INS_MRS)
+        for cpu in self.cpus:
+            cpu.reset(entry)
+        self.target = EmuTarget(self.cpus, self.ram, self.cpus[0].arch)
+        self._started = False
+        self._shut = threading.Event()
+
+    def _entry(self, image: LoadedElf) -> int:
+        if self.config.arch == "x86_64":
+            if "start64" not in image.symbols:
+                raise ImageError(
+                    f"{self.kernel}: no 'start64' symbol; the emulated x86_64 target starts guests at their "
+                    "64-bit entry (long mode, first 1 GiB identity-mapped)"
+                )
+            return image.symbols["start64"]
+        return image.entry
+
+    # --- devices -------------------------------------------------------------
+
+    def _port_in(self, uc, port: int, size: int, _data) -> int:
+        return self.uart.read(port) if self.uart.handles(port) else (1 << (8 * size)) - 1
+
+    def _port_out(self, uc, port: int, size: int, value: int, _data) -> None:
+        if self.uart.handles(port):
+            self.uart.write(port, value)
+
+    def _mmio_read(self, uc, offset: int, size: int, _data) -> int:
+        return self.uart.read(offset)
+
+    def _mmio_write(self, uc, offset: int, size: int, value: int, _data) -> None:
+        self.uart.write(offset, value)
+
+    @staticmethod
+    def _mrs(uc, reg: int, cp, cpu: Arm64Cpu) -> int:
+        return 1 if cpu.emulate_mrs(reg, cp) else 0
+
+    # --- Machine protocol ----------------------------------------------------
+
+    def start(self, paused: bool = False) -> None:
+        if self._started:
+            raise RuntimeError("machine already started")
+        self._started = True
+        if not paused:
+            self.target.resume(ResumeActions(default=ResumeAction("continue")))
+
+    def debug_target(self) -> EmuTarget:
+        return self.target
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        if self.target.exited.wait(timeout):
+            return self.target.exit_status
+        return None
+
+    def shutdown(self) -> None:
+        if self._shut.is_set():
+            return
+        self._shut.set()
+        self.target.close()
+        try:
+            self.serial.out.flush()
+        except (OSError, ValueError):
+            pass

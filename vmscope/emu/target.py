@@ -1,0 +1,516 @@
+"""EmuTarget: the GDB stub's view of the emulated CPUs.
+
+Scheduling: one runner thread executes the CPUs round-robin in time slices
+(``emu_start`` with a timeout), never two at once. That keeps all-stop
+semantics trivial (a stop in one CPU means no other CPU is mid-instruction),
+makes guest memory races impossible, uses one host core however many vCPUs
+the guest has, and lets ``interrupt`` stop the guest within one slice. The
+cost is that vCPUs do not run in parallel: fine for a debugging target.
+
+Breakpoints and watchpoints:
+
+- software breakpoints patch ``BRK #0`` / ``INT3`` into guest RAM (memory
+  reads show the original bytes, as gdbserver does). A breakpoint
+  instruction that is not ours is the guest's own: it is reported to GDB as
+  SIGTRAP and not delivered to the guest's vectors (Unicorn does not
+  deliver exceptions when an interrupt hook is installed). Other guest
+  exceptions are reported as SIGILL (undefined instruction) or SIGSEGV.
+- hardware breakpoints are Unicorn code hooks on one address; they stop
+  before the instruction runs. Resuming from one runs its instruction once
+  (like x86's RF flag). There is no slot limit.
+- watchpoints are memory hooks; any number, any length. Unicorn calls a
+  write hook before the store, and stopping from the hook leaves the store
+  done but the instruction unfinished (pc on it, register write-back not
+  done: measured). So the target puts the old bytes back and re-executes
+  that one instruction with hooks muted: the instruction then completes
+  exactly once (also for read-modify-write ones like ``lock inc``) and the
+  stop is reported after it with the new value in memory, as GDB expects.
+
+Stepping one thread leaves the others stopped (as QEMU and kvmtool do).
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import logging
+import threading
+import time
+from typing import Mapping
+
+from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WRITE, UcError
+
+from vmscope.arch.registers import Arch
+from vmscope.emu.cpus import EmuCpu
+from vmscope.emu.memory import GuestRam
+from vmscope.gdbserver.target import (
+    SIGINT,
+    SIGSEGV,
+    SIGTRAP,
+    AddressTranslation,
+    HwBreakpoints,
+    MonitorCommands,
+    PhysicalMemory,
+    ResumeActions,
+    StopEvent,
+    StopNotifier,
+    SwBreakpoints,
+    Target,
+    TargetError,
+    ThreadNames,
+    WatchKind,
+    Watchpoints,
+)
+
+log = logging.getLogger("vmscope.emu")
+
+SIGILL = 4
+#: a time slice per vCPU; also the worst-case latency of ``interrupt``
+SLICE_US = 20_000
+#: Every emu_start passes an instruction count (this one when running):
+#: Unicorn counts with a code hook that only blocks translated while it is
+#: installed carry, and it removes it (flushing every block) when a run has
+#: no count. Alternating runs and single steps without a count therefore
+#: either flushes all code per switch or, after a stop from a memory hook,
+#: lets a "count=1" step run on for many instructions (measured). Keeping
+#: the hook installed costs about 2.7x on a tight loop (90 M instructions/s).
+RUN_FOREVER = 1 << 62
+PAGE = 0x1000
+_WATCH_STOP = {"write": "watch", "read": "rwatch", "access": "awatch"}
+_WATCH_HOOKS = {"write": UC_HOOK_MEM_WRITE, "read": UC_HOOK_MEM_READ, "access": UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE}
+#: widen a watch hook's range by this much below its start: Unicorn matches a
+#: hook on the access's first byte, and an 8-byte store may start before the
+#: watched byte; the callback checks the exact overlap
+_WIDEST_ACCESS = 64
+
+
+class _CpuRunState:
+    """What the hooks of one CPU noticed during a slice."""
+
+    __slots__ = ("event", "event_pc", "watch_hit", "muted", "skip_hw_at")
+
+    def __init__(self) -> None:
+        self.event: StopEvent | None = None
+        #: where pc must point once stopped (x86 reports int3 past the 0xcc)
+        self.event_pc: int | None = None
+        #: (reported address, stop kind, physical address, bytes before the store or None)
+        self.watch_hit: tuple[int, str, int | None, bytes | None] | None = None
+        self.muted = False
+        self.skip_hw_at: int | None = None
+
+
+class EmuTarget(
+    Target,
+    SwBreakpoints,
+    HwBreakpoints,
+    Watchpoints,
+    MonitorCommands,
+    ThreadNames,
+    PhysicalMemory,
+    AddressTranslation,
+):
+    def __init__(self, cpus: list[EmuCpu], ram: GuestRam, arch: Arch) -> None:
+        if not cpus:
+            raise ValueError("an emulated machine needs at least one CPU")
+        self.arch = arch
+        self.cpus = cpus
+        self.ram = ram
+        self._state = {cpu.tid: _CpuRunState() for cpu in cpus}
+        self._notifier = StopNotifier()
+        self._cond = threading.Condition()
+        self._pending: ResumeActions | None = None
+        self._running = False
+        self._stop_requested = False
+        self._current: EmuCpu | None = None
+        self._closed = False
+        self._sw: dict[int, tuple[int, bytes]] = {}  # address -> (physical, original bytes)
+        self._hw: dict[int, list[int]] = {}  # address -> hook handle per CPU
+        self._watch: dict[tuple[int, int, str], list[int]] = {}
+        self.exit_status: int | None = None
+        self.exited = threading.Event()
+        for cpu in cpus:
+            cpu.uc.hook_add(UC_HOOK_INTR, self._on_exception, cpu)
+        self._thread = threading.Thread(target=self._runner, name="vmscope-emu-cpus", daemon=True)
+        self._thread.start()
+        # a runner still inside emu_start while the interpreter tears down
+        # Unicorn crashes the process: stop it first
+        atexit.register(self.close)
+
+    # --- required core -----------------------------------------------------
+
+    def threads(self) -> list[int]:
+        return [cpu.tid for cpu in self.cpus]
+
+    def _cpu(self, tid: int) -> EmuCpu:
+        if not 1 <= tid <= len(self.cpus):
+            raise TargetError(f"no thread {tid}: threads are 1..{len(self.cpus)}", errno.ESRCH)
+        return self.cpus[tid - 1]
+
+    def _check_stopped(self) -> None:
+        if self._running:
+            raise TargetError("the guest is running; stop it first", errno.EBUSY)
+
+    def read_registers(self, tid: int) -> Mapping[str, int]:
+        self._check_stopped()
+        return self._cpu(tid).registers()
+
+    def write_registers(self, tid: int, values: Mapping[str, int]) -> None:
+        self._check_stopped()
+        unknown = set(values) - set(self.arch.index)
+        if unknown:
+            raise TargetError(f"no register {sorted(unknown)[0]!r} on {self.arch.name}", errno.EINVAL)
+        self._cpu(tid).write_registers(values)
+
+    def read_memory(self, addr: int, length: int, tid: int) -> bytes:
+        cpu = self._cpu(tid)
+        out = bytearray()
+        while len(out) < length:
+            vaddr = addr + len(out)
+            chunk = min(length - len(out), PAGE - (vaddr & (PAGE - 1)))
+            try:
+                phys = cpu.translate(vaddr)
+                out += self.ram.read(phys, chunk)
+            except TargetError:
+                if not out:
+                    raise
+                break
+        self._hide_breakpoints(addr, out)
+        return bytes(out)
+
+    def write_memory(self, addr: int, data: bytes, tid: int) -> None:
+        cpu = self._cpu(tid)
+        pieces = []  # translate everything first: all or nothing
+        done = 0
+        while done < len(data):
+            vaddr = addr + done
+            chunk = min(len(data) - done, PAGE - (vaddr & (PAGE - 1)))
+            phys = cpu.translate(vaddr)
+            if not self.ram.contains(phys, chunk):
+                raise TargetError(f"{vaddr:#x} (physical {phys:#x}) is not RAM", errno.EFAULT)
+            pieces.append((vaddr, phys, data[done : done + chunk]))
+            done += chunk
+        bp = self.arch.breakpoint
+        for vaddr, phys, piece in pieces:
+            patched = bytearray(piece)
+            for bp_addr, (bp_phys, original) in list(self._sw.items()):
+                lo, hi = max(bp_addr, vaddr), min(bp_addr + len(bp), vaddr + len(piece))
+                if lo < hi:  # keep our breakpoint in, remember what GDB wrote under it
+                    new_original = bytearray(original)
+                    new_original[lo - bp_addr : hi - bp_addr] = piece[lo - vaddr : hi - vaddr]
+                    self._sw[bp_addr] = (bp_phys, bytes(new_original))
+                    patched[lo - vaddr : hi - vaddr] = bp[lo - bp_addr : hi - bp_addr]
+            self.ram.write(phys, bytes(patched))
+        self._flush_code(addr, len(data))
+
+    def resume(self, actions: ResumeActions) -> None:
+        with self._cond:
+            if self._closed:
+                raise TargetError("the machine has been shut down", errno.ESRCH)
+            if self._running:
+                raise TargetError("the guest is already running", errno.EBUSY)
+            for cpu in self.cpus:
+                self._state[cpu.tid].skip_hw_at = cpu.pc if cpu.pc in self._hw else None
+                cpu.invalidate()
+            self._stop_requested = False
+            self._running = True
+            self._pending = actions
+            self._cond.notify_all()
+
+    def interrupt(self) -> None:
+        with self._cond:
+            if not self._running:
+                return
+            self._stop_requested = True
+            current = self._current
+            self._cond.notify_all()
+        if current is not None:
+            current.uc.emu_stop()
+
+    def stop_fd(self) -> int:
+        return self._notifier.fd
+
+    def take_stop(self) -> StopEvent | None:
+        return self._notifier.take()
+
+    def is_running(self) -> bool:
+        return self._running
+
+    def kill(self) -> None:
+        self.exit_status = 0
+        self.close()
+        self.exited.set()
+
+    def close(self) -> None:
+        """Stop the runner thread (idempotent); the CPUs never run again."""
+        self.interrupt()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+        atexit.unregister(self.close)
+
+    # --- software breakpoints ------------------------------------------------
+
+    def add_sw_breakpoint(self, addr: int, kind: int) -> None:
+        if addr in self._sw:
+            return
+        bp = self.arch.breakpoint
+        if kind != self.arch.breakpoint_kind:
+            raise TargetError(f"breakpoint kind {kind} unsupported on {self.arch.name} (use {self.arch.breakpoint_kind})", errno.EINVAL)
+        phys = self.cpus[0].translate(addr)
+        original = self.ram.read(phys, len(bp))
+        self.ram.write(phys, bp)
+        self._sw[addr] = (phys, original)
+        self._flush_code(addr, len(bp))
+
+    def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
+        entry = self._sw.pop(addr, None)
+        if entry is None:
+            return
+        phys, original = entry
+        self.ram.write(phys, original)
+        self._flush_code(addr, len(original))
+
+    def _hide_breakpoints(self, addr: int, data: bytearray) -> None:
+        for bp_addr, (_, original) in self._sw.items():
+            lo, hi = max(bp_addr, addr), min(bp_addr + len(original), addr + len(data))
+            if lo < hi:
+                data[lo - addr : hi - addr] = original[lo - bp_addr : hi - bp_addr]
+
+    def _flush_code(self, addr: int, length: int) -> None:
+        """Drop translated code over a patched range in every CPU (Unicorn
+        does not notice writes to the shared RAM made from outside)."""
+        for cpu in self.cpus:
+            cpu.uc.ctl_remove_cache(addr, addr + max(length, 1))
+
+    # --- hardware breakpoints ------------------------------------------------
+
+    def add_hw_breakpoint(self, addr: int, kind: int) -> None:
+        if addr in self._hw:
+            return
+        self._hw[addr] = [cpu.uc.hook_add(UC_HOOK_CODE, self._on_hw_breakpoint, cpu, addr, addr) for cpu in self.cpus]
+        self._flush_code(addr, 1)
+
+    def remove_hw_breakpoint(self, addr: int, kind: int) -> None:
+        handles = self._hw.pop(addr, None)
+        if handles is None:
+            return
+        for cpu, handle in zip(self.cpus, handles):
+            cpu.uc.hook_del(handle)
+        self._flush_code(addr, 1)
+
+    def _on_hw_breakpoint(self, uc, address: int, size: int, cpu: EmuCpu) -> None:
+        state = self._state[cpu.tid]
+        if state.muted:
+            return
+        if state.skip_hw_at == address:
+            state.skip_hw_at = None  # resuming from it: run it once
+            return
+        if state.event is None:
+            state.event = StopEvent("hwbreak", cpu.tid, SIGTRAP)
+        uc.emu_stop()
+
+    # --- watchpoints -----------------------------------------------------------
+
+    def add_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
+        if kind not in _WATCH_HOOKS:
+            raise TargetError(f"unknown watchpoint kind {kind!r}", errno.EINVAL)
+        if length <= 0:
+            raise TargetError(f"watchpoint length must be positive, got {length}", errno.EINVAL)
+        key = (addr, length, kind)
+        if key in self._watch:
+            return
+        begin = max(0, addr - _WIDEST_ACCESS + 1)
+        self._watch[key] = [
+            cpu.uc.hook_add(_WATCH_HOOKS[kind], self._on_memory_access, (cpu, addr, length, kind), begin, addr + length - 1)
+            for cpu in self.cpus
+        ]
+
+    def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
+        handles = self._watch.pop((addr, length, kind), None)
+        if handles is None:
+            return
+        for cpu, handle in zip(self.cpus, handles):
+            cpu.uc.hook_del(handle)
+
+    def _on_memory_access(self, uc, access: int, address: int, size: int, value: int, data) -> None:
+        cpu, waddr, wlen, kind = data
+        state = self._state[cpu.tid]
+        if state.muted or state.watch_hit is not None:
+            return
+        if address + size <= waddr or address >= waddr + wlen:
+            return  # inside the widened hook range only
+        phys = old = None
+        if access == UC_MEM_WRITE:
+            try:
+                phys = cpu.translate(address)
+                old = self.ram.read(phys, size)
+            except TargetError:
+                phys = old = None  # MMIO: nothing to put back
+        state.watch_hit = (max(address, waddr), _WATCH_STOP[kind], phys, old)
+        uc.emu_stop()
+
+    # --- exceptions ------------------------------------------------------------
+
+    def _on_exception(self, uc, intno: int, cpu: EmuCpu) -> None:
+        state = self._state[cpu.tid]
+        bp_addr = cpu.breakpoint_address(intno)
+        if bp_addr is not None and bp_addr in self._sw:
+            # report the breakpoint's own address; set once Unicorn has
+            # returned (it moves x86's rip past the int3 after this hook)
+            state.event_pc = bp_addr
+            event = StopEvent("swbreak", cpu.tid, SIGTRAP)
+        elif bp_addr is not None:
+            event = StopEvent("signal", cpu.tid, SIGTRAP)  # the guest's own breakpoint
+        else:
+            signal = SIGILL if intno == cpu.undefined_instruction_exception else SIGSEGV
+            log.info("cpu %d: exception %d at %#x reported as signal %d", cpu.index, intno, cpu.pc, signal)
+            event = StopEvent("signal", cpu.tid, signal)
+        if state.event is None:
+            state.event = event
+        uc.emu_stop()
+
+    # --- the runner ------------------------------------------------------------
+
+    def _runner(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    self._running = False
+                    return
+                actions, self._pending = self._pending, None
+            try:
+                event = self._run(actions)
+            except Exception:  # a bug here must not leave GDB waiting forever
+                log.exception("emulated CPUs failed")
+                event = StopEvent("signal", self.cpus[0].tid, SIGSEGV)
+            with self._cond:
+                self._current = None
+                self._stop_requested = False
+                self._running = False
+                closed = self._closed
+            for cpu in self.cpus:
+                cpu.invalidate()
+            if not closed:
+                self._notifier.post(event)
+
+    def _run(self, actions: ResumeActions) -> StopEvent:
+        stepping = actions.stepping
+        if stepping:
+            cpu = self._cpu(stepping[0])
+            return self._slice(cpu, count=1) or StopEvent("signal", cpu.tid, SIGTRAP)
+        running = [cpu for cpu in self.cpus if (a := actions.action_for(cpu.tid)) is not None and a.kind == "continue"]
+        last = running[0] if running else self.cpus[0]
+        while True:
+            ran = False
+            for cpu in running:
+                if self._stop_requested or self._closed:
+                    return StopEvent("signal", last.tid, SIGINT)
+                if cpu.halted:
+                    continue
+                last, ran = cpu, True
+                event = self._slice(cpu, timeout=SLICE_US)
+                if event is not None:
+                    return event
+            if not ran:  # every CPU halted (or none to run): wait for Ctrl-C
+                with self._cond:
+                    if not (self._stop_requested or self._closed):
+                        self._cond.wait(0.1)
+
+    def _slice(self, cpu: EmuCpu, timeout: int = 0, count: int = 0) -> StopEvent | None:
+        """Run ``cpu`` for one slice (or ``count`` instructions); the stop
+        event its hooks produced, if any."""
+        state = self._state[cpu.tid]
+        state.event = None
+        state.event_pc = None
+        state.watch_hit = None
+        start = cpu.pc
+        with self._cond:
+            self._current = cpu
+        cpu.invalidate()
+        began = time.monotonic()
+        try:
+            cpu.uc.emu_start(start, 0, timeout=timeout, count=count or RUN_FOREVER)
+        except UcError as e:
+            cpu.invalidate()
+            log.info("cpu %d stopped at %#x: %s", cpu.index, cpu.pc, e)
+            return state.event or StopEvent("signal", cpu.tid, SIGSEGV)
+        finally:
+            with self._cond:
+                self._current = None
+        cpu.invalidate()
+        state.skip_hw_at = None
+        if state.watch_hit is not None:
+            return self._finish_watched_instruction(cpu, state)
+        if state.event is not None:
+            if state.event_pc is not None:
+                cpu.pc = state.event_pc
+            return state.event
+        if count:
+            cpu.halted = False
+        elif time.monotonic() - began < timeout / 2e6 and cpu.is_halted_after_run():
+            cpu.halted = True  # hlt/wfi with nothing to wake it: skip until pc changes
+        return None
+
+    def _finish_watched_instruction(self, cpu: EmuCpu, state: _CpuRunState) -> StopEvent:
+        addr, kind, phys, old = state.watch_hit
+        state.watch_hit = None
+        if old is not None:
+            self.ram.write(phys, old)
+        state.muted = True
+        try:
+            cpu.uc.emu_start(cpu.pc, 0, count=1)
+        except UcError as e:
+            log.info("cpu %d: re-running the watched instruction failed: %s", cpu.index, e)
+        finally:
+            state.muted = False
+            cpu.invalidate()
+        return StopEvent(kind, cpu.tid, SIGTRAP, addr=addr)
+
+    # --- optional extras --------------------------------------------------------
+
+    def thread_name(self, tid: int) -> str:
+        cpu = self._cpu(tid)
+        return f"vcpu {cpu.index}" + (" (halted)" if cpu.halted else "")
+
+    def read_physical(self, addr: int, length: int) -> bytes:
+        return self.ram.read(addr, length)
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        self.ram.write(addr, data)
+        self._flush_code(addr, len(data))  # identity-mapped guests run code at its physical address
+
+    def translate(self, addr: int, tid: int) -> int:
+        return self._cpu(tid).translate(addr)
+
+    _HELP = (
+        "vmscope emulated target (Unicorn), monitor commands:\n"
+        "  help             this text\n"
+        "  cpus             each vCPU: thread id, pc, state\n"
+        "  translate ADDR   guest-virtual to guest-physical (current thread 1)\n"
+    )
+
+    def monitor(self, command: str) -> str:
+        words = command.split()
+        if not words or words[0] == "help":
+            return self._HELP
+        if words[0] == "cpus":
+            lines = []
+            for cpu in self.cpus:
+                state = "running" if self._running else ("halted" if cpu.halted else "stopped")
+                pc = "?" if self._running else f"{cpu.pc:#x}"
+                lines.append(f"  thread {cpu.tid}: vcpu {cpu.index} pc={pc} {state}")
+            return f"{len(self.cpus)} vCPU(s), {self.arch.name}, emulated by Unicorn\n" + "\n".join(lines) + "\n"
+        if words[0] == "translate" and len(words) == 2:
+            try:
+                addr = int(words[1], 0)
+            except ValueError:
+                return f"translate: {words[1]!r} is not a number\n"
+            try:
+                return f"{addr:#x} -> physical {self.translate(addr, 1):#x}\n"
+            except TargetError as e:
+                return f"translate: {e}\n"
+        return f"unknown monitor command {command!r}; try 'monitor help'\n"
