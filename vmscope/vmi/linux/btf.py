@@ -1,0 +1,221 @@
+"""Structure layouts from the kernel's own BTF (``CONFIG_DEBUG_INFO_BTF``).
+
+The kernel keeps its BTF blob in memory between ``__start_BTF`` and
+``__stop_BTF`` (it serves ``/sys/kernel/btf/vmlinux`` from there), so the
+offsets of ``task_struct.pid`` or ``module.name`` can be read from the
+guest itself, with no vmlinux and no guessing per kernel version.
+
+Format (``include/uapi/linux/btf.h``): a 24-byte header, then the type
+section and the string section. Types are numbered from 1 in order; each
+is 12 bytes (name offset, info = kind<<24 | vlen, size or type id) followed
+by kind-specific data.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+MAGIC = 0xEB9F
+HEADER = struct.Struct("<HBBIIIII")
+
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+_MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
+# bytes of kind-specific data: fixed, per member
+_EXTRA_FIXED = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
+_EXTRA_PER_MEMBER = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
+KIND_NAMES = {INT: "int", PTR: "ptr", ARRAY: "array", STRUCT: "struct", UNION: "union", ENUM: "enum",
+              FWD: "fwd", TYPEDEF: "typedef", FLOAT: "float", ENUM64: "enum64"}
+
+
+class BtfError(Exception):
+    """Bad BTF data, or a type/member the kernel's BTF does not have."""
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    type_id: int
+    bit_offset: int
+    bitfield_size: int = 0
+
+    @property
+    def offset(self) -> int:
+        return self.bit_offset // 8
+
+
+@dataclass(frozen=True)
+class Field:
+    """A resolved member path: where it is and what it holds."""
+
+    offset: int
+    size: int
+    kind: int  # after typedef/const resolution: INT, PTR, ARRAY, STRUCT, ENUM...
+    type_id: int
+    signed: bool = False
+    elem_size: int = 0  # arrays
+    count: int = 0  # arrays
+    bitfield_size: int = 0
+    bit_offset: int = 0
+
+
+class Btf:
+    def __init__(self, data: bytes):
+        if len(data) < HEADER.size:
+            raise BtfError("BTF data shorter than its header")
+        magic, version, _flags, hdr_len, type_off, type_len, str_off, str_len = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise BtfError(f"bad BTF magic 0x{magic:04x} (expected 0xeb9f)")
+        if version != 1:
+            raise BtfError(f"unsupported BTF version {version}")
+        self._data = data
+        self._strings = hdr_len + str_off
+        self._str_end = self._strings + str_len
+        types_start = hdr_len + type_off
+        self._types_end = types_start + type_len
+        if self._str_end > len(data) or self._types_end > len(data):
+            raise BtfError(f"BTF sections run past the {len(data)} bytes given")
+        # type id -> (kind, name_off, vlen, kind_flag, size_or_type, extra_pos); id 0 is void
+        self._t: list[tuple[int, int, int, int, int, int]] = [(0, 0, 0, 0, 0, 0)]
+        self._by_name: dict[tuple[int, str], int] = {}
+        pos = types_start
+        unpack = struct.Struct("<III").unpack_from
+        while pos < self._types_end:
+            name_off, info, size_or_type = unpack(data, pos)
+            kind = (info >> 24) & 0x1F
+            vlen = info & 0xFFFF
+            pos += 12
+            self._t.append((kind, name_off, vlen, info >> 31, size_or_type, pos))
+            pos += _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_MEMBER.get(kind, 0) * vlen
+            if name_off and kind in (STRUCT, UNION, ENUM, ENUM64, TYPEDEF, INT, VAR, FUNC, DATASEC, FLOAT):
+                key = (kind, self.string(name_off))
+                self._by_name.setdefault(key, len(self._t) - 1)
+        self.size = self._str_end
+
+    @classmethod
+    def header_size(cls, header: bytes) -> int:
+        """Total bytes of a BTF blob given its first 24 bytes."""
+        magic, _v, _f, hdr_len, type_off, type_len, str_off, str_len = HEADER.unpack_from(header)
+        if magic != MAGIC:
+            raise BtfError(f"bad BTF magic 0x{magic:04x} (expected 0xeb9f)")
+        return hdr_len + max(type_off + type_len, str_off + str_len)
+
+    def string(self, off: int) -> str:
+        start = self._strings + off
+        end = self._data.index(b"\0", start)
+        return self._data[start:end].decode("utf-8", "replace")
+
+    def __len__(self) -> int:
+        return len(self._t) - 1
+
+    # ------------------------------------------------------------ lookups
+
+    def find(self, name: str, kind: int = STRUCT) -> int:
+        try:
+            return self._by_name[(kind, name)]
+        except KeyError:
+            raise BtfError(f"the kernel's BTF has no {KIND_NAMES.get(kind, kind)} {name!r}") from None
+
+    def has(self, name: str, kind: int = STRUCT) -> bool:
+        return (kind, name) in self._by_name
+
+    def kind(self, type_id: int) -> int:
+        return self._t[type_id][0]
+
+    def name(self, type_id: int) -> str:
+        return self.string(self._t[type_id][1]) if self._t[type_id][1] else ""
+
+    def resolve(self, type_id: int) -> int:
+        """Skip typedefs and qualifiers."""
+        while self._t[type_id][0] in _MODIFIERS:
+            type_id = self._t[type_id][4]
+        return type_id
+
+    def sizeof(self, type_id: int) -> int:
+        type_id = self.resolve(type_id)
+        kind, _, _, _, size, pos = self._t[type_id]
+        if kind == PTR:
+            return 8
+        if kind == ARRAY:
+            elem, _index, count = struct.unpack_from("<III", self._data, pos)
+            return self.sizeof(elem) * count
+        if kind in (INT, STRUCT, UNION, ENUM, ENUM64, FLOAT):
+            return size
+        raise BtfError(f"type {type_id} ({KIND_NAMES.get(kind, kind)}) has no size")
+
+    def struct_size(self, name: str) -> int:
+        return self.sizeof(self.find(name, STRUCT))
+
+    def members(self, type_id: int) -> list[Member]:
+        type_id = self.resolve(type_id)
+        kind, _, vlen, kflag, _, pos = self._t[type_id]
+        if kind not in (STRUCT, UNION):
+            raise BtfError(f"type {self.name(type_id) or type_id} is not a struct or union")
+        out = []
+        for i in range(vlen):
+            name_off, mtype, off = struct.unpack_from("<III", self._data, pos + 12 * i)
+            bits = off >> 24 if kflag else 0
+            out.append(Member(self.string(name_off) if name_off else "", mtype, off & 0xFFFFFF if kflag else off, bits))
+        return out
+
+    def _member(self, type_id: int, name: str) -> tuple[int, Member] | None:
+        """(extra byte offset, member) for ``name``, looking inside anonymous
+        structs/unions as C does."""
+        for m in self.members(type_id):
+            if m.name == name:
+                return 0, m
+            if not m.name and self.kind(self.resolve(m.type_id)) in (STRUCT, UNION):
+                inner = self._member(m.type_id, name)
+                if inner:
+                    return m.offset + inner[0], inner[1]
+        return None
+
+    def field(self, struct_name: str, path: str) -> Field:
+        """Resolve ``"se.sum_exec_runtime"`` or ``"tasks.next"`` in a struct."""
+        type_id = self.find(struct_name, STRUCT) if self.has(struct_name, STRUCT) else self.find(struct_name, UNION)
+        offset = 0
+        member = None
+        for part in path.split("."):
+            found = self._member(type_id, part)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {path!r} (failed at {part!r})")
+            extra, member = found
+            offset += extra + member.offset
+            type_id = member.type_id
+        assert member is not None
+        rid = self.resolve(type_id)
+        kind, _, _, _, size, pos = self._t[rid]
+        if kind == ARRAY:
+            elem, _index, count = struct.unpack_from("<III", self._data, pos)
+            esize = self.sizeof(elem)
+            return Field(offset, esize * count, kind, rid, elem_size=esize, count=count)
+        signed = False
+        if kind == INT:
+            signed = bool(struct.unpack_from("<I", self._data, pos)[0] >> 24 & 1)
+        elif kind in (ENUM, ENUM64):
+            signed = bool(self._t[rid][3])
+        return Field(offset, self.sizeof(rid), kind, rid, signed=signed,
+                     bitfield_size=member.bitfield_size, bit_offset=member.bit_offset % 8)
+
+    def offsetof(self, struct_name: str, path: str) -> int:
+        return self.field(struct_name, path).offset
+
+    def enum_value(self, enumerator: str) -> int:
+        """Value of an enumerator (e.g. ``MODULE_STATE_LIVE``) from any enum."""
+        for tid, (kind, _, vlen, kflag, _, pos) in enumerate(self._t):
+            if kind == ENUM:
+                for i in range(vlen):
+                    name_off, val = struct.unpack_from("<Ii" if kflag else "<II", self._data, pos + 8 * i)
+                    if self.string(name_off) == enumerator:
+                        return val
+        raise BtfError(f"no enumerator {enumerator!r} in the kernel's BTF")
+
+    def enumerators(self, enum_name: str) -> dict[int, str]:
+        tid = self.find(enum_name, ENUM)
+        _, _, vlen, kflag, _, pos = self._t[tid]
+        out = {}
+        for i in range(vlen):
+            name_off, val = struct.unpack_from("<Ii" if kflag else "<II", self._data, pos + 8 * i)
+            out[val] = self.string(name_off)
+        return out

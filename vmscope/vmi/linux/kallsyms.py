@@ -1,0 +1,258 @@
+"""Kernel symbols decoded from the kallsyms tables in guest memory.
+
+No vmlinux or System.map is needed: every kernel built with
+``CONFIG_KALLSYMS`` carries its compressed symbol table in ``.rodata``. The
+tables (as ``scripts/kallsyms.c`` of Linux 5.x-6.1 lays them out, each
+8-byte aligned) are::
+
+    kallsyms_offsets        s32 per symbol (or kallsyms_addresses, u64)
+    kallsyms_relative_base  u64
+    kallsyms_num_syms       u32
+    kallsyms_names          per symbol: length (1 byte, or 2 for >= 0x80),
+                            then that many token indices
+    kallsyms_markers        u32 (or u64): offset in names of every 256th symbol
+    kallsyms_seqs_of_names  3 bytes per symbol (Linux 6.2+, and backported
+                            to Debian's 6.1): symbol numbers sorted by name
+    kallsyms_token_table    256 NUL-terminated strings
+    kallsyms_token_index    256 u16: offset of each token in the table
+
+We find the token table by its tell-tale run of single-digit tokens
+("0\\0" ... "9\\0"), check it against the token index that follows it, find
+the markers below it, then the start of the names by checking candidates
+against ``num_syms`` and the last marker. The first character of each
+decoded name is the ``nm`` type letter.
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+DIGITS = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00"
+
+
+class KallsymsNotFound(Exception):
+    """No consistent kallsyms tables in the memory searched."""
+
+
+@dataclass(frozen=True)
+class Symbol:
+    name: str
+    address: int
+    type: str  # nm letter: T/t text, D/d data, B/b bss, R/r rodata, A...
+
+
+def _align8(x: int) -> int:
+    return (x + 7) & ~7
+
+
+def _token_table_at(img: bytes, digits_pos: int) -> tuple[int, list[bytes], int] | None:
+    """(table start, 256 tokens, index start) if ``digits_pos`` (where token
+    0x30 "0" sits) belongs to a token table followed by its index."""
+    # Walk back over tokens 0x2f..0x00: each is a non-empty NUL-terminated string.
+    pos = digits_pos
+    for _ in range(0x30):
+        if pos < 2 or img[pos - 1] != 0:
+            return None
+        prev = img.rfind(b"\0", 0, pos - 1)
+        pos = prev + 1
+        if pos >= digits_pos or pos == 0 and prev < 0:
+            return None
+    start = pos
+    tokens = []
+    for _ in range(256):
+        end = img.find(b"\0", pos)
+        if end <= pos:
+            return None
+        tokens.append(img[pos:end])
+        pos = end + 1
+    index_start = _align8(pos)
+    if index_start + 512 > len(img):
+        return None
+    index = struct.unpack_from("<256H", img, index_start)
+    offsets, off = [], 0
+    for tok in tokens:
+        offsets.append(off)
+        off += len(tok) + 1
+    if list(index) != offsets:
+        return None
+    return start, tokens, index_start
+
+
+def _markers_below(img: bytes, table_start: int) -> tuple[int, list[int], int] | None:
+    """(markers start, markers, element size) ending just below ``table_start``.
+
+    Markers start at 0 and grow; we walk back from the table over zero
+    padding, then over strictly decreasing values down to the leading 0."""
+    for size, fmt in ((4, "<I"), (8, "<Q")):
+        pos = table_start
+        while pos >= size and struct.unpack_from(fmt, img, pos - size)[0] == 0 and table_start - pos < 8:
+            pos -= size
+        values = []
+        prev = None
+        while pos >= size:
+            v = struct.unpack_from(fmt, img, pos - size)[0]
+            if prev is not None and v >= prev:
+                break
+            values.append(v)
+            pos -= size
+            prev = v
+            if v == 0:
+                break
+        if len(values) >= 2 and values[-1] == 0:
+            values.reverse()
+            return pos, values, size
+    return None
+
+
+def _markers_below_seqs(img: bytes, table_start: int) -> tuple[int, list[int], int] | None:
+    """Markers separated from the token table by ``kallsyms_seqs_of_names``
+    (3 bytes per symbol). A candidate end of the markers fixes the symbol
+    count N (the 3N bytes up to the table), which fixes how many markers
+    there are; a run of that many strictly increasing u32 starting at 0
+    confirms it."""
+    lowest = max(0, table_start - 3 * 2_000_000)
+    end = (table_start - 3 * 64) & ~3
+    while end > lowest:
+        seqs_start = _align8(end)
+        span = table_start - seqs_start
+        for num in (span // 3, (span - 1) // 3, (span - 2) // 3, (span - 3) // 3, (span - 4) // 3,
+                    (span - 5) // 3, (span - 6) // 3, (span - 7) // 3):
+            count = (num + 255) // 256
+            start = end - 4 * count
+            if count < 2 or start < 0 or struct.unpack_from("<I", img, start)[0] != 0:
+                continue
+            markers = list(struct.unpack_from(f"<{count}I", img, start))
+            if all(a < b for a, b in zip(markers, markers[1:])) and markers[1] < 256 * 300:
+                return start, markers, 4
+        end -= 4
+    return None
+
+
+def _decode_names(img: bytes, pos: int, count: int, tokens: list[bytes]) -> tuple[list[bytes], int]:
+    names = []
+    for _ in range(count):
+        n = img[pos]
+        pos += 1
+        if n & 0x80:  # "big" symbol: 2-byte length (Linux 6.1+)
+            n = (n & 0x7F) | (img[pos] << 7)
+            pos += 1
+        names.append(b"".join(tokens[t] for t in img[pos : pos + n]))
+        pos += n
+    return names, pos
+
+
+class Kallsyms:
+    """The decoded symbol table: lookups by name, by address, by pattern."""
+
+    def __init__(self, symbols: list[Symbol]):
+        self.symbols = symbols
+        self._by_name: dict[str, Symbol] = {}
+        for s in symbols:
+            self._by_name.setdefault(s.name, s)
+        self._sorted = sorted(symbols, key=lambda s: s.address)
+        self._addrs = [s.address for s in self._sorted]
+
+    def __len__(self) -> int:
+        return len(self.symbols)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __getitem__(self, name: str) -> int:
+        """Address of ``name``; KeyError names the symbol."""
+        try:
+            return self._by_name[name].address
+        except KeyError:
+            raise KeyError(f"kernel symbol {name!r} not in kallsyms") from None
+
+    def get(self, name: str) -> Symbol | None:
+        return self._by_name.get(name)
+
+    def lookup(self, address: int) -> tuple[Symbol, int] | None:
+        """(symbol, offset) containing ``address`` (nearest below)."""
+        i = bisect.bisect_right(self._addrs, address) - 1
+        return (self._sorted[i], address - self._addrs[i]) if i >= 0 else None
+
+    def search(self, pattern: str) -> Iterator[Symbol]:
+        """Symbols whose name matches a regular expression (or a glob, if
+        the pattern contains ``*`` or ``?`` only)."""
+        if re.fullmatch(r"[\w.*?]+", pattern) and ("*" in pattern or "?" in pattern):
+            rx = re.compile("^" + re.escape(pattern).replace(r"\*", ".*").replace(r"\?", ".") + "$")
+        else:
+            rx = re.compile(pattern)
+        return (s for s in self.symbols if rx.search(s.name))
+
+
+def parse_kallsyms(img: bytes, base: int) -> Kallsyms:
+    """Find and decode kallsyms in ``img``, a copy of memory at virtual ``base``
+    (the kernel image). Raises :class:`KallsymsNotFound` if nothing fits."""
+    start = 0
+    reasons = []
+    while True:
+        hit = img.find(DIGITS, start)
+        if hit < 0:
+            break
+        start = hit + 1
+        table = _token_table_at(img, hit)
+        if table is None:
+            continue
+        table_start, tokens, _ = table
+        markers = _markers_below(img, table_start)
+        syms = _decode_at(img, base, tokens, *markers) if markers else None
+        if syms is not None:
+            return Kallsyms(syms)
+        markers = _markers_below_seqs(img, table_start)
+        if markers is None:
+            reasons.append(f"token table at +0x{table_start:x} without markers below it")
+            continue
+        syms = _decode_at(img, base, tokens, *markers)
+        if syms is not None:
+            return Kallsyms(syms)
+        reasons.append(f"token table at +0x{table_start:x}: no names/num_syms consistent with the markers")
+    raise KallsymsNotFound("no kallsyms tables found in the kernel image" + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
+def _decode_at(img: bytes, base: int, tokens: list[bytes], markers_start: int, markers: list[int],
+               msize: int) -> list[Symbol] | None:
+    last = markers[-1]
+    full = (len(markers) - 1) * 256
+    # names end at markers_start (minus up to 7 bytes of padding); the last
+    # marker's symbol starts `last` bytes after the names start.
+    lowest = max(8, markers_start - last - 256 * 300)
+    cand = (markers_start - last) & ~7
+    while cand >= lowest:
+        num = struct.unpack_from("<I", img, cand - 8)[0]
+        if full < num <= full + 256:
+            try:
+                _, end = _decode_names(img, cand + last, num - full, tokens)
+            except IndexError:
+                end = -1
+            if markers_start - 8 < end <= markers_start:
+                return _symbols(img, base, tokens, cand, num, markers, msize)
+        cand -= 8
+    return None
+
+
+def _symbols(img: bytes, base: int, tokens: list[bytes], names_start: int, num: int, markers: list[int],
+             msize: int) -> list[Symbol] | None:
+    names, _ = _decode_names(img, names_start, num, tokens)
+    rel_base = struct.unpack_from("<Q", img, names_start - 16)[0]
+    offsets_start = names_start - 16 - _align8(4 * num)
+    if offsets_start < 0:
+        return None
+    offsets = struct.unpack_from(f"<{num}i", img, offsets_start)
+    negative = sum(1 for o in offsets if o < 0)
+    absolute_percpu = negative > num // 2
+    out = []
+    for raw, off in zip(names, offsets):
+        if absolute_percpu:
+            addr = off if off >= 0 else rel_base - 1 - off
+        else:
+            addr = rel_base + (off & 0xFFFFFFFF)
+        text = raw.decode("ascii", "replace")
+        out.append(Symbol(text[1:], addr, text[:1]))
+    return out
