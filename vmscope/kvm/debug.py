@@ -1,0 +1,725 @@
+"""``KvmTarget``: the GDB stub's view of a :class:`~vmscope.kvm.vm.KvmMachine`.
+
+Threads are vCPUs (tid = index + 1); all-stop: a stop of one vCPU parks
+them all (see :mod:`vmscope.kvm.vm`). While one vCPU single-steps, the
+others stay parked (as QEMU's and kvmtool's stubs do), whatever the
+``vCont`` asked of them; so ``stepi`` never lets another vCPU move.
+
+How each debug feature maps onto KVM, and the quirks of this machine's
+software KVM (PVM) it copes with:
+
+- Software breakpoints patch 0xCC into guest RAM (through the memfd) with
+  ``KVM_GUESTDBG_USE_SW_BP``. Hardware KVM reports an INT3 as
+  ``KVM_EXIT_DEBUG`` (#BP, rip at the 0xCC); PVM reports it as an emulation
+  failure (``KVM_EXIT_INTERNAL_ERROR`` suberror 1) with rip at the 0xCC.
+  Both paths land in :meth:`KvmTarget._int3`: ours -> ``swbreak`` stop; the
+  guest's own -> #BP injected through ``KVM_SET_VCPU_EVENTS`` (after an
+  emulation failure rip is first moved past the INT3, since nothing in KVM
+  recorded the instruction length). Reads hide our 0xCC bytes.
+- Hardware breakpoints use DR0-DR3. RFLAGS.RF is ignored on PVM, so a vCPU
+  resumed at an enabled hardware breakpoint first steps one instruction
+  with the breakpoints off.
+- Watchpoints: debug registers where they fire (hardware KVM, aligned
+  1/2/4/8-byte write or access watches, while slots last); on PVM data
+  breakpoints never fire for emulated ring-0 stores, so watchpoints are
+  backed by page protection: the watched page is mapped read-only (write
+  watches) or removed from the memory slots (read/access watches). Guest
+  accesses to it then exit as MMIO; the VMM performs the access on the
+  memfd, lets KVM finish the instruction (``immediate_exit`` re-entry),
+  and reports the stop after it, with the new value in memory, as GDB's
+  ``watch`` needs. There is no 4-slot limit. Limits: code must not execute
+  from a read/access-watched page, and the page tables must not share it.
+  Force a mechanism with ``VMSCOPE_KVM_WATCH=pages`` or ``=debugregs``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+from vmscope.arch.x86_64 import X86_64
+from vmscope.gdbserver.target import (
+    SIGINT,
+    SIGTRAP,
+    AddressTranslation,
+    HwBreakpoints,
+    MonitorCommands,
+    PhysicalMemory,
+    ResumeActions,
+    StopEvent,
+    StopNotifier,
+    SwBreakpoints,
+    Target,
+    TargetError,
+    ThreadNames,
+    WatchKind,
+    Watchpoints,
+)
+from vmscope.kvm import abi
+from vmscope.kvm.paging import PAGE, Translator
+from vmscope.kvm.vcpu import Vcpu
+
+if TYPE_CHECKING:
+    from vmscope.kvm.vm import KvmMachine
+
+INT3 = 0xCC
+BP_VECTOR, DB_VECTOR = 3, 1
+DR6_BS = 1 << 14
+RFLAGS_TF = 1 << 8
+DR7_RW = {"exec": 0b00, "write": 0b01, "access": 0b11}
+DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
+WATCH_STOP_KIND = {"write": "watch", "read": "rwatch", "access": "awatch"}
+MSR_KERNEL_GS_BASE = 0xC0000102
+
+GPRS = ("rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip").split()
+SEGS = ("cs", "ss", "ds", "es", "fs", "gs")
+FPU_NAMES = frozenset(
+    [f"st{i}" for i in range(8)] + [f"xmm{i}" for i in range(16)]
+    + "fctrl fstat ftag fiseg fioff foseg fooff fop mxcsr".split()
+)
+SREG_NAMES = frozenset(SEGS + ("fs_base", "gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer"))
+
+
+def software_kvm() -> bool:
+    """True on PVM-style software KVM (no VMX/SVM), where DR data
+    watchpoints do not fire for emulated ring-0 accesses."""
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split()
+                    return "vmx" not in flags and "svm" not in flags
+    except OSError:
+        pass
+    return False
+
+
+@dataclass
+class Watch:
+    addr: int
+    length: int
+    kind: WatchKind
+    phys: list[tuple[int, int]]  # (guest-physical start, length) pieces
+    dr_slot: int | None = None  # debug register, or None: page protection
+
+
+@dataclass
+class SwBreak:
+    phys: int
+    orig: int
+
+
+class KvmTarget(
+    Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
+    AddressTranslation, PhysicalMemory, ThreadNames,
+):
+    arch = X86_64
+
+    def __init__(self, machine: "KvmMachine"):
+        self.m = machine
+        self.mem = machine.mem
+        self.notifier = StopNotifier()
+        self.translator = Translator(machine.mem)
+        self._lock = threading.RLock()  # breakpoint tables (vCPU threads read them)
+        self.sw: dict[int, SwBreak] = {}
+        self.hw: dict[int, int] = {}  # exec address -> DR slot
+        self.watches: list[Watch] = []
+        self.attached = False
+        self._stepping: int | None = None  # vCPU index that single-steps
+        self._step_over: set[int] = set()  # vCPUs stepping off a hw breakpoint
+        self._pending: dict[int, StopEvent] = {}  # unreported watch hits by vCPU
+        self._msr_cache: dict[int, int] = {}
+        mode = os.environ.get("VMSCOPE_KVM_WATCH", "auto")
+        if mode not in ("auto", "pages", "debugregs"):
+            raise ValueError(f"VMSCOPE_KVM_WATCH must be auto, pages or debugregs, not {mode!r}")
+        self.dr_watch = mode == "debugregs" or (mode == "auto" and not software_kvm())
+
+    # --- threads -------------------------------------------------------------------
+
+    def _vcpu(self, tid: int) -> Vcpu:
+        if tid <= 0:  # 0/-1: any thread
+            tid = 1
+        if tid > len(self.m.vcpus):
+            raise TargetError(f"no thread {tid}: the VM has {len(self.m.vcpus)} vCPUs (threads 1..{len(self.m.vcpus)})", errno.ESRCH)
+        return self.m.vcpus[tid - 1].vcpu
+
+    def _require_stopped(self) -> None:
+        if not self.m.stopped:
+            raise TargetError("the guest is running; stop it first", errno.EBUSY)
+
+    def threads(self) -> list[int]:
+        return [i + 1 for i in range(len(self.m.vcpus))]
+
+    def thread_name(self, tid: int) -> str:
+        slot = self.m.vcpus[tid - 1]
+        return f"vCPU {tid - 1}" + ("" if slot.online else " (waiting for SIPI)")
+
+    # --- registers -------------------------------------------------------------------
+
+    def read_registers(self, tid: int) -> Mapping[str, int]:
+        v = self._vcpu(tid)
+        r, s, f = v.regs(), v.sregs(), v.fpu()
+        out = {name: getattr(r, name) for name in GPRS}
+        out["eflags"] = r.rflags
+        for name in SEGS:
+            out[name] = getattr(s, name).selector
+        for i in range(8):
+            out[f"st{i}"] = int.from_bytes(bytes(f.fpr[i])[:10], "little")
+        out["fctrl"], out["fstat"] = f.fcw, f.fsw
+        out["ftag"] = _full_tag_word(f.ftwx)
+        out["fioff"], out["fooff"], out["fop"] = f.last_ip & 0xFFFFFFFF, f.last_dp & 0xFFFFFFFF, f.last_opcode
+        for i in range(16):
+            out[f"xmm{i}"] = int.from_bytes(bytes(f.xmm[i]), "little")
+        out["mxcsr"] = f.mxcsr
+        out["fs_base"], out["gs_base"] = s.fs.base, s.gs.base
+        out["k_gs_base"] = self._msr(v, MSR_KERNEL_GS_BASE)
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
+            out[name] = getattr(s, name)
+        return out
+
+    def _msr(self, v: Vcpu, index: int) -> int:
+        key = (v.index << 32) | index
+        if key not in self._msr_cache:
+            msrs = abi.msrs_struct(1)()
+            msrs.nmsrs = 1
+            msrs.entries[0].index = index
+            try:
+                n = abi.ioctl(v.fd, abi.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
+            except OSError:
+                n = 0
+            self._msr_cache[key] = msrs.entries[0].data if n == 1 else 0
+        return self._msr_cache[key]
+
+    def write_registers(self, tid: int, values: Mapping[str, int]) -> None:
+        self._require_stopped()
+        v = self._vcpu(tid)
+        names = set(values)
+        unknown = names - set(self.arch.index)
+        if unknown:
+            raise TargetError(f"no such register(s): {', '.join(sorted(unknown))}", errno.EINVAL)
+        if names & (set(GPRS) | {"eflags"}):
+            r = v.regs()
+            for name in names & set(GPRS):
+                setattr(r, name, values[name] & (2**64 - 1))
+            if "eflags" in names:
+                r.rflags = values["eflags"] & 0xFFFFFFFF
+            v.set_regs(r)
+        if names & SREG_NAMES:
+            s = v.sregs()
+            for name in names & set(SEGS):
+                getattr(s, name).selector = values[name] & 0xFFFF
+            if "fs_base" in names:
+                s.fs.base = values["fs_base"]
+            if "gs_base" in names:
+                s.gs.base = values["gs_base"]
+            for name in names & {"cr0", "cr2", "cr3", "cr4", "cr8", "efer"}:
+                setattr(s, name, values[name])
+            v.set_sregs(s)
+            self.translator.clear()
+        if names & FPU_NAMES:
+            f = v.fpu()
+            for i in range(8):
+                if f"st{i}" in names:
+                    raw = values[f"st{i}"].to_bytes(10, "little") + bytes(6)
+                    for j, b in enumerate(raw):
+                        f.fpr[i][j] = b
+            for i in range(16):
+                if f"xmm{i}" in names:
+                    for j, b in enumerate(values[f"xmm{i}"].to_bytes(16, "little")):
+                        f.xmm[i][j] = b
+            if "fctrl" in names:
+                f.fcw = values["fctrl"] & 0xFFFF
+            if "fstat" in names:
+                f.fsw = values["fstat"] & 0xFFFF
+            if "ftag" in names:
+                f.ftwx = _abridged_tag_word(values["ftag"])
+            if "fop" in names:
+                f.last_opcode = values["fop"] & 0xFFFF
+            if "fioff" in names:
+                f.last_ip = values["fioff"]
+            if "fooff" in names:
+                f.last_dp = values["fooff"]
+            if "mxcsr" in names:
+                f.mxcsr = values["mxcsr"] & 0xFFFFFFFF
+            v.set_fpu(f)
+
+    # --- memory ----------------------------------------------------------------------
+
+    def translate(self, addr: int, tid: int) -> int:
+        phys = self._phys_page(addr & ~(PAGE - 1), tid)
+        if phys is None:
+            raise TargetError(f"virtual address {addr:#x} is not mapped (thread {tid})")
+        return phys | (addr & (PAGE - 1))
+
+    def _phys_page(self, vpage: int, tid: int) -> int | None:
+        """The selected vCPU's translation, then any other vCPU's."""
+        first = self._vcpu(tid)
+        phys = self.translator.page(first, vpage)
+        if phys is None:
+            for slot in self.m.vcpus:
+                if slot.vcpu is not first and slot.online:
+                    phys = self.translator.page(slot.vcpu, vpage)
+                    if phys is not None:
+                        break
+        if phys is not None and not self.mem.contains(phys, PAGE):
+            return None
+        return phys
+
+    def _pieces(self, addr: int, length: int, tid: int) -> tuple[list[tuple[int, int]], int | None]:
+        """Physical (start, length) pieces of a virtual range, stopping at
+        the first unmapped page (whose address is returned too)."""
+        pieces: list[tuple[int, int]] = []
+        cur, end = addr, addr + length
+        while cur < end:
+            vpage = cur & ~(PAGE - 1)
+            n = min(end, vpage + PAGE) - cur
+            phys = self._phys_page(vpage, tid)
+            if phys is None:
+                return pieces, cur
+            start = phys | (cur & (PAGE - 1))
+            if pieces and pieces[-1][0] + pieces[-1][1] == start:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + n)
+            else:
+                pieces.append((start, n))
+            cur += n
+        return pieces, None
+
+    def read_memory(self, addr: int, length: int, tid: int) -> bytes:
+        if length <= 0:
+            return b""
+        if addr < 0 or addr + length > 2**64:
+            raise TargetError(f"address {addr:#x}+{length} is outside the 64-bit address space", errno.EINVAL)
+        pieces, bad = self._pieces(addr, length, tid)
+        if not pieces:
+            raise TargetError(f"cannot read {addr:#x}: address not mapped")
+        data = bytearray()
+        view = self.mem.view
+        for start, n in pieces:
+            data += view[start : start + n]
+        with self._lock:
+            if self.sw:
+                for vaddr, bp in self.sw.items():
+                    if addr <= vaddr < addr + len(data):
+                        data[vaddr - addr] = bp.orig
+        return bytes(data)
+
+    def write_memory(self, addr: int, data: bytes, tid: int) -> None:
+        if not data:
+            return
+        pieces, bad = self._pieces(addr, len(data), tid)
+        if bad is not None:
+            raise TargetError(f"cannot write {addr:#x}+{len(data)}: address {bad:#x} not mapped")
+        buf = bytearray(data)
+        with self._lock:
+            for vaddr, bp in self.sw.items():  # keep our 0xCC, remember the new byte
+                if addr <= vaddr < addr + len(buf):
+                    bp.orig = buf[vaddr - addr]
+                    buf[vaddr - addr] = INT3
+            off = 0
+            for start, n in pieces:
+                self.mem.view[start : start + n] = buf[off : off + n]
+                off += n
+
+    def read_physical(self, addr: int, length: int) -> bytes:
+        if not self.mem.contains(addr, 1):
+            raise TargetError(f"guest-physical address {addr:#x} is outside RAM (0..{self.mem.size:#x})")
+        return self.mem.read(addr, min(length, self.mem.size - addr))
+
+    def write_physical(self, addr: int, data: bytes) -> None:
+        if not self.mem.contains(addr, len(data)):
+            raise TargetError(f"guest-physical range {addr:#x}+{len(data)} is outside RAM (0..{self.mem.size:#x})")
+        self.mem.write(addr, data)
+
+    # --- software breakpoints -------------------------------------------------------------
+
+    def add_sw_breakpoint(self, addr: int, kind: int) -> None:
+        with self._lock:
+            if addr in self.sw:
+                return
+            phys = self._phys_page(addr & ~(PAGE - 1), 1)
+            if phys is None:
+                raise TargetError(f"cannot set a breakpoint at {addr:#x}: address not mapped")
+            phys |= addr & (PAGE - 1)
+            orig = self.mem.view[phys]
+            self.sw[addr] = SwBreak(phys, orig)
+            self.mem.view[phys] = INT3
+
+    def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
+        with self._lock:
+            bp = self.sw.pop(addr, None)
+            if bp is None:
+                return
+            if self.mem.view[bp.phys] == INT3:
+                self.mem.view[bp.phys] = bp.orig
+
+    # --- debug registers: hardware breakpoints and DR watchpoints ---------------------------
+
+    def _dr_slots_used(self) -> set[int]:
+        return set(self.hw.values()) | {w.dr_slot for w in self.watches if w.dr_slot is not None}
+
+    def _free_dr_slot(self) -> int | None:
+        used = self._dr_slots_used()
+        return next((i for i in range(4) if i not in used), None)
+
+    def add_hw_breakpoint(self, addr: int, kind: int) -> None:
+        with self._lock:
+            if addr in self.hw:
+                return
+            slot = self._free_dr_slot()
+            if slot is None:
+                raise TargetError("all 4 debug registers are in use (hardware breakpoints and watchpoints)", errno.ENOSPC)
+            self.hw[addr] = slot
+
+    def remove_hw_breakpoint(self, addr: int, kind: int) -> None:
+        with self._lock:
+            self.hw.pop(addr, None)
+
+    def _debugregs(self, with_exec: bool = True) -> tuple[int, ...]:
+        dr = [0] * 8
+        dr7 = 0
+        if with_exec:
+            for addr, slot in self.hw.items():
+                dr[slot] = addr
+                dr7 |= 1 << (slot * 2)
+        for w in self.watches:
+            if w.dr_slot is not None:
+                dr[w.dr_slot] = w.addr
+                dr7 |= (1 << (w.dr_slot * 2)) | (DR7_RW[w.kind] << (16 + 4 * w.dr_slot)) | (DR7_LEN[w.length] << (18 + 4 * w.dr_slot))
+        dr[7] = dr7
+        return tuple(dr)
+
+    # --- watchpoints ------------------------------------------------------------------------
+
+    def add_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
+        if kind not in WATCH_STOP_KIND:
+            raise TargetError(f"unknown watchpoint kind {kind!r}", errno.EINVAL)
+        if length <= 0:
+            raise TargetError(f"watchpoint length must be positive, got {length}", errno.EINVAL)
+        with self._lock:
+            if any(w.addr == addr and w.length == length and w.kind == kind for w in self.watches):
+                return
+            pieces, bad = self._pieces(addr, length, 1)
+            if bad is not None:
+                raise TargetError(f"cannot watch {addr:#x}+{length}: address {bad:#x} not mapped")
+            w = Watch(addr, length, kind, pieces)
+            if self.dr_watch and kind != "read" and length in DR7_LEN and addr % length == 0:
+                w.dr_slot = self._free_dr_slot()
+            self.watches.append(w)
+            self._apply_protection()
+
+    def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
+        with self._lock:
+            self.watches = [w for w in self.watches if not (w.addr == addr and w.length == length and w.kind == kind)]
+            self._apply_protection()
+
+    def _apply_protection(self) -> None:
+        """Memory slots for the page-backed watchpoints: read-only pages for
+        write watches, absent pages for read/access watches."""
+        protected: dict[int, str] = {}
+        for w in self.watches:
+            if w.dr_slot is not None:
+                continue
+            mode = "readonly" if w.kind == "write" else "absent"
+            for start, n in w.phys:
+                for page in range(start // PAGE, (start + n - 1) // PAGE + 1):
+                    if protected.get(page) != "absent":
+                        protected[page] = mode
+        self.m.slots.set_protection(protected)
+
+    def _watch_hit(self, phys: int, length: int, is_write: bool) -> StopEvent | None:
+        """The watchpoint an access of guest-physical ``phys``+``length`` trips."""
+        for w in self.watches:
+            if w.dr_slot is not None:
+                continue
+            if is_write and w.kind == "read" or not is_write and w.kind == "write":
+                continue
+            voff = 0
+            for start, n in w.phys:
+                lo, hi = max(start, phys), min(start + n, phys + length)
+                if lo < hi:
+                    return StopEvent(WATCH_STOP_KIND[w.kind], addr=w.addr + voff + (lo - start))
+                voff += n
+        return None
+
+    # --- exits from vCPU threads --------------------------------------------------------------
+
+    def on_mmio(self, v: Vcpu) -> None:
+        """An access to a page with no (writable) memory slot: a page-backed
+        watchpoint's page, or a hole where no device lives."""
+        hit = self._service_mmio(v)
+        # Let KVM finish the instruction (more MMIO may follow: an RMW
+        # instruction reads, then writes) without running further.
+        v.run.immediate_exit = 1
+        try:
+            while v.enter():
+                if v.run.exit_reason != abi.KVM_EXIT_MMIO:
+                    self.m.handle_exit_of(v)
+                    break
+                hit = self._service_mmio(v) or hit
+        finally:
+            v.run.immediate_exit = 0
+        if hit is not None:
+            ev = StopEvent(hit.kind, tid=v.index + 1, addr=hit.addr)
+            self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
+
+    def _service_mmio(self, v: Vcpu) -> StopEvent | None:
+        mmio = v.run.exit.mmio
+        phys, n, is_write = mmio.phys_addr, min(mmio.len, 8), bool(mmio.is_write)
+        in_ram = self.mem.contains(phys, n)
+        if is_write:
+            if in_ram:
+                self.mem.view[phys : phys + n] = bytes(mmio.data[:n])
+        else:
+            data = self.mem.read(phys, n) if in_ram else b"\xff" * n
+            for i, b in enumerate(data):
+                mmio.data[i] = b
+        if not in_ram:
+            return None
+        with self._lock:
+            return self._watch_hit(phys, n, is_write)
+
+    def on_internal_error(self, v: Vcpu) -> bool:
+        """An emulation failure; True when it was an INT3 we dealt with."""
+        run = v.run
+        if run.exit.internal.suberror != abi.KVM_INTERNAL_ERROR_EMULATION:
+            return False
+        rip = v.regs().rip
+        ef = run.exit.emulation_failure
+        insn_is_int3 = run.exit.internal.ndata >= 2 and ef.flags & 1 and ef.insn_size >= 1 and ef.insn_bytes[0] == INT3
+        try:
+            current = self.read_memory_raw(rip, v)
+        except TargetError:
+            current = None
+        if not insn_is_int3 and current != INT3:
+            return False
+        self._int3(v, rip, current, after_emulation_failure=True)
+        return True
+
+    def read_memory_raw(self, vaddr: int, v: Vcpu) -> int:
+        phys = self._phys_page(vaddr & ~(PAGE - 1), v.index + 1)
+        if phys is None:
+            raise TargetError(f"{vaddr:#x} not mapped")
+        return self.mem.view[phys | (vaddr & (PAGE - 1))]
+
+    def _int3(self, v: Vcpu, rip: int, current: int | None, after_emulation_failure: bool) -> None:
+        with self._lock:
+            ours = rip in self.sw
+        if ours:
+            self.m.request_stop(StopEvent("swbreak", tid=v.index + 1, signal=SIGTRAP))
+            return
+        if current != INT3:
+            return  # our breakpoint, removed meanwhile: just run the original instruction
+        # The guest's own INT3: deliver #BP to the guest.
+        if after_emulation_failure:
+            r = v.regs()
+            r.rip = rip + 1
+            v.set_regs(r)
+        v.inject_exception(BP_VECTOR)
+
+    def on_debug_exit(self, v: Vcpu) -> None:
+        dbg = v.run.exit.debug
+        tid = v.index + 1
+        if dbg.exception == BP_VECTOR:
+            rip = v.regs().rip
+            try:
+                current = self.read_memory_raw(rip, v)
+            except TargetError:
+                current = None
+            self._int3(v, rip, current, after_emulation_failure=False)
+            return
+        dr6 = dbg.dr6
+        if v.index in self._step_over and dr6 & DR6_BS:
+            # Stepped off a hardware breakpoint: put the breakpoints back, go on.
+            self._step_over.discard(v.index)
+            self._apply_debug(v, step=False)
+            return
+        with self._lock:
+            for slot in range(4):
+                if not dr6 & (1 << slot):
+                    continue
+                for addr, s in self.hw.items():
+                    if s == slot:
+                        self.m.request_stop(StopEvent("hwbreak", tid=tid))
+                        return
+                for w in self.watches:
+                    if w.dr_slot == slot:
+                        ev = StopEvent(WATCH_STOP_KIND[w.kind], tid=tid, addr=w.addr)
+                        self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
+                        return
+        # A single step, or a #DB we cannot place: report a plain SIGTRAP.
+        self.m.request_stop(StopEvent("signal", tid=tid, signal=SIGTRAP))
+
+    def post_stop(self, event: StopEvent) -> None:
+        self.notifier.post(event)
+
+    def guest_ended(self, status: int) -> None:
+        self.notifier.post(StopEvent("exited", code=status))
+
+    # --- run control ---------------------------------------------------------------------------
+
+    def _apply_debug(self, v: Vcpu, step: bool) -> None:
+        """Debug state for a vCPU about to run. A vCPU sitting on an enabled
+        hardware breakpoint first steps with the exec breakpoints off
+        (RFLAGS.RF is ignored on PVM)."""
+        if not self.attached:
+            v.set_guest_debug(0)
+            return
+        control = abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_USE_SW_BP
+        with self._lock:
+            on_hw_bp = bool(self.hw) and v.regs().rip in self.hw
+            regs = self._debugregs(with_exec=not on_hw_bp)
+        if regs[7]:
+            control |= abi.KVM_GUESTDBG_USE_HW_BP
+        if step or on_hw_bp:
+            control |= abi.KVM_GUESTDBG_SINGLESTEP
+        if on_hw_bp and not step:
+            self._step_over.add(v.index)
+        v.set_guest_debug(control, regs)
+
+    def resume(self, actions: ResumeActions) -> None:
+        self.attached = True
+        if self._post_pending():
+            return
+        self.translator.clear()
+        self._msr_cache.clear()
+        self._step_over.clear()
+        stepping = [t for t in actions.stepping if 1 <= t <= len(self.m.vcpus)]
+        run: dict[int, bool] = {}
+        if stepping:
+            idx = stepping[0] - 1
+            self._stepping = idx
+            self._apply_debug(self.m.vcpus[idx].vcpu, step=True)
+            run[idx] = True
+        else:
+            self._stepping = None
+            for slot in self.m.vcpus:
+                action = actions.action_for(slot.vcpu.index + 1)
+                if action is not None and action.kind == "continue" and slot.online:
+                    self._apply_debug(slot.vcpu, step=False)
+                    run[slot.vcpu.index] = True
+        self.m.run_vcpus(run)
+
+    def _post_pending(self) -> bool:
+        """Report a watch hit that lost the race against another stop."""
+        if not self._pending:
+            return False
+        idx, ev = self._pending.popitem()
+        self.notifier.post(ev)
+        return True
+
+    def interrupt(self) -> None:
+        self.m.request_stop(StopEvent("signal", tid=1, signal=SIGINT))
+
+    def stop_fd(self) -> int:
+        return self.notifier.fd
+
+    def take_stop(self) -> StopEvent | None:
+        return self.notifier.take()
+
+    def is_running(self) -> bool:
+        return not self.m.stopped and not self.m.ending
+
+    def initial_stop(self) -> StopEvent:
+        self.attached = True
+        return StopEvent("signal", tid=1, signal=SIGTRAP)
+
+    def stop(self, timeout: float = 10.0) -> StopEvent | None:
+        """Stop a running guest and wait for the stop (for tests and
+        helpers that do not use the stub)."""
+        import select
+
+        self.interrupt()
+        ready, _, _ = select.select([self.notifier.fd], [], [], timeout)
+        return self.take_stop() if ready else None
+
+    def detach(self) -> None:
+        with self._lock:
+            for addr in list(self.sw):
+                self.remove_sw_breakpoint(addr, 1)
+            self.hw.clear()
+            self.watches.clear()
+            self._apply_protection()
+        self.attached = False
+        self._pending.clear()
+        for slot in self.m.vcpus:
+            slot.vcpu.set_guest_debug(0)
+        self.resume_all_undebugged()
+
+    def resume_all_undebugged(self) -> None:
+        self.translator.clear()
+        self.m.run_vcpus({s.vcpu.index: True for s in self.m.vcpus if s.online})
+
+    def kill(self) -> None:
+        self.m.end(0, None)
+
+    # --- monitor ---------------------------------------------------------------------------------
+
+    def monitor(self, command: str) -> str:
+        words = command.split()
+        if not words or words[0] == "help":
+            return (
+                "vmscope KVM monitor commands:\n"
+                "  help             this text\n"
+                "  cpus             mode, rip and cr3 of every vCPU\n"
+                "  translate ADDR   guest-virtual ADDR -> guest-physical (current thread 1)\n"
+                "  regs             control registers and EFER of every vCPU\n"
+                f"watchpoints: {'debug registers, then ' if self.dr_watch else ''}page protection\n"
+            )
+        cmd, args = words[0], words[1:]
+        if cmd == "cpus":
+            lines = []
+            for slot in self.m.vcpus:
+                v = slot.vcpu
+                if not slot.online:
+                    lines.append(f"vCPU {v.index}: waiting for SIPI")
+                    continue
+                r, s = v.regs(), v.sregs()
+                lines.append(f"vCPU {v.index}: {_cpu_mode(s)} rip={r.rip:#x} cr3={s.cr3:#x}")
+            return "\n".join(lines) + "\n"
+        if cmd == "translate":
+            if len(args) != 1:
+                return "usage: translate ADDR\n"
+            try:
+                addr = int(args[0], 0)
+            except ValueError:
+                return f"translate: {args[0]!r} is not a number (use 0x... for hex)\n"
+            try:
+                return f"{addr:#x} -> {self.translate(addr, 1):#x}\n"
+            except TargetError as e:
+                return f"translate: {e}\n"
+        if cmd == "regs":
+            lines = []
+            for slot in self.m.vcpus:
+                s = slot.vcpu.sregs()
+                lines.append(
+                    f"vCPU {slot.vcpu.index}: cr0={s.cr0:#x} cr2={s.cr2:#x} cr3={s.cr3:#x} "
+                    f"cr4={s.cr4:#x} cr8={s.cr8:#x} efer={s.efer:#x}"
+                )
+            return "\n".join(lines) + "\n"
+        return f"unknown monitor command {cmd!r}; try 'monitor help'\n"
+
+
+def _cpu_mode(s: abi.KvmSregs) -> str:
+    if s.efer & (1 << 10):
+        return "long" if s.cs.l else "compat"
+    if s.cr0 & 1:
+        return "protected" + ("+paging" if s.cr0 & (1 << 31) else "")
+    return "real"
+
+
+def _full_tag_word(ftwx: int) -> int:
+    """FXSAVE's abridged tag byte -> the x87 tag word GDB shows (valid or
+    empty; the finer zero/special tags need the register values)."""
+    tag = 0
+    for i in range(8):
+        tag |= (0b00 if ftwx & (1 << i) else 0b11) << (2 * i)
+    return tag
+
+
+def _abridged_tag_word(tag: int) -> int:
+    return sum(1 << i for i in range(8) if (tag >> (2 * i)) & 0b11 != 0b11)
