@@ -1,0 +1,116 @@
+"""An inspection session: a stub connection, optional QMP, and the fastest
+way to guest-physical memory, chosen automatically.
+
+Order tried: QEMU's shared RAM through QMP; vmscope's VMM memfd (named by
+the stub's ``monitor memory``); physical reads over RSP. Writes go through
+the same source. The guest is kept stopped while we look (a GDB stub stops
+it on connect; with QMP only we ``stop`` it) and page-table caches are
+dropped whenever it resumes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from vmscope.client.client import Client
+from vmscope.client.helpers.qemu import NoSharedRam, QemuMonitor, QmpError
+from vmscope.client.helpers.rsp import RspPhysicalMemory
+from vmscope.client.helpers.vmscope import vmscope_ram
+from vmscope.vmi.errors import VmiError
+from vmscope.vmi.memory import PhysicalMemory
+from vmscope.vmi.paging.base import TranslationCache
+
+SYSTEM_REGISTERS = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "fs_base", "gs_base", "k_gs_base")
+
+
+class Inspector:
+    """``Inspector(gdb="localhost:1234", qmp="localhost:4444")``.
+
+    ``memory`` forces a path: ``"auto"``, ``"shared"`` (QMP shared RAM),
+    ``"vmscope"`` (the VMM's memfd) or ``"rsp"``.
+    """
+
+    def __init__(self, gdb: str | None = None, qmp: str | None = None, *, memory: str = "auto",
+                 timeout: float = 10.0, progress: Callable[[str, int, int], None] | None = None,
+                 system_map: str | None = None):
+        if not gdb and not qmp:
+            raise ValueError("give a GDB stub address (--gdb HOST:PORT), a QMP address (--qmp HOST:PORT) or both")
+        if memory not in ("auto", "shared", "vmscope", "rsp"):
+            raise ValueError(f"unknown memory path {memory!r}: use auto, shared, vmscope or rsp")
+        self.client = Client.connect(gdb, timeout=timeout) if gdb else None
+        self.qmp = QemuMonitor(qmp, timeout=timeout) if qmp else None
+        self._resume_qmp = False
+        if self.qmp and not self.client:
+            status = self.qmp.command("query-status")
+            if status.get("running"):
+                self.qmp.command("stop")
+                self._resume_qmp = True
+        self.cache = TranslationCache()
+        if self.client:
+            self.client.on_resume(self.cache.invalidate)
+        self.progress = progress
+        self.system_map = system_map
+        self.phys, self.memory_path = self._choose_memory(memory)
+        self._kernel = None
+
+    def _choose_memory(self, memory: str) -> tuple[PhysicalMemory, str]:
+        reasons = []
+        if memory in ("auto", "shared") and self.qmp:
+            try:
+                return self.qmp.shared_ram(writable=True), "qemu-shared-ram"
+            except (NoSharedRam, QmpError, OSError) as e:
+                reasons.append(str(e))
+                if memory == "shared":
+                    raise
+        if memory in ("auto", "vmscope") and self.client:
+            ram = vmscope_ram(self.client, writable=True)
+            if ram is not None:
+                return ram, "vmscope-memfd"
+            reasons.append("the stub names no vmscope RAM memfd")
+        if memory in ("auto", "rsp") and self.client:
+            return RspPhysicalMemory(self.client), "rsp"
+        raise VmiError(f"no way to read guest-physical memory with --memory {memory}: {'; '.join(reasons) or 'no stub'}")
+
+    def close(self) -> None:
+        if self.client:
+            self.client.detach()
+        if self.qmp:
+            if self._resume_qmp:
+                self.qmp.command("cont")
+            self.qmp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ------------------------------------------------------------ registers
+
+    def registers(self) -> dict[str, int]:
+        """General and system registers: the stub's, completed by QMP's
+        ``info registers`` for what the stub lacks (EFER, CR*, GDTR/IDTR...)."""
+        regs: dict[str, int] = {}
+        if self.client:
+            regs.update({k: v for k, v in self.client.registers().items() if v is not None})
+        if self.qmp:
+            try:
+                for name, value in self.qmp.x86_system_registers().items():
+                    regs.setdefault(name, value)
+            except QmpError:
+                pass
+        return regs
+
+    # ------------------------------------------------------------ the OS
+
+    def kernel(self):
+        """The :class:`~vmscope.vmi.linux.kernel.LinuxKernel` in this guest."""
+        if self._kernel is None:
+            from vmscope.vmi.linux.kernel import LinuxKernel
+
+            regs = self.registers()
+            if "cr3" not in regs:
+                raise VmiError("cannot find the page-table root: the stub reports no cr3 (give --qmp too)")
+            self._kernel = LinuxKernel(self.phys, regs["cr3"], regs.get("cr4", 0), cache=self.cache,
+                                       progress=self.progress, system_map=self.system_map)
+        return self._kernel
