@@ -10,7 +10,10 @@
  * "vmscope demo guest: cpu N up\n" on the PL011 at 0x09000000 and calls
  * tick(cpu) forever; tick increments the global 64-bit `counter`
  * (atomically, with a load/store-exclusive loop that works on every ARMv8.0
- * CPU) and per_cpu_counter[cpu].
+ * CPU, LSE atomics being optional) and per_cpu_counter[cpu]. Where CPUs do
+ * not share an exclusive monitor (an emulator running one instance per CPU
+ * and switching between instructions) an increment can be lost, so
+ * `counter` may lag the sum of per_cpu_counter there; it still only grows.
  *
  * Memory: RAM starts at 0x40000000 on virt and QEMU puts the DTB at its
  * start for bare-metal images, so the guest links at 0x40080000 (demo.ld).
@@ -107,17 +110,18 @@ puts:
         ret
         .size puts, . - puts
 
-// announce: print "vmscope demo guest: cpu <x19> up\n" under a spinlock,
-// so that lines from several CPUs do not interleave.
+// announce: print "vmscope demo guest: cpu <x19> up\n". CPUs announce in
+// index order: CPU N waits until announce_turn == N, prints, then passes the
+// turn on. Only the CPU whose turn it is writes the word, so this needs no
+// exclusive monitor shared between CPUs (an emulator running each CPU as a
+// separate instance has none) and the output order is deterministic.
         .type announce, %function
 announce:
         stp x29, x30, [sp, #-16]!
-        ldr x1, =print_lock
-        mov w2, #1
-1:      ldaxr w3, [x1]
-        cbnz w3, 1b
-        stxr w3, w2, [x1]
-        cbnz w3, 1b
+        ldr x1, =announce_turn
+1:      ldar w2, [x1]
+        cmp w2, w19
+        b.ne 1b
         ldr x0, =banner
         bl puts
         cmp x19, #10
@@ -131,8 +135,9 @@ announce:
         bl putc
         ldr x0, =banner_end
         bl puts
-        ldr x1, =print_lock
-        stlr wzr, [x1]
+        add w2, w19, #1
+        ldr x1, =announce_turn
+        stlr w2, [x1]
         ldp x29, x30, [sp], #16
         ret
         .size announce, . - announce
@@ -157,9 +162,9 @@ counter:
         .size per_cpu_counter, MAX_CPUS * 8
 per_cpu_counter:
         .fill MAX_CPUS, 8, 0
-        .type print_lock, %object
-        .size print_lock, 4
-print_lock:
+        .type announce_turn, %object
+        .size announce_turn, 4
+announce_turn:
         .long 0
 
         .bss

@@ -30,7 +30,6 @@ pvh_entry:
         .type start64, @function
 start64:
         cli
-        LOAD_OWN_GDT gdt_ptr
         movl $1, %eax
         lock xaddl %eax, next_cpu(%rip)
         cmpl $MAX_CPUS, %eax
@@ -39,6 +38,7 @@ start64:
         leal 1(%eax), %ecx
         shll $STACK_SHIFT, %ecx
         leaq stacks(%rcx), %rsp
+        LOAD_OWN_GDT gdt_ptr                /* needs the stack (lretq) */
         call announce
         .size start64, . - start64
 
@@ -66,7 +66,7 @@ park:
         jmp park
         .size park, . - park
 
-        DEFINE_CONSOLE banner, banner_end, print_lock
+        DEFINE_CONSOLE banner, banner_end, announce_turn
 
         .section .rodata
         GDT64 gdt, gdt_ptr
@@ -91,9 +91,9 @@ per_cpu_counter:
         .size next_cpu, 4
 next_cpu:
         .long 0
-        .type print_lock, @object
-        .size print_lock, 4
-print_lock:
+        .type announce_turn, @object
+        .size announce_turn, 4
+announce_turn:
         .long 0
 
         .bss

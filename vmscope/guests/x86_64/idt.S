@@ -44,9 +44,9 @@ per_cpu_counter:
         .size cpus_started, 4
 cpus_started:
         .long 0
-        .type console_lock, @object
-        .size console_lock, 4
-console_lock:
+        .type announce_turn, @object
+        .size announce_turn, 4
+announce_turn:
         .long 0
         .balign 16
         .type idt_ptr, @object
@@ -77,13 +77,12 @@ bp_handler:
         iretq
         .size bp_handler, . - bp_handler
 
-        DEFINE_CONSOLE hello, up, console_lock
+        DEFINE_CONSOLE hello, up, announce_turn
 
         .globl start64
         .type start64, @function
 start64:
         cli
-        LOAD_OWN_GDT gdt64_ptr
         movl $1, %eax
         lock xaddl %eax, cpus_started(%rip)
         cmpl $MAX_CPUS, %eax
@@ -92,6 +91,7 @@ start64:
         leal 1(%eax), %ecx
         shll $STACK_SHIFT, %ecx
         leaq stacks(%rcx), %rsp
+        LOAD_OWN_GDT gdt64_ptr                /* needs the stack (lretq) */
         /* #BP gate: 64-bit interrupt gate, present, DPL 3 (so int3 works
          * from any ring), selector = our code segment. Every CPU writes
          * the same bytes, so concurrent starts are harmless. */

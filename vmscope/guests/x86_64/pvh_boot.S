@@ -15,7 +15,11 @@
  *     interrupts off; %ebx (hvm_start_info) is ignored. No stack is needed.
  *   - start64: 64-bit entry for targets that cannot run the mode switch
  *     (the emulated CPU): long mode, first 1 GiB identity-mapped, interrupts
- *     off, any stack (a per-CPU one is set up here).
+ *     off, no stack needed: the CPU first takes its index and switches to
+ *     its own stack, then loads the guest's GDT (0x08 code, 0x10 data) and
+ *     reloads every segment register, so any GDT and selectors will do.
+ *   - Each CPU's index (0, 1, ... in start order, from `lock xadd`) stays
+ *     in %ebx; tick(cpu) takes it in %edi (SysV ABI).
  */
 
         .equ COM1_DATA, 0x3f8
@@ -145,9 +149,13 @@
 
 /* Console routines: putc (%al), puts (%rsi -> NUL-terminated string),
  * put_dec (%eax < 100) and announce, which prints "<prefix>N up\n" for the
- * CPU index in %ebx under a spinlock so that lines from several vCPUs do
- * not interleave. \lock is a 4-byte word in .data that starts at 0. */
-.macro DEFINE_CONSOLE prefix, suffix, lock
+ * CPU index in %ebx. CPUs announce in index order: CPU N waits until \turn
+ * (a 4-byte word in .data that starts at 0) equals N, prints, then passes
+ * the turn on. Lines never interleave, their order is deterministic, and
+ * no read-modify-write has to be atomic (only the CPU whose turn it is
+ * writes \turn), so it also holds on targets that interleave CPUs between
+ * instructions without a shared exclusive monitor. */
+.macro DEFINE_CONSOLE prefix, suffix, turn
         DEFINE_PUTC putc
 
         .type puts, @function
@@ -179,10 +187,8 @@ put_dec:
 
         .type announce, @function
 announce:
-1:      movl $1, %eax
-        xchgl %eax, \lock(%rip)
-        testl %eax, %eax
-        jz 2f
+1:      cmpl %ebx, \turn(%rip)
+        je 2f
         pause
         jmp 1b
 2:      leaq \prefix(%rip), %rsi
@@ -191,7 +197,7 @@ announce:
         call put_dec
         leaq \suffix(%rip), %rsi
         call puts
-        movl $0, \lock(%rip)
+        incl \turn(%rip)
         ret
         .size announce, . - announce
 .endm
