@@ -1,0 +1,240 @@
+"""``vmscope inspect``: look inside a running guest through any GDB stub.
+
+    vmscope inspect --gdb HOST:PORT [--qmp HOST:PORT] ps | lsmod | dmesg |
+        regs | uptime | info | read ADDR LEN | translate ADDR | symbols PATTERN
+
+Tables for people (rich), ``--json`` for scripts. No vmlinux is needed:
+symbols come from kallsyms and layouts from BTF in guest memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.table import Table
+
+from vmscope.client.client import StubError
+from vmscope.client.helpers.qemu import QmpError
+from vmscope.client.transport import ConnectionLost, StubTimeout
+from vmscope.vmi.address_space import AddressSpace
+from vmscope.vmi.errors import VmiError
+from vmscope.vmi.linux.btf import BtfError
+from vmscope.vmi.paging.x86_64 import X86_64Paging
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x... for hex)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmscope inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("--gdb", metavar="HOST:PORT", help="GDB stub address (host:port, unix:/path or /path)")
+    p.add_argument("--qmp", metavar="HOST:PORT", help="QEMU QMP address: system registers and shared RAM")
+    p.add_argument("--memory", choices=("auto", "shared", "vmscope", "rsp"), default="auto",
+                   help="how to read guest-physical memory (default: fastest available)")
+    p.add_argument("--system-map", metavar="PATH", help="use this System.map instead of kallsyms")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the stub (default 10)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("ps", help="processes: pid, ppid, state, user/kernel, name")
+    sub.add_parser("lsmod", help="loaded kernel modules, as /proc/modules")
+    d = sub.add_parser("dmesg", help="the kernel log from the printk ring buffer")
+    d.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
+    sub.add_parser("regs", help="registers, with control registers and EFER")
+    sub.add_parser("uptime", help="seconds since the guest booted")
+    sub.add_parser("info", help="kernel version, KASLR slide, memory path")
+    r = sub.add_parser("read", help="hex dump of guest memory")
+    r.add_argument("addr", type=_int)
+    r.add_argument("length", type=_int)
+    r.add_argument("--physical", action="store_true", help="ADDR is guest-physical")
+    r.add_argument("-o", "--output", metavar="FILE", help="write the raw bytes to FILE")
+    t = sub.add_parser("translate", help="virtual -> physical through the guest's page tables")
+    t.add_argument("addr", type=_int)
+    t.add_argument("--cr3", type=_int, help="page-table root to use (default: the kernel's)")
+    s = sub.add_parser("symbols", help="kernel symbols matching a regex or glob")
+    s.add_argument("pattern")
+    return p
+
+
+@contextmanager
+def _progress(console: Console):
+    """A progress bar on stderr for long scans (only on a terminal)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), console=console,
+                    transient=True, disable=not console.is_terminal)
+    tasks: dict[str, int] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        if what not in tasks:
+            tasks[what] = prog.add_task(what, total=total)
+        prog.update(tasks[what], completed=done, total=total)
+
+    with prog:
+        yield update
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if not args.gdb and not args.qmp:
+        err.print("vmscope inspect: error: give --gdb HOST:PORT (and optionally --qmp HOST:PORT)")
+        return 2
+    from vmscope.client.session import Inspector
+
+    try:
+        with _progress(err) as progress:
+            with Inspector(args.gdb, args.qmp, memory=args.memory, timeout=args.timeout, progress=progress,
+                           system_map=args.system_map) as ins:
+                return COMMANDS[args.cmd](ins, args, out)
+    except (VmiError, StubError, QmpError, BtfError, ConnectionLost, StubTimeout, OSError, ValueError,
+            KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        err.print(f"vmscope inspect: error: {msg}", markup=False)
+        return 1
+
+
+def _emit(out: Console, args, rows: list[dict], table: Table) -> int:
+    if args.json:
+        out.print_json(json.dumps(rows)) if out.is_terminal else print(json.dumps(rows, indent=1))
+    else:
+        out.print(table)
+    return 0
+
+
+def cmd_ps(ins, args, out) -> int:
+    tasks = ins.kernel().tasks()
+    rows = [{"pid": t.pid, "ppid": t.ppid, "state": t.state, "kind": t.kind, "comm": t.comm,
+             "task_struct": hex(t.address)} for t in tasks]
+    table = Table("PID", "PPID", "S", "KIND", "COMMAND", title=f"{len(rows)} processes", title_justify="left")
+    for r in rows:
+        table.add_row(str(r["pid"]), str(r["ppid"]), r["state"], r["kind"], r["comm"])
+    return _emit(out, args, rows, table)
+
+
+def cmd_lsmod(ins, args, out) -> int:
+    mods = ins.kernel().modules()
+    rows = [{"name": m.name, "size": m.size, "refcount": m.refcount, "state": m.state, "base": hex(m.base)}
+            for m in mods]
+    table = Table("MODULE", "SIZE", "USED", "STATE", "ADDRESS")
+    for r in rows:
+        table.add_row(r["name"], str(r["size"]), str(r["refcount"]), r["state"], r["base"])
+    return _emit(out, args, rows, table)
+
+
+def cmd_dmesg(ins, args, out) -> int:
+    recs = ins.kernel().dmesg()
+    if args.lines > 0:
+        recs = recs[-args.lines :]
+    if args.json:
+        print(json.dumps([{"seq": r.seq, "time": r.timestamp_ns / 1e9, "level": r.level, "text": r.text}
+                          for r in recs], indent=1))
+    else:
+        for r in recs:
+            out.print(r.format(), markup=False)
+    return 0
+
+
+def cmd_regs(ins, args, out) -> int:
+    regs = ins.registers()
+    if args.json:
+        print(json.dumps({k: hex(v) for k, v in regs.items()}, indent=1))
+        return 0
+    items = [(k, v) for k, v in regs.items()
+             if not k.startswith(("xmm", "st", "ymm", "zmm", "f")) or k == "fs_base"]
+    for i in range(0, len(items), 3):
+        print("   ".join(f"{k:<10} 0x{v:016x}" for k, v in items[i : i + 3]))
+    return 0
+
+
+def cmd_uptime(ins, args, out) -> int:
+    up = ins.kernel().uptime()
+    print(json.dumps({"uptime": up}) if args.json else f"{up:.2f}")
+    return 0
+
+
+def cmd_info(ins, args, out) -> int:
+    k = ins.kernel()
+    info = {"banner": k.banner(), "text": hex(k.text), "kaslr_slide": hex(k.slide), "phys_base": hex(k.phys_base),
+            "kernel_pgd": hex(k.root), "symbols": len(k.symbols), "memory_path": ins.memory_path}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        table = Table("FIELD", "VALUE")
+        for key, value in info.items():
+            table.add_row(key, str(value))
+        out.print(table)
+    return 0
+
+
+def _root_space(ins, cr3: int | None) -> AddressSpace:
+    """Kernel page tables when the guest is Linux, else the CPU's cr3."""
+    if cr3 is None:
+        try:
+            return ins.kernel().aspace
+        except VmiError:
+            cr3 = ins.registers().get("cr3")
+            if cr3 is None:
+                raise
+    regs = ins.registers()
+    return AddressSpace(X86_64Paging(ins.phys, cr3, cr4=regs.get("cr4", 0), cache=ins.cache))
+
+
+def cmd_read(ins, args, out) -> int:
+    if args.length < 0:
+        raise ValueError("LEN must not be negative")
+    if args.physical:
+        data = ins.phys.read(args.addr, args.length)
+    else:
+        data = _root_space(ins, None).read(args.addr, args.length)
+    if args.output:
+        with open(args.output, "wb") as f:
+            f.write(data)
+        print(f"wrote {len(data)} bytes to {args.output}")
+        return 0
+    if args.json:
+        print(json.dumps({"addr": hex(args.addr), "data": data.hex()}))
+        return 0
+    for off in range(0, len(data), 16):
+        chunk = data[off : off + 16]
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in chunk)
+        print(f"{args.addr + off:016x}  {chunk[:8].hex(' '):<23}  {chunk[8:].hex(' '):<23}  |{text}|")
+    return 0
+
+
+def cmd_translate(ins, args, out) -> int:
+    aspace = _root_space(ins, args.cr3)
+    tr = aspace.translate(args.addr)
+    p = tr.page
+    row = {"virtual": hex(tr.vaddr), "physical": hex(tr.paddr), "page_size": p.size, "level": p.level,
+           "writable": p.writable, "user": p.user, "nx": p.nx}
+    if args.json:
+        print(json.dumps(row))
+    else:
+        flags = ("W" if p.writable else "-") + ("U" if p.user else "S") + ("NX" if p.nx else "X")
+        print(f"0x{tr.vaddr:x} -> 0x{tr.paddr:x}  ({p.size >> 10} KiB page at {p.level}, {flags})")
+    return 0
+
+
+def cmd_symbols(ins, args, out) -> int:
+    syms = list(ins.kernel().symbols.search(args.pattern))
+    rows = [{"name": s.name, "address": hex(s.address), "type": s.type} for s in syms]
+    table = Table("ADDRESS", "T", "NAME", title=f"{len(rows)} symbols", title_justify="left")
+    for s in syms[:5000]:
+        table.add_row(f"{s.address:016x}", s.type, s.name)
+    return _emit(out, args, rows, table)
+
+
+COMMANDS = {"ps": cmd_ps, "lsmod": cmd_lsmod, "dmesg": cmd_dmesg, "regs": cmd_regs, "uptime": cmd_uptime,
+            "info": cmd_info, "read": cmd_read, "translate": cmd_translate, "symbols": cmd_symbols}
+
+if __name__ == "__main__":
+    sys.exit(main())
