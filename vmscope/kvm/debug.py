@@ -126,6 +126,7 @@ class KvmTarget(
         self.notifier = StopNotifier()
         self.translator = Translator(machine.mem)
         self._lock = threading.RLock()  # breakpoint tables (vCPU threads read them)
+        self._absent_pages: frozenset[int] = frozenset()
         self.sw: dict[int, SwBreak] = {}
         self.hw: dict[int, int] = {}  # exec address -> DR slot
         self.watches: list[Watch] = []
@@ -429,6 +430,7 @@ class KvmTarget(
                 for page in range(start // PAGE, (start + n - 1) // PAGE + 1):
                     if protected.get(page) != "absent":
                         protected[page] = mode
+        self._absent_pages = frozenset(p for p, mode in protected.items() if mode == "absent")
         self.m.slots.set_protection(protected)
 
     def _watch_hit(self, phys: int, length: int, is_write: bool) -> StopEvent | None:
@@ -451,9 +453,21 @@ class KvmTarget(
     def on_mmio(self, v: Vcpu) -> None:
         """An access to a page with no (writable) memory slot: a page-backed
         watchpoint's page, or a hole where no device lives."""
+        hit = self._complete_mmio(v)
+        tid = v.index + 1
+        if hit is not None:
+            ev = StopEvent(hit.kind, tid=tid, addr=hit.addr)
+            self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
+        elif self._stepping == v.index and self.attached:
+            # The instruction is done, and KVM drops the single-step trap
+            # after an emulated MMIO write: report the step ourselves.
+            self.m.request_stop(StopEvent("signal", tid=tid, signal=SIGTRAP))
+
+    def _complete_mmio(self, v: Vcpu) -> StopEvent | None:
+        """Serve the MMIO exit ``v`` took, then let KVM finish the
+        instruction (an RMW instruction reads, then writes: more MMIO)
+        without running further, by re-entering with immediate_exit."""
         hit = self._service_mmio(v)
-        # Let KVM finish the instruction (more MMIO may follow: an RMW
-        # instruction reads, then writes) without running further.
         v.run.immediate_exit = 1
         try:
             while v.enter():
@@ -463,9 +477,7 @@ class KvmTarget(
                 hit = self._service_mmio(v) or hit
         finally:
             v.run.immediate_exit = 0
-        if hit is not None:
-            ev = StopEvent(hit.kind, tid=v.index + 1, addr=hit.addr)
-            self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
+        return hit
 
     def _service_mmio(self, v: Vcpu) -> StopEvent | None:
         mmio = v.run.exit.mmio
@@ -496,9 +508,75 @@ class KvmTarget(
         except TargetError:
             current = None
         if not insn_is_int3 and current != INT3:
-            return False
+            return self._fetch_from_watched_page(v, rip)
         self._int3(v, rip, current, after_emulation_failure=True)
         return True
+
+    def _fetch_from_watched_page(self, v: Vcpu, rip: int) -> bool:
+        """The vCPU tried to run code from a page we pulled out of the
+        memory slots for a read/access watchpoint. Decode the instruction
+        (capstone) to see whether it reads watched data, then let it run
+        one step with the page mapped read-only (so its writes still exit).
+        False when rip is not in such a page (a real emulation failure)."""
+        try:
+            page = self.translate(rip, v.index + 1) // PAGE
+        except TargetError:
+            return False
+        with self.m.exclusive(v):
+            if page not in self._absent_pages:
+                return False
+            hit = self._decoded_read_hit(v, rip)
+            with self._lock:
+                temp = dict(self.m.slots.protected)
+                temp[page] = "readonly"
+                self.m.slots.set_protection(temp)
+            previous = v.debug_state
+            v.set_guest_debug(abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP | abi.KVM_GUESTDBG_USE_SW_BP)
+            stepped = False
+            try:
+                while v.enter():
+                    reason = v.run.exit_reason
+                    if reason == abi.KVM_EXIT_DEBUG:
+                        stepped = True
+                        break
+                    if reason == abi.KVM_EXIT_MMIO:
+                        # KVM loses the single-step trap after an emulated
+                        # MMIO write; the access ends the instruction anyway.
+                        hit = self._complete_mmio(v) or hit
+                        stepped = True
+                        break
+                    self.m.handle_exit_of(v)
+                    if reason != abi.KVM_EXIT_IO:
+                        break
+            finally:
+                with self._lock:
+                    self._apply_protection()
+                v.set_guest_debug(*previous)
+        tid = v.index + 1
+        if hit is not None and stepped:
+            ev = StopEvent(hit.kind, tid=tid, addr=hit.addr)
+            self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
+        elif stepped and self._stepping == v.index and self.attached:
+            self.m.request_stop(StopEvent("signal", tid=tid, signal=SIGTRAP))
+        return True
+
+    def _decoded_read_hit(self, v: Vcpu, rip: int) -> StopEvent | None:
+        """Does the instruction at rip read a read/access-watched range?"""
+        if not any(w.kind != "write" and w.dr_slot is None for w in self.watches):
+            return None
+        try:
+            code = self.read_memory(rip, 15, v.index + 1)
+        except TargetError:
+            return None
+        regs = self.read_registers(v.index + 1)
+        for addr, size in memory_reads(code, rip, regs, long_mode=bool(v.sregs().cs.l)):
+            pieces, bad = self._pieces(addr, size, v.index + 1)
+            for start, n in pieces:
+                with self._lock:
+                    ev = self._watch_hit(start, n, is_write=False)
+                if ev is not None:
+                    return ev
+        return None
 
     def read_memory_raw(self, vaddr: int, v: Vcpu) -> int:
         phys = self._phys_page(vaddr & ~(PAGE - 1), v.index + 1)
@@ -702,6 +780,44 @@ class KvmTarget(
                 )
             return "\n".join(lines) + "\n"
         return f"unknown monitor command {cmd!r}; try 'monitor help'\n"
+
+
+_REG32 = {"e" + n[1:]: n for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "rip")}
+
+
+def memory_reads(code: bytes, rip: int, regs: Mapping[str, int], long_mode: bool = True) -> list[tuple[int, int]]:
+    """(address, size) of the explicit memory operands the instruction at
+    ``rip`` reads, per capstone. Implicit stack accesses are not listed."""
+    import capstone
+    from capstone import x86 as cs_x86
+
+    md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64 if long_mode else capstone.CS_MODE_32)
+    md.detail = True
+    insn = next(md.disasm(code, rip, 1), None)
+    if insn is None:
+        return []
+
+    def reg(reg_id: int) -> int:
+        if reg_id == 0:
+            return 0
+        name = insn.reg_name(reg_id)
+        if name == "rip":
+            return rip + insn.size
+        if name in regs:
+            return regs[name]
+        if name in _REG32:
+            return regs.get(_REG32[name], 0) & 0xFFFFFFFF
+        if name.endswith("d") and name[:-1] in regs:  # r8d..r15d
+            return regs[name[:-1]] & 0xFFFFFFFF
+        return 0
+
+    out = []
+    for op in insn.operands:
+        if op.type == cs_x86.X86_OP_MEM and op.access & capstone.CS_AC_READ:
+            m = op.mem
+            addr = (reg(m.base) + reg(m.index) * m.scale + m.disp) & (2**64 - 1)
+            out.append((addr, op.size or 1))
+    return out
 
 
 def _cpu_mode(s: abi.KvmSregs) -> str:

@@ -87,6 +87,11 @@ class Vcpu:
         ioctl(self.fd, abi.KVM_SET_GUEST_DEBUG, dbg, "KVM_SET_GUEST_DEBUG")
         self._debug = key
 
+    @property
+    def debug_state(self) -> tuple:
+        """(control, debugreg) as last set, to restore after a nested step."""
+        return self._debug or (0, (0,) * 8)
+
     def events(self) -> abi.KvmVcpuEvents:
         ev = abi.KvmVcpuEvents()
         ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, ev, "KVM_GET_VCPU_EVENTS")

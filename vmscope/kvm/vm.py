@@ -16,6 +16,7 @@ Other ports read as 0xff..ff and ignore writes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -102,6 +103,7 @@ class KvmMachine:
         self._ending = False
         self._stop_event = None  # event waiting for every vCPU to park
         self._stopped = True
+        self._exclusive: VcpuSlot | None = None
         self._closed = False
         self._fds: list[int] = []
         self.mem: GuestMemory | None = None
@@ -341,6 +343,45 @@ class KvmMachine:
             if not any(slot.runnable for slot in self.vcpus):
                 self._stopped = True
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self, v: Vcpu):
+        """Run the body with every other vCPU parked: for the debug target's
+        one-instruction steps with a watched page briefly mapped (changing
+        memory slots under a running vCPU can make PVM shut the guest down,
+        and the others must not touch the page unwatched meanwhile). A vCPU
+        waiting here counts as parked, so two of them cannot deadlock."""
+        me = self.vcpus[v.index]
+        others = [s for s in self.vcpus if s is not me]
+        with self._cond:
+            me.parked = True
+            self._maybe_post_locked()
+            self._cond.notify_all()
+            while self._exclusive is not None and not self._ending:
+                self._cond.wait()
+            me.parked = False
+            self._exclusive = me
+            saved = {id(s): s.runnable for s in others}
+            for s in others:
+                s.runnable = False
+                s.vcpu.run.immediate_exit = 1
+                if not s.parked and s.thread is not None and s.thread.ident is not None:
+                    try:
+                        signal.pthread_kill(s.thread.ident, KICK_SIGNAL)
+                    except (ProcessLookupError, OSError):
+                        pass
+            while not all(s.parked or not s.online for s in others) and not self._ending:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = None
+                if self._stop_event is None and not self._stopped and not self._ending:
+                    for s in others:
+                        s.vcpu.run.immediate_exit = 0
+                        s.runnable = saved[id(s)]
+                self._cond.notify_all()
 
     @property
     def stopped(self) -> bool:
