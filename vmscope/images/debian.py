@@ -9,6 +9,7 @@ the cache keyed by package version.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -51,12 +52,12 @@ def _run(argv: list[str], what: str) -> str:
     return proc.stdout
 
 
+@functools.cache
 def host_arch() -> str:
     return _run([_tool("dpkg"), "--print-architecture"], "dpkg --print-architecture").strip()
 
 
-def show(name: str, arch: str | None = None) -> PackageRef:
-    """The candidate version of package ``name`` (``apt-cache show``)."""
+def _show_fields(name: str, arch: str | None) -> dict[str, str]:
     arch = arch or host_arch()
     qualified = name if arch == host_arch() else f"{name}:{arch}"
     proc = subprocess.run([_tool("apt-cache"), "show", "--no-all-versions", qualified],
@@ -68,19 +69,21 @@ def show(name: str, arch: str | None = None) -> PackageRef:
         raise PackageError(f"package {qualified} is not known to apt{hint}; "
                            f"try apt-get update. apt said: {proc.stderr.strip()}")
     fields = dict(re.findall(r"^([A-Za-z-]+): (.*)$", proc.stdout, re.M))
-    return PackageRef(fields["Package"], fields["Version"], fields.get("Architecture", arch),
+    fields.setdefault("Architecture", arch)
+    return fields
+
+
+def show(name: str, arch: str | None = None) -> PackageRef:
+    """The candidate version of package ``name`` (``apt-cache show``)."""
+    fields = _show_fields(name, arch)
+    return PackageRef(fields["Package"], fields["Version"], fields["Architecture"],
                       int(fields.get("Size", "0")))
 
 
 def depends(name: str, arch: str | None = None) -> list[str]:
     """Names of the packages ``name`` depends on (the candidate version)."""
-    ref = show(name, arch)
-    qualified = name if ref.arch == host_arch() else f"{name}:{ref.arch}"
-    out = _run([_tool("apt-cache"), "show", "--no-all-versions", qualified], "apt-cache show")
-    m = re.search(r"^Depends: (.*)$", out, re.M)
-    if not m:
-        return []
-    return [re.split(r"[\s(:]", d.strip())[0] for d in m.group(1).split(",")]
+    deps = _show_fields(name, arch).get("Depends", "")
+    return [re.split(r"[\s(:]", d.strip())[0] for d in deps.split(",") if d.strip()]
 
 
 def _progress():
