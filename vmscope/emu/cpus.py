@@ -9,6 +9,7 @@ round of Unicorn calls.
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import Mapping
 
@@ -19,8 +20,10 @@ from unicorn import x86_const as X
 from vmscope.arch.aarch64 import AARCH64
 from vmscope.arch.registers import Arch
 from vmscope.arch.x86_64 import X86_64
-from vmscope.emu import paging
 from vmscope.emu.memory import GuestRam
+from vmscope.gdbserver.target import TargetError
+from vmscope.vmi.errors import VmiError
+from vmscope.vmi.paging import Aarch64Paging, X86_64Paging
 
 
 class EmuCpu:
@@ -101,7 +104,27 @@ class EmuCpu:
         raise NotImplementedError
 
     def translate(self, addr: int) -> int:
+        """Guest-virtual to guest-physical through the guest's own page
+        tables (the vmi walkers over the shared RAM); identity when the
+        MMU is off. Raises TargetError naming the address."""
+        try:
+            return self._translate(addr)
+        except (VmiError, ValueError) as e:
+            raise TargetError(f"cannot translate {addr:#x} on vcpu {self.index}: {e}", errno.EFAULT) from None
+
+    def _translate(self, addr: int) -> int:
         raise NotImplementedError
+
+    def _live(self, *names: str) -> list[int]:
+        """Register values without filling the cache (hooks call this while
+        the CPU runs, when a cache would go stale at once)."""
+        if self._cache is not None:
+            return [self._cache[n] for n in names]
+        return [self._read_one(n) for n in names]
+
+    def _read_one(self, name: str) -> int:
+        reg_id = self.simple_registers.get(name)
+        return self.uc.reg_read(reg_id) if reg_id is not None else self.read_special()[name]
 
     def is_halted_after_run(self) -> bool:
         """Did the slice end on a halt instruction (pc just past it)?"""
@@ -114,13 +137,11 @@ class EmuCpu:
                 return False
         return False
 
-    def _read_qword(self, phys: int) -> int:
-        return struct.unpack("<Q", self.ram.read(phys, 8))[0]
-
 
 # --- x86_64 ------------------------------------------------------------------
 
 _X86_GPRS = "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip eflags cs ss ds es fs gs".split()
+CR0_PG = 1 << 31
 MSR_EFER = 0xC000_0080
 MSR_KERNEL_GS_BASE = 0xC000_0102
 
@@ -212,9 +233,11 @@ class X86Cpu(EmuCpu):
         # Unicorn reports #BP with rip already past the one-byte int3
         return self.uc.reg_read(X.UC_X86_REG_RIP) - 1 if intno == 3 else None
 
-    def translate(self, addr: int) -> int:
-        r = self.registers()
-        return paging.x86_64_translate(addr, r["cr0"], r["cr3"], r["cr4"], self._read_qword)
+    def _translate(self, addr: int) -> int:
+        cr0, cr3, cr4 = self._live("cr0", "cr3", "cr4")
+        if not cr0 & CR0_PG:
+            return addr
+        return X86_64Paging(self.ram, cr3, cr4=cr4).translate(addr).paddr
 
 
 # --- aarch64 -----------------------------------------------------------------
@@ -227,6 +250,7 @@ _ARM64_CP_REGS = {
     "SPSR_EL1": (4, 0, 3, 0, 0),
 }
 MPIDR_EL1_ENCODING = (3, 0, 0, 0, 5)  # op0, op1, crn, crm, op2
+SCTLR_M = 1  # stage-1 MMU enable
 EXCP_UDEF = 1
 EXCP_BKPT = 7
 
@@ -289,11 +313,11 @@ class Arm64Cpu(EmuCpu):
         # BRK leaves pc on the instruction (measured)
         return self.uc.reg_read(A.UC_ARM64_REG_PC) if intno == EXCP_BKPT else None
 
-    def translate(self, addr: int) -> int:
-        r = self.registers()
-        return paging.aarch64_translate(
-            addr, r["SCTLR_EL1"], r["TCR_EL1"], r["TTBR0_EL1"], r["TTBR1_EL1"], self._read_qword
-        )
+    def _translate(self, addr: int) -> int:
+        sctlr, tcr, ttbr0, ttbr1 = self._live("SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1")
+        if not sctlr & SCTLR_M:
+            return addr
+        return Aarch64Paging(self.ram, ttbr0, ttbr1, tcr).translate(addr).paddr
 
 
 CPU_CLASSES: dict[str, type[EmuCpu]] = {"x86_64": X86Cpu, "aarch64": Arm64Cpu}

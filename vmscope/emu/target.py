@@ -1,11 +1,22 @@
 """EmuTarget: the GDB stub's view of the emulated CPUs.
 
-Scheduling: one runner thread executes the CPUs round-robin in time slices
-(``emu_start`` with a timeout), never two at once. That keeps all-stop
+Scheduling: one runner thread executes the CPUs round-robin in slices of a
+fixed number of instructions, never two at once. That keeps all-stop
 semantics trivial (a stop in one CPU means no other CPU is mid-instruction),
-makes guest memory races impossible, uses one host core however many vCPUs
-the guest has, and lets ``interrupt`` stop the guest within one slice. The
-cost is that vCPUs do not run in parallel: fine for a debugging target.
+makes guest memory races impossible and uses one host core however many
+vCPUs the guest has; the cost is that vCPUs do not run in parallel, which is
+fine for a debugging target. Slices end on an instruction count, never on
+Unicorn's timeout or an ``emu_stop`` from another thread: those stop a CPU
+in the middle of an instruction whose memory write is already done, so
+resuming at pc repeats it (measured: ``lock inc`` counted twice, increments
+lost). ``interrupt`` therefore only raises a flag that the runner checks
+between slices (a slice is about a millisecond of guest code).
+
+A CPU that executes ``hlt`` (x86) or ``wfi``/``wfe`` (arm64) returns from
+its slice at once; it is left out for the rest of the round and resumed
+after the halt in the next one, as if woken (spurious wake-ups are
+architectural for wfi/wfe; with no interrupt controller nothing else would
+ever wake it). When every CPU is halted the runner sleeps between rounds.
 
 Breakpoints and watchpoints:
 
@@ -35,7 +46,6 @@ import atexit
 import errno
 import logging
 import threading
-import time
 from typing import Mapping
 
 from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WRITE, UcError
@@ -65,16 +75,17 @@ from vmscope.gdbserver.target import (
 log = logging.getLogger("vmscope.emu")
 
 SIGILL = 4
-#: a time slice per vCPU; also the worst-case latency of ``interrupt``
-SLICE_US = 20_000
-#: Every emu_start passes an instruction count (this one when running):
+#: instructions per slice; about 1-10 ms of guest code, the latency of ``interrupt``
+SLICE_INSNS = 200_000
+#: how long a round in which every CPU is halted waits before the next one
+IDLE_WAIT = 0.01
+#: Every emu_start passes an instruction count:
 #: Unicorn counts with a code hook that only blocks translated while it is
 #: installed carry, and it removes it (flushing every block) when a run has
 #: no count. Alternating runs and single steps without a count therefore
 #: either flushes all code per switch or, after a stop from a memory hook,
 #: lets a "count=1" step run on for many instructions (measured). Keeping
 #: the hook installed costs about 2.7x on a tight loop (90 M instructions/s).
-RUN_FOREVER = 1 << 62
 PAGE = 0x1000
 _WATCH_STOP = {"write": "watch", "read": "rwatch", "access": "awatch"}
 _WATCH_HOOKS = {"write": UC_HOOK_MEM_WRITE, "read": UC_HOOK_MEM_READ, "access": UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE}
@@ -121,7 +132,6 @@ class EmuTarget(
         self._pending: ResumeActions | None = None
         self._running = False
         self._stop_requested = False
-        self._current: EmuCpu | None = None
         self._closed = False
         self._sw: dict[int, tuple[int, bytes]] = {}  # address -> (physical, original bytes)
         self._hw: dict[int, list[int]] = {}  # address -> hook handle per CPU
@@ -218,13 +228,9 @@ class EmuTarget(
 
     def interrupt(self) -> None:
         with self._cond:
-            if not self._running:
-                return
-            self._stop_requested = True
-            current = self._current
-            self._cond.notify_all()
-        if current is not None:
-            current.uc.emu_stop()
+            if self._running:
+                self._stop_requested = True  # seen between slices (see the module doc)
+                self._cond.notify_all()
 
     def stop_fd(self) -> int:
         return self._notifier.fd
@@ -388,7 +394,6 @@ class EmuTarget(
                 log.exception("emulated CPUs failed")
                 event = StopEvent("signal", self.cpus[0].tid, SIGSEGV)
             with self._cond:
-                self._current = None
                 self._stop_requested = False
                 self._running = False
                 closed = self._closed
@@ -401,46 +406,39 @@ class EmuTarget(
         stepping = actions.stepping
         if stepping:
             cpu = self._cpu(stepping[0])
-            return self._slice(cpu, count=1) or StopEvent("signal", cpu.tid, SIGTRAP)
+            return self._slice(cpu, 1) or StopEvent("signal", cpu.tid, SIGTRAP)
         running = [cpu for cpu in self.cpus if (a := actions.action_for(cpu.tid)) is not None and a.kind == "continue"]
         last = running[0] if running else self.cpus[0]
         while True:
-            ran = False
+            busy = False
             for cpu in running:
                 if self._stop_requested or self._closed:
                     return StopEvent("signal", last.tid, SIGINT)
-                if cpu.halted:
-                    continue
-                last, ran = cpu, True
-                event = self._slice(cpu, timeout=SLICE_US)
+                last = cpu
+                event = self._slice(cpu, SLICE_INSNS)
                 if event is not None:
                     return event
-            if not ran:  # every CPU halted (or none to run): wait for Ctrl-C
+                busy |= not cpu.halted
+            if not busy:  # every CPU halted (or none to run): idle until Ctrl-C
                 with self._cond:
                     if not (self._stop_requested or self._closed):
-                        self._cond.wait(0.1)
+                        self._cond.wait(IDLE_WAIT)
 
-    def _slice(self, cpu: EmuCpu, timeout: int = 0, count: int = 0) -> StopEvent | None:
-        """Run ``cpu`` for one slice (or ``count`` instructions); the stop
-        event its hooks produced, if any."""
+    def _slice(self, cpu: EmuCpu, count: int) -> StopEvent | None:
+        """Run ``cpu`` for up to ``count`` instructions; the stop event its
+        hooks produced, if any."""
         state = self._state[cpu.tid]
         state.event = None
         state.event_pc = None
         state.watch_hit = None
         start = cpu.pc
-        with self._cond:
-            self._current = cpu
         cpu.invalidate()
-        began = time.monotonic()
         try:
-            cpu.uc.emu_start(start, 0, timeout=timeout, count=count or RUN_FOREVER)
+            cpu.uc.emu_start(start, 0, count=count)
         except UcError as e:
             cpu.invalidate()
             log.info("cpu %d stopped at %#x: %s", cpu.index, cpu.pc, e)
             return state.event or StopEvent("signal", cpu.tid, SIGSEGV)
-        finally:
-            with self._cond:
-                self._current = None
         cpu.invalidate()
         state.skip_hw_at = None
         if state.watch_hit is not None:
@@ -449,10 +447,7 @@ class EmuTarget(
             if state.event_pc is not None:
                 cpu.pc = state.event_pc
             return state.event
-        if count:
-            cpu.halted = False
-        elif time.monotonic() - began < timeout / 2e6 and cpu.is_halted_after_run():
-            cpu.halted = True  # hlt/wfi with nothing to wake it: skip until pc changes
+        cpu.halted = count > 1 and cpu.is_halted_after_run()
         return None
 
     def _finish_watched_instruction(self, cpu: EmuCpu, state: _CpuRunState) -> StopEvent:
