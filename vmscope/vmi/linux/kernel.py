@@ -371,16 +371,20 @@ class LinuxKernel:
         return out
 
     def uptime(self) -> float:
-        """Seconds since boot, from the timekeeper (CLOCK_BOOTTIME)."""
+        """Seconds since boot (CLOCK_BOOTTIME) as of the timekeeper's last
+        update. The clock source itself cannot be read from memory, so an
+        idle tickless guest may be a fraction of a second (or, long idle,
+        more) ahead of this value."""
         tk_core = self.symbols["tk_core"]
         btf = self.btf
         # static struct { seqcount_raw_spinlock_t seq; struct timekeeper timekeeper; } tk_core
         seq_size = btf.sizeof(btf.find("seqcount_raw_spinlock_t", 8)) if btf.has("seqcount_raw_spinlock_t", 8) else 4
         tk = tk_core + ((seq_size + 7) & ~7)
-        mono = self.member(tk, "timekeeper", "ktime_sec")
-        nsec = self.member(tk, "timekeeper", "tkr_mono.xtime_nsec") >> self.member(tk, "timekeeper", "tkr_mono.shift")
+        # ktime_get() = tkr_mono.base + (cycles since cycle_last * mult + xtime_nsec) >> shift
+        base = self.member(tk, "timekeeper", "tkr_mono.base")
+        frac = self.member(tk, "timekeeper", "tkr_mono.xtime_nsec") >> self.member(tk, "timekeeper", "tkr_mono.shift")
         boot = self.member(tk, "timekeeper", "offs_boot")
-        return mono + (nsec % 1_000_000_000) / 1e9 + boot / 1e9
+        return (base + frac + boot) / 1e9
 
     def process_address_space(self, task: Task) -> AddressSpace:
         """The user address space of a process (its ``mm->pgd``)."""

@@ -1,0 +1,236 @@
+"""``vmscope inspect`` against a real Debian cloud kernel under
+``qemu-system-x86_64 -accel tcg`` with ``-gdb`` and QMP, KASLR on, no
+vmlinux: what it prints must match what the guest says about itself on its
+serial console (busybox ``ps``, ``/proc/modules``, ``dmesg``,
+``/proc/kallsyms``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+
+from vmscope.client.inspect_cli import main as inspect_main
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+GDB_PORT, QMP_PORT = 16100, 16101
+MODULES = ["irqbypass", "crc32_generic", "nls_ascii", "xor"]
+
+
+class SerialConsole:
+    """The guest's ttyS0 through a Unix socket: run a command, get its output."""
+
+    def __init__(self, path: str):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        self.buf = bytearray()
+        self.cond = threading.Condition()
+        threading.Thread(target=self._reader, daemon=True).start()
+
+    def _reader(self):
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except OSError:
+                data = b""
+            with self.cond:
+                if not data:
+                    self.buf += b"\n<serial closed>"
+                    self.cond.notify_all()
+                    return
+                self.buf += data
+                self.cond.notify_all()
+
+    def wait_for(self, text: bytes, start: int = 0, timeout: float = 240) -> int:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while (pos := self.buf.find(text, start)) < 0:
+                left = deadline - time.monotonic()
+                if left <= 0 or b"<serial closed>" in self.buf:
+                    raise AssertionError(f"guest never printed {text!r}; console tail:\n"
+                                         f"{self.buf[-2000:].decode(errors='replace')}")
+                self.cond.wait(min(left, 1))
+            return pos
+
+    def run(self, command: str, timeout: float = 120) -> str:
+        tag = uuid.uuid4().hex[:8]
+        with self.cond:
+            start = len(self.buf)
+        # $((1)) keeps the echoed command line from matching the markers.
+        self.sock.sendall(f"echo B{tag}$((1)); {command}; echo E{tag}$((1))\n".encode())
+        begin = self.wait_for(f"B{tag}1".encode(), start, timeout)
+        end = self.wait_for(f"E{tag}1".encode(), begin, timeout)
+        text = self.buf[begin + len(tag) + 2 : end].decode(errors="replace")
+        return text.replace("\r", "")
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory):
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.fail("qemu-system-x86_64 is not installed")
+    from vmscope.images.linux import READY_MARKER, build_linux_guest
+
+    tmp = tmp_path_factory.mktemp("inspect")
+    image = build_linux_guest(mode="shell", modules=MODULES, quiet=True)
+    ram = f"/dev/shm/vmscope-test-inspect-{os.getpid()}"
+    serial = str(tmp / "serial.sock")
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nodefaults", "-no-user-config",
+            "-display", "none", "-no-reboot",
+            "-object", f"memory-backend-file,id=mem,size=512M,mem-path={ram},share=on",
+            "-machine", "pc,memory-backend=mem",
+            "-chardev", f"socket,id=s0,path={serial},server=on,wait=off", "-serial", "chardev:s0",
+            "-gdb", f"tcp:127.0.0.1:{GDB_PORT}", "-qmp", f"tcp:127.0.0.1:{QMP_PORT},server=on,wait=off",
+            "-kernel", str(image.vmlinuz), "-initrd", str(image.initramfs),
+            "-append", "console=ttyS0 panic=-1"]  # KASLR stays on: no nokaslr
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        con = SerialConsole(serial)
+        con.wait_for(READY_MARKER.encode())
+        con.run("true")  # the shell is up
+        yield proc, con
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+        if os.path.exists(ram):
+            os.unlink(ram)
+
+
+@pytest.fixture(scope="module")
+def facts(guest):
+    """What the guest says about itself, taken while it runs, before we attach."""
+    _, con = guest
+    out = {}
+    out["ps"] = con.run("ps -o pid,ppid,comm")
+    out["modules"] = con.run("cat /proc/modules")
+    marker = f"vmscope-test-{uuid.uuid4().hex[:8]}"
+    con.run(f"echo {marker} > /dev/kmsg")
+    out["marker"] = marker
+    out["dmesg"] = con.run("dmesg | tail -n 5")
+    out["kallsyms"] = con.run("grep -w -e init_task -e _text -e linux_banner /proc/kallsyms")
+    out["uptime"] = con.run("cat /proc/uptime")
+    return out
+
+
+def run_inspect(capsys, *args: str) -> str:
+    rc = inspect_main(["--gdb", f"127.0.0.1:{GDB_PORT}", "--qmp", f"127.0.0.1:{QMP_PORT}", *args])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    return captured.out
+
+
+def guest_ps(text: str) -> dict[int, tuple[int, str]]:
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+)\s+(\d+)\s+(\S.*)$", line)
+        if m:
+            rows[int(m.group(1))] = (int(m.group(2)), m.group(3).strip())
+    return rows
+
+
+def test_ps_matches_the_guests_own_ps(guest, facts, capsys):
+    ours = {r["pid"]: r for r in json.loads(run_inspect(capsys, "--json", "ps"))}
+    theirs = guest_ps(facts["ps"])
+    assert len(theirs) > 20, facts["ps"]
+    ps_pid = max(pid for pid, (_, comm) in theirs.items() if comm == "ps")
+    for pid, (ppid, comm) in theirs.items():
+        if pid == ps_pid or comm.startswith("kworker"):
+            continue  # ps itself has exited; kworkers come and go
+        assert pid in ours, f"guest has pid {pid} ({comm}), vmscope does not"
+        assert ours[pid]["comm"] == comm and ours[pid]["ppid"] == ppid
+    for pid, row in ours.items():
+        if pid and not row["comm"].startswith("kworker"):
+            assert pid in theirs, f"vmscope lists pid {pid} ({row['comm']}) that the guest's ps did not"
+    assert ours[0]["comm"] == "swapper/0" and ours[1]["kind"] == "user" and ours[2]["kind"] == "kernel"
+    # busybox shows a kworker's workqueue after a dash; the task name is the prefix.
+    for pid, (ppid, comm) in theirs.items():
+        if comm.startswith("kworker") and pid in ours:
+            assert comm.startswith(ours[pid]["comm"])
+
+
+def test_lsmod_matches_proc_modules(guest, facts, capsys):
+    ours = json.loads(run_inspect(capsys, "--json", "lsmod"))
+    theirs = [line.split() for line in facts["modules"].splitlines() if line.strip()]
+    assert sorted(m[0] for m in theirs) == sorted(MODULES)
+    assert [(m["name"], m["size"], m["refcount"], m["state"], m["base"]) for m in ours] == \
+           [(t[0], int(t[1]), int(t[2]), t[4], t[5]) for t in theirs]
+
+
+def test_dmesg_has_the_guests_last_lines(guest, facts, capsys):
+    ours = run_inspect(capsys, "dmesg").splitlines()
+    theirs = [line for line in facts["dmesg"].splitlines() if line.startswith("[")]
+    assert any(facts["marker"] in line for line in theirs)
+    for line in theirs:
+        assert line in ours, f"guest's dmesg line missing from ours: {line!r}"
+
+
+def test_symbols_and_kaslr_match_proc_kallsyms(guest, facts, capsys):
+    theirs = {parts[2]: int(parts[0], 16) for parts in (l.split() for l in facts["kallsyms"].splitlines())
+              if len(parts) == 3}
+    assert set(theirs) >= {"init_task", "_text", "linux_banner"}
+    ours = {r["name"]: int(r["address"], 16) for r in json.loads(run_inspect(capsys, "--json", "symbols",
+                                                                           "^(init_task|_text|linux_banner)$"))}
+    assert ours == theirs
+    info = json.loads(run_inspect(capsys, "--json", "info"))
+    assert int(info["text"], 16) == theirs["_text"]
+    assert int(info["kaslr_slide"], 16) == theirs["_text"] - 0xFFFFFFFF81000000
+    assert info["banner"].startswith("Linux version 6.") and info["memory_path"] == "qemu-shared-ram"
+
+
+def test_regs_show_cr3_and_efer(guest, facts, capsys):
+    regs = json.loads(run_inspect(capsys, "--json", "regs"))
+    efer = int(regs["efer"], 16)
+    assert efer & 0x500 == 0x500  # long mode enabled and active
+    assert int(regs["cr3"], 16) & ~0xFFF and int(regs["cr0"], 16) & 0x80000001 == 0x80000001
+    text = run_inspect(capsys, "regs")
+    assert re.search(r"cr3\s+0x[0-9a-f]{16}", text) and re.search(r"efer\s+0x[0-9a-f]{16}", text)
+
+
+def test_uptime_agrees_with_proc_uptime(guest, facts, capsys):
+    """Ours is the timekeeper as of its last tick, read later than the
+    guest's /proc/uptime: a tickless idle guest may lag a little, never
+    by more than it ran; both bounds are loose on purpose."""
+    ours = float(run_inspect(capsys, "uptime"))
+    theirs = float(facts["uptime"].split()[0])
+    assert theirs - 30 < ours < theirs + 600
+
+
+def test_translate_and_read_through_the_kernel_page_tables(guest, facts, capsys):
+    text_addr = json.loads(run_inspect(capsys, "--json", "info"))["text"]
+    tr = json.loads(run_inspect(capsys, "--json", "translate", text_addr))
+    assert tr["page_size"] in (2 << 20, 4096) and not tr["user"]
+    virt = run_inspect(capsys, "--json", "read", text_addr, "64")
+    phys = run_inspect(capsys, "--json", "read", "--physical", tr["physical"], "64")
+    assert json.loads(virt)["data"] == json.loads(phys)["data"] != "00" * 64
+
+
+def test_unmapped_address_names_address_and_level(guest, facts, capsys):
+    rc = inspect_main(["--gdb", f"127.0.0.1:{GDB_PORT}", "--qmp", f"127.0.0.1:{QMP_PORT}",
+                       "translate", "0x1234000"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "0x1234000" in err and re.search(r"not present at (PML4|PDPT|PD|PT)", err)
+
+
+def test_rsp_only_memory_gives_the_same_ps(guest, facts, capsys):
+    """The slow path (physical reads over RSP, no shared RAM) agrees."""
+    shared = json.loads(run_inspect(capsys, "--json", "ps"))
+    rsp = json.loads(run_inspect(capsys, "--memory", "rsp", "--json", "ps"))
+    assert [(r["pid"], r["comm"]) for r in rsp] == [(r["pid"], r["comm"]) for r in shared]
