@@ -81,7 +81,7 @@ def _notes(elf: ELFFile):
             desc = blob[off : off + descsz]
             off += (descsz + 3) & ~3
             if off > len(blob):
-                raise ImageError("truncated ELF note")
+                raise ImageError("malformed ELF note (runs past its segment)")
             yield name, ntype, desc
 
 
@@ -91,6 +91,7 @@ def load_pvh(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | Non
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
             raise ImageError(f"{path}: ELF for {elf['e_machine']}, expected an x86_64 (or i386) kernel")
+        _check_file_ranges(path, elf, len(data))
         entry = None
         all_cpus = False
         for name, ntype, desc in _notes(elf):
@@ -106,16 +107,29 @@ def load_pvh(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | Non
                 "build the kernel with CONFIG_PVH or add the note"
             )
         segments = _load_segments(path, elf, data, mem)
+    except ImageError as e:
+        msg = str(e)
+        raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
     except ELFError as e:
         raise ImageError(f"{path}: malformed ELF: {e}") from None
-    except ImageError:
-        raise
     except Exception as e:  # pyelftools raises assorted errors on garbage
         raise ImageError(f"{path}: malformed ELF: {type(e).__name__}: {e}") from None
     if not any(start <= entry < start + size for start, size in segments):
         raise ImageError(f"{path}: PVH entry {entry:#x} is outside every PT_LOAD segment")
     _write_start_info(path, mem, cmdline, initrd, segments)
     return BootPlan(entry=entry, start_info=START_INFO_ADDR, all_cpus_at_entry=all_cpus, segments=segments)
+
+
+def _check_file_ranges(path: Path, elf: ELFFile, size: int) -> None:
+    """Every segment's bytes must be in the file (checked before the notes
+    are read, so a cut-off image says "truncated", not "no note")."""
+    for i, seg in enumerate(elf.iter_segments()):
+        h = seg.header
+        if h.p_type in ("PT_LOAD", "PT_NOTE") and h.p_offset + h.p_filesz > size:
+            raise ImageError(
+                f"{path}: truncated: segment {i} needs file bytes {h.p_offset:#x}..{h.p_offset + h.p_filesz:#x} "
+                f"but the file is {size:#x} bytes"
+            )
 
 
 def _load_segments(path: Path, elf: ELFFile, data: bytes, mem: GuestMemory) -> list[tuple[int, int]]:
