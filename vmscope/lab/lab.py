@@ -322,7 +322,8 @@ class Lab:
         self.argv = argv
         t1 = time.monotonic()
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=_die_with_parent)
         threading.Thread(target=self._read_console, name="lab-console", daemon=True).start()
         try:
             self.wait_for_console(re.escape(READY_MARKER), self.boot_timeout)
@@ -470,6 +471,16 @@ class Lab:
     def python(self, code: str, timeout: float | None = 600, check: bool = False) -> LabResult:
         """Run a Python snippet with L1's python3 (vmscope importable)."""
         return self.run(["python3", "-c", code], timeout=timeout, check=check)
+
+
+def _die_with_parent() -> None:
+    """In the QEMU child before exec: get SIGKILL when the process that
+    started the lab dies, so a killed test run leaves no emulator behind.
+    (Linux ties this to the starting *thread*: start labs from a thread that
+    outlives them, as the main thread does.)"""
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def shell_quote(argv: Sequence[str]) -> str:
