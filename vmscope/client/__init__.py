@@ -2,5 +2,5 @@
 that bypass the protocol when the VM's RAM can be mapped directly."""
 
 from vmscope.client.client import (Client, Features, MemoryReadError, StubError,  # noqa: F401
-                                   Unsupported)
+                                   TargetExited, Unsupported)
 from vmscope.client.transport import ConnectionLost, StubTimeout  # noqa: F401

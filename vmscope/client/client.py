@@ -51,6 +51,15 @@ class StubError(Exception):
         self.reply = reply
 
 
+class TargetExited(StubError):
+    """The debugged program or VM has exited; there is nothing to read."""
+
+    def __init__(self, stop: StopEvent):
+        what = f"exited with status {stop.code}" if stop.kind == "exited" else f"was killed by signal {stop.signal}"
+        Exception.__init__(self, f"the target {what}")
+        self.request, self.reply, self.stop = b"", b"", stop
+
+
 class Unsupported(StubError):
     """The stub does not implement the request (empty reply)."""
 
@@ -190,7 +199,12 @@ class Client:
                 continue
             return reply
 
+    def _alive(self) -> None:
+        if self.last_stop is not None and self.last_stop.kind in ("exited", "terminated"):
+            raise TargetExited(self.last_stop)
+
     def _checked(self, payload: bytes) -> bytes:
+        self._alive()
         reply = self.request(payload)
         if reply == b"":
             raise Unsupported(payload, reply)
@@ -349,6 +363,7 @@ class Client:
                             fill: bytes = b"\0") -> tuple[bytes, list[tuple[int, int]]]:
         """Like :meth:`read_memory`, but unreadable pages come back as
         ``fill`` and are listed as ``(addr, length)`` holes."""
+        self._alive()
         if self._phys_mode is not None or physical:
             self.set_physical_mode(physical)
         out = bytearray()

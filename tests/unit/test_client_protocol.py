@@ -1,0 +1,161 @@
+"""The client against small scripted stubs on real sockets. The stubs use
+vmscope's own RSP framing for their side and mimic QEMU's quirks: no
+no-ack mode, no ``x``, ``m`` replies capped at 2048 bytes, a whole ``m``
+failing with E14 if it touches one unmapped byte, an unsolicited stop reply
+on connect, and a target.xml with an undeclared ``xi:include``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from vmscope.client import Client, ConnectionLost, MemoryReadError, StubTimeout
+from vmscope.rsp import framing
+
+pytestmark = pytest.mark.timeout(60)
+
+TARGET_XML = (b'<?xml version="1.0"?><!DOCTYPE target SYSTEM "gdb-target.dtd"><target>'
+              b'<architecture>i386:x86-64</architecture><xi:include href="regs.xml"/></target>')
+REGS_XML = (b'<?xml version="1.0"?><feature name="org.gnu.gdb.i386.core">'
+            b'<reg name="rax" bitsize="64"/><reg name="rip" bitsize="64" type="code_ptr"/>'
+            b'<reg name="eflags" bitsize="32"/><reg name="cr3" bitsize="64" regnum="3"/></feature>')
+
+PAGE = 4096
+MEM_BASE = 0x10000
+MEMORY = bytearray(bytes(range(256)) * (3 * PAGE // 256))
+UNMAPPED_PAGE = MEM_BASE + PAGE  # the middle page fails, as unmapped memory does in QEMU
+
+
+class ScriptedStub:
+    """Serves one connection on a thread; ``behaviour`` picks the quirks."""
+
+    def __init__(self, behaviour: str = "qemu"):
+        self.behaviour = behaviour
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.raw_in = bytearray()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _reply(self, ep: framing.Endpoint, conn: socket.socket, payload: bytes) -> None:
+        ep.send(payload)
+        conn.sendall(ep.data_to_send())
+
+    def _serve(self):
+        conn, _ = self.listener.accept()
+        ep = framing.Endpoint()
+        if self.behaviour == "qemu":
+            ep.send(b"T02thread:01;")  # QEMU's stop reply, sent before anything is asked
+            conn.sendall(ep.data_to_send())
+        with conn:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                self.raw_in += data
+                for ev in ep.receive(data):
+                    if isinstance(ev, framing.Packet):
+                        if ep.data_to_send():  # our '+'
+                            conn.sendall(b"+")
+                        if self._handle(ep, conn, ev.payload) == "close":
+                            return
+
+    def _handle(self, ep, conn, p: bytes):
+        self.requests.append(p)
+        if self.behaviour == "silent" and p.startswith(b"m"):
+            return None  # never answers
+        if self.behaviour == "drop" and p.startswith(b"m"):
+            conn.close()
+            return "close"
+        if p.startswith(b"qSupported"):
+            feats = b"PacketSize=1000;qXfer:features:read+;vContSupported+"
+            if self.behaviour == "noack":
+                feats += b";QStartNoAckMode+"
+            return self._reply(ep, conn, feats)
+        if p == b"QStartNoAckMode":
+            self._reply(ep, conn, b"OK")
+            ep.disable_acks()
+            return None
+        if p.startswith(b"qXfer:features:read:"):
+            annex, _, rng = p[len(b"qXfer:features:read:"):].partition(b":")
+            off, length = (int(x, 16) for x in rng.split(b","))
+            doc = TARGET_XML if annex == b"target.xml" else REGS_XML
+            piece = doc[off : off + length]
+            return self._reply(ep, conn, (b"l" if off + length >= len(doc) else b"m") + piece)
+        if p == b"?":
+            return self._reply(ep, conn, b"T05thread:01;")
+        if p == b"vCont?":
+            return self._reply(ep, conn, b"vCont;c;C;s;S")
+        if p == b"g":
+            return self._reply(ep, conn, (0x1111).to_bytes(8, "little").hex().encode()
+                               + (0x401000).to_bytes(8, "little").hex().encode() + b"46020000")
+        if p.startswith(b"p3"):
+            return self._reply(ep, conn, (0x2660000).to_bytes(8, "little").hex().encode())
+        if p.startswith(b"m"):
+            addr, length = (int(x, 16) for x in p[1:].split(b","))
+            length = min(length, 2048)  # QEMU's m replies carry at most 2048 bytes
+            end = addr + length
+            if not (MEM_BASE <= addr and end <= MEM_BASE + len(MEMORY)) or \
+                    (addr < UNMAPPED_PAGE + PAGE and end > UNMAPPED_PAGE):
+                return self._reply(ep, conn, b"E14")
+            return self._reply(ep, conn, MEMORY[addr - MEM_BASE : end - MEM_BASE].hex().encode())
+        return self._reply(ep, conn, b"")
+
+
+def test_qemu_like_stub_handshake_registers_and_xinclude():
+    stub = ScriptedStub("qemu")
+    with Client.connect(stub.address, timeout=10) as c:
+        assert not c.no_ack and c.features.packet_size == 0x1000
+        assert c.last_stop.kind == "signal" and c.last_stop.signal == 5
+        assert [r.name for r in c.layout.registers] == ["rax", "rip", "eflags", "cr3"]
+        assert c.layout["cr3"].regnum == 3
+        regs = c.registers()
+        assert regs["rax"] == 0x1111 and regs["rip"] == 0x401000 and regs["eflags"] == 0x246
+        assert c.register("cr3") == 0x2660000  # not in g: fetched with p
+
+
+def test_reads_split_to_packet_size_and_retry_around_a_bad_page():
+    stub = ScriptedStub("qemu")
+    with Client.connect(stub.address, timeout=10) as c:
+        first = c.read_memory(MEM_BASE, PAGE)
+        assert first == bytes(MEMORY[:PAGE])
+        assert max(int(r.split(b",")[1], 16) for r in stub.requests if r[:1] == b"m") * 2 <= 0x1000
+        data, holes = c.read_memory_partial(MEM_BASE, 3 * PAGE)
+        assert holes == [(UNMAPPED_PAGE, PAGE)]
+        assert data[:PAGE] == MEMORY[:PAGE] and data[2 * PAGE :] == MEMORY[2 * PAGE :]
+        assert data[PAGE : 2 * PAGE] == bytes(PAGE)
+        with pytest.raises(MemoryReadError, match=f"0x{UNMAPPED_PAGE:x}"):
+            c.read_memory(MEM_BASE + 100, 2 * PAGE)
+
+
+def test_no_ack_mode_is_negotiated_when_offered():
+    stub = ScriptedStub("noack")
+    with Client.connect(stub.address, timeout=10) as c:
+        assert c.no_ack
+        before = len(stub.raw_in)
+        c.registers()
+        assert b"+" not in stub.raw_in[before:]
+
+
+def test_stub_dropping_the_connection_mid_read_raises_not_hangs():
+    stub = ScriptedStub("drop")
+    with Client.connect(stub.address, timeout=30) as c:
+        with pytest.raises(ConnectionLost, match="closed the connection"):
+            c.read_memory(MEM_BASE, 64)
+
+
+def test_silent_stub_times_out_with_a_clear_error():
+    stub = ScriptedStub("silent")
+    with Client.connect(stub.address, timeout=0.5) as c:
+        with pytest.raises(StubTimeout, match="no answer from the stub"):
+            c.read_memory(MEM_BASE, 64)
+
+
+def test_bad_addresses_are_rejected_clearly():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        Client.connect("localhost")
