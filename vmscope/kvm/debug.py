@@ -174,6 +174,7 @@ class KvmTarget(
         out["fctrl"], out["fstat"] = f.fcw, f.fsw
         out["ftag"] = _full_tag_word(f.ftwx)
         out["fioff"], out["fooff"], out["fop"] = f.last_ip & 0xFFFFFFFF, f.last_dp & 0xFFFFFFFF, f.last_opcode
+        out["fiseg"] = out["foseg"] = 0  # FXSAVE in 64-bit mode keeps no selectors
         for i in range(16):
             out[f"xmm{i}"] = int.from_bytes(bytes(f.xmm[i]), "little")
         out["mxcsr"] = f.mxcsr
