@@ -167,6 +167,7 @@ def test_gdb_breaks_on_tick_and_watches_counter_under_tcg(qemu, arch, name):
         "break tick",
         "continue",
         'printf "pc=%#lx\\n", $pc',
+        "backtrace",
         "continue",
         'printf "pc=%#lx\\n", $pc',
         'printf "counter=%lu\\n", counter',
@@ -180,6 +181,8 @@ def test_gdb_breaks_on_tick_and_watches_counter_under_tcg(qemu, arch, name):
     tick = guest_symbols(name, arch)["tick"]
     assert out.count("Breakpoint 1, ") == 2, out
     assert values(out, "pc") == [tick, tick], out
+    # the guests' call frame information ends the backtrace at main_loop
+    assert re.search(r"^#0 .* in tick \(\)\n#1 .* in main_loop \(\)\n(?!#2)", out, re.M), out
     before, at_break, after_watch = values(out, "counter")
     assert at_break > before, out
     watch = re.search(r"Hardware watchpoint 2: counter\s+Old value = (\d+)\s+New value = (\d+)", out)
@@ -204,15 +207,21 @@ def test_idt_guest_handles_its_own_int3_while_gdb_has_breakpoints_planted(qemu):
         'printf "pc=%#lx\\n", $pc',
         'printf "bp_count=%lu\\n", bp_count',
         'printf "counter=%lu\\n", counter',
+        "delete",
+        "break bp_handler",
+        "continue",
+        "backtrace",
         "kill",
         port=guest.port,
     )
     assert values(out, "pc") == [guest_symbols("idt")["tick"]], out
+    # gdb unwinds through the interrupt frame to the int3 in main_loop
+    assert re.search(r"^#0 .* in bp_handler \(\)\n#1 .* in main_loop \(\)\n(?!#2)", out, re.M), out
     bp_before, bp_after = values(out, "bp_count")
     counter_before, counter_after = values(out, "counter")
     assert counter_after - counter_before >= 40, out
     assert bp_after - bp_before >= 2, out
-    assert "SIGTRAP" not in out.replace("Breakpoint 1,", ""), out
+    assert "SIGTRAP" not in out, out
 
 
 @pytest.mark.parametrize("arch,name", TCG_GUESTS)

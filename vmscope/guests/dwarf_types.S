@@ -7,11 +7,17 @@
  * "print counter" and "watch counter" with "'counter' has unknown type".
  * With these few DIEs `counter` is an `unsigned long` and
  * `per_cpu_counter` an `unsigned long[N]`, so the natural commands work.
- * Functions stay plain ELF symbols (no line table: the guests are assembly).
+ * Functions stay plain ELF symbols (no line table: the guests are assembly);
+ * the guests' .cfi_* directives let gdb unwind tick -> main_loop and stop
+ * there instead of walking into the empty top of the stack.
  *
  * Use: DWARF_BEGIN "name.S"; then DWARF_U64 sym / DWARF_U64_ARRAY sym, n
  * for each variable; then DWARF_END.
  */
+/* Call frame information (the guests' .cfi_* directives) goes to
+ * .debug_frame, which is not loaded, instead of an allocated .eh_frame. */
+        .cfi_sections .debug_frame
+
         .equ DW_TAG_compile_unit, 0x11
         .equ DW_TAG_base_type, 0x24
         .equ DW_TAG_variable, 0x34

@@ -40,6 +40,8 @@
         .globl _start
         .type _start, %function
 _start:
+        .cfi_startproc
+        .cfi_undefined x30           /* outermost frame: gdb's backtrace ends here */
         msr daifset, #0xf               // interrupts off
         mrs x19, mpidr_el1
         and x19, x19, #0xff             // the CPU index lives in x19
@@ -51,20 +53,25 @@ _start:
         add x0, x1, x0
         mov sp, x0
         bl announce
+        .cfi_endproc
         .size _start, . - _start
 
         .globl main_loop
         .type main_loop, %function
 main_loop:
+        .cfi_startproc
+        .cfi_undefined x30           /* outermost frame: gdb's backtrace ends here */
         mov x0, x19
         bl tick
         b main_loop
+        .cfi_endproc
         .size main_loop, . - main_loop
 
 // void tick(unsigned long cpu)
         .globl tick
         .type tick, %function
 tick:
+        .cfi_startproc
         ldr x1, =counter
 1:      ldxr x2, [x1]
         add x2, x2, #1
@@ -75,6 +82,7 @@ tick:
         add x2, x2, #1
         str x2, [x1, x0, lsl #3]
         ret
+        .cfi_endproc
         .size tick, . - tick
 
 // CPUs beyond MAX_CPUS stop here.

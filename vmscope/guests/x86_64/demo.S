@@ -29,6 +29,8 @@ pvh_entry:
         .globl start64
         .type start64, @function
 start64:
+        .cfi_startproc
+        .cfi_undefined %rip           /* outermost frame: gdb's backtrace ends here */
         cli
         movl $1, %eax
         lock xaddl %eax, next_cpu(%rip)
@@ -40,23 +42,29 @@ start64:
         leaq stacks(%rcx), %rsp
         LOAD_OWN_GDT gdt_ptr                /* needs the stack (lretq) */
         call announce
+        .cfi_endproc
         .size start64, . - start64
 
         .globl main_loop
         .type main_loop, @function
 main_loop:
+        .cfi_startproc
+        .cfi_undefined %rip           /* outermost frame: gdb's backtrace ends here */
         movl %ebx, %edi
         call tick
         jmp main_loop
+        .cfi_endproc
         .size main_loop, . - main_loop
 
 /* void tick(unsigned cpu) */
         .globl tick
         .type tick, @function
 tick:
+        .cfi_startproc
         lock incq counter(%rip)
         incq per_cpu_counter(,%rdi,8)
         ret
+        .cfi_endproc
         .size tick, . - tick
 
 /* CPUs beyond MAX_CPUS stop here (quietly: they have no stack). */

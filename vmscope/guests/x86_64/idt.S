@@ -65,16 +65,23 @@ up:
         .globl tick
         .type tick, @function
 tick:
+        .cfi_startproc
         incq per_cpu_counter(,%rdi,8)
         lock incq counter(%rip)
         ret
+        .cfi_endproc
         .size tick, . - tick
 
         .globl bp_handler
         .type bp_handler, @function
 bp_handler:
+        .cfi_startproc
+        .cfi_def_cfa %rsp, 40         /* the CPU pushed rip, cs, rflags, rsp, ss */
+        .cfi_offset %rip, -40
+        .cfi_offset %rsp, -16
         lock incq bp_count(%rip)
         iretq
+        .cfi_endproc
         .size bp_handler, . - bp_handler
 
         DEFINE_CONSOLE hello, up, announce_turn
@@ -82,6 +89,8 @@ bp_handler:
         .globl start64
         .type start64, @function
 start64:
+        .cfi_startproc
+        .cfi_undefined %rip           /* outermost frame: gdb's backtrace ends here */
         cli
         movl $1, %eax
         lock xaddl %eax, cpus_started(%rip)
@@ -110,11 +119,14 @@ start64:
         jmp main_loop
 2:      hlt
         jmp 2b
+        .cfi_endproc
         .size start64, . - start64
 
         .globl main_loop
         .type main_loop, @function
 main_loop:
+        .cfi_startproc
+        .cfi_undefined %rip           /* outermost frame: gdb's backtrace ends here */
         movl %ebx, %edi
         call tick
         incl %r12d
@@ -124,6 +136,7 @@ main_loop:
 guest_int3:
         int3
         jmp main_loop
+        .cfi_endproc
         .size main_loop, . - main_loop
 
         .globl pvh_entry
