@@ -2,7 +2,7 @@
 
 This is the reference behaviour vmscope's own targets are measured against:
 the same ELF files, QEMU's ``-kernel`` (PVH on x86_64, the virt board's ELF
-loader on arm64) and QEMU's gdbstub driven by stock gdb/gdb-multiarch.
+loader on arm64) and QEMU's gdbstub driven by stock gdb/gdb-multiarch and lldb.
 
 Every QEMU run is bounded (``timeout``) and killed by a fixture finalizer;
 gdb runs in batch mode under a subprocess timeout.
@@ -64,7 +64,7 @@ class QemuGuest:
     and (optionally) QEMU's gdbstub on a TCP port."""
 
     def __init__(self, workdir: Path, arch: str, elf: Path, *, accel: str = "tcg", smp: int = 1,
-                 gdb: bool = True, lifetime: int = 300):
+                 gdb: bool = True, paused: bool = False, lifetime: int = 300):
         self.arch = arch
         self.elf = elf
         self.serial_path = workdir / f"serial-{arch}-{elf.stem}-{accel}.txt"
@@ -78,6 +78,8 @@ class QemuGuest:
                  "-no-reboot", "-serial", f"file:{self.serial_path}"]
         if self.port is not None:
             argv += ["-gdb", f"tcp:127.0.0.1:{self.port}"]
+        if paused:
+            argv.append("-S")
         self.started = time.monotonic()
         # `timeout` bounds the run even if this test process dies.
         self.proc = subprocess.Popen(["timeout", str(lifetime), *argv], stdin=subprocess.DEVNULL,
@@ -135,6 +137,17 @@ def run_gdb(arch: str, elf: Path, *commands: str, port: int | None = None, timeo
         argv += ["-ex", f"target remote 127.0.0.1:{port}"]
     for command in commands:
         argv += ["-ex", command]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return result.stdout + result.stderr
+
+
+def run_lldb(elf: Path, *commands: str, port: int | None = None, timeout: float = 120) -> str:
+    """Stock lldb in batch mode on ``elf`` (connected to ``port`` if given)."""
+    argv = [require_tool("lldb"), "--no-lldbinit", "--batch", str(elf)]
+    if port is not None:
+        argv += ["-o", f"gdb-remote 127.0.0.1:{port}"]
+    for command in commands:
+        argv += ["-o", command]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     return result.stdout + result.stderr
 
@@ -276,3 +289,37 @@ def test_demo_boots_under_qemu_kvm_and_gdb_debugs_it(qemu):
     )
     assert re.search(r"Breakpoint 1, 0x0*%x in tick \(\)" % tick, out), out
     assert values(out, "pc") == [tick, tick], out
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_lldb_knows_tick_and_counter_from_the_written_file(tmp_path, arch):
+    elf = write_guest(tmp_path, "demo", arch)
+    out = run_lldb(elf, "target variable counter", "target variable per_cpu_counter", "image lookup -n tick")
+    assert "(unsigned long) counter = 0" in out, out
+    assert re.search(r"\(unsigned long\[\d+\]\) per_cpu_counter = \{", out), out
+    assert re.search(rf"Address: demo.elf\[0x0*{guest_symbols('demo', arch)['tick']:x}\]", out), out
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_lldb_breaks_on_tick_from_reset_under_tcg(qemu, arch):
+    """lldb through QEMU's gdbstub, from the first instruction (-S): QEMU
+    sends an unsolicited stop reply when a client connects to a running VM,
+    which lldb 14's handshake does not accept, so lldb attaches to a paused
+    one. The first tick sees counter 0, the second 1."""
+    guest = qemu(arch, guest_elf("demo", arch), paused=True)
+    out = run_lldb(
+        guest.elf,
+        "breakpoint set -n tick",
+        "continue",
+        "target variable counter",
+        "bt",
+        "continue",
+        "target variable counter",
+        "process kill",
+        port=guest.port,
+    )
+    assert out.count("stop reason = breakpoint 1.1") >= 3, out  # two stops, plus bt's header
+    assert out.index("(unsigned long) counter = 0") < out.index("(unsigned long) counter = 1"), out
+    assert re.search(r"frame #0: 0x0*[0-9a-f]+ demo.elf`tick\n\s+frame #1: .* demo.elf`main_loop \+ \d+\n(?!\s+frame #2)",
+                     out), out
+    assert guest.serial() == "vmscope demo guest: cpu 0 up\n"

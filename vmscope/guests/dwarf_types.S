@@ -39,7 +39,7 @@
         .equ DW_FORM_flag_present, 0x19
         .equ DW_FORM_exprloc, 0x18
         .equ DW_ATE_unsigned, 0x07
-        .equ DW_LANG_Mips_Assembler, 0x8001
+        .equ DW_LANG_C99, 0x000c
         .equ DW_OP_addr, 0x03
 
         .equ ABBREV_CU, 1
@@ -89,7 +89,7 @@
         .byte 8                                 /* address size */
         .uleb128 ABBREV_CU
         .asciz "vmscope guest (hand-written DWARF)"
-        .short DW_LANG_Mips_Assembler
+        .short DW_LANG_C99                      /* C types; lldb resolves no types in an assembler CU */
         .asciz "\cu_name"
 .Ldw_u64:
         .uleb128 ABBREV_BASE_TYPE
