@@ -9,6 +9,7 @@ round of Unicorn calls.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import struct
 from typing import Mapping
@@ -16,6 +17,11 @@ from typing import Mapping
 from unicorn import UC_ARCH_ARM64, UC_ARCH_X86, UC_MODE_64, UC_MODE_ARM, UC_PROT_ALL, Uc, UcError
 from unicorn import arm64_const as A
 from unicorn import x86_const as X
+
+try:  # the binding's C entry point: one call for ~80 registers, no per-register Python
+    from unicorn.unicorn_py3.unicorn import uclib as _uclib
+except ImportError:  # another binding layout: fall back to Uc.reg_read_batch
+    _uclib = None
 
 from vmscope.arch.aarch64 import AARCH64
 from vmscope.arch.registers import Arch
@@ -52,6 +58,12 @@ class EmuCpu:
         self._cache: dict[str, int] | None = None
         self._batch_names = list(self.simple_registers)
         self._batch_ids = list(self.simple_registers.values())
+        count = len(self._batch_ids)
+        # one 16-byte slot per register (wide enough for xmm/q registers)
+        self._slots = (ctypes.c_uint8 * (16 * count))()
+        base = ctypes.addressof(self._slots)
+        self._slot_ptrs = (ctypes.c_void_p * count)(*(base + 16 * i for i in range(count)))
+        self._slot_ids = (ctypes.c_int * count)(*self._batch_ids)
 
     # --- registers ---------------------------------------------------------
 
@@ -61,10 +73,23 @@ class EmuCpu:
 
     def registers(self) -> dict[str, int]:
         if self._cache is None:
-            values = dict(zip(self._batch_names, self.uc.reg_read_batch(self._batch_ids)))
+            values = self._read_batch()
             values.update(self.read_special())
             self._cache = values
         return self._cache
+
+    def _read_batch(self) -> dict[str, int]:
+        """Every simply-typed register in one ``uc_reg_read_batch`` call
+        (about 10 us for 80 registers, against 100+ us through the
+        binding's per-register Python path)."""
+        if _uclib is None:
+            return dict(zip(self._batch_names, self.uc.reg_read_batch(self._batch_ids)))
+        ctypes.memset(self._slots, 0, len(self._slots))
+        status = _uclib.uc_reg_read_batch(self.uc._uch, self._slot_ids, self._slot_ptrs, len(self._slot_ids))
+        if status != 0:
+            raise UcError(status)
+        raw = bytes(self._slots)
+        return {name: int.from_bytes(raw[16 * i : 16 * i + 16], "little") for i, name in enumerate(self._batch_names)}
 
     def write_registers(self, values: Mapping[str, int]) -> None:
         current = self.registers()
