@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="load this kernel module (and its dependencies) at boot; repeatable")
     lx.add_argument("--add", action="append", default=[], metavar="HOST:IMAGE",
                     help="copy a host file or directory into the image; repeatable")
+    lx.add_argument("--arch", choices=("amd64", "arm64"), default=None,
+                    help="Debian architecture of the guest (default: the host's; arm64 needs "
+                    "dpkg --add-architecture arm64 && apt-get update)")
     lx.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         guest = build_linux_guest(args.out, mode="workload" if args.workload else "shell",
                                   modules=args.module, workload=workload, files=files,
-                                  seconds=args.seconds, quiet=args.quiet)
+                                  seconds=args.seconds, quiet=args.quiet, arch=args.arch)
     except (PackageError, KernelError, GuestImageError, InitramfsError) as exc:
         print(f"vmscope guest: {exc}", file=sys.stderr)
         return 1

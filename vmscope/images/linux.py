@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from vmscope.images.cache import cache_dir
+from vmscope.images.debian import extract, host_arch, show
 from vmscope.images.initramfs import Initramfs, InitramfsError
 from vmscope.images.kernel import KernelPackage, cloud_kernel, module_bytes
 
@@ -111,18 +112,39 @@ def find_busybox() -> Path:
 
 
 def busybox_applets(busybox: Path) -> list[str]:
-    out = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False)
+    """The applets ``busybox`` provides. A busybox for another architecture
+    cannot run here; Debian builds busybox-static with the same applets on
+    every architecture, so the host's list stands in for it."""
+    try:
+        out = subprocess.run([str(busybox), "--list"], capture_output=True, text=True, check=False)
+    except OSError:  # Exec format error: a foreign busybox
+        host = find_busybox()
+        if host == busybox:
+            raise GuestImageError(f"{busybox} cannot run here") from None
+        return busybox_applets(host)
     if out.returncode != 0 or not out.stdout.strip():
         raise GuestImageError(f"{busybox} --list failed; is it a full busybox?")
     return [a for a in out.stdout.split() if a and a != "busybox"]
+
+
+def _is_dynamic(path: Path) -> bool:
+    """True for an ELF with a program interpreter (it needs shared libraries,
+    which the guest image does not carry)."""
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+
+    try:
+        with open(path, "rb") as f:
+            return any(seg.header.p_type == "PT_INTERP" for seg in ELFFile(f).iter_segments())
+    except ELFError:
+        raise GuestImageError(f"{path} is not an ELF executable") from None
 
 
 def add_busybox(image: Initramfs, busybox: Path | None = None) -> None:
     """Busybox at /bin/busybox and one symlink per applet in /bin, plus the
     device node the kernel needs before devtmpfs is mounted."""
     busybox = busybox or find_busybox()
-    out = subprocess.run(["file", "-L", str(busybox)], capture_output=True, text=True, check=False)
-    if out.returncode == 0 and "dynamically linked" in out.stdout:
+    if _is_dynamic(busybox):
         raise GuestImageError(f"{busybox} is dynamically linked; install busybox-static")
     image.add_file("/bin/busybox", busybox, mode=0o755)
     for applet in busybox_applets(busybox):
@@ -176,6 +198,15 @@ def guest_initramfs(kernel: KernelPackage, mode: str = "shell", modules: Sequenc
     return image
 
 
+def foreign_busybox(arch: str, quiet: bool = True) -> Path:
+    """busybox from Debian's busybox-static package for ``arch``."""
+    root = extract(show("busybox-static", arch), quiet)
+    for candidate in BUSYBOX_CANDIDATES:
+        if (root / candidate.lstrip("/")).exists():
+            return root / candidate.lstrip("/")
+    raise GuestImageError(f"busybox-static:{arch} holds no busybox binary")
+
+
 @dataclasses.dataclass(frozen=True)
 class LinuxGuest:
     """A built guest: the files and how to boot them."""
@@ -185,12 +216,19 @@ class LinuxGuest:
     kernel_version: str
     cmdline: str = DEFAULT_CMDLINE
 
+    arch: str = "amd64"
+
     def qemu_argv(self, memory_mib: int = 512, accel: str = "tcg", extra_cmdline: str = "",
-                  qemu: str = "qemu-system-x86_64") -> list[str]:
+                  qemu: str | None = None) -> list[str]:
         """A QEMU command line that boots this guest with its console on stdio."""
         cmdline = f"{self.cmdline} {extra_cmdline}".strip()
-        return [qemu, "-accel", accel, "-m", str(memory_mib), "-nodefaults", "-no-user-config",
-                "-display", "none", "-serial", "stdio", "-no-reboot",
+        machine: list[str] = []
+        if self.arch == "arm64":
+            cmdline = cmdline.replace("console=ttyS0", "console=ttyAMA0")
+            machine = ["-machine", "virt", "-cpu", "max"]
+        qemu = qemu or ("qemu-system-aarch64" if self.arch == "arm64" else "qemu-system-x86_64")
+        return [qemu, *machine, "-accel", accel, "-m", str(memory_mib), "-nodefaults",
+                "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
                 "-kernel", str(self.vmlinuz), "-initrd", str(self.initramfs), "-append", cmdline]
 
 
@@ -198,11 +236,18 @@ def build_linux_guest(out_dir: str | os.PathLike | None = None, mode: str = "she
                       modules: Sequence[str] = (), workload: str | None = None,
                       files: Mapping[str, str | os.PathLike | bytes] | None = None,
                       seconds: int = 5, kernel: KernelPackage | None = None,
-                      quiet: bool = False) -> LinuxGuest:
+                      quiet: bool = False, arch: str | None = None,
+                      busybox: Path | None = None) -> LinuxGuest:
     """Build (or fetch from the cache) the guest and, if ``out_dir`` is given,
-    copy ``vmlinuz`` and ``initramfs.cpio.gz`` there."""
-    kernel = kernel or cloud_kernel(quiet=quiet)
-    image = guest_initramfs(kernel, mode, modules, workload, files, seconds)
+    copy ``vmlinuz`` and ``initramfs.cpio.gz`` there.
+
+    ``arch`` is a Debian architecture (``amd64``, ``arm64``; default: the
+    host's); for a foreign one busybox comes from that architecture's
+    busybox-static package."""
+    kernel = kernel or cloud_kernel(arch, quiet=quiet)
+    if busybox is None and kernel.package.arch != host_arch():
+        busybox = foreign_busybox(kernel.package.arch, quiet)
+    image = guest_initramfs(kernel, mode, modules, workload, files, seconds, busybox)
     cached = cache_dir("images") / f"linux-{kernel.version}-{image.fingerprint()[:16]}.cpio.gz"
     if not cached.exists():
         if quiet:
@@ -211,14 +256,15 @@ def build_linux_guest(out_dir: str | os.PathLike | None = None, mode: str = "she
             from rich.console import Console
             with Console(stderr=True).status(f"building {cached.name}"):
                 image.write(cached)
-    guest = LinuxGuest(kernel.vmlinuz, cached, kernel.version)
+    guest = LinuxGuest(kernel.vmlinuz, cached, kernel.version, arch=kernel.package.arch)
     if out_dir is None:
         return guest
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(kernel.vmlinuz, out / "vmlinuz")
     shutil.copyfile(cached, out / "initramfs.cpio.gz")
-    return LinuxGuest(out / "vmlinuz", out / "initramfs.cpio.gz", kernel.version)
+    return LinuxGuest(out / "vmlinuz", out / "initramfs.cpio.gz", kernel.version,
+                      arch=kernel.package.arch)
 
 
 __all__ = ["LinuxGuest", "build_linux_guest", "guest_initramfs", "GuestImageError",
