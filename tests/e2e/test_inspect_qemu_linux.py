@@ -7,17 +7,13 @@ serial console (busybox ``ps``, ``/proc/modules``, ``dmesg``,
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import threading
-import time
 import uuid
 
 import pytest
 
+from vmscope.client.helpers.qemu_launch import QemuGuest
 from vmscope.client.inspect_cli import main as inspect_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -26,91 +22,18 @@ GDB_PORT, QMP_PORT = 16100, 16101
 MODULES = ["irqbypass", "crc32_generic", "nls_ascii", "xor"]
 
 
-class SerialConsole:
-    """The guest's ttyS0 through a Unix socket: run a command, get its output."""
-
-    def __init__(self, path: str):
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        self.buf = bytearray()
-        self.cond = threading.Condition()
-        threading.Thread(target=self._reader, daemon=True).start()
-
-    def _reader(self):
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except OSError:
-                data = b""
-            with self.cond:
-                if not data:
-                    self.buf += b"\n<serial closed>"
-                    self.cond.notify_all()
-                    return
-                self.buf += data
-                self.cond.notify_all()
-
-    def wait_for(self, text: bytes, start: int = 0, timeout: float = 240) -> int:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while (pos := self.buf.find(text, start)) < 0:
-                left = deadline - time.monotonic()
-                if left <= 0 or b"<serial closed>" in self.buf:
-                    raise AssertionError(f"guest never printed {text!r}; console tail:\n"
-                                         f"{self.buf[-2000:].decode(errors='replace')}")
-                self.cond.wait(min(left, 1))
-            return pos
-
-    def run(self, command: str, timeout: float = 120) -> str:
-        tag = uuid.uuid4().hex[:8]
-        with self.cond:
-            start = len(self.buf)
-        # $((1)) keeps the echoed command line from matching the markers.
-        self.sock.sendall(f"echo B{tag}$((1)); {command}; echo E{tag}$((1))\n".encode())
-        begin = self.wait_for(f"B{tag}1".encode(), start, timeout)
-        end = self.wait_for(f"E{tag}1".encode(), begin, timeout)
-        text = self.buf[begin + len(tag) + 2 : end].decode(errors="replace")
-        return text.replace("\r", "")
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
     if not shutil.which("qemu-system-x86_64"):
         pytest.fail("qemu-system-x86_64 is not installed")
     from vmscope.images.linux import READY_MARKER, build_linux_guest
 
-    tmp = tmp_path_factory.mktemp("inspect")
     image = build_linux_guest(mode="shell", modules=MODULES, quiet=True)
-    ram = f"/dev/shm/vmscope-test-inspect-{os.getpid()}"
-    serial = str(tmp / "serial.sock")
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-nodefaults", "-no-user-config",
-            "-display", "none", "-no-reboot",
-            "-object", f"memory-backend-file,id=mem,size=512M,mem-path={ram},share=on",
-            "-machine", "pc,memory-backend=mem",
-            "-chardev", f"socket,id=s0,path={serial},server=on,wait=off", "-serial", "chardev:s0",
-            "-gdb", f"tcp:127.0.0.1:{GDB_PORT}", "-qmp", f"tcp:127.0.0.1:{QMP_PORT},server=on,wait=off",
-            "-kernel", str(image.vmlinuz), "-initrd", str(image.initramfs),
-            "-append", "console=ttyS0 panic=-1"]  # KASLR stays on: no nokaslr
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        con = SerialConsole(serial)
-        con.wait_for(READY_MARKER.encode())
-        con.run("true")  # the shell is up
-        yield proc, con
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        if os.path.exists(ram):
-            os.unlink(ram)
+    # KASLR stays on: no nokaslr on the command line.
+    with QemuGuest(str(image.vmlinuz), str(image.initramfs), GDB_PORT, QMP_PORT) as vm:
+        vm.console.wait_for(READY_MARKER.encode())
+        vm.console.run("true")  # the shell is up
+        yield vm.proc, vm.console
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,17 @@ class RegionMemory:
         parts = [view[start : start + n] for view, start, n in self._chunks(addr, size)]
         return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
+    def readinto(self, addr: int, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` from ``addr`` without allocating: for bulk copies
+        into a buffer that is reused (a fresh 64 MiB ``bytes`` costs page
+        faults that dwarf the copy itself)."""
+        out = memoryview(buffer).cast("B")
+        pos = 0
+        for view, start, n in self._chunks(addr, len(out)):
+            out[pos : pos + n] = view[start : start + n]
+            pos += n
+        return pos
+
     def write(self, addr: int, data: bytes) -> None:
         pos = 0
         for view, start, n in list(self._chunks(addr, len(data))):

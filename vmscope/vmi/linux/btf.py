@@ -70,6 +70,7 @@ class Btf:
         if version != 1:
             raise BtfError(f"unsupported BTF version {version}")
         self._data = data
+        self._str_cache: dict[int, str] = {}
         self._strings = hdr_len + str_off
         self._str_end = self._strings + str_len
         types_start = hdr_len + type_off
@@ -79,6 +80,13 @@ class Btf:
         # type id -> (kind, name_off, vlen, kind_flag, size_or_type, extra_pos); id 0 is void
         self._t: list[tuple[int, int, int, int, int, int]] = [(0, 0, 0, 0, 0, 0)]
         self._by_name: dict[tuple[int, str], int] = {}
+        # Every string once, by offset: far cheaper than decoding per type.
+        self._str_cache: dict[int, str] = {}
+        off = 0
+        for raw in data[self._strings : self._str_end].split(b"\0"):
+            self._str_cache[off] = raw.decode("utf-8", "replace")
+            off += len(raw) + 1
+        named_kinds = {STRUCT, UNION, ENUM, ENUM64, TYPEDEF, INT, VAR, DATASEC, FLOAT}
         pos = types_start
         unpack = struct.Struct("<III").unpack_from
         while pos < self._types_end:
@@ -88,9 +96,9 @@ class Btf:
             pos += 12
             self._t.append((kind, name_off, vlen, info >> 31, size_or_type, pos))
             pos += _EXTRA_FIXED.get(kind, 0) + _EXTRA_PER_MEMBER.get(kind, 0) * vlen
-            if name_off and kind in (STRUCT, UNION, ENUM, ENUM64, TYPEDEF, INT, VAR, FUNC, DATASEC, FLOAT):
-                key = (kind, self.string(name_off))
-                self._by_name.setdefault(key, len(self._t) - 1)
+            if name_off and kind in named_kinds:
+                self._by_name.setdefault((kind, self._str_cache.get(name_off) or self.string(name_off)),
+                                         len(self._t) - 1)
         self.size = self._str_end
 
     @classmethod
@@ -102,6 +110,9 @@ class Btf:
         return hdr_len + max(type_off + type_len, str_off + str_len)
 
     def string(self, off: int) -> str:
+        cached = self._str_cache.get(off)
+        if cached is not None:
+            return cached
         start = self._strings + off
         end = self._data.index(b"\0", start)
         return self._data[start:end].decode("utf-8", "replace")

@@ -28,8 +28,7 @@ from __future__ import annotations
 import bisect
 import re
 import struct
-from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 DIGITS = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00"
 
@@ -38,8 +37,7 @@ class KallsymsNotFound(Exception):
     """No consistent kallsyms tables in the memory searched."""
 
 
-@dataclass(frozen=True)
-class Symbol:
+class Symbol(NamedTuple):
     name: str
     address: int
     type: str  # nm letter: T/t text, D/d data, B/b bss, R/r rodata, A...
@@ -110,26 +108,39 @@ def _markers_below(img: bytes, table_start: int) -> tuple[int, list[int], int] |
 
 def _markers_below_seqs(img: bytes, table_start: int) -> tuple[int, list[int], int] | None:
     """Markers separated from the token table by ``kallsyms_seqs_of_names``
-    (3 bytes per symbol). A candidate end of the markers fixes the symbol
-    count N (the 3N bytes up to the table), which fixes how many markers
-    there are; a run of that many strictly increasing u32 starting at 0
-    confirms it."""
-    lowest = max(0, table_start - 3 * 2_000_000)
-    end = (table_start - 3 * 64) & ~3
-    while end > lowest:
-        seqs_start = _align8(end)
-        span = table_start - seqs_start
-        for num in (span // 3, (span - 1) // 3, (span - 2) // 3, (span - 3) // 3, (span - 4) // 3,
-                    (span - 5) // 3, (span - 6) // 3, (span - 7) // 3):
-            count = (num + 255) // 256
-            start = end - 4 * count
-            if count < 2 or start < 0 or struct.unpack_from("<I", img, start)[0] != 0:
-                continue
-            markers = list(struct.unpack_from(f"<{count}I", img, start))
-            if all(a < b for a, b in zip(markers, markers[1:])) and markers[1] < 256 * 300:
-                return start, markers, 4
-        end -= 4
-    return None
+    (3 bytes per symbol). Markers start with a zero u32 and increase; for
+    each such run, its length fixes the symbol count N to 256 values, and
+    the 3N bytes of seqs (plus up to 7 of padding) must fill the gap up to
+    the token table exactly. Zero words are rare in that region, so we
+    only try runs starting at one."""
+    lowest = max(0, table_start - 3 * 2_000_000) & ~3
+    pos = table_start
+    while True:
+        pos = img.rfind(b"\0\0\0\0", lowest, pos + 3)
+        if pos < 0:
+            return None
+        if pos % 4:
+            pos -= 1
+            continue
+        markers = [0]
+        q = pos + 4
+        while q + 4 <= table_start:
+            v = struct.unpack_from("<I", img, q)[0]
+            if v <= markers[-1] or v - markers[-1] > 256 * 300:
+                break
+            markers.append(v)
+            q += 4
+        count = len(markers)
+        if count >= 2:
+            # The run may swallow a few seqs bytes that happen to increase: try shorter runs too.
+            for c in range(count, max(1, count - 3), -1):
+                end = pos + 4 * c
+                span = table_start - _align8(end)
+                for pad in range(8):
+                    n = (span - pad) / 3
+                    if n == int(n) and (c - 1) * 256 < n <= c * 256:
+                        return pos, markers[:c], 4
+        pos -= 1
 
 
 def _decode_names(img: bytes, pos: int, count: int, tokens: list[bytes]) -> tuple[list[bytes], int]:
@@ -140,7 +151,7 @@ def _decode_names(img: bytes, pos: int, count: int, tokens: list[bytes]) -> tupl
         if n & 0x80:  # "big" symbol: 2-byte length (Linux 6.1+)
             n = (n & 0x7F) | (img[pos] << 7)
             pos += 1
-        names.append(b"".join(tokens[t] for t in img[pos : pos + n]))
+        names.append(b"".join(map(tokens.__getitem__, img[pos : pos + n])))
         pos += n
     return names, pos
 
