@@ -378,3 +378,54 @@ def test_a_halted_guest_idles_and_still_stops_on_ctrl_c(arch, tmp_path):
         assert 1 <= woken < 1000
     finally:
         booted.machine.shutdown()
+
+
+_HANDLED_BRK = (
+    ".globl _start\n_start:\n ldr x0, =vectors\n msr vbar_el1, x0\n isb\n"
+    "1: brk #0x42\n add x21, x21, #1\n b 1b\n"
+    ".balign 2048\nvectors:\n .skip 0x200\n"  # current EL with SP_EL1, synchronous
+    " mrs x22, esr_el1\n add x20, x20, #1\n mrs x23, elr_el1\n add x23, x23, #4\n msr elr_el1, x23\n eret\n"
+)
+
+
+def test_arm64_guest_brk_goes_to_its_vbar_handler(tmp_path):
+    (tmp_path / "v.S").write_text(_HANDLED_BRK)
+    subprocess.run(["aarch64-linux-gnu-as", "-o", str(tmp_path / "v.o"), str(tmp_path / "v.S")], check=True)
+    subprocess.run(["aarch64-linux-gnu-ld", "-Ttext=0x40080000", "-o", str(tmp_path / "v.elf"), str(tmp_path / "v.o")],
+                   check=True)
+    booted = Booted("aarch64", cpus=1, kernel=tmp_path / "v.elf")
+    try:
+        booted.machine.start()
+        time.sleep(0.3)
+        booted.target.interrupt()
+        assert wait_stop(booted.target).signal == SIGINT  # no SIGTRAP: the guest handled every BRK
+        regs = booted.regs(1)
+        assert regs["x20"] > 100 and regs["x21"] in (regs["x20"], regs["x20"] - 1)
+        assert regs["x22"] == (0x3C << 26) | (1 << 25) | 0x42  # ESR_EL1: BRK #0x42
+    finally:
+        booted.machine.shutdown()
+
+
+def test_x86_guest_int3_goes_to_its_idt_while_our_breakpoints_still_stop():
+    sym = guest_symbols("idt", "x86_64")
+    booted = Booted("x86_64", cpus=2, kernel=guest_elf("idt", "x86_64"))
+    t = booted.target
+    try:
+        booted.machine.start()
+        booted.wait_serial("cpu 1 up")
+        time.sleep(0.3)
+        t.interrupt()
+        assert wait_stop(t).signal == SIGINT
+        counter, bp_count = u64(t, sym["counter"]), u64(t, sym["bp_count"])
+        assert bp_count > 10 and abs(bp_count - counter // 16) <= 2  # one guest int3 every 16 ticks
+        t.add_sw_breakpoint(sym["tick"], 1)
+        for _ in range(5):
+            event = booted.run_until_stop()
+            assert event.kind == "swbreak" and booted.regs(event.tid)["rip"] == sym["tick"]
+            t.remove_sw_breakpoint(sym["tick"], 1)
+            t.resume(step(event.tid))
+            wait_stop(t)
+            t.add_sw_breakpoint(sym["tick"], 1)
+        t.remove_sw_breakpoint(sym["tick"], 1)
+    finally:
+        booted.machine.shutdown()

@@ -128,6 +128,19 @@ class EmuCpu:
         """If exception ``intno`` is a breakpoint instruction, its address."""
         raise NotImplementedError
 
+    def deliver_breakpoint(self) -> bool:
+        """Enter the guest's own breakpoint handler, as the hardware would
+        for a breakpoint instruction that is not the debugger's (Unicorn
+        only reports exceptions). False when the guest has no handler set
+        up, and the stop then goes to the debugger as SIGTRAP."""
+        return False
+
+    def _write_virtual(self, addr: int, data: bytes) -> None:
+        self.ram.write(self.translate(addr), data)  # stacks and tables do not cross pages here
+
+    def _read_virtual(self, addr: int, length: int) -> bytes:
+        return self.ram.read(self.translate(addr), length)
+
     def translate(self, addr: int) -> int:
         """Guest-virtual to guest-physical through the guest's own page
         tables (the vmi walkers over the shared RAM); identity when the
@@ -258,6 +271,43 @@ class X86Cpu(EmuCpu):
         # Unicorn reports #BP with rip already past the one-byte int3
         return self.uc.reg_read(X.UC_X86_REG_RIP) - 1 if intno == 3 else None
 
+    def deliver_breakpoint(self) -> bool:
+        """#BP through the guest's IDT in long mode: push SS, RSP, RFLAGS,
+        CS and the return rip (past the int3) on the handler's stack (TSS
+        RSP0 from ring 3, the IST stack if the gate names one) and jump."""
+        uc = self.uc
+        _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        if idt_limit < 3 * 16 + 15:
+            return False
+        try:
+            gate = self._read_virtual(idt_base + 3 * 16, 16)
+            lo, selector, ist, attrs, mid, hi, _ = struct.unpack("<HHBBHII", gate)
+            if not attrs & 0x80 or attrs & 0x0F not in (0xE, 0xF):
+                return False  # not present, or not a 64-bit interrupt/trap gate
+            r = self.registers()
+            rsp, cpl = r["rsp"], r["cs"] & 3
+            if ist or cpl:
+                _, tss_base, _, _ = uc.reg_read(X.UC_X86_REG_TR)
+                slot = 0x24 + 8 * (ist - 1) if ist else 0x04  # ISTn or RSP0
+                rsp = struct.unpack("<Q", self._read_virtual(tss_base + slot, 8))[0]
+            rsp &= ~0xF
+            frame = struct.pack("<5Q", r["rip"], r["cs"], r["eflags"], r["rsp"], r["ss"])
+            rsp -= len(frame)
+            self._write_virtual(rsp, frame)
+        except TargetError:
+            return False
+        flags = r["eflags"] & ~((1 << 8) | (1 << 14) | (1 << 16))  # TF, NT, RF
+        if attrs & 0x0F == 0xE:
+            flags &= ~(1 << 9)  # an interrupt gate also clears IF
+        if cpl:
+            uc.reg_write(X.UC_X86_REG_SS, 0)
+        uc.reg_write(X.UC_X86_REG_CS, selector)
+        uc.reg_write(X.UC_X86_REG_RSP, rsp)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, flags)
+        uc.reg_write(X.UC_X86_REG_RIP, lo | (mid << 16) | (hi << 32))
+        self.invalidate()
+        return True
+
     def _translate(self, addr: int) -> int:
         cr0, cr3, cr4 = self._live("cr0", "cr3", "cr4")
         if not cr0 & CR0_PG:
@@ -337,6 +387,35 @@ class Arm64Cpu(EmuCpu):
     def breakpoint_address(self, intno: int) -> int | None:
         # BRK leaves pc on the instruction (measured)
         return self.uc.reg_read(A.UC_ARM64_REG_PC) if intno == EXCP_BKPT else None
+
+    def deliver_breakpoint(self) -> bool:
+        """A synchronous exception to EL1 through VBAR_EL1 (when the guest
+        set one): ESR_EL1 = BRK (EC 0x3c) with its immediate, ELR_EL1 = the
+        BRK itself (the handler steps past it), SPSR_EL1 = PSTATE, then EL1h
+        with DAIF masked. Only for a BRK taken at EL1."""
+        uc = self.uc
+        r = self.registers()
+        vbar, pstate, pc = r["VBAR_EL1"], r["cpsr"], r["pc"]
+        if not vbar or (pstate >> 2) & 3 != 1:
+            return False
+        try:
+            insn = struct.unpack("<I", self._read_virtual(pc, 4))[0]
+        except TargetError:
+            return False
+        on_sp_el1 = pstate & 1
+        vector = vbar + (0x200 if on_sp_el1 else 0x000)
+        uc.reg_write(A.UC_ARM64_REG_ESR_EL1, (0x3C << 26) | (1 << 25) | ((insn >> 5) & 0xFFFF))
+        uc.reg_write(A.UC_ARM64_REG_ELR_EL1, pc)
+        uc.reg_write(A.UC_ARM64_REG_CP_REG, (*_ARM64_CP_REGS["SPSR_EL1"], pstate))
+        if not on_sp_el1:  # EL1t -> EL1h: the handler runs on SP_EL1
+            uc.reg_write(A.UC_ARM64_REG_SP_EL0, r["sp"])
+            sp_el1 = uc.reg_read(A.UC_ARM64_REG_SP_EL1)
+        uc.reg_write(A.UC_ARM64_REG_PSTATE, (pstate & ~0x3FF & ~(1 << 21)) | 0x3C5)  # DAIF, EL1h, SS clear
+        if not on_sp_el1:
+            uc.reg_write(A.UC_ARM64_REG_SP, sp_el1)
+        uc.reg_write(A.UC_ARM64_REG_PC, vector)
+        self.invalidate()
+        return True
 
     def _translate(self, addr: int) -> int:
         sctlr, tcr, ttbr0, ttbr1 = self._live("SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1")

@@ -22,10 +22,11 @@ Breakpoints and watchpoints:
 
 - software breakpoints patch ``BRK #0`` / ``INT3`` into guest RAM (memory
   reads show the original bytes, as gdbserver does). A breakpoint
-  instruction that is not ours is the guest's own: it is reported to GDB as
-  SIGTRAP and not delivered to the guest's vectors (Unicorn does not
-  deliver exceptions when an interrupt hook is installed). Other guest
-  exceptions are reported as SIGILL (undefined instruction) or SIGSEGV.
+  instruction that is not ours is the guest's own: it is delivered to the
+  guest's handler (x86 IDT vector 3, arm64 VBAR_EL1 synchronous vector),
+  which Unicorn does not do itself, or, when the guest has no handler,
+  reported to GDB as SIGTRAP. Other guest exceptions are reported as SIGILL
+  (undefined instruction) or SIGSEGV, not delivered.
 - hardware breakpoints are Unicorn code hooks on one address; they stop
   before the instruction runs. Resuming from one runs its instruction once
   (like x86's RF flag). There is no slot limit.
@@ -98,7 +99,7 @@ _WIDEST_ACCESS = 64
 class _CpuRunState:
     """What the hooks of one CPU noticed during a slice."""
 
-    __slots__ = ("event", "event_pc", "watch_hit", "muted", "skip_hw_at")
+    __slots__ = ("event", "event_pc", "watch_hit", "muted", "skip_hw_at", "guest_breakpoint")
 
     def __init__(self) -> None:
         self.event: StopEvent | None = None
@@ -108,6 +109,8 @@ class _CpuRunState:
         self.watch_hit: tuple[int, str, int | None, bytes | None] | None = None
         self.muted = False
         self.skip_hw_at: int | None = None
+        #: the guest executed a breakpoint instruction of its own
+        self.guest_breakpoint = False
 
 
 class EmuTarget(
@@ -368,7 +371,11 @@ class EmuTarget(
             state.event_pc = bp_addr
             event = StopEvent("swbreak", cpu.tid, SIGTRAP)
         elif bp_addr is not None:
-            event = StopEvent("signal", cpu.tid, SIGTRAP)  # the guest's own breakpoint
+            # the guest's own: into its handler once Unicorn has returned,
+            # or to the debugger as SIGTRAP if it has none
+            state.guest_breakpoint = True
+            uc.emu_stop()
+            return
         else:
             signal = SIGILL if intno == cpu.undefined_instruction_exception else SIGSEGV
             log.info("cpu %d: exception %d at %#x reported as signal %d", cpu.index, intno, cpu.pc, signal)
@@ -431,6 +438,7 @@ class EmuTarget(
         state.event = None
         state.event_pc = None
         state.watch_hit = None
+        state.guest_breakpoint = False
         start = cpu.pc
         cpu.invalidate()
         try:
@@ -447,6 +455,8 @@ class EmuTarget(
             if state.event_pc is not None:
                 cpu.pc = state.event_pc
             return state.event
+        if state.guest_breakpoint and not cpu.deliver_breakpoint():
+            return StopEvent("signal", cpu.tid, SIGTRAP)
         cpu.halted = count > 1 and cpu.is_halted_after_run()
         return None
 
