@@ -1,0 +1,101 @@
+"""The client and the AArch64 page-table walker against
+``qemu-system-aarch64`` (TCG) running Debian's arm64 kernel.
+
+No root file system is given, so the kernel boots to its "VFS: Unable to
+mount root fs" panic and spins there with the MMU on: a stable state to
+compare our page-table walk (TTBR0/TTBR1/TCR from QEMU's gdbstub, RAM from
+QEMU's shared memory file at GPA 0x40000000) with QEMU's own ``gva2gpa``
+and with the stub's virtual reads."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from vmscope.client import Client
+from vmscope.client.helpers.qemu import QemuMonitor
+from vmscope.client.helpers.qemu_launch import QemuGuest
+from vmscope.vmi import Aarch64Paging, AddressSpace, TranslationError
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+GDB_PORT, QMP_PORT = 16300, 16301
+
+
+@pytest.fixture(scope="module")
+def vm():
+    if not shutil.which("qemu-system-aarch64"):
+        pytest.fail("qemu-system-aarch64 is not installed")
+    from vmscope.images.kernel import cloud_kernel
+
+    kernel = cloud_kernel("arm64", quiet=True)
+    guest = QemuGuest(str(kernel.vmlinuz), None, GDB_PORT, QMP_PORT, qemu="qemu-system-aarch64",
+                      machine="virt", cmdline="console=ttyAMA0 panic=0", extra=["-cpu", "cortex-a57"])
+    with guest:
+        guest.console.wait_for(b"end Kernel panic", timeout=300)
+        client = Client.connect(guest.gdb, timeout=20)
+        qmp = QemuMonitor(guest.qmp)
+        try:
+            yield client, qmp
+        finally:
+            client.close()
+            qmp.close()
+
+
+def _walker(client, qmp):
+    regs = {n: client.register(n) for n in ("TTBR0_EL1", "TTBR1_EL1", "TCR_EL1")}
+    return Aarch64Paging(qmp.shared_ram(), regs["TTBR0_EL1"], regs["TTBR1_EL1"], regs["TCR_EL1"])
+
+
+def test_registers_from_qemus_aarch64_description(vm):
+    client, _ = vm
+    assert client.arch == "aarch64"
+    regs = client.registers()
+    assert {"x0", "x30", "sp", "pc", "cpsr"} <= set(regs)
+    assert regs["pc"] >> 48 == 0xFFFF  # a kernel address: TTBR1 half
+    assert client.register("TCR_EL1") != 0 and client.register("TTBR1_EL1") != 0
+
+
+def test_shared_ram_is_mapped_from_the_memory_tree_not_by_offset(vm):
+    _, qmp = vm
+    ranges = [r for r in qmp.ram_ranges() if r.region == "mem"]
+    assert ranges and ranges[0].gpa == 0x4000_0000 and ranges[0].offset == 0
+    mem = qmp.shared_ram()
+    assert mem.regions[0].gpa == 0x4000_0000
+
+
+def test_walker_agrees_with_qemu_and_the_stub(vm):
+    client, qmp = vm
+    walker = _walker(client, qmp)
+    aspace = AddressSpace(walker)
+    regs = client.registers()
+    for va in (regs["pc"], regs["sp"], regs["pc"] & ~0xFFF):
+        tr = walker.translate(va)
+        qemu_says = qmp.hmp(f"gva2gpa 0x{va:x}").strip()
+        assert qemu_says == f"gpa: 0x{tr.paddr:x}"
+        assert aspace.read(va, 64) == client.read_memory(va, 64)
+        assert client.read_memory(tr.paddr, 64, physical=True) == aspace.read(va, 64)
+    text = walker.translate(regs["pc"]).page
+    assert not text.user and not text.writable  # kernel text: EL1 only, read-only
+    stack = walker.translate(regs["sp"]).page
+    assert stack.writable and stack.nx
+
+
+def test_unmapped_kernel_address_names_the_level(vm):
+    client, qmp = vm
+    walker = _walker(client, qmp)
+    va = 0xFFFF_0000_0000_0000  # bottom of TTBR1's 48-bit range: nothing maps it
+    with pytest.raises(TranslationError) as exc:
+        walker.translate(va)
+    assert exc.value.level.startswith("L") and "0xffff000000000000" in str(exc.value)
+    assert "No page" in qmp.hmp(f"gva2gpa 0x{va:x}") or "Unmapped" in qmp.hmp(f"gva2gpa 0x{va:x}")
+
+
+def test_step_moves_the_pc(vm):
+    client, _ = vm
+    before = client.register("pc")
+    stop = client.step()
+    assert stop.kind == "signal" and stop.signal == 5
+    after = client.register("pc")
+    assert after != before and after >> 48 == 0xFFFF
