@@ -131,6 +131,7 @@ class EmuMachine:
             return
         self._shut.set()
         self.target.close()
+        self.ram.close_fd()  # the Unicorn instances keep the mapping itself
         try:
             self.serial.out.flush()
         except (OSError, ValueError):

@@ -57,6 +57,15 @@ class GuestRam:
                 errno.EFAULT,
             )
 
+    def close_fd(self) -> None:
+        """Drop the memfd (the mapping stays valid for CPUs still holding it)."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
     def close(self) -> None:
         """Release the mapping; Unicorn instances using it must be gone."""
         try:
@@ -64,7 +73,4 @@ class GuestRam:
             self.map.close()
         except (BufferError, AttributeError):
             pass  # a CPU still maps it: leave it to the process exit
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        self.close_fd()
