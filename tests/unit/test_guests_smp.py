@@ -154,15 +154,15 @@ def expected_lines(banner: str, ncpus: int) -> str:
     return "".join(f"{banner}: cpu {i} up\n" for i in range(ncpus))
 
 
-@pytest.mark.parametrize("entry", ["pvh_entry", "start64"])
-def test_x86_demo_on_three_cpus_entering_together(entry):
-    ram, symbols, console, cpus = boot_x86("demo", entry, 3, enough_ticks=100)
-    assert console.text == expected_lines("vmscope demo guest", 3)
-    per_cpu = ram.u64(symbols["per_cpu_counter"], 4)
-    assert per_cpu[3] == 0
+@pytest.mark.parametrize("entry,ncpus", [("pvh_entry", 3), ("start64", 3), ("pvh_entry", 12)])
+def test_x86_demo_on_several_cpus_entering_together(entry, ncpus):
+    ram, symbols, console, cpus = boot_x86("demo", entry, ncpus, enough_ticks=100)
+    assert console.text == expected_lines("vmscope demo guest", ncpus)
+    per_cpu = ram.u64(symbols["per_cpu_counter"], ncpus + 1)
+    assert per_cpu[ncpus] == 0
     # lock incq is one instruction, so no increment is lost: the two can only
     # differ by the ticks caught half-way when the CPUs were stopped
-    assert abs(ram.u64(symbols["counter"])[0] - sum(per_cpu)) <= 3
+    assert abs(ram.u64(symbols["counter"])[0] - sum(per_cpu)) <= ncpus
     for uc, _, _ in cpus:
         assert uc.reg_read(x86.UC_X86_REG_CS) == 0x08, "runs on the guest's own GDT"
         assert uc.reg_read(x86.UC_X86_REG_SS) == 0x10
@@ -188,16 +188,21 @@ def test_x86_idt_guest_counts_its_own_int3_on_every_cpu(entry):
 
 
 def test_x86_cpus_beyond_the_guest_limit_park_quietly():
-    """idt.S supports 8 CPUs: a 9th takes index 8 and halts, printing nothing."""
+    """A guest supports as many CPUs as per_cpu_counter has slots (64, what
+    vmscope allows): one more takes the next index and halts, printing
+    nothing, while the others come up as usual."""
     ram = SharedRam(0, 4 << 20)
     ram.load_elf(guest_elf("idt"))
     symbols = guest_symbols("idt")
+    with guest_elf("idt").open("rb") as stream:
+        slots = ELFFile(stream).get_section_by_name(".symtab").get_symbol_by_name("per_cpu_counter")[0]["st_size"] // 8
+    assert slots == 64
     console = Console()
-    cpus = [(x86_cpu(ram, console, UC_MODE_32), x86.UC_X86_REG_EIP, symbols["pvh_entry"]) for _ in range(9)]
-    run_round_robin(cpus, lambda: console.text.count("\n") == 8 and min(ram.u64(symbols["per_cpu_counter"], 8)) > 0)
-    assert console.text == expected_lines("vmscope idt guest", 8)
-    uc = cpus[8][0]
-    assert uc.mem_read(uc.reg_read(x86.UC_X86_REG_EIP) - 1, 1) == b"\xf4", "the 9th CPU sits after a hlt"
+    cpus = [(x86_cpu(ram, console, UC_MODE_32), x86.UC_X86_REG_EIP, symbols["pvh_entry"]) for _ in range(slots + 1)]
+    run_round_robin(cpus, lambda: console.text.count("\n") == slots)
+    assert console.text == expected_lines("vmscope idt guest", slots)
+    parked = [uc for uc, _, _ in cpus if uc.mem_read(uc.reg_read(x86.UC_X86_REG_EIP) - 1, 1) == b"\xf4"]
+    assert len(parked) == 1, "exactly one CPU sits after a hlt"
 
 
 RAM_BASE_ARM = 0x40000000
@@ -228,19 +233,31 @@ def arm_cpu(ram: SharedRam, console: Console, index: int) -> Uc:
     return uc
 
 
-def test_arm64_demo_on_three_cpus_entering_together():
+@pytest.mark.parametrize("ncpus", [3, 12])
+def test_arm64_demo_on_several_cpus_entering_together(ncpus):
     ram = SharedRam(RAM_BASE_ARM, 2 << 20)
     ram.load_elf(guest_elf("demo", "aarch64"))
     symbols = guest_symbols("demo", "aarch64")
     console = Console()
-    cpus = [(arm_cpu(ram, console, i), arm64.UC_ARM64_REG_PC, symbols["_start"]) for i in range(3)]
-    run_round_robin(cpus, lambda: min(ram.u64(symbols["per_cpu_counter"], 3)) >= 100)
-    assert console.text == expected_lines("vmscope demo guest", 3)
-    per_cpu = ram.u64(symbols["per_cpu_counter"], 4)
-    assert per_cpu[3] == 0
+    cpus = [(arm_cpu(ram, console, i), arm64.UC_ARM64_REG_PC, symbols["_start"]) for i in range(ncpus)]
+    run_round_robin(cpus, lambda: min(ram.u64(symbols["per_cpu_counter"], ncpus)) >= 100)
+    assert console.text == expected_lines("vmscope demo guest", ncpus)
+    per_cpu = ram.u64(symbols["per_cpu_counter"], ncpus + 1)
+    assert per_cpu[ncpus] == 0
     counter = ram.u64(symbols["counter"])[0]
     # separate instances share no exclusive monitor: an increment can be lost
-    assert 0 < counter <= sum(per_cpu) + 3
+    assert 0 < counter <= sum(per_cpu) + ncpus
     stacks = symbols["stacks"]
     for index, (uc, _, _) in enumerate(cpus):
         assert stacks + index * 4096 < uc.reg_read(arm64.UC_ARM64_REG_SP) <= stacks + (index + 1) * 4096
+
+
+def test_arm64_cpu_beyond_the_guest_limit_parks_quietly():
+    ram = SharedRam(RAM_BASE_ARM, 2 << 20)
+    ram.load_elf(guest_elf("demo", "aarch64"))
+    symbols = guest_symbols("demo", "aarch64")
+    console = Console()
+    uc = arm_cpu(ram, console, 64)  # Aff0 = 64: one past the 64 supported CPUs
+    uc.emu_start(symbols["_start"], 0, count=1000)
+    assert console.text == ""
+    assert symbols["park"] <= uc.reg_read(arm64.UC_ARM64_REG_PC) < symbols["park"] + 8

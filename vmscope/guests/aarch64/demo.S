@@ -25,7 +25,7 @@
         .equ UART_BASE, 0x09000000
         .equ UART_FR, 0x18
         .equ UART_FR_TXFF, 1 << 5
-        .equ MAX_CPUS, 16
+        .equ MAX_CPUS, 64               // vmscope runs 1..64 CPUs
         .equ STACK_SHIFT, 12            // 4 KiB per CPU
 
         .pushsection .note.vmscope, "a", %note
@@ -125,28 +125,29 @@ puts:
 // separate instance has none) and the output order is deterministic.
         .type announce, %function
 announce:
-        stp x29, x30, [sp, #-16]!
+        stp x29, x30, [sp, #-32]!
+        stp x21, x22, [sp, #16]
         ldr x1, =announce_turn
 1:      ldar w2, [x1]
         cmp w2, w19
         b.ne 1b
         ldr x0, =banner
         bl puts
-        cmp x19, #10
-        b.lo 2f
-        mov x0, #'1'
+        mov x2, #10
+        udiv x21, x19, x2               // tens (the index is below 100)
+        msub x22, x21, x2, x19          // ones
+        cbz x21, 2f
+        add x0, x21, #'0'
         bl putc
-        sub x0, x19, #10
-        b 3f
-2:      mov x0, x19
-3:      add x0, x0, #'0'
+2:      add x0, x22, #'0'
         bl putc
         ldr x0, =banner_end
         bl puts
         add w2, w19, #1
         ldr x1, =announce_turn
         stlr w2, [x1]
-        ldp x29, x30, [sp], #16
+        ldp x21, x22, [sp, #16]
+        ldp x29, x30, [sp], #32
         ret
         .size announce, . - announce
 

@@ -14,7 +14,7 @@
         .include "pvh_boot.S"
         .include "dwarf_types.S"
 
-        .equ MAX_CPUS, 16
+        .equ MAX_CPUS, 64               /* vmscope runs 1..64 CPUs */
         .equ STACK_SHIFT, 12            /* 4 KiB per CPU */
 
         PVH_NOTES pvh_entry

@@ -16,7 +16,7 @@
         .include "pvh_boot.S"
         .include "dwarf_types.S"
 
-        .equ MAX_CPUS, 8
+        .equ MAX_CPUS, 64               /* vmscope runs 1..64 CPUs */
         .equ STACK_SHIFT, 12
         .equ BP_VECTOR, 3
         .equ INT3_EVERY, 16
