@@ -157,3 +157,40 @@ def test_rsp_only_memory_gives_the_same_ps(guest, facts, capsys):
     shared = json.loads(run_inspect(capsys, "--json", "ps"))
     rsp = json.loads(run_inspect(capsys, "--memory", "rsp", "--json", "ps"))
     assert [(r["pid"], r["comm"]) for r in rsp] == [(r["pid"], r["comm"]) for r in shared]
+
+
+def test_drgn_program_over_the_same_memory(guest, facts, capsys):
+    pytest.importorskip("drgn", reason="drgn is optional (pip install drgn)")
+    out = run_inspect(capsys, "drgn", "-c",
+                      "s = prog.symbol('init_task'); print(hex(s.address)); "
+                      "print(prog.read(prog.symbol('linux_banner').address, 13).decode())")
+    addr, banner = out.split()[:2], out.splitlines()[1]
+    theirs = {parts[2]: int(parts[0], 16) for parts in (l.split() for l in facts["kallsyms"].splitlines())
+              if len(parts) == 3}
+    assert int(out.split()[0], 16) == theirs["init_task"]
+    assert banner == "Linux version"
+
+
+def test_client_retries_around_unmapped_pages_on_real_qemu(guest, facts, capsys):
+    """QEMU fails a whole ``m`` that touches one unmapped byte (E14); the
+    client must return the mapped part and name the hole exactly."""
+    from vmscope.client import Client, MemoryReadError
+
+    info = json.loads(run_inspect(capsys, "--json", "info"))
+    with Client.connect(f"127.0.0.1:{GDB_PORT}") as c:
+        # The kernel image mapping ends at a 2 MiB boundary; the next page is unmapped.
+        from vmscope.vmi.linux.kernel import find_kernel_image
+        from vmscope.client.helpers.qemu import QemuMonitor
+
+        qmp = QemuMonitor(f"127.0.0.1:{QMP_PORT}")
+        regs = c.registers()
+        loc = find_kernel_image(qmp.shared_ram(), regs["cr3"], regs["cr4"])
+        qmp.close()
+        start = loc.end - 3000
+        data, holes = c.read_memory_partial(start, 6000)
+        assert holes == [(loc.end, 3000)]
+        assert data[:3000] == c.read_memory(start, 3000)
+        with pytest.raises(MemoryReadError, match=f"0x{loc.end:x}"):
+            c.read_memory(start, 6000)
+        assert int(info["text"], 16) == loc.text
+        c.detach()

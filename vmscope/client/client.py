@@ -102,7 +102,10 @@ class Client:
         self._resume_hooks: list[Callable[[], None]] = []
         self._reg_cache: dict[str, int | None] | None = None
         self.breakpoints: set[int] = set()  # software breakpoints we inserted
-        self._phys_mode: bool | None = False
+        # QEMU keeps its physical-memory mode across connections, so a
+        # previous client may have left it on: unknown until we set it.
+        self._phys_mode: bool | None = None
+        self._phys_supported = True
         self.running = False
         self.last_stop: StopEvent | None = None
         self.features = self._negotiate()
@@ -127,6 +130,11 @@ class Client:
 
     def close(self) -> None:
         try:
+            if self._phys_mode:  # leave QEMU as GDB expects it: virtual addresses
+                try:
+                    self.set_physical_mode(False)
+                except (StubError, ConnectionLost, StubTimeout):
+                    pass
             self.sock.close()
         finally:
             self.running = False
@@ -134,6 +142,11 @@ class Client:
     def detach(self) -> None:
         """Let the target run on without us and close the connection."""
         try:
+            if self._phys_mode:
+                try:
+                    self.set_physical_mode(False)
+                except StubError:
+                    pass
             self._send(b"D")
             self._recv_packet(self.timeout)
         except (ConnectionLost, StubTimeout):
@@ -316,8 +329,21 @@ class Client:
         """QEMU only: make memory packets address guest-physical memory."""
         if self._phys_mode == on:
             return
-        self._ok(b"Qqemu.PhyMemMode:%d" % int(on))
+        try:
+            self._ok(b"Qqemu.PhyMemMode:%d" % int(on))
+        except Unsupported:
+            self._phys_supported = False
+            raise
         self._phys_mode = on
+
+    def _memory_mode(self, physical: bool) -> None:
+        if physical:
+            self.set_physical_mode(True)
+        elif self._phys_mode is not False and self._phys_supported:
+            try:
+                self.set_physical_mode(False)
+            except Unsupported:
+                self._phys_mode = False  # a stub without the mode reads virtual memory
 
     def _read_packet(self, addr: int, size: int) -> bytes:
         if self._use_x:
@@ -364,8 +390,7 @@ class Client:
         """Like :meth:`read_memory`, but unreadable pages come back as
         ``fill`` and are listed as ``(addr, length)`` holes."""
         self._alive()
-        if self._phys_mode is not None or physical:
-            self.set_physical_mode(physical)
+        self._memory_mode(physical)
         out = bytearray()
         holes: list[tuple[int, int]] = []
         pos, end = addr, addr + size
@@ -392,8 +417,7 @@ class Client:
         return bytes(out), holes
 
     def write_memory(self, addr: int, data: bytes, *, physical: bool = False) -> None:
-        if self._phys_mode is not None or physical:
-            self.set_physical_mode(physical)
+        self._memory_mode(physical)
         step = max(16, (self.features.packet_size - 32) // 2)
         for off in range(0, len(data), step):
             piece = data[off : off + step]

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cr3", type=_int, help="page-table root to use (default: the kernel's)")
     s = sub.add_parser("symbols", help="kernel symbols matching a regex or glob")
     s.add_argument("pattern")
+    g = sub.add_parser("drgn", help="a Python prompt with a drgn Program over the guest (pip install drgn)")
+    g.add_argument("-c", "--command", help="run this Python code instead of a prompt")
+    g.add_argument("--vmlinux", help="vmlinux with DWARF, for types")
     return p
 
 
@@ -233,8 +236,20 @@ def cmd_symbols(ins, args, out) -> int:
     return _emit(out, args, rows, table)
 
 
+def cmd_drgn(ins, args, out) -> int:
+    prog = ins.drgn(args.vmlinux)
+    scope = {"prog": prog, "kernel": ins.kernel(), "inspector": ins}
+    if args.command:
+        exec(compile(args.command, "<inspect drgn -c>", "exec"), scope)
+        return 0
+    import code
+
+    code.interact(banner="drgn Program over the guest: prog, kernel (vmscope LinuxKernel), inspector", local=scope)
+    return 0
+
+
 COMMANDS = {"ps": cmd_ps, "lsmod": cmd_lsmod, "dmesg": cmd_dmesg, "regs": cmd_regs, "uptime": cmd_uptime,
-            "info": cmd_info, "read": cmd_read, "translate": cmd_translate, "symbols": cmd_symbols}
+            "info": cmd_info, "read": cmd_read, "translate": cmd_translate, "symbols": cmd_symbols, "drgn": cmd_drgn}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -114,3 +114,9 @@ class Inspector:
             self._kernel = LinuxKernel(self.phys, regs["cr3"], regs.get("cr4", 0), cache=self.cache,
                                        progress=self.progress, system_map=self.system_map)
         return self._kernel
+
+    def drgn(self, vmlinux: str | None = None):
+        """A ``drgn.Program`` over the same guest memory (needs ``pip install drgn``)."""
+        from vmscope.vmi.linux.drgn_program import drgn_program
+
+        return drgn_program(self.kernel(), vmlinux)
