@@ -20,10 +20,10 @@ from elftools.elf.elffile import ELFFile
 from tests.support import Gdb, VmProcess, free_port, require_kvm
 
 BACKENDS = [
-    pytest.param("kvm", "x86_64", "demo", id="kvm-x86_64-demo"),
-    pytest.param("kvm", "x86_64", "idt", id="kvm-x86_64-idt"),
-    pytest.param("emu", "x86_64", "demo", id="emu-x86_64-demo"),
-    pytest.param("emu", "aarch64", "demo", id="emu-aarch64-demo"),
+    pytest.param(("kvm", "x86_64", "demo"), id="kvm-x86_64-demo"),
+    pytest.param(("kvm", "x86_64", "idt"), id="kvm-x86_64-idt"),
+    pytest.param(("emu", "x86_64", "demo"), id="emu-x86_64-demo"),
+    pytest.param(("emu", "aarch64", "demo"), id="emu-aarch64-demo"),
 ]
 
 TICK_HITS = 50
