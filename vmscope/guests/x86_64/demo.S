@@ -67,7 +67,8 @@ tick:
         .cfi_endproc
         .size tick, . - tick
 
-/* CPUs beyond MAX_CPUS stop here (quietly: they have no stack). */
+/* CPUs beyond MAX_CPUS stop here, quietly (they have no stack); vmscope
+ * never starts that many, and a VMM may report this hlt with interrupts off. */
         .type park, @function
 park:
         hlt
