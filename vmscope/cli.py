@@ -118,15 +118,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_guest(args: argparse.Namespace) -> int:
-    if args.what == "demo":
+    if args.what != "linux":
+        if args.rest:
+            _err(f"guest {args.what}: unexpected arguments {' '.join(args.rest)}")
+            return 2
         from vmscope.guests import write_guest
 
-        path = write_guest(args.out, "demo", args.arch)
-        print(path)
+        print(write_guest(args.out, args.what, args.arch))
         return 0
-    from vmscope.images import linux
+    from vmscope.images import cli as images_cli
 
-    return linux.main(["--out", str(args.out), *args.rest])
+    debian_arch = {"x86_64": "amd64", "aarch64": "arm64"}[args.arch]
+    return images_cli.main(["linux", "--out", str(args.out), "--arch", debian_arch, *args.rest])
 
 
 # --- wiring -------------------------------------------------------------------------
@@ -154,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     guest = sub.add_parser("guest", help="write guest images")
-    guest.add_argument("what", choices=["demo", "linux"], help="demo: the embedded bare-metal ELF; linux: Debian kernel + initramfs")
+    guest.add_argument("what", choices=["demo", "idt", "linux"],
+                       help="demo: the embedded bare-metal ELF; idt: a second test guest with its own IDT and INT3s; "
+                            "linux: Debian kernel + busybox initramfs (more options: vmscope guest linux --out DIR --help)")
     guest.add_argument("--out", type=Path, required=True, help="output directory")
     guest.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64")
-    guest.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    guest.set_defaults(func=cmd_guest)
+    guest.set_defaults(func=cmd_guest, rest=[])
 
     inspect = sub.add_parser("inspect", help="attach to a gdbstub and inspect the guest", add_help=False)
     inspect.add_argument("rest", nargs=argparse.REMAINDER)
@@ -177,7 +181,12 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "guest":
+        args.rest = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.WARNING - 10 * args.verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="vmscope: %(name)s: %(message)s")
     if getattr(args, "arch", None) is None and args.command == "run":
