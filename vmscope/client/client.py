@@ -91,7 +91,8 @@ class Features:
 class Client:
     """One connection to a GDB stub. Not thread-safe, except :meth:`interrupt`."""
 
-    CLIENT_FEATURES = b"qSupported:multiprocess-;swbreak+;hwbreak+;xmlRegisters=i386,aarch64;vContSupported+"
+    CLIENT_FEATURES = (b"qSupported:multiprocess-;swbreak+;hwbreak+;xmlRegisters=i386,aarch64;vContSupported+;"
+                       b"binary-upload+")
 
     def __init__(self, sock: socket.socket, *, timeout: float = 10.0, arch=None):
         self.sock = sock
@@ -347,13 +348,12 @@ class Client:
 
     def _read_packet(self, addr: int, size: int) -> bytes:
         if self._use_x:
+            # GDB 16's x: "b" then the raw (escaped) bytes; binary halves the traffic.
             reply = self.request(b"x%x,%x" % (addr, size))
-            if reply.startswith(b"b"):  # new-style x reply prefix
+            if reply.startswith(b"b"):
                 return reply[1:]
-            if not (reply.startswith(b"E") and len(reply) == 3) and reply:
-                return reply
             if reply == b"":
-                self._use_x = False
+                self._use_x = False  # offered but not answered: fall back to m
             else:
                 raise MemoryReadError(addr, size, reply)
         reply = self.request(b"m%x,%x" % (addr, size))
@@ -458,6 +458,8 @@ class Client:
     def resume(self, *, step: bool = False, tid: int | None = None) -> None:
         """Start the target and return at once; :meth:`wait` collects the stop."""
         action = "s" if step else "c"
+        if step and tid is None and self.last_stop is not None:
+            tid = self.last_stop.tid  # step the thread that stopped, not every vCPU
         if self._vcont and action in self._vcont:
             packet = f"vCont;{action}" + (f":{format_thread_id(tid)}" if tid is not None else "")
         else:
@@ -495,11 +497,10 @@ class Client:
         if pc not in self.breakpoints:
             return None
         self.remove_breakpoint(pc)
-        try:
-            self.resume(step=True, tid=tid)
-            return self.wait(self.timeout)
-        finally:
-            self.set_breakpoint(pc)
+        self.resume(step=True, tid=tid)
+        stop = self.wait(self.timeout)  # if this raises, the target may still run: no Z0 now
+        self.set_breakpoint(pc)
+        return stop
 
     def cont(self, timeout: float | None = None) -> StopEvent:
         """Continue until the next stop (stepping off a breakpoint first)."""
