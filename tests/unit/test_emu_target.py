@@ -429,3 +429,12 @@ def test_x86_guest_int3_goes_to_its_idt_while_our_breakpoints_still_stop():
         t.remove_sw_breakpoint(sym["tick"], 1)
     finally:
         booted.machine.shutdown()
+
+
+def test_x86_image_over_the_boot_tables_is_refused(tmp_path):
+    (tmp_path / "low.S").write_text(".globl start64\nstart64:\n jmp .\n")
+    subprocess.run(["as", "--64", "-o", str(tmp_path / "low.o"), str(tmp_path / "low.S")], check=True)
+    subprocess.run(["ld", "-Ttext=0x2000", "-e", "start64", "-o", str(tmp_path / "low.elf"), str(tmp_path / "low.o")],
+                   check=True)
+    with pytest.raises(ImageError, match=r"low.elf: PT_LOAD at 0x[0-9a-f]+ .* overlaps 0x500-0x80000"):
+        EmuMachine(MachineConfig(arch="x86_64", kernel=tmp_path / "low.elf"))

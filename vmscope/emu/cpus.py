@@ -187,6 +187,8 @@ MSR_KERNEL_GS_BASE = 0xC000_0102
 GDT_ADDR = 0x500
 PML4_ADDR = 0x1000  # PML4, PDPT and one PD of 2 MiB pages: 1 GiB identity map
 BOOT_STACK_TOP = 0x80000  # CPU n starts with rsp = top - n * 4 KiB ("any stack")
+#: the guest-physical range the boot state above occupies (64 CPUs' stacks included)
+BOOT_AREA = (GDT_ADDR, BOOT_STACK_TOP)
 CODE64_SELECTOR = 0x08
 DATA_SELECTOR = 0x10
 

@@ -18,6 +18,8 @@ _MACHINES = {"x86_64": "EM_X86_64", "aarch64": "EM_AARCH64"}
 class LoadedElf:
     entry: int
     symbols: dict[str, int] = field(default_factory=dict)
+    #: (physical address, size in memory) of every loaded segment
+    segments: list[tuple[int, int]] = field(default_factory=list)
 
 
 def load_elf(path: Path, arch: str, ram: GuestRam) -> LoadedElf:
@@ -43,12 +45,14 @@ def load_elf(path: Path, arch: str, ram: GuestRam) -> LoadedElf:
                     )
                 data = seg.data()
                 ram.write(paddr, data + bytes(memsz - len(data)))
+            segments = [(s["p_paddr"], s["p_memsz"]) for s in elf.iter_segments()
+                        if s["p_type"] == "PT_LOAD" and s["p_memsz"]]
             symbols: dict[str, int] = {}
             symtab = elf.get_section_by_name(".symtab")
             if symtab is not None:
                 for sym in symtab.iter_symbols():
                     if sym.name and sym["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT", "STT_NOTYPE"):
                         symbols.setdefault(sym.name, sym["st_value"])
-            return LoadedElf(elf["e_entry"], symbols)
+            return LoadedElf(elf["e_entry"], symbols, segments)
     except (ELFError, OSError) as e:
         raise ImageError(f"{path}: not a loadable ELF ({e})") from None

@@ -22,7 +22,7 @@ from unicorn import UC_HOOK_INSN
 from unicorn import arm64_const as A
 from unicorn import x86_const as X
 
-from vmscope.emu.cpus import CPU_CLASSES, Arm64Cpu, EmuCpu, X86Cpu, x86_write_boot_tables
+from vmscope.emu.cpus import BOOT_AREA, CPU_CLASSES, Arm64Cpu, EmuCpu, x86_write_boot_tables
 from vmscope.emu.devices import Pl011, SerialSink, Uart16550
 from vmscope.emu.elf import LoadedElf, load_elf
 from vmscope.emu.memory import GuestRam
@@ -82,6 +82,13 @@ class EmuMachine:
 
     def _entry(self, image: LoadedElf) -> int:
         if self.config.arch == "x86_64":
+            lo, hi = BOOT_AREA
+            for paddr, size in image.segments:
+                if paddr < hi and lo < paddr + size:
+                    raise ImageError(
+                        f"{self.kernel}: PT_LOAD at {paddr:#x} (+{size:#x}) overlaps {lo:#x}-{hi:#x}, where the "
+                        "emulated x86_64 target keeps its GDT, page tables and boot stacks"
+                    )
             if "start64" not in image.symbols:
                 raise ImageError(
                     f"{self.kernel}: no 'start64' symbol; the emulated x86_64 target starts guests at their "

@@ -176,6 +176,7 @@ class EmuTarget(
         self._cpu(tid).write_registers(values)
 
     def read_memory(self, addr: int, length: int, tid: int) -> bytes:
+        self._check_stopped()  # translation reads the CPU's registers
         cpu = self._cpu(tid)
         out = bytearray()
         while len(out) < length:
@@ -192,6 +193,7 @@ class EmuTarget(
         return bytes(out)
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
+        self._check_stopped()
         cpu = self._cpu(tid)
         pieces = []  # translate everything first: all or nothing
         done = 0
@@ -289,6 +291,7 @@ class EmuTarget(
     # --- software breakpoints ------------------------------------------------
 
     def add_sw_breakpoint(self, addr: int, kind: int) -> None:
+        self._check_stopped()
         if addr in self._sw:
             return
         bp = self.arch.breakpoint
@@ -301,6 +304,7 @@ class EmuTarget(
         self._flush_code(addr, len(bp))
 
     def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
+        self._check_stopped()
         entry = self._sw.pop(addr, None)
         if entry is None:
             return
@@ -323,12 +327,14 @@ class EmuTarget(
     # --- hardware breakpoints ------------------------------------------------
 
     def add_hw_breakpoint(self, addr: int, kind: int) -> None:
+        self._check_stopped()  # Unicorn hooks change only while no CPU runs
         if addr in self._hw:
             return
         self._hw[addr] = [cpu.uc.hook_add(UC_HOOK_CODE, self._on_hw_breakpoint, cpu, addr, addr) for cpu in self.cpus]
         self._flush_code(addr, 1)
 
     def remove_hw_breakpoint(self, addr: int, kind: int) -> None:
+        self._check_stopped()
         handles = self._hw.pop(addr, None)
         if handles is None:
             return
@@ -350,6 +356,7 @@ class EmuTarget(
     # --- watchpoints -----------------------------------------------------------
 
     def add_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
+        self._check_stopped()
         if kind not in _WATCH_HOOKS:
             raise TargetError(f"unknown watchpoint kind {kind!r}", errno.EINVAL)
         if length <= 0:
@@ -364,6 +371,7 @@ class EmuTarget(
         ]
 
     def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
+        self._check_stopped()
         handles = self._watch.pop((addr, length, kind), None)
         if handles is None:
             return
@@ -504,6 +512,7 @@ class EmuTarget(
         self._flush_code(addr, len(data))  # identity-mapped guests run code at its physical address
 
     def translate(self, addr: int, tid: int) -> int:
+        self._check_stopped()
         return self._cpu(tid).translate(addr)
 
     _HELP = (
