@@ -39,3 +39,33 @@ def lab():
     with Lab(cpus=2, mem_mib=2048, forward=[FORWARDED_GUEST_PORT], port_range=LAB_PORTS,
              console=console) as lab:
         yield lab
+
+
+def arm64_enabled() -> bool:
+    import subprocess
+
+    out = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True, text=True)
+    return "arm64" in out.stdout.split()
+
+
+def require_arm64() -> None:
+    """The arm64 lab needs Debian's arm64 packages: a host choice
+    (dpkg --add-architecture arm64 && apt-get update), so without it the
+    tests skip, unless VMSCOPE_REQUIRE_LAB=1 says this machine must run them."""
+    for tool in ("qemu-system-aarch64", "apt-get", "dpkg-deb"):
+        _require(tool)
+    if not arm64_enabled():
+        msg = "arm64 is not a dpkg architecture here (dpkg --add-architecture arm64 && apt-get update)"
+        if os.environ.get("VMSCOPE_REQUIRE_LAB") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def arm64_lab():
+    require_arm64()
+    from vmscope.lab import Lab
+
+    with Lab(arch="aarch64", cpus=2, mem_mib=2048, forward=[FORWARDED_GUEST_PORT],
+             port_range=LAB_PORTS, boot_timeout=900) as lab:
+        yield lab

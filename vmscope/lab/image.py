@@ -26,8 +26,10 @@ from typing import Iterable, Mapping, Sequence
 
 from vmscope.images.cache import cache_dir
 from vmscope.images.initramfs import Initramfs, InitramfsError, shared_libraries
+from vmscope.images.debian import host_arch
 from vmscope.images.kernel import KernelPackage, cloud_kernel
-from vmscope.images.linux import add_busybox, add_modules, build_linux_guest
+from vmscope.images.linux import add_busybox, add_modules, build_linux_guest, foreign_busybox
+from vmscope.lab import foreign
 
 AGENT_PORT = 7100
 READY_MARKER = "vmscope-lab-ready"
@@ -41,6 +43,7 @@ DEFAULT_PYTHON = "/usr/bin/python3.11"
 RUNTIME_DISTS = ("rich", "pyelftools", "capstone", "unicorn", "qemu.qmp")
 L1_MODULES = {
     "amd64": ("irqbypass", "kvm", "kvm_amd", "virtio_pci", "virtio_net"),
+    "arm64": ("virtio_pci", "virtio_net"),  # KVM is built into Debian's arm64 kernel
 }
 # Parts of the standard library no lab command needs; config-* alone is 25 MB.
 _STDLIB_SKIP = re.compile(r"^(test|idlelib|tkinter|turtledemo|lib2to3|ensurepip|pydoc_data|"
@@ -159,6 +162,37 @@ def add_python(image: Initramfs, python: str = DEFAULT_PYTHON) -> None:
         image.add_file(lib, lib)
 
 
+def add_foreign_wheel(image: Initramfs, dist: importlib.metadata.Distribution, arch: str) -> None:
+    """A package with native code, from its wheel for ``arch``, plus the
+    system libraries its shared objects load."""
+    root = foreign.wheel_dir(dist, arch)
+    triplet, _ = foreign.ARCHES[arch]
+    roots = foreign.RootSet(foreign.fetch_packages(foreign.PYTHON_PACKAGES, arch))
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            image.add_tree(f"{SITE_DIR}/{entry.name}", entry)
+        else:
+            image.add_file(f"{SITE_DIR}/{entry.name}", entry)
+    for so in root.rglob("*.so*"):
+        if not so.is_file() or so.is_symlink():
+            continue
+        bundled = {p.name for p in so.parent.iterdir()}
+        needed, _ = foreign.elf_needed(so)
+        for soname in needed:
+            if soname in bundled:
+                continue
+            for d in (f"/lib/{triplet}", f"/usr/lib/{triplet}"):
+                if roots.find(f"{d}/{soname}"):
+                    missing = foreign.add_elf(image, roots, f"{d}/{soname}", triplet)
+                    if missing:
+                        raise LabImageError(f"{so.name} for {arch} needs {missing}")
+                    break
+            else:
+                raise LabImageError(f"{so.name} for {arch} needs {soname}, which no package provided")
+
+
 @dataclasses.dataclass
 class LabImage:
     """Paths of a built lab image."""
@@ -200,15 +234,23 @@ def base_image(kernel: KernelPackage, python: str = DEFAULT_PYTHON,
             raise LabImageError(f"no lab module list for architecture {arch!r}")
         modules = L1_MODULES[arch]
     image = Initramfs()
-    add_busybox(image)
+    native = arch == host_arch()
+    busybox = None if native else foreign_busybox(arch, quiet)
+    add_busybox(image, busybox)
     order = add_modules(image, kernel, modules)
-    add_python(image, python)
+    if native:
+        add_python(image, python)
+    else:
+        foreign.add_foreign_python(image, arch, quiet)
     for dist in distributions_closure(dists):
-        add_distribution(image, dist, SITE_DIR)
-    guest = build_linux_guest(kernel=kernel, quiet=quiet)
+        if native or not foreign.has_native_code(dist):
+            add_distribution(image, dist, SITE_DIR)
+        else:
+            add_foreign_wheel(image, dist, arch)
+    guest = build_linux_guest(kernel=kernel, quiet=quiet, busybox=busybox)
     image.add_file(f"{GUESTS_DIR}/linux/vmlinuz", guest.vmlinuz)
     image.add_file(f"{GUESTS_DIR}/linux/initramfs.cpio.gz", guest.initramfs)
-    workload = build_linux_guest(kernel=kernel, mode="workload", quiet=quiet)
+    workload = build_linux_guest(kernel=kernel, mode="workload", quiet=quiet, busybox=busybox)
     image.add_file(f"{GUESTS_DIR}/linux/initramfs-workload.cpio.gz", workload.initramfs)
     image.add_bytes("/init", INIT_SCRIPT, mode=0o755)
     image.add_bytes("/etc/vmscope/modules", "".join(f"{m}\n" for m in order))
@@ -249,9 +291,11 @@ def source_image(root: Path | None = None) -> Initramfs:
 def build_lab_image(kernel: KernelPackage | None = None, python: str = DEFAULT_PYTHON,
                     dists: Sequence[str] = RUNTIME_DISTS, modules: Sequence[str] | None = None,
                     extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
-                    source_root: Path | None = None, quiet: bool = True) -> LabImage:
-    """Build (or reuse from the cache) both archives."""
-    kernel = kernel or cloud_kernel(quiet=quiet)
+                    source_root: Path | None = None, quiet: bool = True,
+                    arch: str | None = None) -> LabImage:
+    """Build (or reuse from the cache) both archives. ``arch`` is a Debian
+    architecture (default: the host's); ``arm64`` gives an arm64 L1."""
+    kernel = kernel or cloud_kernel(arch, quiet=quiet)
     base, order = base_image(kernel, python, dists, modules, extra_files, quiet)
     lab_cache = cache_dir("lab")
     base_path = lab_cache / f"l1-base-{kernel.version}-{base.fingerprint()[:16]}.cpio"

@@ -33,8 +33,36 @@ from vmscope.images.cache import cache_dir
 from vmscope.lab.image import AGENT_PORT, KVM_MARKER, READY_MARKER, LabImage, build_lab_image
 
 FRAME = struct.Struct(">cI")
-DEFAULT_CMDLINE = "console=ttyS0 panic=-1 quiet"
 PORT_RANGE_ENV = "VMSCOPE_LAB_PORTS"  # e.g. "14000-14999"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Machine:
+    """How QEMU emulates a CPU that has hardware virtualization."""
+
+    qemu: str
+    args: tuple[str, ...]
+    console: str
+
+
+MACHINES = {
+    # -cpu max under TCG is an AMD CPU with SVM and nested paging.
+    "amd64": _Machine("qemu-system-x86_64", (), "ttyS0"),
+    # virtualization=on starts the kernel at EL2, so KVM (built in) comes up.
+    "arm64": _Machine("qemu-system-aarch64", ("-machine", "virt,virtualization=on,gic-version=3"),
+                      "ttyAMA0"),
+}
+_ARCH_ALIASES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+def _debian_arch(arch: str | None) -> str:
+    if arch is None:
+        from vmscope.images.debian import host_arch
+        return host_arch()
+    try:
+        return _ARCH_ALIASES[arch]
+    except KeyError:
+        raise LabError(f"no lab for architecture {arch!r}; choose x86_64 or aarch64") from None
 
 
 class LabError(Exception):
@@ -266,10 +294,12 @@ class Lab:
                  port_range: tuple[int, int] | str | None = None,
                  boot_timeout: float = 600, image: LabImage | None = None,
                  extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
-                 cmdline: str = DEFAULT_CMDLINE, qemu: str = "qemu-system-x86_64",
-                 quiet: bool = True) -> None:
+                 cmdline: str | None = None, qemu: str | None = None,
+                 quiet: bool = True, arch: str | None = None) -> None:
         if cpus < 1 or mem_mib < 256:
             raise LabError("the lab needs at least 1 CPU and 256 MiB")
+        self.arch = _debian_arch(arch)
+        self.machine = MACHINES[self.arch]
         self.cpus, self.mem_mib = cpus, mem_mib
         self.forward = [int(p) for p in forward]
         if AGENT_PORT in self.forward:
@@ -283,8 +313,8 @@ class Lab:
         self.boot_timeout = boot_timeout
         self._image = image
         self._extra_files = extra_files
-        self.cmdline = cmdline
-        self.qemu = qemu
+        self.cmdline = cmdline or f"console={self.machine.console} panic=-1 quiet"
+        self.qemu = qemu or self.machine.qemu
         self.quiet = quiet
         self._proc: subprocess.Popen | None = None
         self._ports: dict[int, int] = {}
@@ -309,7 +339,8 @@ class Lab:
         if not shutil.which(self.qemu):
             raise LabError(f"{self.qemu} is not installed (apt-get install qemu-system-x86)")
         t0 = time.monotonic()
-        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet)
+        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet,
+                                                arch=self.arch)
         self.image = image
         self.timings["image_s"] = time.monotonic() - t0
         self._workdir = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir("lab")))
@@ -337,7 +368,7 @@ class Lab:
         """The QEMU command line: TCG with ``-cpu max`` (AMD SVM + nested
         paging), virtio-net on user networking with the host forwards."""
         fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self._ports.items())
-        return [self.qemu, "-accel", "tcg,thread=multi", "-cpu", "max",
+        return [self.qemu, *self.machine.args, "-accel", "tcg,thread=multi", "-cpu", "max",
                 "-smp", str(self.cpus), "-m", str(self.mem_mib),
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-serial", serial, "-kernel", str(image.vmlinuz), "-initrd", str(initrd),
@@ -350,7 +381,8 @@ class Lab:
         Returns QEMU's exit status; Ctrl-A X quits."""
         if not shutil.which(self.qemu):
             raise LabError(f"{self.qemu} is not installed (apt-get install qemu-system-x86)")
-        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet)
+        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet,
+                                                arch=self.arch)
         self._workdir = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir("lab")))
         initrd = image.combined(self._workdir / "initrd.cpio")
         guest_ports = [AGENT_PORT, *self.forward]
