@@ -64,3 +64,27 @@ def test_ps_is_the_same_through_shared_ram_and_rsp(vm, capsys):
     shared = ps("shared")
     assert len(shared) > 20 and shared[1][2] == "init"
     assert ps("rsp") == shared
+
+
+def test_writes_through_shared_ram_and_rsp_meet(vm):
+    """A write through the mapped file is what QEMU reads, and the reverse;
+    the guest is stopped while the stub is attached and the bytes are
+    restored before it runs again."""
+    qmp = QemuMonitor(vm.qmp)
+    try:
+        mem = qmp.shared_ram(writable=True)
+        high = [r for r in qmp.ram_ranges() if r.region == "mem" and r.gpa >= 1 << 32][0]
+        addr = high.gpa + high.size // 2
+        with Client.connect(vm.gdb) as c:
+            original = mem.read(addr, 32)
+            try:
+                mem.write(addr, b"written-via-shared-ram-file!!!!!")
+                assert c.read_memory(addr, 32, physical=True) == b"written-via-shared-ram-file!!!!!"
+                c.write_memory(addr, b"written-over-rsp-phys-mode......", physical=True)
+                assert mem.read(addr, 32) == b"written-over-rsp-phys-mode......"
+            finally:
+                mem.write(addr, original)
+            assert c.read_memory(addr, 32, physical=True) == original
+            c.detach()
+    finally:
+        qmp.close()

@@ -194,3 +194,19 @@ def test_client_retries_around_unmapped_pages_on_real_qemu(guest, facts, capsys)
             c.read_memory(start, 6000)
         assert int(info["text"], 16) == loc.text
         c.detach()
+
+
+def test_qmp_only_inspection_pauses_and_resumes_the_guest(guest, facts, capsys):
+    """Without a GDB stub: registers from ``info registers``, memory from
+    shared RAM; the guest is stopped for the look and running afterwards."""
+    from vmscope.client.helpers.qemu import QemuMonitor
+
+    rc = inspect_main(["--qmp", f"127.0.0.1:{QMP_PORT}", "--json", "lsmod"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert sorted(m["name"] for m in json.loads(out.out)) == sorted(MODULES)
+    qmp = QemuMonitor(f"127.0.0.1:{QMP_PORT}")
+    try:
+        assert qmp.command("query-status")["running"]
+    finally:
+        qmp.close()

@@ -159,3 +159,33 @@ def test_silent_stub_times_out_with_a_clear_error():
 def test_bad_addresses_are_rejected_clearly():
     with pytest.raises(ValueError, match="HOST:PORT"):
         Client.connect("localhost")
+
+
+def test_vmscope_memfd_named_by_the_stub_is_mapped_directly():
+    """vmscope's VMM names its RAM memfd in ``monitor memory``; the helper
+    maps it through /proc/PID/fd and reads without any RSP round trip."""
+    import os
+
+    from vmscope.client.helpers.vmscope import vmscope_ram
+
+    fd = os.memfd_create("vmscope-test-ram")
+    try:
+        os.ftruncate(fd, 1 << 20)
+        os.pwrite(fd, b"guest-physical-0x1000", 0x1000)
+
+        class MemfdStub(ScriptedStub):
+            def _handle(self, ep, conn, p):
+                if p.startswith(b"qRcmd,"):
+                    text = f"ram gpa=0x0 size=0x100000 pid={os.getpid()} fd={fd} offset=0x0\n"
+                    return self._reply(ep, conn, text.encode().hex().encode())
+                return super()._handle(ep, conn, p)
+
+        stub = MemfdStub("qemu")
+        with Client.connect(stub.address, timeout=10) as c:
+            ram = vmscope_ram(c)
+            assert ram is not None and ram.read(0x1000, 21) == b"guest-physical-0x1000"
+            before = len(stub.requests)
+            ram.read(0, 1 << 20)
+            assert len(stub.requests) == before  # no protocol traffic for memory
+    finally:
+        os.close(fd)

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     if not args.gdb and not args.qmp:
-        err.print("vmscope inspect: error: give --gdb HOST:PORT (and optionally --qmp HOST:PORT)")
+        err.print("vmscope inspect: error: give --gdb HOST:PORT, --qmp HOST:PORT, or both")
         return 2
     from vmscope.client.session import Inspector
 
