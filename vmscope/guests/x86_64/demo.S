@@ -7,7 +7,11 @@
  * "vmscope demo guest: cpu N up\n" on COM1 and then calls tick() forever.
  * tick(cpu) increments the global 64-bit `counter` (atomically) and
  * per_cpu_counter[cpu]. The loop does no port I/O and no privileged
- * instruction, so once a CPU is up it never exits to the VMM.
+ * instruction, so once a CPU is up it never exits to the VMM, except that
+ * CPU 0 reads the TSC every 4096 ticks and prints
+ * "vmscope demo guest: heartbeat\n" when about 2^31 cycles (about a
+ * second) have passed since the last one: a user (or a test) can see from
+ * the console alone that the guest runs on, e.g. after a debugger detaches.
  *
  * Entry points and notes: see pvh_boot.S. Loaded at 1 MiB (demo.ld).
  */
@@ -52,9 +56,32 @@ main_loop:
         .cfi_undefined %rip           /* outermost frame: gdb's backtrace ends here */
         movl %ebx, %edi
         call tick
+        testl %ebx, %ebx                /* only CPU 0 beats */
+        jnz main_loop
+        testl $0xfff, per_cpu_counter(%rip)
+        jnz main_loop
+        call heartbeat
         jmp main_loop
         .cfi_endproc
         .size main_loop, . - main_loop
+
+/* Print the heartbeat line when 2^31 TSC cycles have passed since the last. */
+        .type heartbeat, @function
+heartbeat:
+        .cfi_startproc
+        rdtsc
+        shlq $32, %rdx
+        orq %rax, %rdx
+        movq %rdx, %rax
+        subq last_beat(%rip), %rax
+        shrq $31, %rax
+        jz 1f
+        movq %rdx, last_beat(%rip)
+        leaq beat_text(%rip), %rsi
+        call puts
+1:      ret
+        .cfi_endproc
+        .size heartbeat, . - heartbeat
 
 /* void tick(unsigned cpu) */
         .globl tick
@@ -83,6 +110,8 @@ banner:
         .asciz "vmscope demo guest: cpu "
 banner_end:
         .asciz " up\n"
+beat_text:
+        .asciz "vmscope demo guest: heartbeat\n"
 
         .data
         .balign 8
@@ -104,6 +133,11 @@ next_cpu:
         .size announce_turn, 4
 announce_turn:
         .long 0
+        .balign 8
+        .type last_beat, @object
+        .size last_beat, 8
+last_beat:
+        .quad 0
 
         .bss
         .balign 4096
