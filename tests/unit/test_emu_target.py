@@ -189,7 +189,7 @@ def test_software_breakpoint_hits_tick_again_and_again(vm):
     t, tick = vm.target, vm.sym["tick"]
     kind = t.arch.breakpoint_kind
     original = elf_bytes(vm.machine.kernel, tick, len(t.arch.breakpoint))
-    values = []
+    values, tids = [], set()
     t.add_sw_breakpoint(tick, kind)
     assert t.read_physical(tick, len(original)) == t.arch.breakpoint  # patched in RAM...
     assert t.read_memory(tick, len(original), 1) == original  # ...but reads show the original
@@ -198,12 +198,14 @@ def test_software_breakpoint_hits_tick_again_and_again(vm):
         assert event.kind == "swbreak" and event.signal == SIGTRAP
         assert vm.regs(event.tid)[vm.pc] == tick
         values.append(u64(t, vm.sym["counter"]))
+        tids.add(event.tid)
         # step over it the way GDB does: remove, single-step, re-insert
         t.remove_sw_breakpoint(tick, kind)
         t.resume(step(event.tid))
         assert wait_stop(t).signal == SIGTRAP
         t.add_sw_breakpoint(tick, kind)
     assert values == sorted(values) and values[-1] > values[0]
+    assert tids == {1, 2}  # both vCPUs get to run between hits
     t.remove_sw_breakpoint(tick, kind)
     assert t.read_physical(tick, len(original)) == original  # detach leaves the code unpatched
     t.detach()

@@ -137,6 +137,7 @@ class EmuTarget(
         self._running = False
         self._stop_requested = False
         self._closed = False
+        self._next_index = 0  # the CPU the next continue runs first
         self._sw: dict[int, tuple[int, bytes]] = {}  # address -> (physical, original bytes)
         self._hw: dict[int, list[int]] = {}  # address -> hook handle per CPU
         self._watch: dict[tuple[int, int, str], list[int]] = {}
@@ -224,9 +225,8 @@ class EmuTarget(
                 raise TargetError("the machine has been shut down", errno.ESRCH)
             if self._running:
                 raise TargetError("the guest is already running", errno.EBUSY)
-            for cpu in self.cpus:
+            for cpu in self.cpus:  # register caches stay: _slice drops those of CPUs that run
                 self._state[cpu.tid].skip_hw_at = cpu.pc if cpu.pc in self._hw else None
-                cpu.invalidate()
             self._stop_requested = False
             self._running = True
             if not actions.stepping:
@@ -249,8 +249,6 @@ class EmuTarget(
             self._stop_requested = False
             self._running = False
             closed = self._closed
-        for cpu in self.cpus:
-            cpu.invalidate()
         if not closed:
             self._notifier.post(event)
 
@@ -437,16 +435,23 @@ class EmuTarget(
         if stepping:
             cpu = self._cpu(stepping[0])
             return self._slice(cpu, 1) or StopEvent("signal", cpu.tid, SIGTRAP)
-        running = [cpu for cpu in self.cpus if (a := actions.action_for(cpu.tid)) is not None and a.kind == "continue"]
+        # Rounds start after the CPU that stopped last time, so that with a
+        # breakpoint every CPU reaches, each continue lets the next one run
+        # (always starting at CPU 0 would starve the others).
+        first = self._next_index
+        order = self.cpus[first:] + self.cpus[:first]
+        running = [cpu for cpu in order if (a := actions.action_for(cpu.tid)) is not None and a.kind == "continue"]
         last = running[0] if running else self.cpus[0]
         while True:
             busy = False
             for cpu in running:
                 if self._stop_requested or self._closed:
+                    self._next_index = last.tid % len(self.cpus)
                     return StopEvent("signal", last.tid, SIGINT)
                 last = cpu
                 event = self._slice(cpu, SLICE_INSNS)
                 if event is not None:
+                    self._next_index = cpu.tid % len(self.cpus)
                     return event
                 busy |= not cpu.halted
             if not busy:  # every CPU halted (or none to run): idle until Ctrl-C
