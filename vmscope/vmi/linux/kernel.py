@@ -255,29 +255,42 @@ class LinuxKernel:
         return cached
 
     @staticmethod
-    def _decode(f, data: bytes, at: int):
-        raw = data[at + f.offset : at + f.offset + f.size]
+    def _decoder(f, lo: int):
+        """A function decoding field ``f`` from a window read at offset ``lo``."""
+        start, end = f.offset - lo, f.offset - lo + f.size
         if f.kind == ARRAY:
-            return raw.split(b"\0", 1)[0].decode("utf-8", "replace") if f.elem_size == 1 else raw
-        value = int.from_bytes(raw, "little", signed=f.signed)
-        if f.bitfield_size:
-            value = (value >> f.bit_offset) & ((1 << f.bitfield_size) - 1)
-        return value
+            if f.elem_size == 1:
+                return lambda data: data[start:end].split(b"\0", 1)[0].decode("utf-8", "replace")
+            return lambda data: data[start:end]
+        if f.size in (1, 2, 4, 8) and not f.bitfield_size:
+            code = {1: "b", 2: "h", 4: "i", 8: "q"}[f.size]
+            unpack = struct.Struct("<" + (code if f.signed else code.upper())).unpack_from
+            return lambda data: unpack(data, start)[0]
+
+        def decode(data: bytes) -> int:
+            value = int.from_bytes(data[start:end], "little", signed=f.signed)
+            if f.bitfield_size:
+                value = (value >> f.bit_offset) & ((1 << f.bitfield_size) - 1)
+            return value
+        return decode
 
     def tasks(self) -> list[Task]:
         """Every process (thread-group leader) on the ``init_task.tasks`` list,
         init_task (pid 0) first."""
         init = self.symbols["init_task"]
-        state_field = "__state" if _has(self.btf, "task_struct", "__state") else "state"
+        if "task_state_field" not in self._layouts:
+            self._layouts["task_state_field"] = "__state" if _has(self.btf, "task_struct", "__state") else "state"
+        state_field = self._layouts["task_state_field"]
         paths = ["pid", "tgid", "comm", "real_parent", state_field, "exit_state", "flags", "start_time", "tasks.next"]
         fields, lo, hi = self._layout("task_struct", paths)
+        decoders = [(p, self._decoder(f, lo)) for p, f in fields.items()]
         tasks_off = fields["tasks.next"].offset
         rows = []
         addr = init
         seen = set()
         while True:
             data = self.read(addr + lo, hi - lo)
-            v = {p: self._decode(f, data, -lo) for p, f in fields.items()}
+            v = {p: dec(data) for p, dec in decoders}
             rows.append((addr, v))
             seen.add(addr)
             addr = v["tasks.next"] - tasks_off

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from vmscope.vmi.memory import PhysicalMemory
 
 _U64 = struct.Struct("<Q")
+# Tags that keep large-page keys apart from 4 KiB page numbers (< 2**52).
+_LARGE_2M = 1 << 62
+_LARGE_1G = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,20 @@ class Walker:
 
     def page(self, vaddr: int) -> Page:
         pages = self.cache.pages(self.root_key)
-        key = vaddr >> 12
-        page = pages.get(key)
+        page = pages.get(vaddr >> 12)
+        if page is None:
+            # A large page is also filed under its own size, so one walk
+            # serves every 4 KiB inside it (the direct map uses 1 GiB pages).
+            page = pages.get((vaddr >> 21) | _LARGE_2M) or pages.get((vaddr >> 30) | _LARGE_1G)
         if page is None:
             self.cache.misses += 1
             page = self._walk(vaddr)
-            pages[key] = page
+            if page.size == 1 << 21:
+                pages[(vaddr >> 21) | _LARGE_2M] = page
+            elif page.size >= 1 << 30:
+                pages[(vaddr >> 30) | _LARGE_1G] = page
+            else:
+                pages[vaddr >> 12] = page
         else:
             self.cache.hits += 1
         return page
