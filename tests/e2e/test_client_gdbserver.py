@@ -22,7 +22,8 @@ SOURCE = r"""
 volatile long counter = 0;
 char message[3 * 4096] = "hello from the target";
 __attribute__((noinline)) void tick(void) { counter++; }
-int main(void) {
+int main(int argc, char **argv) {
+    if (argc > 1) for (;;) tick();  /* spin until interrupted */
     for (int i = 0; i < 1000000; i++) tick();
     printf("%ld\n", counter);
     return 0;
@@ -48,8 +49,17 @@ def program(tmp_path_factory):
 
 @pytest.fixture
 def stub(program):
+    yield from _debug(program)
+
+
+@pytest.fixture
+def spinning_stub(program):
+    yield from _debug(program, "spin")
+
+
+def _debug(program, *args):
     path, syms = program
-    proc = subprocess.Popen(["gdbserver", "--once", f"127.0.0.1:{PORT}", str(path)],
+    proc = subprocess.Popen(["gdbserver", "--once", f"127.0.0.1:{PORT}", str(path), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 30
     client = None
@@ -128,3 +138,15 @@ def test_run_to_exit_then_reads_say_so(stub):
         c.registers()
     with pytest.raises(TargetExited):
         c.read_memory(syms["counter"], 8)
+
+
+def test_interrupt_stops_a_running_program(spinning_stub):
+    c, syms = spinning_stub
+    c.resume()
+    assert c.running
+    c.interrupt()
+    stop = c.wait(timeout=30)
+    assert stop.kind == "signal" and stop.signal == 2  # SIGINT, as GDB's Ctrl-C
+    assert not c.running
+    counter = int.from_bytes(c.read_memory(syms["counter"], 8), "little")
+    assert counter > 0
