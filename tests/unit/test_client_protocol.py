@@ -31,12 +31,17 @@ UNMAPPED_PAGE = MEM_BASE + PAGE  # the middle page fails, as unmapped memory doe
 class ScriptedStub:
     """Serves one connection on a thread; ``behaviour`` picks the quirks."""
 
-    def __init__(self, behaviour: str = "qemu"):
+    def __init__(self, behaviour: str = "qemu", unix_path: str | None = None):
         self.behaviour = behaviour
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
+        if unix_path:
+            self.listener = socket.socket(socket.AF_UNIX)
+            self.listener.bind(unix_path)
+            self.address = unix_path
+        else:
+            self.listener = socket.socket()
+            self.listener.bind(("127.0.0.1", 0))
+            self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.listener.listen(1)
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.requests: list[bytes] = []
         self.raw_in = bytearray()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -154,6 +159,12 @@ def test_silent_stub_times_out_with_a_clear_error():
     with Client.connect(stub.address, timeout=0.5) as c:
         with pytest.raises(StubTimeout, match="no answer from the stub"):
             c.read_memory(MEM_BASE, 64)
+
+
+def test_unix_socket_stub(tmp_path):
+    stub = ScriptedStub("noack", unix_path=str(tmp_path / "gdb.sock"))
+    with Client.connect(f"unix:{stub.address}", timeout=10) as c:
+        assert c.no_ack and c.registers()["rip"] == 0x401000
 
 
 def test_bad_addresses_are_rejected_clearly():
