@@ -210,3 +210,17 @@ def test_qmp_only_inspection_pauses_and_resumes_the_guest(guest, facts, capsys):
         assert qmp.command("query-status")["running"]
     finally:
         qmp.close()
+
+
+def test_symbol_cache_gives_the_same_answers(guest, facts, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("VMSCOPE_CACHE", str(tmp_path))
+    fresh = json.loads(run_inspect(capsys, "--json", "ps"))
+    files = list((tmp_path / "kernels").glob("*.pickle"))
+    assert len(files) == 1
+    cached = json.loads(run_inspect(capsys, "--json", "ps"))
+    assert [(r["pid"], r["comm"]) for r in cached] == [(r["pid"], r["comm"]) for r in fresh]
+    files[0].write_bytes(b"garbage")  # a damaged cache is ignored, not trusted
+    again = json.loads(run_inspect(capsys, "--json", "symbols", "^init_task$"))
+    theirs = {parts[2]: int(parts[0], 16) for parts in (l.split() for l in facts["kallsyms"].splitlines())
+              if len(parts) == 3}
+    assert int(again[0]["address"], 16) == theirs["init_task"]

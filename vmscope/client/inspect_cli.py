@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to read guest-physical memory (default: fastest available)")
     p.add_argument("--system-map", metavar="PATH", help="use this System.map instead of kallsyms")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode kallsyms and BTF afresh instead of using the per-kernel cache")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the stub (default 10)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sub.add_parser("ps", help="processes: pid, ppid, state, user/kernel, name")
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _progress(err) as progress:
             with Inspector(args.gdb, args.qmp, memory=args.memory, timeout=args.timeout, progress=progress,
-                           system_map=args.system_map) as ins:
+                           system_map=args.system_map, disk_cache=not args.no_cache) as ins:
                 return COMMANDS[args.cmd](ins, args, out)
     except (VmiError, StubError, QmpError, BtfError, ConnectionLost, StubTimeout, OSError, ValueError,
             KeyError) as e:

@@ -32,7 +32,7 @@ class Inspector:
 
     def __init__(self, gdb: str | None = None, qmp: str | None = None, *, memory: str = "auto",
                  timeout: float = 10.0, progress: Callable[[str, int, int], None] | None = None,
-                 system_map: str | None = None):
+                 system_map: str | None = None, disk_cache: bool = True):
         if not gdb and not qmp:
             raise ValueError("give a GDB stub address (--gdb HOST:PORT), a QMP address (--qmp HOST:PORT) or both")
         if memory not in ("auto", "shared", "vmscope", "rsp"):
@@ -50,6 +50,7 @@ class Inspector:
             self.client.on_resume(self.cache.invalidate)
         self.progress = progress
         self.system_map = system_map
+        self.disk_cache = disk_cache
         self.phys, self.memory_path = self._choose_memory(memory)
         self._kernel = None
 
@@ -112,7 +113,8 @@ class Inspector:
             if "cr3" not in regs:
                 raise VmiError("cannot find the page-table root: the stub reports no cr3 (give --qmp too)")
             self._kernel = LinuxKernel(self.phys, regs["cr3"], regs.get("cr4", 0), cache=self.cache,
-                                       progress=self.progress, system_map=self.system_map)
+                                       progress=self.progress, system_map=self.system_map,
+                                       disk_cache=self.disk_cache)
         return self._kernel
 
     def drgn(self, vmlinux: str | None = None):

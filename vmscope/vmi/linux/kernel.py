@@ -125,14 +125,22 @@ class LinuxKernel:
     """
 
     def __init__(self, phys: PhysicalMemory, cr3: int, cr4: int = 0, *, cache: TranslationCache | None = None,
-                 progress: Progress | None = None, system_map: str | None = None):
+                 progress: Progress | None = None, system_map: str | None = None, disk_cache: bool = True):
         self.phys = phys
         self.cache = cache or TranslationCache()
         self.cr4 = cr4
         self._progress = progress or (lambda what, done, total: None)
         self.location = find_kernel_image(phys, cr3, cr4, self.cache)
         boot = AddressSpace(X86_64Paging(phys, self.location.root, cr4=cr4, cache=self.cache))
-        self.symbols = self._load_symbols(boot, system_map)
+        self._btf: Btf | None = None
+        self._layouts: dict = {}
+        self._disk_key = _image_key(boot, self.location) if disk_cache and not system_map else None
+        cached = _load_cached(self._disk_key) if self._disk_key else None
+        if cached is not None:
+            self.symbols, btf_blob = cached
+            self._btf = Btf(btf_blob) if btf_blob else None
+        else:
+            self.symbols = self._load_symbols(boot, system_map)
         self.text = self.symbols["_text"] if "_text" in self.symbols else self.location.text
         self.slide = self.text - DEFAULT_TEXT
         # Unsigned like the kernel's phys_base: "negative" when KASLR put the
@@ -145,8 +153,12 @@ class LinuxKernel:
             root = self.location.root
         self.root = root
         self.aspace = AddressSpace(X86_64Paging(phys, root, cr4=cr4, cache=self.cache))
-        self._btf: Btf | None = None
-        self._layouts: dict = {}
+        if self._disk_key and cached is None:
+            try:
+                btf_blob = self._btf_blob()
+            except (BtfError, VmiError):
+                btf_blob = b""
+            _store_cached(self._disk_key, self.symbols, btf_blob)
 
     # ------------------------------------------------------------ loading
 
@@ -180,14 +192,18 @@ class LinuxKernel:
     def btf(self) -> Btf:
         """The kernel's BTF, read from ``__start_BTF`` on first use."""
         if self._btf is None:
-            if "__start_BTF" not in self.symbols:
-                raise BtfError("this kernel has no __start_BTF symbol (built without CONFIG_DEBUG_INFO_BTF?)")
-            start = self.symbols["__start_BTF"]
-            size = Btf.header_size(self.aspace.read(start, 24))
-            self._progress("reading BTF", 0, size)
-            self._btf = Btf(self.aspace.read(start, size))
-            self._progress("reading BTF", size, size)
+            self._btf = Btf(self._btf_blob())
         return self._btf
+
+    def _btf_blob(self) -> bytes:
+        if "__start_BTF" not in self.symbols:
+            raise BtfError("this kernel has no __start_BTF symbol (built without CONFIG_DEBUG_INFO_BTF?)")
+        start = self.symbols["__start_BTF"]
+        size = Btf.header_size(self.aspace.read(start, 24))
+        self._progress("reading BTF", 0, size)
+        blob = self.aspace.read(start, size)
+        self._progress("reading BTF", size, size)
+        return blob
 
     # ------------------------------------------------------------ typed reads
 
@@ -462,3 +478,57 @@ def load_system_map(path: str, text: int) -> Kallsyms:
     slide = (text - named["_text"].address) & ((1 << 64) - 1)
     return Kallsyms([Symbol(s.name, (s.address + slide) & ((1 << 64) - 1) if s.type.upper() != "A" else s.address,
                             s.type) for s in syms])
+
+
+# ---------------------------------------------------------------- disk cache
+#
+# Decoding kallsyms and BTF costs a fraction of a second of CPU (and, over
+# RSP, reading ~20 MiB of kernel image); both depend only on the kernel
+# build and its KASLR placement. The first 64 KiB of relocated kernel text
+# at its virtual address identify both, so they key a cache of the results.
+
+CACHE_VERSION = 1
+
+
+def _image_key(boot: AddressSpace, loc: KernelLocation) -> str | None:
+    import hashlib
+
+    try:
+        head = boot.read(loc.text, 64 << 10)
+    except VmiError:
+        return None
+    return hashlib.sha256(head + loc.text.to_bytes(8, "little") + bytes([CACHE_VERSION])).hexdigest()[:32]
+
+
+def _cache_file(key: str):
+    from vmscope.images.cache import cache_dir
+
+    return cache_dir("kernels") / f"{key}.pickle"
+
+
+def _load_cached(key: str):
+    import pickle
+
+    try:
+        with open(_cache_file(key), "rb") as f:
+            version, symbols, btf_blob = pickle.load(f)
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
+        return None
+    if version != CACHE_VERSION:
+        return None
+    return Kallsyms([Symbol(*s) for s in symbols]), btf_blob
+
+
+def _store_cached(key: str, symbols: Kallsyms, btf_blob: bytes) -> None:
+    import os
+    import pickle
+
+    try:
+        path = _cache_file(key)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump((CACHE_VERSION, [tuple(s) for s in symbols.symbols], btf_blob), f,
+                        protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs speed
