@@ -53,6 +53,8 @@ class ScriptedStub:
 
     def _serve(self):
         conn, _ = self.listener.accept()
+        if conn.family == socket.AF_INET:  # no Nagle delay between '+' and the reply
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ep = framing.Endpoint()
         if self.behaviour == "qemu":
             ep.send(b"T02thread:01;")  # QEMU's stop reply, sent before anything is asked
