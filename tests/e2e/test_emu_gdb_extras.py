@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import subprocess
 
 import pytest
 
@@ -149,4 +150,26 @@ def test_auto_accel_falls_back_to_the_emulated_cpu_for_arm64_with_one_line():
         notices = [line for line in vm.stderr.splitlines() if "emulated CPU" in line]
         assert len(notices) == 1, vm.stderr
     finally:
+        vm.close()
+
+
+@pytest.mark.e2e
+def test_guest_exit_reaches_gdb_and_the_exit_status(tmp_path):
+    (tmp_path / "e.S").write_text(".globl start64\nstart64:\n mov $3, %al\n out %al, $0xf4\n jmp .\n")
+    subprocess.run(["as", "--64", "-o", str(tmp_path / "e.o"), str(tmp_path / "e.S")], check=True)
+    subprocess.run(["ld", "-Ttext=0x100000", "-e", "start64", "-o", str(tmp_path / "e.elf"), str(tmp_path / "e.o")],
+                   check=True)
+    port = _port(2)
+    vm = VmProcess("--accel", "emu", "--arch", "x86_64", "--kernel", str(tmp_path / "e.elf"), gdb_port=port)
+    gdb = None
+    try:
+        vm.wait_listening()
+        gdb = Gdb(tmp_path / "e.elf")
+        assert "Remote debugging using" in gdb.cmd(f"target remote 127.0.0.1:{port}")
+        out = gdb.cmd("continue", timeout=60)
+        assert "exited with code 03" in out, out
+        assert vm.wait_exit(30) == 3
+    finally:
+        if gdb is not None:
+            gdb.close()
         vm.close()

@@ -440,3 +440,33 @@ def test_x86_image_over_the_boot_tables_is_refused(tmp_path):
                    check=True)
     with pytest.raises(ImageError, match=r"low.elf: PT_LOAD at 0x[0-9a-f]+ .* overlaps 0x500-0x80000"):
         EmuMachine(MachineConfig(arch="x86_64", kernel=tmp_path / "low.elf"))
+
+
+_POWER_OFF = {
+    "x86-exit-device": ("x86_64", ".globl start64\nstart64:\n mov $3, %al\n out %al, $0xf4\n jmp .\n", 3),
+    "x86-acpi": ("x86_64", ".globl start64\nstart64:\n mov $0x2000, %ax\n mov $0x604, %dx\n out %ax, %dx\n jmp .\n", 0),
+    "arm64-psci": ("aarch64", ".globl _start\n_start:\n ldr x0, =0x84000000\n hvc #0\n mov x5, x0\n"
+                   " ldr x0, =0x84000001\n smc #0\n mov x6, x0\n ldr x0, =0x84000008\n hvc #0\n b .\n", 0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_POWER_OFF))
+def test_guest_power_off_ends_the_machine_with_its_status(case, tmp_path):
+    arch, source, status = _POWER_OFF[case]
+    assemble, link, _ = _OWN_BRK[arch]
+    (tmp_path / "p.S").write_text(source)
+    subprocess.run([*assemble, "-o", str(tmp_path / "p.o"), str(tmp_path / "p.S")], check=True)
+    subprocess.run([*link, "-o", str(tmp_path / "p.elf"), str(tmp_path / "p.o")], check=True)
+    booted = Booted(arch, cpus=2, kernel=tmp_path / "p.elf")
+    try:
+        booted.machine.start()
+        event = wait_stop(booted.target)
+        assert event.kind == "exited" and event.code == status
+        assert booted.machine.wait(10) == status
+        if arch == "aarch64":
+            regs = booted.regs(event.tid)
+            assert regs["x5"] == 0x10000 and regs["x6"] == (1 << 64) - 1  # PSCI 1.0; CPU_SUSPEND unsupported
+        with pytest.raises(TargetError, match="shut down"):
+            booted.target.resume(CONTINUE)
+    finally:
+        booted.machine.shutdown()

@@ -135,6 +135,15 @@ class EmuCpu:
         up, and the stop then goes to the debugger as SIGTRAP."""
         return False
 
+    def is_firmware_call(self, intno: int) -> bool:
+        """Is exception ``intno`` a call to firmware?"""
+        return False
+
+    def firmware_call(self) -> int | None:
+        """Carry out that call (results in registers, pc past it); an exit
+        status if it powers the machine off."""
+        return None
+
     def _write_virtual(self, addr: int, data: bytes) -> None:
         self.ram.write(self.translate(addr), data)  # stacks and tables do not cross pages here
 
@@ -328,7 +337,12 @@ _ARM64_CP_REGS = {
 }
 MPIDR_EL1_ENCODING = (3, 0, 0, 0, 5)  # op0, op1, crn, crm, op2
 SCTLR_M = 1  # stage-1 MMU enable
+HVC_0, SMC_0 = 0xD400_0002, 0xD400_0003  # with the imm16 field masked out
+PSCI_VERSION, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET = 0x8400_0000, 0x8400_0008, 0x8400_0009
+PSCI_VERSION_1_0 = 0x1_0000
+PSCI_NOT_SUPPORTED = (1 << 64) - 1  # -1
 EXCP_UDEF = 1
+EXCP_HVC, EXCP_SMC = 11, 13
 EXCP_BKPT = 7
 
 
@@ -418,6 +432,36 @@ class Arm64Cpu(EmuCpu):
         uc.reg_write(A.UC_ARM64_REG_PC, vector)
         self.invalidate()
         return True
+
+    def is_firmware_call(self, intno: int) -> bool:
+        # Unicorn's CPU has no EL2: hvc is undefined and traps with pc on it;
+        # smc arrives as EXCP_SMC with pc already past it. Either way the
+        # emulated machine plays PSCI firmware.
+        pc = self.uc.reg_read(A.UC_ARM64_REG_PC)
+        at = {EXCP_UDEF: pc, EXCP_HVC: pc - 4, EXCP_SMC: pc - 4}.get(intno)
+        if at is None:
+            return False
+        try:
+            insn = struct.unpack("<I", self._read_virtual(at, 4))[0]
+        except TargetError:
+            return False
+        if insn & 0xFFE0_001F not in (HVC_0, SMC_0):
+            return False
+        self._firmware_return = at + 4
+        return True
+
+    def firmware_call(self) -> int | None:
+        """PSCI 1.0 as QEMU's virt offers it, minus what needs a powered-off
+        CPU (every vCPU is already running): SYSTEM_OFF ends the machine with
+        status 0, PSCI_VERSION answers 1.0, anything else NOT_SUPPORTED."""
+        function = self.uc.reg_read(A.UC_ARM64_REG_X0) & 0xFFFF_FFFF
+        if function in (PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET):
+            return 0
+        result = PSCI_VERSION_1_0 if function == PSCI_VERSION else PSCI_NOT_SUPPORTED
+        self.uc.reg_write(A.UC_ARM64_REG_X0, result)
+        self.uc.reg_write(A.UC_ARM64_REG_PC, self._firmware_return)
+        self.invalidate()
+        return None
 
     def _translate(self, addr: int) -> int:
         sctlr, tcr, ttbr0, ttbr1 = self._live("SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1")

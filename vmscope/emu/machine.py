@@ -4,11 +4,14 @@ It runs where /dev/kvm is missing or unusable, so ``vmscope run`` (and the
 tests) have a full debug target on any machine. Layouts follow QEMU so the
 same ELF boots under both:
 
-- x86_64: RAM from 0, a 16550 at I/O port 0x3f8. Every CPU starts at the
+- x86_64: RAM from 0, a 16550 at I/O port 0x3f8, power-off by SLP_EN at
+  port 0x604 and an exit device at port 0xf4 (byte N ends the machine with
+  status N), as in vmscope's KVM VMM. Every CPU starts at the
   ELF's 64-bit entry symbol ``start64`` in long mode with the first 1 GiB
   identity-mapped and interrupts off (the GDT and page tables live below
   1 MiB); the 32-bit PVH entry is not emulated.
-- aarch64: RAM from 0x40000000 (QEMU virt), a PL011 at 0x09000000. Every
+- aarch64: RAM from 0x40000000 (QEMU virt), a PL011 at 0x09000000, PSCI
+  through hvc/smc (SYSTEM_OFF ends the machine with status 0). Every
   CPU starts at the ELF entry at EL1h, MMU off, with MPIDR_EL1.Aff0 = its
   index (trapped ``mrs``: separate Unicorn instances all say CPU 0).
 """
@@ -31,6 +34,8 @@ from vmscope.gdbserver.target import ResumeAction, ResumeActions
 from vmscope.machine import ImageError, MachineConfig
 
 RAM_BASE = {"x86_64": 0, "aarch64": 0x4000_0000}
+EXIT_PORT = 0xF4  # test guests: "out N" ends the machine with status N
+PM1A_CNT, PM1_SLP_EN = 0x604, 1 << 13  # ACPI power-off, as the KVM VMM has
 MAX_CPUS = 64
 
 
@@ -67,8 +72,8 @@ class EmuMachine:
             x86_write_boot_tables(self.ram)
             self.uart = Uart16550(self.serial)
             for cpu in self.cpus:
-                cpu.uc.hook_add(UC_HOOK_INSN, self._port_in, None, 1, 0, X.UC_X86_INS_IN)
-                cpu.uc.hook_add(UC_HOOK_INSN, self._port_out, None, 1, 0, X.UC_X86_INS_OUT)
+                cpu.uc.hook_add(UC_HOOK_INSN, self._port_in, cpu, 1, 0, X.UC_X86_INS_IN)
+                cpu.uc.hook_add(UC_HOOK_INSN, self._port_out, cpu, 1, 0, X.UC_X86_INS_OUT)
         else:
             self.uart = Pl011(self.serial)
             for cpu in self.cpus:
@@ -102,9 +107,13 @@ class EmuMachine:
     def _port_in(self, uc, port: int, size: int, _data) -> int:
         return self.uart.read(port) if self.uart.handles(port) else (1 << (8 * size)) - 1
 
-    def _port_out(self, uc, port: int, size: int, value: int, _data) -> None:
+    def _port_out(self, uc, port: int, size: int, value: int, cpu: EmuCpu) -> None:
         if self.uart.handles(port):
             self.uart.write(port, value)
+        elif port == EXIT_PORT:
+            self.target.request_exit(cpu, value & 0xFF)
+        elif port == PM1A_CNT and value & PM1_SLP_EN:
+            self.target.request_exit(cpu, 0)
 
     def _mmio_read(self, uc, offset: int, size: int, _data) -> int:
         return self.uart.read(offset)

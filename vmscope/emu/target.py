@@ -100,7 +100,7 @@ _WIDEST_ACCESS = 64
 class _CpuRunState:
     """What the hooks of one CPU noticed during a slice."""
 
-    __slots__ = ("event", "event_pc", "watch_hit", "muted", "skip_hw_at", "guest_breakpoint")
+    __slots__ = ("event", "event_pc", "watch_hit", "muted", "skip_hw_at", "guest_breakpoint", "firmware_call")
 
     def __init__(self) -> None:
         self.event: StopEvent | None = None
@@ -112,6 +112,8 @@ class _CpuRunState:
         self.skip_hw_at: int | None = None
         #: the guest executed a breakpoint instruction of its own
         self.guest_breakpoint = False
+        #: the guest called firmware (arm64 PSCI through hvc/smc)
+        self.firmware_call = False
 
 
 class EmuTarget(
@@ -249,8 +251,22 @@ class EmuTarget(
             self._stop_requested = False
             self._running = False
             closed = self._closed
+            if event.kind in ("exited", "terminated"):
+                self._closed = True  # the guest is gone: nothing runs again
+                self._cond.notify_all()
         if not closed:
             self._notifier.post(event)
+        if event.kind in ("exited", "terminated") and self.exit_status is None:
+            self.exit_status = event.code
+            self.exited.set()
+
+    def request_exit(self, cpu: EmuCpu, status: int) -> None:
+        """A device hook saw the guest power off (or write an exit code):
+        stop at once and end the machine with ``status``."""
+        state = self._state[cpu.tid]
+        if state.event is None:
+            state.event = StopEvent("exited", cpu.tid, code=status)
+        cpu.uc.emu_stop()
 
     def interrupt(self) -> None:
         with self._cond:
@@ -272,7 +288,8 @@ class EmuTarget(
             super().detach()
 
     def kill(self) -> None:
-        self.exit_status = 0
+        if self.exit_status is None:
+            self.exit_status = 0
         self.close()
         self.exited.set()
 
@@ -409,6 +426,10 @@ class EmuTarget(
             state.guest_breakpoint = True
             uc.emu_stop()
             return
+        elif cpu.is_firmware_call(intno):
+            state.firmware_call = True  # carried out once Unicorn has returned
+            uc.emu_stop()
+            return
         else:
             signal = SIGILL if intno == cpu.undefined_instruction_exception else SIGSEGV
             log.info("cpu %d: exception %d at %#x reported as signal %d", cpu.index, intno, cpu.pc, signal)
@@ -467,6 +488,7 @@ class EmuTarget(
         state.event_pc = None
         state.watch_hit = None
         state.guest_breakpoint = False
+        state.firmware_call = False
         start = cpu.pc
         cpu.invalidate()
         try:
@@ -485,6 +507,10 @@ class EmuTarget(
             return state.event
         if state.guest_breakpoint and not cpu.deliver_breakpoint():
             return StopEvent("signal", cpu.tid, SIGTRAP)
+        if state.firmware_call:
+            status = cpu.firmware_call()
+            if status is not None:
+                return StopEvent("exited", cpu.tid, code=status)
         cpu.halted = count > 1 and cpu.is_halted_after_run()
         return None
 
