@@ -68,3 +68,17 @@ def test_breakpoint_and_step_on_the_demo_guest(stub):
     stop = c.step()
     assert c.register(pc) != sym["tick"]
     c.remove_breakpoint(sym["tick"])
+
+
+def test_each_vcpu_is_a_thread_with_its_own_registers(stub):
+    arch, c, sym = stub
+    pc = "rip" if arch == "x86_64" else "pc"
+    c.set_breakpoint(sym["tick"])
+    c.cont(timeout=60)
+    c.remove_breakpoint(sym["tick"])
+    per_thread = {}
+    for tid in c.threads():
+        c.select_thread(tid)
+        per_thread[tid] = c.registers()[pc]
+    assert set(per_thread) == {1, 2}
+    assert c.last_stop.tid in per_thread and per_thread[c.last_stop.tid] == sym["tick"]
