@@ -327,3 +327,29 @@ def test_x86_random_4k_mappings_match_model(mapping, levels):
         if vpn not in mapping:
             with pytest.raises(TranslationError):
                 w.translate(vpn << 12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([(12, 48), (12, 39), (14, 47), (16, 42)]),
+       st.lists(st.tuples(st.integers(0, 1023), st.integers(1, 60)), min_size=1, max_size=12,
+                unique_by=lambda t: t[0]),
+       st.booleans())
+def test_arm64_random_page_mappings_match_model(shape, pages, kernel_half):
+    """Pages of the granule size mapped at random indices translate back
+    exactly through either TTBR, and nothing else in the range is mapped."""
+    g, va_bits = shape
+    gsize = 1 << g
+    t = ArmTables(g, size=16 * MB)
+    base = (1 << 64) - (1 << va_bits) if kernel_half else 0
+    which = "ttbr1" if kernel_half else "ttbr0"
+    for vpn, ppn in pages:
+        t.map(which, va_bits, base + vpn * gsize, ppn * gsize * 4, level=3)
+    w = Aarch64Paging(BytesMemory(t.mem), t.root("ttbr0"), t.root("ttbr1"), tcr(64 - va_bits, 64 - va_bits, g, g))
+    mapped = dict(pages)
+    for vpn, ppn in pages:
+        tr = w.translate(base + vpn * gsize + 0x10)
+        assert tr.paddr == ppn * gsize * 4 + 0x10 and tr.page_size == gsize
+    for vpn in range(8):
+        if vpn not in mapped:
+            with pytest.raises(TranslationError):
+                w.translate(base + vpn * gsize)
