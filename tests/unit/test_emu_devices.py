@@ -28,10 +28,23 @@ def test_16550_prints_thr_writes_but_not_divisor_latch_writes():
     assert uart.handles(0x3F8) and uart.handles(0x3FF) and not uart.handles(0x2F8)
 
 
+def test_16550_receives_fed_bytes_in_order():
+    uart = Uart16550(SerialSink(io.BytesIO()))
+    assert not uart.read(0x3FD) & 1
+    uart.feed(b"ok")
+    got = []
+    while uart.read(0x3FD) & 1:
+        got.append(uart.read(0x3F8))
+    assert bytes(got) == b"ok"
+
+
 def test_pl011_prints_dr_writes_and_never_reports_a_full_fifo():
     out = io.BytesIO()
     uart = Pl011(SerialSink(out))
     assert not uart.read(0x18) & (1 << 5)  # FR.TXFF clear
+    assert uart.read(0x18) & (1 << 4)  # FR.RXFE: nothing typed yet
+    uart.feed(b"z")
+    assert not uart.read(0x18) & (1 << 4) and uart.read(0x00) == ord("z")
     uart.write(0x30, 0x301)  # CR: ignored, kept
     for ch in b"ok\n":
         uart.write(0x00, ch)

@@ -7,6 +7,7 @@ Each test boots its own machine; a run of the demo guest costs milliseconds.
 from __future__ import annotations
 
 import io
+import os
 import select
 import shutil
 import subprocess
@@ -470,3 +471,33 @@ def test_guest_power_off_ends_the_machine_with_its_status(case, tmp_path):
             booted.target.resume(CONTINUE)
     finally:
         booted.machine.shutdown()
+
+
+_ECHO = {
+    "x86_64": ".globl start64\nstart64:\n mov $0x3fd, %dx\n1: in %dx, %al\n test $1, %al\n jz 1b\n"
+              " mov $0x3f8, %dx\n in %dx, %al\n out %al, %dx\n mov $0x3fd, %dx\n jmp 1b\n",
+    "aarch64": ".globl _start\n_start:\n ldr x1, =0x09000000\n1: ldr w2, [x1, #0x18]\n tbnz w2, #4, 1b\n"
+               " ldr w0, [x1]\n str w0, [x1]\n b 1b\n",
+}
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_console_input_reaches_the_guest_uart(arch, tmp_path):
+    assemble, link, _ = _OWN_BRK[arch]
+    (tmp_path / "echo.S").write_text(_ECHO[arch])
+    subprocess.run([*assemble, "-o", str(tmp_path / "echo.o"), str(tmp_path / "echo.S")], check=True)
+    subprocess.run([*link, "-o", str(tmp_path / "echo.elf"), str(tmp_path / "echo.o")], check=True)
+    read_end, write_end = os.pipe()
+    serial = io.BytesIO()
+    machine = EmuMachine(MachineConfig(arch=arch, kernel=tmp_path / "echo.elf", serial_out=serial, serial_in=read_end))
+    try:
+        machine.start()
+        os.write(write_end, b"echo me\n")
+        deadline = time.monotonic() + 30
+        while serial.getvalue() != b"echo me\n":
+            assert time.monotonic() < deadline, serial.getvalue()
+            time.sleep(0.02)
+    finally:
+        machine.shutdown()
+        os.close(write_end)
+        os.close(read_end)

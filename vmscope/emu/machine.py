@@ -82,6 +82,7 @@ class EmuMachine:
         for cpu in self.cpus:
             cpu.reset(entry)
         self.target = EmuTarget(self.cpus, self.ram, self.cpus[0].arch)
+        self._input = None
         self._started = False
         self._shut = threading.Event()
 
@@ -131,6 +132,11 @@ class EmuMachine:
         if self._started:
             raise RuntimeError("machine already started")
         self._started = True
+        if self.config.serial_in is not None:
+            from vmscope.kvm.console import ConsoleInput  # the KVM VMM's console, Ctrl-A x included
+
+            self._input = ConsoleInput(self.config.serial_in, self.uart.feed, self.target.kill)
+            self._input.start()
         if not paused:
             self.target.resume(ResumeActions(default=ResumeAction("continue")))
 
@@ -146,6 +152,8 @@ class EmuMachine:
         if self._shut.is_set():
             return
         self._shut.set()
+        if self._input is not None:
+            self._input.stop()
         self.target.close()
         self.ram.close_fd()  # the Unicorn instances keep the mapping itself
         try:
