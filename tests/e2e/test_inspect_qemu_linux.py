@@ -49,6 +49,7 @@ def facts(guest):
     out["dmesg"] = con.run("dmesg | tail -n 5")
     out["kallsyms"] = con.run("grep -w -e init_task -e _text -e linux_banner /proc/kallsyms")
     out["uptime"] = con.run("cat /proc/uptime")
+    out["cmdlines"] = con.run("for p in 1 $$; do echo \"$p:$(tr '\\0' ' ' < /proc/$p/cmdline)\"; done")
     return out
 
 
@@ -224,3 +225,17 @@ def test_symbol_cache_gives_the_same_answers(guest, facts, capsys, tmp_path, mon
     theirs = {parts[2]: int(parts[0], 16) for parts in (l.split() for l in facts["kallsyms"].splitlines())
               if len(parts) == 3}
     assert int(again[0]["address"], 16) == theirs["init_task"]
+
+
+def test_ps_full_shows_each_processes_own_argv(guest, facts, capsys):
+    """Command lines come from each process's stack, through its own page tables."""
+    theirs = {}
+    for line in facts["cmdlines"].splitlines():
+        pid, sep, args = line.partition(":")
+        if sep and pid.strip().isdigit():
+            theirs[int(pid)] = args.split()
+    assert len(theirs) == 2 and theirs[1], facts["cmdlines"]
+    ours = {r["pid"]: r for r in json.loads(run_inspect(capsys, "--json", "ps", "--full"))}
+    for pid, argv in theirs.items():
+        assert ours[pid]["cmdline"] == argv
+    assert ours[2]["cmdline"] is None  # kthreadd: no user memory

@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode kallsyms and BTF afresh instead of using the per-kernel cache")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the stub (default 10)")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    sub.add_parser("ps", help="processes: pid, ppid, state, user/kernel, name")
+    ps = sub.add_parser("ps", help="processes: pid, ppid, state, user/kernel, name")
+    ps.add_argument("-f", "--full", action="store_true", help="also each process's command line (from its memory)")
     sub.add_parser("lsmod", help="loaded kernel modules, as /proc/modules")
     d = sub.add_parser("dmesg", help="the kernel log from the printk ring buffer")
     d.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
@@ -56,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("addr", type=_int)
     r.add_argument("length", type=_int)
     r.add_argument("--physical", action="store_true", help="ADDR is guest-physical")
+    r.add_argument("--pid", type=int, help="ADDR is in this process's user address space")
     r.add_argument("-o", "--output", metavar="FILE", help="write the raw bytes to FILE")
     t = sub.add_parser("translate", help="virtual -> physical through the guest's page tables")
     t.add_argument("addr", type=_int)
     t.add_argument("--cr3", type=_int, help="page-table root to use (default: the kernel's)")
+    t.add_argument("--pid", type=int, help="translate through this process's page tables")
     s = sub.add_parser("symbols", help="kernel symbols matching a regex or glob")
     s.add_argument("pattern")
     g = sub.add_parser("drgn", help="a Python prompt with a drgn Program over the guest (pip install drgn)")
@@ -116,12 +119,20 @@ def _emit(out: Console, args, rows: list[dict], table: Table) -> int:
 
 
 def cmd_ps(ins, args, out) -> int:
-    tasks = ins.kernel().tasks()
+    kernel = ins.kernel()
+    tasks = kernel.tasks()
     rows = [{"pid": t.pid, "ppid": t.ppid, "state": t.state, "kind": t.kind, "comm": t.comm,
              "task_struct": hex(t.address)} for t in tasks]
-    table = Table("PID", "PPID", "S", "KIND", "COMMAND", title=f"{len(rows)} processes", title_justify="left")
+    if args.full:
+        for r, t in zip(rows, tasks):
+            r["cmdline"] = kernel.cmdline(t) if not t.kernel_thread else None
+    columns = ["PID", "PPID", "S", "KIND", "COMMAND"] + (["ARGS"] if args.full else [])
+    table = Table(*columns, title=f"{len(rows)} processes", title_justify="left")
     for r in rows:
-        table.add_row(str(r["pid"]), str(r["ppid"]), r["state"], r["kind"], r["comm"])
+        cells = [str(r["pid"]), str(r["ppid"]), r["state"], r["kind"], r["comm"]]
+        if args.full:
+            cells.append(" ".join(r["cmdline"]) if r["cmdline"] else f"[{r['comm']}]")
+        table.add_row(*cells)
     return _emit(out, args, rows, table)
 
 
@@ -180,8 +191,12 @@ def cmd_info(ins, args, out) -> int:
     return 0
 
 
-def _root_space(ins, cr3: int | None) -> AddressSpace:
-    """Kernel page tables when the guest is Linux, else the CPU's cr3."""
+def _root_space(ins, cr3: int | None, pid: int | None = None) -> AddressSpace:
+    """A process's page tables (``pid``), the kernel's when the guest is
+    Linux, else the CPU's cr3."""
+    if pid is not None:
+        kernel = ins.kernel()
+        return kernel.process_address_space(kernel.task(pid))
     if cr3 is None:
         try:
             return ins.kernel().aspace
@@ -199,7 +214,7 @@ def cmd_read(ins, args, out) -> int:
     if args.physical:
         data = ins.phys.read(args.addr, args.length)
     else:
-        data = _root_space(ins, None).read(args.addr, args.length)
+        data = _root_space(ins, None, args.pid).read(args.addr, args.length)
     if args.output:
         with open(args.output, "wb") as f:
             f.write(data)
@@ -216,7 +231,7 @@ def cmd_read(ins, args, out) -> int:
 
 
 def cmd_translate(ins, args, out) -> int:
-    aspace = _root_space(ins, args.cr3)
+    aspace = _root_space(ins, args.cr3, args.pid)
     tr = aspace.translate(args.addr)
     p = tr.page
     row = {"virtual": hex(tr.vaddr), "physical": hex(tr.paddr), "page_size": p.size, "level": p.level,

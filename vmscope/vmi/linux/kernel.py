@@ -423,6 +423,30 @@ class LinuxKernel:
         pgd = self.member(mm, "mm_struct", "pgd")
         return AddressSpace(X86_64Paging(self.phys, self.virt_to_phys(pgd), cr4=self.cr4, cache=self.cache))
 
+    def task(self, pid: int) -> Task:
+        """The process with this pid; a clear error if there is none."""
+        for t in self.tasks():
+            if t.pid == pid:
+                return t
+        raise VmiError(f"no process with pid {pid} in the guest")
+
+    def cmdline(self, task: Task) -> list[str] | None:
+        """A process's argv, read from its own stack (``mm->arg_start`` ..
+        ``arg_end``) as ``/proc/PID/cmdline`` does; None for kernel threads
+        and when those pages are not resident."""
+        mm = self.member(task.address, "task_struct", "mm")
+        if not mm:
+            return None
+        start = self.member(mm, "mm_struct", "arg_start")
+        end = self.member(mm, "mm_struct", "arg_end")
+        if not 0 < end - start <= 1 << 20:
+            return None
+        try:
+            raw = self.process_address_space(task).read(start, end - start)
+        except VmiError:
+            return None
+        return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
     def virt_to_phys(self, vaddr: int) -> int:
         return self.aspace.translate(vaddr).paddr
 
