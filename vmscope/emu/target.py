@@ -313,9 +313,10 @@ class EmuTarget(
         if kind != self.arch.breakpoint_kind:
             raise TargetError(f"breakpoint kind {kind} unsupported on {self.arch.name} (use {self.arch.breakpoint_kind})", errno.EINVAL)
         phys = self.cpus[0].translate(addr)
-        original = self.ram.read(phys, len(bp))
+        original = bytearray(self.ram.read(phys, len(bp)))
+        self._hide_breakpoints(addr, original)  # an overlapping breakpoint's bytes are not guest code
         self.ram.write(phys, bp)
-        self._sw[addr] = (phys, original)
+        self._sw[addr] = (phys, bytes(original))
         self._flush_code(addr, len(bp))
 
     def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
@@ -325,6 +326,11 @@ class EmuTarget(
             return
         phys, original = entry
         self.ram.write(phys, original)
+        bp = self.arch.breakpoint
+        for other, (other_phys, _) in self._sw.items():  # overlapping ones stay in
+            lo, hi = max(other, addr), min(other + len(bp), addr + len(bp))
+            if lo < hi:
+                self.ram.write(other_phys + (lo - other), bp[lo - other : hi - other])
         self._flush_code(addr, len(original))
 
     def _hide_breakpoints(self, addr: int, data: bytearray) -> None:
