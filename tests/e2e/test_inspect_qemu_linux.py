@@ -48,6 +48,8 @@ def facts(guest):
     out["marker"] = marker
     out["dmesg"] = con.run("dmesg | tail -n 5")
     out["kallsyms"] = con.run("grep -w -e init_task -e _text -e linux_banner /proc/kallsyms")
+    out["mapsyms"] = con.run("grep -w -e _text -e init_task -e init_top_pgt -e __start_BTF -e modules "
+                             "-e prb /proc/kallsyms")
     out["uptime"] = con.run("cat /proc/uptime")
     out["cmdlines"] = con.run("for p in 1 $$; do echo \"$p:$(tr '\\0' ' ' < /proc/$p/cmdline)\"; done")
     return out
@@ -239,3 +241,23 @@ def test_ps_full_shows_each_processes_own_argv(guest, facts, capsys):
     for pid, argv in theirs.items():
         assert ours[pid]["cmdline"] == argv
     assert ours[2]["cmdline"] is None  # kthreadd: no user memory
+
+
+def test_a_users_system_map_is_slid_to_the_running_kernel(guest, facts, capsys, tmp_path):
+    """With --system-map, symbols come from the file (link-time addresses,
+    as Debian's -dbg package ships them) moved by the detected KASLR slide."""
+    rows = [l.split() for l in facts["mapsyms"].splitlines() if len(l.split()) == 3]
+    assert {r[2] for r in rows} >= {"_text", "init_task", "init_top_pgt", "__start_BTF"}
+    live = {r[2]: int(r[0], 16) for r in rows}
+    slide = live["_text"] - 0xFFFFFFFF81000000
+    system_map = tmp_path / "System.map"
+    system_map.write_text("".join(f"{int(a, 16) - slide:016x} {t} {n}\n" for a, t, n in rows))
+    ours = json.loads(run_inspect(capsys, "--system-map", str(system_map), "--json", "symbols", "."))
+    assert {r["name"]: int(r["address"], 16) for r in ours} == live
+    ps = json.loads(run_inspect(capsys, "--system-map", str(system_map), "--json", "ps"))
+    assert ps[1]["comm"] == "init"
+    bad = tmp_path / "placeholder.map"
+    bad.write_text("ffffffffffffffff B The real System.map is in the linux-image-<version>-dbg package\n")
+    rc = inspect_main(["--gdb", f"127.0.0.1:{GDB_PORT}", "--qmp", f"127.0.0.1:{QMP_PORT}",
+                       "--system-map", str(bad), "ps"])
+    assert rc == 1 and "no _text symbol" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from vmscope.vmi.errors import VmiError
+
 MAGIC = 0xEB9F
 HEADER = struct.Struct("<HBBIIIII")
 
@@ -29,7 +31,7 @@ KIND_NAMES = {INT: "int", PTR: "ptr", ARRAY: "array", STRUCT: "struct", UNION: "
               FWD: "fwd", TYPEDEF: "typedef", FLOAT: "float", ENUM64: "enum64"}
 
 
-class BtfError(Exception):
+class BtfError(VmiError):
     """Bad BTF data, or a type/member the kernel's BTF does not have."""
 
 

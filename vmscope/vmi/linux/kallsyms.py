@@ -30,10 +30,12 @@ import re
 import struct
 from typing import Iterator, NamedTuple
 
+from vmscope.vmi.errors import VmiError
+
 DIGITS = b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00"
 
 
-class KallsymsNotFound(Exception):
+class KallsymsNotFound(VmiError):
     """No consistent kallsyms tables in the memory searched."""
 
 
