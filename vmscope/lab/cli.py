@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--forward", type=int, action="append", default=[], metavar="PORT",
                         help="forward this L1 TCP port to a free host port; repeatable")
     common.add_argument("--ports", metavar="LOW-HIGH", help="host port range to pick from")
+    common.add_argument("--arch", choices=("x86_64", "aarch64"), default=None,
+                        help="L1 architecture (default: the host's); aarch64 needs "
+                        "dpkg --add-architecture arm64 && apt-get update")
     sub = p.add_subparsers(dest="action", required=True)
     run = sub.add_parser("run", parents=[common], help="run a command in L1",
                          description="Boot L1, run CMD (a shell command line) there, stream its "
@@ -37,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--console", action="store_true", help="copy L1's console to stderr")
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
     sub.add_parser("shell", parents=[common], help="L1's console on this terminal")
-    sub.add_parser("build", help="build or locate the lab image")
+    build = sub.add_parser("build", help="build or locate the lab image")
+    build.add_argument("--arch", choices=("x86_64", "aarch64"), default=None)
     return p
 
 
@@ -52,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "build":
             t0 = time.monotonic()
-            image = build_lab_image(quiet=False)
+            from vmscope.lab.lab import _debian_arch
+            image = build_lab_image(quiet=False, arch=_debian_arch(args.arch))
             print(f"kernel  {image.kernel.version} ({image.vmlinuz})")
             print(f"base    {image.base} ({image.base.stat().st_size / 2**20:.1f} MiB)")
             print(f"source  {image.source} ({image.source.stat().st_size / 2**10:.0f} KiB)")
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"took    {time.monotonic() - t0:.1f} s")
             return 0
         lab = Lab(cpus=args.cpus, mem_mib=args.mem, forward=args.forward, port_range=args.ports,
-                  quiet=False,
+                  quiet=False, arch=args.arch,
                   console=(lambda line: print(f"[L1] {line}", file=sys.stderr, flush=True))
                   if getattr(args, "console", False) else None)
         if args.action == "shell":

@@ -305,7 +305,20 @@ def build_lab_image(kernel: KernelPackage | None = None, python: str = DEFAULT_P
     src_path = lab_cache / f"l1-src-{src.fingerprint()[:16]}.cpio.gz"
     if not src_path.exists():
         _write(src, src_path, "packing the vmscope source", True, compress=True)
+    for used in (base_path, src_path):
+        os.utime(used)  # mtime = last use, for pruning
+    prune(lab_cache, f"l1-base-{kernel.version}-*.cpio", keep=2)
+    prune(lab_cache, "l1-src-*.cpio.gz", keep=20)
     return LabImage(kernel, base_path, src_path, order)
+
+
+def prune(folder: Path, pattern: str, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used files matching ``pattern``:
+    every Python upgrade or source edit makes a new archive, and a base is
+    about 140 MiB."""
+    files = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[keep:]:
+        old.unlink(missing_ok=True)
 
 
 def _write(image: Initramfs, path: Path, label: str, quiet: bool, compress: bool) -> None:

@@ -277,6 +277,10 @@ class LabProcess:
             self.kill()
             self._done.wait(10)
         with contextlib.suppress(OSError):
+            # shutdown, not just close: the reader thread's recv() holds the
+            # socket open, and only shutdown sends the FIN that tells the agent
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
             self._sock.close()
 
 
@@ -343,7 +347,7 @@ class Lab:
                                                 arch=self.arch)
         self.image = image
         self.timings["image_s"] = time.monotonic() - t0
-        self._workdir = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir("lab")))
+        self._workdir = _new_run_dir()
         initrd = image.combined(self._workdir / "initrd.cpio")
         self.console_log = self._workdir / "console.log"
         guest_ports = [AGENT_PORT, *self.forward]
@@ -383,7 +387,7 @@ class Lab:
             raise LabError(f"{self.qemu} is not installed (apt-get install qemu-system-x86)")
         image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet,
                                                 arch=self.arch)
-        self._workdir = Path(tempfile.mkdtemp(prefix="run-", dir=cache_dir("lab")))
+        self._workdir = _new_run_dir()
         initrd = image.combined(self._workdir / "initrd.cpio")
         guest_ports = [AGENT_PORT, *self.forward]
         self._ports = dict(zip(guest_ports, free_ports(len(guest_ports), self.port_range)))
@@ -503,6 +507,16 @@ class Lab:
     def python(self, code: str, timeout: float | None = 600, check: bool = False) -> LabResult:
         """Run a Python snippet with L1's python3 (vmscope importable)."""
         return self.run(["python3", "-c", code], timeout=timeout, check=check)
+
+
+def _new_run_dir(keep: int = 20) -> Path:
+    """A fresh directory for one lab's initrd and console log; the oldest
+    ones beyond ``keep`` are removed (console logs are for post-mortems)."""
+    root = cache_dir("lab")
+    runs = sorted(root.glob("run-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in runs[keep - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix="run-", dir=root))
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,148 @@
+"""The lab's parts that need no L1: the agent protocol (agent.py run on the
+host, driven by LabProcess), port picking, the image recipe, ELF parsing."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vmscope.lab.agent as agent_module
+from vmscope.lab import LabError, LabTimeout
+from vmscope.lab.foreign import RootSet, elf_needed
+from vmscope.lab.image import INIT_SCRIPT, LabImageError, distributions_closure
+from vmscope.lab.lab import Lab, LabProcess, free_ports, parse_port_range
+
+AGENT_TEST_PORTS = (14900, 14949)
+
+
+@pytest.fixture(scope="module")
+def agent_port():
+    """The real agent script, on the host, on a port from this suite's range."""
+    port = free_ports(1, AGENT_TEST_PORTS)[0]
+    proc = subprocess.Popen([sys.executable, agent_module.__file__, "--port", str(port),
+                             "--ready-marker", "agent-ready"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("agent-ready port=")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _spawn(port: int, cmd, **request) -> LabProcess:
+    import json
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.settimeout(None)
+    sock.sendall(json.dumps({"cmd": cmd, **request}).encode() + b"\n")
+    return LabProcess(sock, cmd)
+
+
+def test_agent_returns_exit_status_and_separate_streams(agent_port):
+    with _spawn(agent_port, "echo out; echo err >&2; exit 7") as p:
+        p.close_stdin()
+        r = p.wait(60)
+    assert (r.returncode, r.stdout, r.stderr) == (7, "out\n", "err\n")
+    assert p.pid and p.pid > 0
+
+
+def test_agent_passes_stdin_env_cwd_and_binary_output(agent_port, tmp_path):
+    with _spawn(agent_port, "cat; echo $X; pwd; printf '\\377\\000'", env={"X": "y"},
+                cwd=str(tmp_path)) as p:
+        p.write("in\n")
+        p.close_stdin()
+        r = p.wait(60)
+    assert r.stdout.startswith(f"in\ny\n{tmp_path}\n")
+    assert p._out.endswith(b"\xff\x00")
+
+
+def test_agent_signals_reach_the_process_group(agent_port):
+    with _spawn(agent_port, "sleep 300 & wait") as p:
+        p.signal(15)
+        r = p.wait(60)
+    assert r.returncode == -15
+
+
+def test_agent_reports_commands_that_cannot_start(agent_port):
+    with _spawn(agent_port, ["/no/such/program"]) as p:
+        r = p.wait(60)
+    assert r.returncode == 127
+    assert "FileNotFoundError" in r.stderr
+
+
+def test_timeout_kills_and_keeps_partial_output(agent_port):
+    with _spawn(agent_port, "echo first; sleep 300") as p:
+        p.wait_for_output("first", timeout=60)
+        with pytest.raises(LabTimeout) as info:
+            p.wait(0.5)
+    assert info.value.result.stdout == "first\n"
+
+
+def test_host_disconnect_kills_the_command(agent_port, tmp_path):
+    marker = tmp_path / "still-running"
+    p = _spawn(agent_port, f"sleep 2; touch {marker}")
+    p._sock.shutdown(socket.SHUT_RDWR)  # what the kernel does when the host process dies
+    p._sock.close()
+    # the command would create the marker after 2 s; the agent kills it first
+    p2 = _spawn(agent_port, "sleep 4; echo done")
+    p2.close_stdin()
+    assert p2.wait(60).stdout == "done\n"
+    assert not marker.exists()
+
+
+def test_port_ranges():
+    assert parse_port_range("14000-14999") == (14000, 14999)
+    for bad in ("14000", "2-1", "0-10", "a-b", "1-70000"):
+        with pytest.raises(LabError, match="bad port range"):
+            parse_port_range(bad)
+    ports = free_ports(3, (14950, 14999))
+    assert len(set(ports)) == 3 and all(14950 <= p <= 14999 for p in ports)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        taken = busy.getsockname()[1]
+        busy.listen()
+        with pytest.raises(LabError, match="no 1 free TCP ports"):
+            free_ports(1, (taken, taken))
+
+
+def test_lab_rejects_bad_arguments():
+    with pytest.raises(LabError, match="no lab for architecture 'sparc'"):
+        Lab(arch="sparc")
+    with pytest.raises(LabError, match="agent"):
+        Lab(forward=[7100])
+    with pytest.raises(LabError, match="not running"):
+        Lab().spawn("true")
+
+
+def test_distribution_closure_follows_requirements():
+    names = {d.metadata["Name"].lower() for d in distributions_closure(["rich"])}
+    assert {"rich", "pygments", "markdown-it-py", "mdurl"} <= names
+    with pytest.raises(LabImageError, match="pip install no-such-dist-xyz"):
+        distributions_closure(["no-such-dist-xyz"])
+
+
+def test_l1_init_script_is_valid_shell_and_sets_up_kvm_and_network():
+    proc = subprocess.run(["/bin/busybox", "sh", "-n"], input=INIT_SCRIPT.encode(), capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    for must in ("insmod", "ip addr add 10.0.2.15/24 dev eth0", "agent.py --port 7100",
+                 "vmscope-lab-kvm"):
+        assert must in INIT_SCRIPT
+
+
+def test_elf_needed_and_rootset_symlinks(tmp_path):
+    needed, interp = elf_needed(Path("/usr/bin/python3.11"))
+    assert "libc.so.6" in needed and interp == "/lib64/ld-linux-x86-64.so.2"
+    assert elf_needed(Path("/bin/busybox")) == ([], None)
+    a, b = tmp_path / "a", tmp_path / "b"
+    (a / "lib").mkdir(parents=True)
+    (b / "usr/lib").mkdir(parents=True)
+    (a / "lib/ld.so").symlink_to("../usr/lib/real-ld.so")  # crosses into the other root
+    (b / "usr/lib/real-ld.so").write_text("x")
+    roots = RootSet([a, b])
+    assert roots.find("/lib/ld.so") == b / "usr/lib/real-ld.so"
+    assert roots.find("/lib/missing.so") is None
