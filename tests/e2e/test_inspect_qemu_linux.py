@@ -19,7 +19,8 @@ from vmscope.client.inspect_cli import main as inspect_main
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 GDB_PORT, QMP_PORT = 16100, 16101
-MODULES = ["irqbypass", "crc32_generic", "nls_ascii", "xor"]
+MODULES = ["irqbypass", "crc32_generic", "nls_ascii", "async_xor"]  # async_xor pulls in xor and async_tx
+LOADED = sorted(MODULES + ["xor", "async_tx"])
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +95,13 @@ def test_ps_matches_the_guests_own_ps(guest, facts, capsys):
 def test_lsmod_matches_proc_modules(guest, facts, capsys):
     ours = json.loads(run_inspect(capsys, "--json", "lsmod"))
     theirs = [line.split() for line in facts["modules"].splitlines() if line.strip()]
-    assert sorted(m[0] for m in theirs) == sorted(MODULES)
+    assert sorted(m[0] for m in theirs) == LOADED
     assert [(m["name"], m["size"], m["refcount"], m["state"], m["base"]) for m in ours] == \
            [(t[0], int(t[1]), int(t[2]), t[4], t[5]) for t in theirs]
+    # Fourth column: who uses each module ("async_xor," or "-").
+    assert [sorted(m["used_by"]) for m in ours] == \
+           [sorted(x for x in t[3].split(",") if x and x != "-") for t in theirs]
+    assert any(m["used_by"] for m in ours)
 
 
 def test_dmesg_has_the_guests_last_lines(guest, facts, capsys):
@@ -207,7 +212,7 @@ def test_qmp_only_inspection_pauses_and_resumes_the_guest(guest, facts, capsys):
     rc = inspect_main(["--qmp", f"127.0.0.1:{QMP_PORT}", "--json", "lsmod"])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert sorted(m["name"] for m in json.loads(out.out)) == sorted(MODULES)
+    assert sorted(m["name"] for m in json.loads(out.out)) == LOADED
     qmp = QemuMonitor(f"127.0.0.1:{QMP_PORT}")
     try:
         assert qmp.command("query-status")["running"]

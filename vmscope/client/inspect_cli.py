@@ -138,11 +138,12 @@ def cmd_ps(ins, args, out) -> int:
 
 def cmd_lsmod(ins, args, out) -> int:
     mods = ins.kernel().modules()
-    rows = [{"name": m.name, "size": m.size, "refcount": m.refcount, "state": m.state, "base": hex(m.base)}
-            for m in mods]
-    table = Table("MODULE", "SIZE", "USED", "STATE", "ADDRESS")
+    rows = [{"name": m.name, "size": m.size, "refcount": m.refcount, "used_by": list(m.used_by), "state": m.state,
+             "base": hex(m.base)} for m in mods]
+    table = Table("MODULE", "SIZE", "USED", "BY", "STATE", "ADDRESS")
     for r in rows:
-        table.add_row(r["name"], str(r["size"]), str(r["refcount"]), r["state"], r["base"])
+        table.add_row(r["name"], str(r["size"]), str(r["refcount"]), ",".join(r["used_by"]) or "-", r["state"],
+                      r["base"])
     return _emit(out, args, rows, table)
 
 

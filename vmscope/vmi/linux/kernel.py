@@ -96,6 +96,7 @@ class Module:
     state: str
     base: int
     address: int  # the struct module
+    used_by: tuple[str, ...] = ()  # modules that depend on this one (/proc/modules' 4th column)
 
 
 @dataclass(frozen=True)
@@ -345,8 +346,20 @@ class LinuxKernel:
                 size, base = self._module_mem(addr, data)
             refcount = m("refcnt.counter") - 1 if _has(btf, "module", "refcnt") else 0
             state = states.get(m("state"), str(m("state"))).removeprefix("MODULE_STATE_").capitalize()
-            out.append(Module(m("name"), size, refcount, state, base, addr))
+            out.append(Module(m("name"), size, refcount, state, base, addr, self._module_users(addr)))
         return out
+
+    def _module_users(self, mod: int) -> tuple[str, ...]:
+        """Names on ``mod->source_list``: each ``struct module_use`` there
+        links a module (``source``) that uses this one."""
+        if not _has(self.btf, "module", "source_list"):
+            return ()
+        head = mod + self.btf.offsetof("module", "source_list")
+        names = []
+        for use in self.list_entries(head, "module_use", "source_list"):
+            source = self.member(use, "module_use", "source")
+            names.append(self.member(source, "module", "name"))
+        return tuple(names)
 
     def _module_mem(self, addr: int, data: bytes) -> tuple[int, int]:
         f = self.btf.field("module", "mem")
