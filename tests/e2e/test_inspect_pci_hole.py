@@ -3,7 +3,11 @@
 at 3 GiB. Physical reads through the mapped file must equal QEMU's own
 physical reads (over RSP) on both sides of the hole, and the Linux layer
 must see the same processes either way. The RAM file is sparse: only the
-pages the guest touches use host memory."""
+pages the guest touches use host memory.
+
+The guest runs on ``-cpu max``, which offers LA57, so Debian's kernel
+switches to 5-level paging: the same tests walk 5-level tables of a real
+kernel."""
 
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ def vm():
     from vmscope.images.linux import READY_MARKER, build_linux_guest
 
     image = build_linux_guest(mode="shell", quiet=True)
-    with QemuGuest(str(image.vmlinuz), str(image.initramfs), GDB_PORT, QMP_PORT, memory_mib=4096) as guest:
+    with QemuGuest(str(image.vmlinuz), str(image.initramfs), GDB_PORT, QMP_PORT, memory_mib=4096,
+                   extra=["-cpu", "max"]) as guest:
         guest.console.wait_for(READY_MARKER.encode())
         guest.console.run("true")
         yield guest
@@ -88,3 +93,15 @@ def test_writes_through_shared_ram_and_rsp_meet(vm):
             c.detach()
     finally:
         qmp.close()
+
+
+def test_a_real_kernel_on_5_level_paging(vm, capsys):
+    from vmscope.client.session import Inspector
+
+    with Inspector(vm.gdb, vm.qmp) as ins:
+        assert ins.registers()["cr4"] & (1 << 12), "QEMU's -cpu max should give the guest LA57"
+        kernel = ins.kernel()
+        assert kernel.aspace.walker.levels == 5
+        tr = kernel.aspace.translate(kernel.symbols["init_task"])
+        assert not tr.page.user and tr.page.nx  # kernel data: supervisor, not executable
+        assert ins.client.read_memory(tr.paddr, 64, physical=True) == kernel.read(kernel.symbols["init_task"], 64)
