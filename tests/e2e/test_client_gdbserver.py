@@ -165,3 +165,29 @@ def test_resume_hooks_run_on_every_resume(stub):
     cache.pages(0x1000)[1] = "stale"
     c.step()
     assert cache.pages(0x1000) == {}
+
+
+@pytest.mark.parametrize("cmd,want_rc", [("regs", 0), ("ps", 1)])
+def test_inspect_regs_works_where_no_memory_path_does(program, capsys, cmd, want_rc):
+    """gdbserver has no physical memory: ``regs`` still works, ``ps`` says why not."""
+    from vmscope.client.inspect_cli import main as inspect_main
+
+    path, _ = program
+    proc = subprocess.Popen(["gdbserver", "--once", f"127.0.0.1:{PORT}", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        seen = b""
+        while b"Listening on port" not in seen:
+            line = proc.stdout.readline()
+            assert line, f"gdbserver exited: {seen!r}"
+            seen += line
+        rc = inspect_main(["--gdb", f"127.0.0.1:{PORT}", cmd])
+        out = capsys.readouterr()
+        assert rc == want_rc, out.err
+        if cmd == "regs":
+            assert "rip" in out.out and "rsp" in out.out
+        else:
+            assert "cr3" in out.err
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -51,8 +51,23 @@ class Inspector:
         self.progress = progress
         self.system_map = system_map
         self.disk_cache = disk_cache
-        self.phys, self.memory_path = self._choose_memory(memory)
+        self._memory_choice = memory
+        self._phys: PhysicalMemory | None = None
+        self._memory_path = ""
         self._kernel = None
+
+    @property
+    def phys(self) -> PhysicalMemory:
+        """Guest-physical memory by the fastest path that works (chosen on
+        first use, so ``regs`` works even where no memory path does)."""
+        if self._phys is None:
+            self._phys, self._memory_path = self._choose_memory(self._memory_choice)
+        return self._phys
+
+    @property
+    def memory_path(self) -> str:
+        self.phys
+        return self._memory_path
 
     def _choose_memory(self, memory: str) -> tuple[PhysicalMemory, str]:
         reasons = []
@@ -69,7 +84,10 @@ class Inspector:
                 return ram, "vmscope-memfd"
             reasons.append("the stub names no vmscope RAM memfd")
         if memory in ("auto", "rsp") and self.client:
-            return RspPhysicalMemory(self.client), "rsp"
+            try:
+                return RspPhysicalMemory(self.client), "rsp"
+            except VmiError as e:
+                reasons.append(str(e))
         raise VmiError(f"no way to read guest-physical memory with --memory {memory}: {'; '.join(reasons) or 'no stub'}")
 
     def close(self) -> None:
