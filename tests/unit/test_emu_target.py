@@ -501,3 +501,90 @@ def test_console_input_reaches_the_guest_uart(arch, tmp_path):
         machine.shutdown()
         os.close(write_end)
         os.close(read_end)
+
+
+#: arm64 guest that turns the MMU on (TTBR0 identity, TTBR1 maps HIGH + RAM)
+#: and then runs and counts only at the high addresses, as a kernel does
+_MMU_GUEST = """        .equ HIGH, 0xffffff8000000000
+        .globl _start
+_start:
+        ldr x0, =ttbr0_l1
+        ldr x1, =0x40000000 | (1 << 10) | (3 << 8) | 1   // 1 GiB block, AF, inner shareable, attr 0
+        str x1, [x0, #8]                                 // VA 0x40000000 (index 1)
+        ldr x0, =ttbr1_l1
+        str x1, [x0, #8]                                 // VA HIGH + 0x40000000 (index 1)
+        ldr x0, =ttbr0_l1
+        msr ttbr0_el1, x0
+        ldr x0, =ttbr1_l1
+        msr ttbr1_el1, x0
+        mov x0, #0xff
+        msr mair_el1, x0
+        ldr x0, =25 | (25 << 16) | (2 << 30) | (2 << 32)
+        msr tcr_el1, x0
+        isb
+        mrs x0, sctlr_el1
+        orr x0, x0, #1
+        msr sctlr_el1, x0
+        isb
+        ldr x2, =HIGH
+        ldr x1, =hi_loop
+        add x1, x1, x2
+        ldr x3, =hi_counter
+        add x3, x3, x2
+        br x1
+        .globl hi_loop
+hi_loop:
+        ldr x4, [x3]
+        add x4, x4, #1
+        str x4, [x3]
+        b hi_loop
+        .ltorg
+        .data
+        .balign 8
+        .globl hi_counter
+hi_counter: .quad 0
+        .balign 4096
+ttbr0_l1: .skip 4096
+ttbr1_l1: .skip 4096
+"""
+HIGH = 0xFFFFFF8000000000
+
+
+def test_arm64_guest_with_the_mmu_on_is_debugged_at_virtual_addresses(tmp_path):
+    (tmp_path / "mmu.S").write_text(_MMU_GUEST)
+    subprocess.run(["aarch64-linux-gnu-as", "-o", str(tmp_path / "mmu.o"), str(tmp_path / "mmu.S")], check=True)
+    subprocess.run(["aarch64-linux-gnu-ld", "-Ttext=0x40080000", "-o", str(tmp_path / "mmu.elf"), str(tmp_path / "mmu.o")],
+                   check=True)
+    with open(tmp_path / "mmu.elf", "rb") as f:
+        sym = {s.name: s["st_value"] for s in ELFFile(f).get_section_by_name(".symtab").iter_symbols() if s.name}
+    booted = Booted("aarch64", cpus=1, kernel=tmp_path / "mmu.elf")
+    t = booted.target
+    try:
+        booted.machine.start()
+        time.sleep(0.2)
+        t.interrupt()
+        wait_stop(t)
+        regs = booted.regs(1)
+        assert regs["SCTLR_EL1"] & 1 and regs["pc"] >= HIGH
+        high_counter = sym["hi_counter"] + HIGH
+        assert u64(t, high_counter) == int.from_bytes(t.read_physical(sym["hi_counter"], 8), "little") > 0
+        assert t.translate(high_counter, 1) == sym["hi_counter"]
+        assert "physical" in t.monitor(f"translate {sym['hi_loop'] + HIGH:#x}")
+        with pytest.raises(TargetError, match="cannot translate"):
+            t.read_memory(HIGH + 0x8000_0000, 8, 1)  # TTBR1 maps only the second GiB
+        t.add_sw_breakpoint(sym["hi_loop"] + HIGH, 4)
+        event = booted.run_until_stop()
+        assert event.kind == "swbreak" and booted.regs(1)["pc"] == sym["hi_loop"] + HIGH
+        t.remove_sw_breakpoint(sym["hi_loop"] + HIGH, 4)
+        t.add_hw_breakpoint(sym["hi_loop"] + HIGH + 4, 1)
+        event = booted.run_until_stop()
+        assert event.kind == "hwbreak" and booted.regs(1)["pc"] == sym["hi_loop"] + HIGH + 4
+        t.remove_hw_breakpoint(sym["hi_loop"] + HIGH + 4, 1)
+        t.add_watchpoint(high_counter, 8, "write")
+        before = u64(t, high_counter)
+        event = booted.run_until_stop()
+        assert event.kind == "watch" and event.addr == high_counter and u64(t, high_counter) == before + 1
+        with pytest.raises(TargetError, match="cannot translate"):
+            t.add_watchpoint(HIGH + 0x8000_0000, 8, "write")
+    finally:
+        booted.machine.shutdown()

@@ -30,7 +30,9 @@ Breakpoints and watchpoints:
 - hardware breakpoints are Unicorn code hooks on one address; they stop
   before the instruction runs. Resuming from one runs its instruction once
   (like x86's RF flag). There is no slot limit.
-- watchpoints are memory hooks; any number, any length. Unicorn calls a
+- watchpoints are memory hooks on the physical pages the watched range maps
+  to when set (Unicorn hooks see physical addresses); any number, any
+  length. Unicorn calls a
   write hook before the store, and stopping from the hook leaves the store
   done but the instruction unfinished (pc on it, register write-back not
   done: measured). So the target puts the old bytes back and re-executes
@@ -142,7 +144,7 @@ class EmuTarget(
         self._next_index = 0  # the CPU the next continue runs first
         self._sw: dict[int, tuple[int, bytes]] = {}  # address -> (physical, original bytes)
         self._hw: dict[int, list[int]] = {}  # address -> hook handle per CPU
-        self._watch: dict[tuple[int, int, str], list[int]] = {}
+        self._watch: dict[tuple[int, int, str], list[tuple[EmuCpu, int]]] = {}
         self.exit_status: int | None = None
         self.exited = threading.Event()
         for cpu in cpus:
@@ -385,35 +387,47 @@ class EmuTarget(
         key = (addr, length, kind)
         if key in self._watch:
             return
-        begin = max(0, addr - _WIDEST_ACCESS + 1)
-        self._watch[key] = [
-            cpu.uc.hook_add(_WATCH_HOOKS[kind], self._on_memory_access, (cpu, addr, length, kind), begin, addr + length - 1)
-            for cpu in self.cpus
-        ]
+        handles: list[tuple[EmuCpu, int]] = []
+        try:
+            for cpu in self.cpus:
+                for vaddr, phys, size in self._physical_pieces(cpu, addr, length):
+                    begin = max(0, phys - _WIDEST_ACCESS + 1)
+                    piece = (cpu, vaddr, phys, size, kind)
+                    handles.append((cpu, cpu.uc.hook_add(_WATCH_HOOKS[kind], self._on_memory_access, piece, begin, phys + size - 1)))
+        except TargetError:
+            for cpu, handle in handles:
+                cpu.uc.hook_del(handle)
+            raise
+        self._watch[key] = handles
+
+    @staticmethod
+    def _physical_pieces(cpu: EmuCpu, addr: int, length: int) -> list[tuple[int, int, int]]:
+        """(virtual, physical, length) per page of a watched range: Unicorn
+        hands memory hooks physical addresses (measured on both arches with
+        paging on), so watchpoints hook where the guest's page tables put
+        the range when it is set (a later remap is not followed)."""
+        pieces, done = [], 0
+        while done < length:
+            vaddr = addr + done
+            size = min(length - done, PAGE - (vaddr & (PAGE - 1)))
+            pieces.append((vaddr, cpu.translate(vaddr), size))
+            done += size
+        return pieces
 
     def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
         self._check_stopped()
-        handles = self._watch.pop((addr, length, kind), None)
-        if handles is None:
-            return
-        for cpu, handle in zip(self.cpus, handles):
+        for cpu, handle in self._watch.pop((addr, length, kind), ()):
             cpu.uc.hook_del(handle)
 
-    def _on_memory_access(self, uc, access: int, address: int, size: int, value: int, data) -> None:
-        cpu, waddr, wlen, kind = data
+    def _on_memory_access(self, uc, access: int, address: int, size: int, value: int, piece) -> None:
+        cpu, wvaddr, wphys, wlen, kind = piece
         state = self._state[cpu.tid]
         if state.muted or state.watch_hit is not None:
             return
-        if address + size <= waddr or address >= waddr + wlen:
+        if address + size <= wphys or address >= wphys + wlen:
             return  # inside the widened hook range only
-        phys = old = None
-        if access == UC_MEM_WRITE:
-            try:
-                phys = cpu.translate(address)
-                old = self.ram.read(phys, size)
-            except TargetError:
-                phys = old = None  # MMIO: nothing to put back
-        state.watch_hit = (max(address, waddr), _WATCH_STOP[kind], phys, old)
+        old = self.ram.read(address, size) if access == UC_MEM_WRITE and self.ram.contains(address, size) else None
+        state.watch_hit = (wvaddr + max(address - wphys, 0), _WATCH_STOP[kind], address, old)
         uc.emu_stop()
 
     # --- exceptions ------------------------------------------------------------
