@@ -172,7 +172,7 @@ def test_drgn_program_over_the_same_memory(guest, facts, capsys):
     out = run_inspect(capsys, "drgn", "-c",
                       "s = prog.symbol('init_task'); print(hex(s.address)); "
                       "print(prog.read(prog.symbol('linux_banner').address, 13).decode())")
-    addr, banner = out.split()[:2], out.splitlines()[1]
+    banner = out.splitlines()[1]
     theirs = {parts[2]: int(parts[0], 16) for parts in (l.split() for l in facts["kallsyms"].splitlines())
               if len(parts) == 3}
     assert int(out.split()[0], 16) == theirs["init_task"]

@@ -10,7 +10,8 @@ import pytest
 
 from vmscope.vmi.linux.btf import Btf, BtfError
 from vmscope.vmi.linux.kallsyms import KallsymsNotFound, parse_kallsyms
-from vmscope.vmi.linux.kernel import _ring_text, _state_letter
+from vmscope.vmi.linux.printk import ring_text as _ring_text
+from vmscope.vmi.linux.tasks import state_letter as _state_letter
 
 BASE = 0xFFFF_FFFF_A420_0000
 

@@ -15,7 +15,6 @@ Typical use from a Python prompt::
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import socket

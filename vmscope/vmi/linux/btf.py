@@ -232,3 +232,12 @@ class Btf:
             name_off, val = struct.unpack_from("<Ii" if kflag else "<II", self._data, pos + 8 * i)
             out[val] = self.string(name_off)
         return out
+
+
+def has_member(btf: Btf, struct_name: str, path: str) -> bool:
+    """Whether ``struct_name.path`` exists (fields move between kernel versions)."""
+    try:
+        btf.field(struct_name, path)
+        return True
+    except BtfError:
+        return False

@@ -269,3 +269,22 @@ def _symbols(img: bytes, base: int, tokens: list[bytes], names_start: int, num: 
         text = raw.decode("ascii", "replace")
         out.append(Symbol(text[1:], addr, text[:1]))
     return out
+
+
+def load_system_map(path: str, text: int) -> Kallsyms:
+    """Symbols from a System.map, slid so that ``_text`` lands at ``text``."""
+    syms = []
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3:
+                try:
+                    syms.append(Symbol(parts[2], int(parts[0], 16), parts[1]))
+                except ValueError:
+                    continue
+    named = {s.name: s for s in syms}
+    if "_text" not in named:
+        raise KallsymsNotFound(f"{path} has no _text symbol: not a System.map (Debian's package ships a placeholder)")
+    slide = (text - named["_text"].address) & ((1 << 64) - 1)
+    return Kallsyms([Symbol(s.name, (s.address + slide) & ((1 << 64) - 1) if s.type.upper() != "A" else s.address,
+                            s.type) for s in syms])

@@ -1,121 +1,41 @@
 """A running Linux kernel seen through its memory, without its vmlinux.
 
 From a physical memory source and the CPU's page-table root this finds the
-kernel image (the KASLR slide), decodes kallsyms, loads the kernel's BTF,
-and switches to the kernel's own page tables (``init_top_pgt``) so that
-reads work whichever process the CPU happened to stop in.
+kernel image (the KASLR slide, :mod:`.kaslr`), decodes kallsyms, loads the
+kernel's BTF, and switches to the kernel's own page tables
+(``init_top_pgt``) so that reads work whichever process the CPU happened to
+stop in. The OS objects live in small modules that take this object, as
+drgn's helpers take a program: :mod:`.tasks`, :mod:`.modules`,
+:mod:`.printk`, :mod:`.clock`.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from typing import Callable
 
 from vmscope.vmi.address_space import AddressSpace
-from vmscope.vmi.errors import TranslationError, VmiError
+from vmscope.vmi.errors import VmiError
+from vmscope.vmi.linux import clock, printk, symcache
+from vmscope.vmi.linux import modules as modules_mod
+from vmscope.vmi.linux import tasks as tasks_mod
 from vmscope.vmi.linux.btf import ARRAY, ENUM, ENUM64, INT, PTR, Btf, BtfError
-from vmscope.vmi.linux.kallsyms import Kallsyms, KallsymsNotFound, Symbol, parse_kallsyms
+from vmscope.vmi.linux.kallsyms import Kallsyms, KallsymsNotFound, load_system_map, parse_kallsyms
+from vmscope.vmi.linux.kaslr import (DEFAULT_TEXT, START_KERNEL_MAP, KernelLocation, KernelNotFound,  # noqa: F401
+                                     find_kernel_image)
+from vmscope.vmi.linux.modules import Module
+from vmscope.vmi.linux.printk import LogRecord
+from vmscope.vmi.linux.tasks import Task
 from vmscope.vmi.memory import PhysicalMemory
 from vmscope.vmi.paging.base import TranslationCache
 from vmscope.vmi.paging.x86_64 import X86_64Paging
 
-START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # x86_64 __START_KERNEL_map
-DEFAULT_TEXT = 0xFFFF_FFFF_8100_0000  # _text without KASLR (LOAD_PHYSICAL_ADDR 16 MiB)
-KERNEL_IMAGE_END = 0xFFFF_FFFF_C000_0000  # KERNEL_IMAGE_SIZE with KASLR: 1 GiB
-PTI_USER_PGD = 1 << 12  # with PTI, the user half of an 8 KiB PGD pair
+__all__ = ["LinuxKernel", "KernelLocation", "KernelNotFound", "LogRecord", "Module", "Task", "find_kernel_image"]
+
 SCAN_CHUNK = 2 << 20
 MASK64 = (1 << 64) - 1
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
-
-
-class KernelNotFound(VmiError):
-    """No Linux kernel image in the memory these page tables map."""
-
-
-@dataclass(frozen=True)
-class KernelLocation:
-    text: int  # virtual _text (rounded down to its 2 MiB page)
-    end: int  # end of the contiguous kernel image mapping
-    slide: int  # KASLR virtual slide: text - 0xffffffff81000000
-    phys_text: int  # physical address of _text
-    root: int  # page-table root the image was found through
-
-
-def find_kernel_image(phys: PhysicalMemory, cr3: int, cr4: int = 0, cache: TranslationCache | None = None) -> KernelLocation:
-    """Find the kernel image in the top 1 GiB of the address space: the first
-    2 MiB page mapped there is ``_text`` (the boot code unmaps the rest of the
-    kernel mapping outside ``_text``.. ``_end``). With PTI the CPU may have
-    stopped on the user PGD, which maps almost none of the kernel; then the
-    kernel PGD is the other half of the 8 KiB pair."""
-    tried = []
-    for root in dict.fromkeys((cr3 & ~0xFFF, cr3 & ~0xFFF & ~PTI_USER_PGD)):
-        walker = X86_64Paging(phys, root, cr4=cr4, cache=cache)
-        start = end = None
-        for va in range(START_KERNEL_MAP, KERNEL_IMAGE_END, 0x200000):
-            try:
-                walker.page(va)
-            except TranslationError:
-                if start is not None:
-                    break
-                continue
-            except VmiError:
-                break
-            if start is None:
-                start = va
-            end = va + 0x200000
-        tried.append(f"0x{root:x}")
-        if start is not None and end is not None and end - start >= 4 << 20:
-            return KernelLocation(start, end, start - DEFAULT_TEXT, walker.translate(start).paddr, root)
-    raise KernelNotFound(f"no kernel image mapped at 0x{START_KERNEL_MAP:x}-0x{KERNEL_IMAGE_END:x} "
-                         f"through page tables at {', '.join(tried)} (is this an x86_64 Linux guest in long mode?)")
-
-
-@dataclass(frozen=True)
-class Task:
-    pid: int
-    tgid: int
-    ppid: int
-    comm: str
-    state: str  # ps letter: R S D T t X Z P I
-    kernel_thread: bool
-    address: int  # the task_struct
-    start_time_ns: int = 0
-
-    @property
-    def kind(self) -> str:
-        return "kernel" if self.kernel_thread else "user"
-
-
-@dataclass(frozen=True)
-class Module:
-    name: str
-    size: int
-    refcount: int
-    state: str
-    base: int
-    address: int  # the struct module
-    used_by: tuple[str, ...] = ()  # modules that depend on this one (/proc/modules' 4th column)
-
-
-@dataclass(frozen=True)
-class LogRecord:
-    seq: int
-    timestamp_ns: int
-    level: int
-    facility: int
-    text: str
-
-    def format(self) -> str:
-        secs, nsec = divmod(self.timestamp_ns, 1_000_000_000)
-        return f"[{secs:5d}.{nsec // 1000:06d}] {self.text}"
-
-
-_STATE_LETTERS = "RSDTtXZPI"
-TASK_REPORT = 0x7F
-TASK_IDLE = 0x402  # TASK_UNINTERRUPTIBLE | TASK_NOLOAD
-PF_KTHREAD = 0x00200000
 
 
 class LinuxKernel:
@@ -135,8 +55,8 @@ class LinuxKernel:
         boot = AddressSpace(X86_64Paging(phys, self.location.root, cr4=cr4, cache=self.cache))
         self._btf: Btf | None = None
         self._layouts: dict = {}
-        self._disk_key = _image_key(boot, self.location) if disk_cache and not system_map else None
-        cached = _load_cached(self._disk_key) if self._disk_key else None
+        self._disk_key = symcache.image_key(boot, self.location) if disk_cache and not system_map else None
+        cached = symcache.load_cached(self._disk_key) if self._disk_key else None
         if cached is not None:
             self.symbols, btf_blob = cached
             self._btf = Btf(btf_blob) if btf_blob else None
@@ -159,7 +79,7 @@ class LinuxKernel:
                 btf_blob = self._btf_blob()
             except (BtfError, VmiError):
                 btf_blob = b""
-            _store_cached(self._disk_key, self.symbols, btf_blob)
+            symcache.store_cached(self._disk_key, self.symbols, btf_blob)
 
     # ------------------------------------------------------------ loading
 
@@ -238,7 +158,7 @@ class LinuxKernel:
             return value
         return raw
 
-    def _fetch(self, obj: int, struct_name: str) -> bytes:
+    def fetch(self, obj: int, struct_name: str) -> bytes:
         return self.read(obj, self.btf.struct_size(struct_name))
 
     def list_entries(self, head: int, struct_name: str, member: str, limit: int = 1_000_000):
@@ -259,7 +179,7 @@ class LinuxKernel:
     def banner(self) -> str:
         return self.aspace.cstring(self.symbols["linux_banner"], 512).strip() if "linux_banner" in self.symbols else ""
 
-    def _layout(self, struct_name: str, paths: list[str]):
+    def layout(self, struct_name: str, paths: list[str]):
         """Fields of ``struct_name`` resolved once, and the byte window that
         covers them (so one read of that window decodes every field)."""
         key = (struct_name, tuple(paths))
@@ -272,7 +192,7 @@ class LinuxKernel:
         return cached
 
     @staticmethod
-    def _decoder(f, lo: int):
+    def decoder(f, lo: int):
         """A function decoding field ``f`` from a window read at offset ``lo``."""
         start, end = f.offset - lo, f.offset - lo + f.size
         if f.kind == ARRAY:
@@ -291,281 +211,28 @@ class LinuxKernel:
             return value
         return decode
 
-    def tasks(self) -> list[Task]:
-        """Every process (thread-group leader) on the ``init_task.tasks`` list,
-        init_task (pid 0) first."""
-        init = self.symbols["init_task"]
-        if "task_state_field" not in self._layouts:
-            self._layouts["task_state_field"] = "__state" if _has(self.btf, "task_struct", "__state") else "state"
-        state_field = self._layouts["task_state_field"]
-        paths = ["pid", "tgid", "comm", "real_parent", state_field, "exit_state", "flags", "start_time", "tasks.next"]
-        fields, lo, hi = self._layout("task_struct", paths)
-        decoders = [(p, self._decoder(f, lo)) for p, f in fields.items()]
-        tasks_off = fields["tasks.next"].offset
-        rows = []
-        addr = init
-        seen = set()
-        while True:
-            data = self.read(addr + lo, hi - lo)
-            v = {p: dec(data) for p, dec in decoders}
-            rows.append((addr, v))
-            seen.add(addr)
-            addr = v["tasks.next"] - tasks_off
-            if addr == init:
-                break
-            if addr in seen or len(seen) > 1_000_000:
-                raise VmiError("the task list loops without returning to init_task (corrupt or changing)")
-        tgid_of = {addr: v["tgid"] for addr, v in rows}
-        out = []
-        for addr, v in rows:
-            parent = v["real_parent"]
-            if parent == addr or addr == init:
-                ppid = 0
-            else:
-                ppid = tgid_of.get(parent)
-                if ppid is None:
-                    ppid = self.member(parent, "task_struct", "tgid")
-            out.append(Task(pid=v["pid"], tgid=v["tgid"], ppid=ppid, comm=v["comm"],
-                            state=_state_letter(v[state_field], v["exit_state"]),
-                            kernel_thread=bool(v["flags"] & PF_KTHREAD) or addr == init, address=addr,
-                            start_time_ns=v["start_time"]))
-        return out
-
-    def modules(self) -> list[Module]:
-        """Loaded modules, most recently loaded first (as ``/proc/modules``)."""
-        btf = self.btf
-        states = btf.enumerators("module_state")
-        out = []
-        for addr in self.list_entries(self.symbols["modules"], "module", "list"):
-            data = self._fetch(addr, "module")
-            m = lambda path: self.member(addr, "module", path, data, addr)  # noqa: E731
-            if _has(btf, "module", "core_layout"):
-                size = m("core_layout.size") + m("init_layout.size")
-                base = m("core_layout.base")
-            else:  # Linux 6.4+: mem[MOD_TEXT..]
-                size, base = self._module_mem(addr, data)
-            refcount = m("refcnt.counter") - 1 if _has(btf, "module", "refcnt") else 0
-            state = states.get(m("state"), str(m("state"))).removeprefix("MODULE_STATE_").capitalize()
-            out.append(Module(m("name"), size, refcount, state, base, addr, self._module_users(addr)))
-        return out
-
-    def _module_users(self, mod: int) -> tuple[str, ...]:
-        """Names on ``mod->source_list``: each ``struct module_use`` there
-        links a module (``source``) that uses this one."""
-        if not _has(self.btf, "module", "source_list"):
-            return ()
-        head = mod + self.btf.offsetof("module", "source_list")
-        names = []
-        for use in self.list_entries(head, "module_use", "source_list"):
-            source = self.member(use, "module_use", "source")
-            names.append(self.member(source, "module", "name"))
-        return tuple(names)
-
-    def _module_mem(self, addr: int, data: bytes) -> tuple[int, int]:
-        f = self.btf.field("module", "mem")
-        elem = f.elem_size
-        size_off = self.btf.offsetof("module_memory", "size")
-        base_off = self.btf.offsetof("module_memory", "base")
-        sizes = [struct.unpack_from("<I", data, f.offset + i * elem + size_off)[0] for i in range(f.count)]
-        base = struct.unpack_from("<Q", data, f.offset + base_off)[0]
-        return sum(sizes), base
-
-    def dmesg(self) -> list[LogRecord]:
-        """The kernel log from the lockless printk ring buffer (Linux 5.10+)."""
-        btf = self.btf
-        rb = self.u64(self.symbols["prb"])
-        m = lambda path: self.member(rb, "printk_ringbuffer", path)  # noqa: E731
-        count = 1 << m("desc_ring.count_bits")
-        descs, infos = m("desc_ring.descs"), m("desc_ring.infos")
-        tail, head = m("desc_ring.tail_id.counter"), m("desc_ring.head_id.counter")
-        data_size = 1 << m("text_data_ring.size_bits")
-        data = self.read(m("text_data_ring.data"), data_size)
-        desc_size, info_size = btf.struct_size("prb_desc"), btf.struct_size("printk_info")
-        desc_blob = self.read(descs, desc_size * count)
-        info_blob = self.read(infos, info_size * count)
-        sv_off = btf.offsetof("prb_desc", "state_var")
-        begin_off = btf.offsetof("prb_desc", "text_blk_lpos.begin")
-        next_off = btf.offsetof("prb_desc", "text_blk_lpos.next")
-        fi = {name: btf.field("printk_info", name) for name in ("seq", "ts_nsec", "text_len", "facility")}
-        level_f = btf.field("printk_info", "level")
-        id_mask = (1 << 62) - 1
-        out = []
-        ident = tail
-        for _ in range(count):
-            idx = ident % count
-            d = idx * desc_size
-            sv = struct.unpack_from("<Q", desc_blob, d + sv_off)[0]
-            if sv & id_mask == ident & id_mask and (sv >> 62) in (1, 2):  # committed, finalized
-                begin, nxt = struct.unpack_from("<QQ", desc_blob, d + begin_off)[0], \
-                    struct.unpack_from("<Q", desc_blob, d + next_off)[0]
-                i = idx * info_size
-                ival = lambda f: int.from_bytes(info_blob[i + f.offset : i + f.offset + f.size], "little")  # noqa: E731
-                text_len = ival(fi["text_len"])
-                text = _ring_text(data, data_size, begin, nxt, text_len)
-                level_byte = info_blob[i + level_f.offset]
-                level = (level_byte >> level_f.bit_offset) & ((1 << (level_f.bitfield_size or 3)) - 1)
-                out.append(LogRecord(ival(fi["seq"]), ival(fi["ts_nsec"]), level, ival(fi["facility"]),
-                                     text.decode("utf-8", "replace")))
-            if ident & id_mask == head & id_mask:
-                break
-            ident = (ident + 1) & id_mask
-        out.sort(key=lambda r: r.seq)
-        return out
-
-    def uptime(self) -> float:
-        """Seconds since boot (CLOCK_BOOTTIME) as of the timekeeper's last
-        update. The clock source itself cannot be read from memory, so an
-        idle tickless guest may be a fraction of a second (or, long idle,
-        more) ahead of this value."""
-        tk_core = self.symbols["tk_core"]
-        btf = self.btf
-        # static struct { seqcount_raw_spinlock_t seq; struct timekeeper timekeeper; } tk_core
-        seq_size = btf.sizeof(btf.find("seqcount_raw_spinlock_t", 8)) if btf.has("seqcount_raw_spinlock_t", 8) else 4
-        tk = tk_core + ((seq_size + 7) & ~7)
-        # ktime_get() = tkr_mono.base + (cycles since cycle_last * mult + xtime_nsec) >> shift
-        base = self.member(tk, "timekeeper", "tkr_mono.base")
-        frac = self.member(tk, "timekeeper", "tkr_mono.xtime_nsec") >> self.member(tk, "timekeeper", "tkr_mono.shift")
-        boot = self.member(tk, "timekeeper", "offs_boot")
-        return (base + frac + boot) / 1e9
-
-    def process_address_space(self, task: Task) -> AddressSpace:
-        """The user address space of a process (its ``mm->pgd``)."""
-        mm = self.member(task.address, "task_struct", "mm")
-        if not mm:
-            raise VmiError(f"task {task.pid} ({task.comm}) is a kernel thread: it has no user address space")
-        pgd = self.member(mm, "mm_struct", "pgd")
-        return AddressSpace(X86_64Paging(self.phys, self.virt_to_phys(pgd), cr4=self.cr4, cache=self.cache))
-
-    def task(self, pid: int) -> Task:
-        """The process with this pid; a clear error if there is none."""
-        for t in self.tasks():
-            if t.pid == pid:
-                return t
-        raise VmiError(f"no process with pid {pid} in the guest")
-
-    def cmdline(self, task: Task) -> list[str] | None:
-        """A process's argv, read from its own stack (``mm->arg_start`` ..
-        ``arg_end``) as ``/proc/PID/cmdline`` does; None for kernel threads
-        and when those pages are not resident."""
-        mm = self.member(task.address, "task_struct", "mm")
-        if not mm:
-            return None
-        start = self.member(mm, "mm_struct", "arg_start")
-        end = self.member(mm, "mm_struct", "arg_end")
-        if not 0 < end - start <= 1 << 20:
-            return None
-        try:
-            raw = self.process_address_space(task).read(start, end - start)
-        except VmiError:
-            return None
-        return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")]
-
     def virt_to_phys(self, vaddr: int) -> int:
         return self.aspace.translate(vaddr).paddr
 
+    # ------------------------------------------------------------ OS objects (see the modules)
 
-def _has(btf: Btf, struct_name: str, path: str) -> bool:
-    try:
-        btf.field(struct_name, path)
-        return True
-    except BtfError:
-        return False
+    def tasks(self) -> list[Task]:
+        return tasks_mod.tasks(self)
 
+    def task(self, pid: int) -> Task:
+        return tasks_mod.task(self, pid)
 
-def _state_letter(state: int, exit_state: int) -> str:
-    """Like the kernel's ``task_state_index``: the highest reportable bit."""
-    if state == TASK_IDLE:
-        return "I"
-    bits = (state | exit_state) & TASK_REPORT
-    return _STATE_LETTERS[bits.bit_length()]
+    def cmdline(self, task: Task) -> list[str] | None:
+        return tasks_mod.cmdline(self, task)
 
+    def process_address_space(self, task: Task) -> AddressSpace:
+        return tasks_mod.process_address_space(self, task)
 
-def _ring_text(data: bytes, size: int, begin: int, nxt: int, text_len: int) -> bytes:
-    """Text of one record in the data ring (``get_data`` in
-    ``kernel/printk/printk_ringbuffer.c``): a block is an 8-byte id and the
-    text; a block that would wrap is stored whole at the ring's start."""
-    if begin & 1 or nxt & 1 or begin == nxt:
-        return b""  # data-less record
-    bits = size.bit_length() - 1
-    if begin >> bits == nxt >> bits:
-        start, length = begin & (size - 1), nxt - begin
-    elif (begin >> bits) + 1 == nxt >> bits:
-        start, length = 0, nxt & (size - 1)
-    else:
-        return b""
-    if length < 8:
-        return b""
-    return data[start + 8 : start + min(length, 8 + text_len)]
+    def modules(self) -> list[Module]:
+        return modules_mod.modules(self)
 
+    def dmesg(self) -> list[LogRecord]:
+        return printk.dmesg(self)
 
-def load_system_map(path: str, text: int) -> Kallsyms:
-    """Symbols from a System.map, slid so that ``_text`` lands at ``text``."""
-    syms = []
-    with open(path) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3:
-                try:
-                    syms.append(Symbol(parts[2], int(parts[0], 16), parts[1]))
-                except ValueError:
-                    continue
-    named = {s.name: s for s in syms}
-    if "_text" not in named:
-        raise KallsymsNotFound(f"{path} has no _text symbol: not a System.map (Debian's package ships a placeholder)")
-    slide = (text - named["_text"].address) & ((1 << 64) - 1)
-    return Kallsyms([Symbol(s.name, (s.address + slide) & ((1 << 64) - 1) if s.type.upper() != "A" else s.address,
-                            s.type) for s in syms])
-
-
-# ---------------------------------------------------------------- disk cache
-#
-# Decoding kallsyms and BTF costs a fraction of a second of CPU (and, over
-# RSP, reading ~20 MiB of kernel image); both depend only on the kernel
-# build and its KASLR placement. The first 64 KiB of relocated kernel text
-# at its virtual address identify both, so they key a cache of the results.
-
-CACHE_VERSION = 1
-
-
-def _image_key(boot: AddressSpace, loc: KernelLocation) -> str | None:
-    import hashlib
-
-    try:
-        head = boot.read(loc.text, 64 << 10)
-    except VmiError:
-        return None
-    return hashlib.sha256(head + loc.text.to_bytes(8, "little") + bytes([CACHE_VERSION])).hexdigest()[:32]
-
-
-def _cache_file(key: str):
-    from vmscope.images.cache import cache_dir
-
-    return cache_dir("kernels") / f"{key}.pickle"
-
-
-def _load_cached(key: str):
-    import pickle
-
-    try:
-        with open(_cache_file(key), "rb") as f:
-            version, symbols, btf_blob = pickle.load(f)
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError):
-        return None
-    if version != CACHE_VERSION:
-        return None
-    return Kallsyms([Symbol(*s) for s in symbols]), btf_blob
-
-
-def _store_cached(key: str, symbols: Kallsyms, btf_blob: bytes) -> None:
-    import os
-    import pickle
-
-    try:
-        path = _cache_file(key)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            pickle.dump((CACHE_VERSION, [tuple(s) for s in symbols.symbols], btf_blob), f,
-                        protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache only costs speed
+    def uptime(self) -> float:
+        return clock.uptime(self)

@@ -1,0 +1,63 @@
+"""Where the x86_64 kernel image is: the KASLR slide, virtual and physical.
+
+The first 2 MiB page mapped in the top 1 GiB of the address space is
+``_text``: the boot code unmaps the rest of the kernel mapping outside
+``_text`` .. ``_end``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmscope.vmi.errors import TranslationError, VmiError
+from vmscope.vmi.memory import PhysicalMemory
+from vmscope.vmi.paging.base import TranslationCache
+from vmscope.vmi.paging.x86_64 import X86_64Paging
+
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # x86_64 __START_KERNEL_map
+DEFAULT_TEXT = 0xFFFF_FFFF_8100_0000  # _text without KASLR (LOAD_PHYSICAL_ADDR 16 MiB)
+KERNEL_IMAGE_END = 0xFFFF_FFFF_C000_0000  # KERNEL_IMAGE_SIZE with KASLR: 1 GiB
+PTI_USER_PGD = 1 << 12  # with PTI, the user half of an 8 KiB PGD pair
+
+class KernelNotFound(VmiError):
+    """No Linux kernel image in the memory these page tables map."""
+
+
+@dataclass(frozen=True)
+class KernelLocation:
+    text: int  # virtual _text (rounded down to its 2 MiB page)
+    end: int  # end of the contiguous kernel image mapping
+    slide: int  # KASLR virtual slide: text - 0xffffffff81000000
+    phys_text: int  # physical address of _text
+    root: int  # page-table root the image was found through
+
+
+def find_kernel_image(phys: PhysicalMemory, cr3: int, cr4: int = 0, cache: TranslationCache | None = None) -> KernelLocation:
+    """Find the kernel image in the top 1 GiB of the address space: the first
+    2 MiB page mapped there is ``_text`` (the boot code unmaps the rest of the
+    kernel mapping outside ``_text``.. ``_end``). With PTI the CPU may have
+    stopped on the user PGD, which maps almost none of the kernel; then the
+    kernel PGD is the other half of the 8 KiB pair."""
+    tried = []
+    for root in dict.fromkeys((cr3 & ~0xFFF, cr3 & ~0xFFF & ~PTI_USER_PGD)):
+        walker = X86_64Paging(phys, root, cr4=cr4, cache=cache)
+        start = end = None
+        for va in range(START_KERNEL_MAP, KERNEL_IMAGE_END, 0x200000):
+            try:
+                walker.page(va)
+            except TranslationError:
+                if start is not None:
+                    break
+                continue
+            except VmiError:
+                break
+            if start is None:
+                start = va
+            end = va + 0x200000
+        tried.append(f"0x{root:x}")
+        if start is not None and end is not None and end - start >= 4 << 20:
+            return KernelLocation(start, end, start - DEFAULT_TEXT, walker.translate(start).paddr, root)
+    raise KernelNotFound(f"no kernel image mapped at 0x{START_KERNEL_MAP:x}-0x{KERNEL_IMAGE_END:x} "
+                         f"through page tables at {', '.join(tried)} (is this an x86_64 Linux guest in long mode?)")
+
+

@@ -1,0 +1,119 @@
+"""Processes: the ``init_task.tasks`` list, like ``ps``, and each
+process's own address space and command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vmscope.vmi.address_space import AddressSpace
+from vmscope.vmi.errors import VmiError
+from vmscope.vmi.linux.btf import has_member
+from vmscope.vmi.paging.x86_64 import X86_64Paging
+
+if TYPE_CHECKING:
+    from vmscope.vmi.linux.kernel import LinuxKernel
+
+
+@dataclass(frozen=True)
+class Task:
+    pid: int
+    tgid: int
+    ppid: int
+    comm: str
+    state: str  # ps letter: R S D T t X Z P I
+    kernel_thread: bool
+    address: int  # the task_struct
+    start_time_ns: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "kernel" if self.kernel_thread else "user"
+
+
+_STATE_LETTERS = "RSDTtXZPI"
+TASK_REPORT = 0x7F
+TASK_IDLE = 0x402  # TASK_UNINTERRUPTIBLE | TASK_NOLOAD
+PF_KTHREAD = 0x00200000
+
+
+def tasks(kernel: LinuxKernel) -> list[Task]:
+    """Every process (thread-group leader) on the ``init_task.tasks`` list,
+    init_task (pid 0) first."""
+    init = kernel.symbols["init_task"]
+    if "task_state_field" not in kernel._layouts:
+        kernel._layouts["task_state_field"] = "__state" if has_member(kernel.btf, "task_struct", "__state") else "state"
+    state_field = kernel._layouts["task_state_field"]
+    paths = ["pid", "tgid", "comm", "real_parent", state_field, "exit_state", "flags", "start_time", "tasks.next"]
+    fields, lo, hi = kernel.layout("task_struct", paths)
+    decoders = [(p, kernel.decoder(f, lo)) for p, f in fields.items()]
+    tasks_off = fields["tasks.next"].offset
+    rows = []
+    addr = init
+    seen = set()
+    while True:
+        data = kernel.read(addr + lo, hi - lo)
+        v = {p: dec(data) for p, dec in decoders}
+        rows.append((addr, v))
+        seen.add(addr)
+        addr = v["tasks.next"] - tasks_off
+        if addr == init:
+            break
+        if addr in seen or len(seen) > 1_000_000:
+            raise VmiError("the task list loops without returning to init_task (corrupt or changing)")
+    tgid_of = {addr: v["tgid"] for addr, v in rows}
+    out = []
+    for addr, v in rows:
+        parent = v["real_parent"]
+        if parent == addr or addr == init:
+            ppid = 0
+        else:
+            ppid = tgid_of.get(parent)
+            if ppid is None:
+                ppid = kernel.member(parent, "task_struct", "tgid")
+        out.append(Task(pid=v["pid"], tgid=v["tgid"], ppid=ppid, comm=v["comm"],
+                        state=state_letter(v[state_field], v["exit_state"]),
+                        kernel_thread=bool(v["flags"] & PF_KTHREAD) or addr == init, address=addr,
+                        start_time_ns=v["start_time"]))
+    return out
+
+def process_address_space(kernel: LinuxKernel, task: Task) -> AddressSpace:
+    """The user address space of a process (its ``mm->pgd``)."""
+    mm = kernel.member(task.address, "task_struct", "mm")
+    if not mm:
+        raise VmiError(f"task {task.pid} ({task.comm}) is a kernel thread: it has no user address space")
+    pgd = kernel.member(mm, "mm_struct", "pgd")
+    return AddressSpace(X86_64Paging(kernel.phys, kernel.virt_to_phys(pgd), cr4=kernel.cr4, cache=kernel.cache))
+
+def task(kernel: LinuxKernel, pid: int) -> Task:
+    """The process with this pid; a clear error if there is none."""
+    for t in tasks(kernel):
+        if t.pid == pid:
+            return t
+    raise VmiError(f"no process with pid {pid} in the guest")
+
+def cmdline(kernel: LinuxKernel, task: Task) -> list[str] | None:
+    """A process's argv, read from its own stack (``mm->arg_start`` ..
+    ``arg_end``) as ``/proc/PID/cmdline`` does; None for kernel threads
+    and when those pages are not resident."""
+    mm = kernel.member(task.address, "task_struct", "mm")
+    if not mm:
+        return None
+    start = kernel.member(mm, "mm_struct", "arg_start")
+    end = kernel.member(mm, "mm_struct", "arg_end")
+    if not 0 < end - start <= 1 << 20:
+        return None
+    try:
+        raw = process_address_space(kernel, task).read(start, end - start)
+    except VmiError:
+        return None
+    return [a.decode("utf-8", "replace") for a in raw.rstrip(b"\0").split(b"\0")]
+
+def state_letter(state: int, exit_state: int) -> str:
+    """Like the kernel's ``task_state_index``: the highest reportable bit."""
+    if state == TASK_IDLE:
+        return "I"
+    bits = (state | exit_state) & TASK_REPORT
+    return _STATE_LETTERS[bits.bit_length()]
+
+
