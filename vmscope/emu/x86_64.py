@@ -1,0 +1,158 @@
+"""The emulated x86_64 vCPU: long mode from the first instruction.
+
+Unicorn's UC_MODE_64 forces EFER.LMA, so the 32-bit PVH entry cannot run
+(measured: it stalls before the mode switch); every CPU starts at the
+guest's 64-bit entry instead, with the GDT, page tables and a stack that
+:func:`x86_write_boot_tables` and :meth:`X86Cpu.reset` set up.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from unicorn import UC_ARCH_X86, UC_MODE_64
+from unicorn import x86_const as X
+
+from vmscope.arch.x86_64 import X86_64
+from vmscope.emu.cpu import EmuCpu
+from vmscope.emu.memory import GuestRam
+from vmscope.gdbserver.target import TargetError
+from vmscope.vmi.paging import X86_64Paging
+
+_X86_GPRS = "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip eflags cs ss ds es fs gs".split()
+CR0_PG = 1 << 31
+MSR_EFER = 0xC000_0080
+MSR_KERNEL_GS_BASE = 0xC000_0102
+
+#: guest-physical layout of the boot state the emulated x86 CPUs start in
+GDT_ADDR = 0x500
+PML4_ADDR = 0x1000  # PML4, PDPT and one PD of 2 MiB pages: 1 GiB identity map
+BOOT_STACK_TOP = 0x80000  # CPU n starts with rsp = top - n * 4 KiB ("any stack")
+#: the guest-physical range the boot state above occupies (64 CPUs' stacks included)
+BOOT_AREA = (GDT_ADDR, BOOT_STACK_TOP)
+CODE64_SELECTOR = 0x08
+DATA_SELECTOR = 0x10
+
+
+def x86_write_boot_tables(ram: GuestRam) -> None:
+    """A GDT (null, 64-bit code, data) and page tables identity-mapping the
+    first 1 GiB, below 1 MiB where the demo guest does not load."""
+    gdt = struct.pack("<3Q", 0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF)
+    ram.write(GDT_ADDR, gdt)
+    ram.write(PML4_ADDR, struct.pack("<Q", (PML4_ADDR + 0x1000) | 3))
+    ram.write(PML4_ADDR + 0x1000, struct.pack("<Q", (PML4_ADDR + 0x2000) | 3))
+    ram.write(PML4_ADDR + 0x2000, b"".join(struct.pack("<Q", (i << 21) | 0x83) for i in range(512)))
+
+
+class X86Cpu(EmuCpu):
+    arch = X86_64
+    uc_arch = UC_ARCH_X86
+    uc_mode = UC_MODE_64
+    pc_id = X.UC_X86_REG_RIP
+    halt_opcodes = (b"\xf4",)
+    undefined_instruction_exception = 6  # #UD
+    simple_registers = {
+        **{n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in _X86_GPRS},
+        **{f"xmm{i}": getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16)},
+        "fctrl": X.UC_X86_REG_FPCW,
+        "fstat": X.UC_X86_REG_FPSW,
+        "ftag": X.UC_X86_REG_FPTAG,
+        "fiseg": X.UC_X86_REG_FCS,
+        "fioff": X.UC_X86_REG_FIP,
+        "foseg": X.UC_X86_REG_FDS,
+        "fooff": X.UC_X86_REG_FDP,
+        "fop": X.UC_X86_REG_FOP,
+        "mxcsr": X.UC_X86_REG_MXCSR,
+        "fs_base": X.UC_X86_REG_FS_BASE,
+        "gs_base": X.UC_X86_REG_GS_BASE,
+        "cr0": X.UC_X86_REG_CR0,
+        "cr2": X.UC_X86_REG_CR2,
+        "cr3": X.UC_X86_REG_CR3,
+        "cr4": X.UC_X86_REG_CR4,
+        "cr8": X.UC_X86_REG_CR8,
+    }
+
+    def reset(self, entry: int) -> None:
+        """Long mode, paging on with the 1 GiB identity map, interrupts off and
+        a scratch stack below 512 KiB: the state ``start64`` of the demo
+        guest expects (the PVH 32-bit entry is skipped)."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR3, PML4_ADDR)
+        uc.reg_write(X.UC_X86_REG_CR4, 0x20 | 0x200 | 0x400)  # PAE, OSFXSR, OSXMMEXCPT
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0x500))  # LME | LMA
+        uc.reg_write(X.UC_X86_REG_CR0, 0x8000_0033)  # PG | NE | ET | MP | PE
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT_ADDR, 23, 0))
+        uc.reg_write(X.UC_X86_REG_CS, CODE64_SELECTOR)
+        for seg in (X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES):
+            uc.reg_write(seg, DATA_SELECTOR)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+        uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
+        uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
+        uc.reg_write(X.UC_X86_REG_RSP, BOOT_STACK_TOP - self.index * 0x1000)
+        uc.reg_write(X.UC_X86_REG_RIP, entry)
+        self.invalidate()
+
+    def read_special(self) -> dict[str, int]:
+        out = {}
+        for i in range(8):
+            mantissa, exponent = self.uc.reg_read(X.UC_X86_REG_FP0 + i)
+            out[f"st{i}"] = (exponent << 64) | mantissa
+        out["k_gs_base"] = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_KERNEL_GS_BASE)
+        out["efer"] = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
+        return out
+
+    def write_special(self, name: str, value: int) -> None:
+        if name.startswith("st") and name[2:].isdigit():
+            mantissa, exponent = value & ((1 << 64) - 1), value >> 64
+            self.uc.reg_write(X.UC_X86_REG_FP0 + int(name[2:]), (mantissa, exponent))
+        elif name == "k_gs_base":
+            self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_KERNEL_GS_BASE, value))
+        elif name == "efer":
+            self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, value))
+
+    def breakpoint_address(self, intno: int) -> int | None:
+        # Unicorn reports #BP with rip already past the one-byte int3
+        return self.uc.reg_read(X.UC_X86_REG_RIP) - 1 if intno == 3 else None
+
+    def deliver_breakpoint(self) -> bool:
+        """#BP through the guest's IDT in long mode: push SS, RSP, RFLAGS,
+        CS and the return rip (past the int3) on the handler's stack (TSS
+        RSP0 from ring 3, the IST stack if the gate names one) and jump."""
+        uc = self.uc
+        _, idt_base, idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
+        if idt_limit < 3 * 16 + 15:
+            return False
+        try:
+            gate = self._read_virtual(idt_base + 3 * 16, 16)
+            lo, selector, ist, attrs, mid, hi, _ = struct.unpack("<HHBBHII", gate)
+            if not attrs & 0x80 or attrs & 0x0F not in (0xE, 0xF):
+                return False  # not present, or not a 64-bit interrupt/trap gate
+            r = self.registers()
+            rsp, cpl = r["rsp"], r["cs"] & 3
+            if ist or cpl:
+                _, tss_base, _, _ = uc.reg_read(X.UC_X86_REG_TR)
+                slot = 0x24 + 8 * (ist - 1) if ist else 0x04  # ISTn or RSP0
+                rsp = struct.unpack("<Q", self._read_virtual(tss_base + slot, 8))[0]
+            rsp &= ~0xF
+            frame = struct.pack("<5Q", r["rip"], r["cs"], r["eflags"], r["rsp"], r["ss"])
+            rsp -= len(frame)
+            self._write_virtual(rsp, frame)
+        except TargetError:
+            return False
+        flags = r["eflags"] & ~((1 << 8) | (1 << 14) | (1 << 16))  # TF, NT, RF
+        if attrs & 0x0F == 0xE:
+            flags &= ~(1 << 9)  # an interrupt gate also clears IF
+        if cpl:
+            uc.reg_write(X.UC_X86_REG_SS, 0)
+        uc.reg_write(X.UC_X86_REG_CS, selector)
+        uc.reg_write(X.UC_X86_REG_RSP, rsp)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, flags)
+        uc.reg_write(X.UC_X86_REG_RIP, lo | (mid << 16) | (hi << 32))
+        self.invalidate()
+        return True
+
+    def _translate(self, addr: int) -> int:
+        cr0, cr3, cr4 = self._live("cr0", "cr3", "cr4")
+        if not cr0 & CR0_PG:
+            return addr
+        return X86_64Paging(self.ram, cr3, cr4=cr4).translate(addr).paddr
