@@ -83,6 +83,38 @@ FPU_NAMES = frozenset(
 SREG_NAMES = frozenset(SEGS + ("fs_base", "gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer"))
 
 
+class _LazyRegisters(Mapping):
+    """Register values by name, each group read from KVM on first access
+    (and then cached by the vCPU until it runs again)."""
+
+    def __init__(self, target: "KvmTarget", v: Vcpu):
+        self._t, self._v = target, v
+        self._values: dict[str, int] = {}
+        self._names = target.arch.index
+
+    def _group(self, name: str) -> dict[str, int]:
+        if name in FPU_NAMES:
+            return self._t._fpu_values(self._v)
+        if name in SREG_NAMES:
+            return self._t._sreg_values(self._v)
+        if name == "k_gs_base":
+            return {"k_gs_base": self._t._msr(self._v, MSR_KERNEL_GS_BASE)}
+        return self._t._gpr_values(self._v)
+
+    def __getitem__(self, name: str) -> int:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._values:
+            self._values.update(self._group(name))
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def software_kvm() -> bool:
     """True on PVM-style software KVM (no VMX/SVM), where DR data
     watchpoints do not fire for emulated ring-0 accesses."""
@@ -163,12 +195,28 @@ class KvmTarget(
     # --- registers -------------------------------------------------------------------
 
     def read_registers(self, tid: int) -> Mapping[str, int]:
-        v = self._vcpu(tid)
-        r, s, f = v.regs(), v.sregs(), v.fpu()
+        """A mapping that fetches each group (GPRs, control/segment state,
+        FPU/SSE, MSRs) on first use: a stop reply needs only rip/rsp/rbp,
+        so stepping costs one KVM_GET_REGS, not four ioctls."""
+        return _LazyRegisters(self, self._vcpu(tid))
+
+    def _gpr_values(self, v: Vcpu) -> dict[str, int]:
+        r = v.regs()
         out = {name: getattr(r, name) for name in GPRS}
         out["eflags"] = r.rflags
-        for name in SEGS:
-            out[name] = getattr(s, name).selector
+        return out
+
+    def _sreg_values(self, v: Vcpu) -> dict[str, int]:
+        s = v.sregs()
+        out = {name: getattr(s, name).selector for name in SEGS}
+        out["fs_base"], out["gs_base"] = s.fs.base, s.gs.base
+        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
+            out[name] = getattr(s, name)
+        return out
+
+    def _fpu_values(self, v: Vcpu) -> dict[str, int]:
+        f = v.fpu()
+        out = {}
         for i in range(8):
             out[f"st{i}"] = int.from_bytes(bytes(f.fpr[i])[:10], "little")
         out["fctrl"], out["fstat"] = f.fcw, f.fsw
@@ -178,10 +226,6 @@ class KvmTarget(
         for i in range(16):
             out[f"xmm{i}"] = int.from_bytes(bytes(f.xmm[i]), "little")
         out["mxcsr"] = f.mxcsr
-        out["fs_base"], out["gs_base"] = s.fs.base, s.gs.base
-        out["k_gs_base"] = self._msr(v, MSR_KERNEL_GS_BASE)
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
-            out[name] = getattr(s, name)
         return out
 
     def _msr(self, v: Vcpu, index: int) -> int:

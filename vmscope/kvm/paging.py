@@ -72,13 +72,17 @@ class Translator:
         return phys
 
     def _lookup(self, vcpu: Vcpu, vpage: int) -> int | None:
-        sregs = vcpu.sregs()
-        if not sregs.cr0 & CR0_PG:
-            return vpage & 0xFFFF_FFFF if not sregs.efer & EFER_LMA else vpage
+        # KVM_TRANSLATE first: one ioctl, and it knows every paging mode
+        # (with paging off it answers the identity). Control registers
+        # (KVM_GET_SREGS, 3x dearer) only when it cannot answer.
         try:
             phys = vcpu.translate(vpage)
         except OSError:
             phys = None
-        if phys is None and sregs.efer & EFER_LMA and not sregs.cr4 & CR4_LA57:
-            phys = software_walk(self.mem, sregs.cr3, vpage)
+        if phys is None:
+            sregs = vcpu.sregs()
+            if not sregs.cr0 & CR0_PG:
+                phys = vpage & 0xFFFF_FFFF if not sregs.efer & EFER_LMA else vpage
+            elif sregs.efer & EFER_LMA and not sregs.cr4 & CR4_LA57:
+                phys = software_walk(self.mem, sregs.cr3, vpage)
         return None if phys is None else phys & ~(PAGE - 1)
