@@ -37,7 +37,7 @@ def lab():
             print(f"[L1] {line}", file=sys.stderr, flush=True)
 
     with Lab(cpus=2, mem_mib=2048, forward=[FORWARDED_GUEST_PORT], port_range=LAB_PORTS,
-             console=console) as lab:
+             console=console, extra_dists=["pytest", "pytest-timeout"]) as lab:
         yield lab
 
 

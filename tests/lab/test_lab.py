@@ -132,3 +132,13 @@ def test_host_gdb_debugs_a_vmscope_stub_inside_l1(lab, accel):
     assert rips[1] > rips[0]
     # gdb resolved the stop address to one of the ELF's symbols
     assert re.search(r"^rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <(pvh_entry|start64)", out.stdout, re.M), out.stdout
+
+
+def test_pytest_runs_the_checkouts_tests_inside_l1(lab):
+    """How KVM tests run where the host has no usable KVM: pytest in L1 on
+    the checkout's tests/ (carried in the source archive)."""
+    r = lab.run("python3 -m pytest -q -p no:cacheprovider "
+                "tests/unit/test_images_initramfs.py -k 'cpio_round_trip or parents_come_before'",
+                timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^2 passed", r.stdout, re.M), r.stdout

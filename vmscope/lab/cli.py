@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--forward", type=int, action="append", default=[], metavar="PORT",
                         help="forward this L1 TCP port to a free host port; repeatable")
     common.add_argument("--ports", metavar="LOW-HIGH", help="host port range to pick from")
+    common.add_argument("--with", dest="extra_dists", action="append", default=[],
+                        metavar="DIST", help="also carry this installed Python distribution "
+                        "(and its requirements) into L1, e.g. pytest; repeatable")
     common.add_argument("--arch", choices=("x86_64", "aarch64"), default=None,
                         help="L1 architecture (default: the host's); aarch64 needs "
                         "dpkg --add-architecture arm64 && apt-get update")
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"took    {time.monotonic() - t0:.1f} s")
             return 0
         lab = Lab(cpus=args.cpus, mem_mib=args.mem, forward=args.forward, port_range=args.ports,
-                  quiet=False, arch=args.arch,
+                  quiet=False, arch=args.arch, extra_dists=args.extra_dists,
                   console=(lambda line: print(f"[L1] {line}", file=sys.stderr, flush=True))
                   if getattr(args, "console", False) else None)
         if args.action == "shell":

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from vmscope.images.cache import cache_dir
-from vmscope.lab.image import AGENT_PORT, KVM_MARKER, READY_MARKER, LabImage, build_lab_image
+from vmscope.lab.image import (AGENT_PORT, KVM_MARKER, READY_MARKER, RUNTIME_DISTS, LabImage,
+                               build_lab_image)
 
 FRAME = struct.Struct(">cI")
 PORT_RANGE_ENV = "VMSCOPE_LAB_PORTS"  # e.g. "14000-14999"
@@ -291,6 +292,9 @@ class Lab:
     is :meth:`host_port`. ``console`` receives each console line as it
     arrives (the whole console is also kept in :attr:`console_log`, a file).
     ``port_range`` (or ``$VMSCOPE_LAB_PORTS``) bounds the host ports used.
+    ``extra_dists`` names more installed Python distributions to carry (e.g.
+    ``["pytest"]`` to run test files inside L1); ``extra_files`` maps L1
+    paths to host files, directories or bytes.
     """
 
     def __init__(self, cpus: int = 2, mem_mib: int = 2048, forward: Sequence[int] = (),
@@ -299,7 +303,8 @@ class Lab:
                  boot_timeout: float = 600, image: LabImage | None = None,
                  extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
                  cmdline: str | None = None, qemu: str | None = None,
-                 quiet: bool = True, arch: str | None = None) -> None:
+                 quiet: bool = True, arch: str | None = None,
+                 extra_dists: Sequence[str] = ()) -> None:
         if cpus < 1 or mem_mib < 256:
             raise LabError("the lab needs at least 1 CPU and 256 MiB")
         self.arch = _debian_arch(arch)
@@ -317,6 +322,7 @@ class Lab:
         self.boot_timeout = boot_timeout
         self._image = image
         self._extra_files = extra_files
+        self._extra_dists = tuple(extra_dists)
         self.cmdline = cmdline or f"console={self.machine.console} panic=-1 quiet"
         self.qemu = qemu or self.machine.qemu
         self.quiet = quiet
@@ -343,8 +349,7 @@ class Lab:
         if not shutil.which(self.qemu):
             raise LabError(f"{self.qemu} is not installed (apt-get install qemu-system-x86)")
         t0 = time.monotonic()
-        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet,
-                                                arch=self.arch)
+        image = self._image or self._build_image()
         self.image = image
         self.timings["image_s"] = time.monotonic() - t0
         self._workdir = _new_run_dir()
@@ -368,6 +373,10 @@ class Lab:
         self.timings["boot_s"] = time.monotonic() - t1
         self.kvm_available = any(l.startswith(f"{KVM_MARKER} yes") for l in self._lines)
 
+    def _build_image(self) -> LabImage:
+        return build_lab_image(extra_files=self._extra_files, quiet=self.quiet, arch=self.arch,
+                               dists=(*RUNTIME_DISTS, *self._extra_dists))
+
     def qemu_argv(self, image: LabImage, initrd: Path, serial: str = "stdio") -> list[str]:
         """The QEMU command line: TCG with ``-cpu max`` (AMD SVM + nested
         paging), virtio-net on user networking with the host forwards."""
@@ -385,8 +394,7 @@ class Lab:
         Returns QEMU's exit status; Ctrl-A X quits."""
         if not shutil.which(self.qemu):
             raise LabError(f"{self.qemu} is not installed (apt-get install qemu-system-x86)")
-        image = self._image or build_lab_image(extra_files=self._extra_files, quiet=self.quiet,
-                                                arch=self.arch)
+        image = self._image or self._build_image()
         self._workdir = _new_run_dir()
         initrd = image.combined(self._workdir / "initrd.cpio")
         guest_ports = [AGENT_PORT, *self.forward]
