@@ -198,14 +198,17 @@ def _root_space(ins, cr3: int | None, pid: int | None = None) -> AddressSpace:
     if pid is not None:
         kernel = ins.kernel()
         return kernel.process_address_space(kernel.task(pid))
+    regs = ins.registers()
     if cr3 is None:
+        if "cr0" in regs and not regs["cr0"] & (1 << 31):
+            raise VmiError(f"paging is off (cr0=0x{regs['cr0']:x}, PG clear): addresses are physical; "
+                           "use read --physical, or --cr3 to walk tables anyway")
         try:
             return ins.kernel().aspace
         except VmiError:
-            cr3 = ins.registers().get("cr3")
+            cr3 = regs.get("cr3")
             if cr3 is None:
                 raise
-    regs = ins.registers()
     return AddressSpace(X86_64Paging(ins.phys, cr3, cr4=regs.get("cr4", 0), cache=ins.cache))
 
 
