@@ -55,7 +55,8 @@ from typing import Mapping
 from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WRITE, UcError
 
 from vmscope.arch.registers import Arch
-from vmscope.emu.cpus import EmuCpu
+from vmscope.emu.breakpoints import PatchedBreakpoints
+from vmscope.emu.cpu import EmuCpu
 from vmscope.emu.memory import GuestRam
 from vmscope.gdbserver.target import (
     SIGINT,
@@ -142,7 +143,7 @@ class EmuTarget(
         self._stop_requested = False
         self._closed = False
         self._next_index = 0  # the CPU the next continue runs first
-        self._sw: dict[int, tuple[int, bytes]] = {}  # address -> (physical, original bytes)
+        self._sw = PatchedBreakpoints(ram, arch.breakpoint)
         self._hw: dict[int, list[int]] = {}  # address -> hook handle per CPU
         self._watch: dict[tuple[int, int, str], list[tuple[EmuCpu, int]]] = {}
         self.exit_status: int | None = None
@@ -194,7 +195,7 @@ class EmuTarget(
                 if not out:
                     raise
                 break
-        self._hide_breakpoints(addr, out)
+        self._sw.hide(addr, out)
         return bytes(out)
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
@@ -210,17 +211,8 @@ class EmuTarget(
                 raise TargetError(f"{vaddr:#x} (physical {phys:#x}) is not RAM", errno.EFAULT)
             pieces.append((vaddr, phys, data[done : done + chunk]))
             done += chunk
-        bp = self.arch.breakpoint
         for vaddr, phys, piece in pieces:
-            patched = bytearray(piece)
-            for bp_addr, (bp_phys, original) in list(self._sw.items()):
-                lo, hi = max(bp_addr, vaddr), min(bp_addr + len(bp), vaddr + len(piece))
-                if lo < hi:  # keep our breakpoint in, remember what GDB wrote under it
-                    new_original = bytearray(original)
-                    new_original[lo - bp_addr : hi - bp_addr] = piece[lo - vaddr : hi - vaddr]
-                    self._sw[bp_addr] = (bp_phys, bytes(new_original))
-                    patched[lo - vaddr : hi - vaddr] = bp[lo - bp_addr : hi - bp_addr]
-            self.ram.write(phys, bytes(patched))
+            self.ram.write(phys, self._sw.write_through(vaddr, piece))
         self._flush_code(addr, len(data))
 
     def resume(self, actions: ResumeActions) -> None:
@@ -309,37 +301,16 @@ class EmuTarget(
 
     def add_sw_breakpoint(self, addr: int, kind: int) -> None:
         self._check_stopped()
-        if addr in self._sw:
-            return
-        bp = self.arch.breakpoint
         if kind != self.arch.breakpoint_kind:
             raise TargetError(f"breakpoint kind {kind} unsupported on {self.arch.name} (use {self.arch.breakpoint_kind})", errno.EINVAL)
-        phys = self.cpus[0].translate(addr)
-        original = bytearray(self.ram.read(phys, len(bp)))
-        self._hide_breakpoints(addr, original)  # an overlapping breakpoint's bytes are not guest code
-        self.ram.write(phys, bp)
-        self._sw[addr] = (phys, bytes(original))
-        self._flush_code(addr, len(bp))
+        if addr not in self._sw:
+            self._sw.insert(addr, self.cpus[0].translate(addr))
+            self._flush_code(addr, len(self.arch.breakpoint))
 
     def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
         self._check_stopped()
-        entry = self._sw.pop(addr, None)
-        if entry is None:
-            return
-        phys, original = entry
-        self.ram.write(phys, original)
-        bp = self.arch.breakpoint
-        for other, (other_phys, _) in self._sw.items():  # overlapping ones stay in
-            lo, hi = max(other, addr), min(other + len(bp), addr + len(bp))
-            if lo < hi:
-                self.ram.write(other_phys + (lo - other), bp[lo - other : hi - other])
-        self._flush_code(addr, len(original))
-
-    def _hide_breakpoints(self, addr: int, data: bytearray) -> None:
-        for bp_addr, (_, original) in self._sw.items():
-            lo, hi = max(bp_addr, addr), min(bp_addr + len(original), addr + len(data))
-            if lo < hi:
-                data[lo - addr : hi - addr] = original[lo - bp_addr : hi - bp_addr]
+        if self._sw.remove(addr):
+            self._flush_code(addr, len(self.arch.breakpoint))
 
     def _flush_code(self, addr: int, length: int) -> None:
         """Drop translated code over a patched range in every CPU (Unicorn
