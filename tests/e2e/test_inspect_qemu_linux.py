@@ -266,3 +266,17 @@ def test_a_users_system_map_is_slid_to_the_running_kernel(guest, facts, capsys, 
     rc = inspect_main(["--gdb", f"127.0.0.1:{GDB_PORT}", "--qmp", f"127.0.0.1:{QMP_PORT}",
                        "--system-map", str(bad), "ps"])
     assert rc == 1 and "no _text symbol" in capsys.readouterr().err
+
+
+def test_ps_marks_the_task_running_on_the_cpu(guest, facts, capsys):
+    """``current`` comes from the per-CPU area; on x86_64 the kernel's
+    gs_base is that area's offset, a cross-check through the registers."""
+    from vmscope.client.session import Inspector
+    from vmscope.vmi.linux.tasks import per_cpu_offsets
+
+    with Inspector(f"127.0.0.1:{GDB_PORT}", f"127.0.0.1:{QMP_PORT}") as ins:
+        kernel = ins.kernel()
+        regs = ins.registers()
+        assert per_cpu_offsets(kernel)[0] in (regs["gs_base"], regs["k_gs_base"])
+        running = [t for t in kernel.tasks() if t.cpu is not None]
+    assert [t.cpu for t in running] == [0]  # one vCPU, one current task (often swapper/0: idle)

@@ -121,15 +121,16 @@ def _emit(out: Console, args, rows: list[dict], table: Table) -> int:
 def cmd_ps(ins, args, out) -> int:
     kernel = ins.kernel()
     tasks = kernel.tasks()
-    rows = [{"pid": t.pid, "ppid": t.ppid, "state": t.state, "kind": t.kind, "comm": t.comm,
+    rows = [{"pid": t.pid, "ppid": t.ppid, "state": t.state, "kind": t.kind, "cpu": t.cpu, "comm": t.comm,
              "task_struct": hex(t.address)} for t in tasks]
     if args.full:
         for r, t in zip(rows, tasks):
             r["cmdline"] = kernel.cmdline(t) if not t.kernel_thread else None
-    columns = ["PID", "PPID", "S", "KIND", "COMMAND"] + (["ARGS"] if args.full else [])
+    columns = ["PID", "PPID", "S", "KIND", "CPU", "COMMAND"] + (["ARGS"] if args.full else [])
     table = Table(*columns, title=f"{len(rows)} processes", title_justify="left")
     for r in rows:
-        cells = [str(r["pid"]), str(r["ppid"]), r["state"], r["kind"], r["comm"]]
+        cells = [str(r["pid"]), str(r["ppid"]), r["state"], r["kind"], "" if r["cpu"] is None else str(r["cpu"]),
+                 r["comm"]]
         if args.full:
             cells.append(" ".join(r["cmdline"]) if r["cmdline"] else f"[{r['comm']}]")
         table.add_row(*cells)

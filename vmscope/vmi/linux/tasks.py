@@ -25,6 +25,7 @@ class Task:
     kernel_thread: bool
     address: int  # the task_struct
     start_time_ns: int = 0
+    cpu: int | None = None  # the CPU it is running on (its ``current``), if any
 
     @property
     def kind(self) -> str:
@@ -62,6 +63,10 @@ def tasks(kernel: LinuxKernel) -> list[Task]:
         if addr in seen or len(seen) > 1_000_000:
             raise VmiError("the task list loops without returning to init_task (corrupt or changing)")
     tgid_of = {addr: v["tgid"] for addr, v in rows}
+    try:
+        running = {task: cpu for cpu, task in current_tasks(kernel).items()}
+    except (KeyError, VmiError):
+        running = {}  # no per-CPU symbols: leave the CPU column empty
     out = []
     for addr, v in rows:
         parent = v["real_parent"]
@@ -71,7 +76,7 @@ def tasks(kernel: LinuxKernel) -> list[Task]:
             ppid = tgid_of.get(parent)
             if ppid is None:
                 ppid = kernel.member(parent, "task_struct", "tgid")
-        out.append(Task(pid=v["pid"], tgid=v["tgid"], ppid=ppid, comm=v["comm"],
+        out.append(Task(pid=v["pid"], tgid=v["tgid"], ppid=ppid, comm=v["comm"], cpu=running.get(addr),
                         state=state_letter(v[state_field], v["exit_state"]),
                         kernel_thread=bool(v["flags"] & PF_KTHREAD) or addr == init, address=addr,
                         start_time_ns=v["start_time"]))
@@ -117,3 +122,29 @@ def state_letter(state: int, exit_state: int) -> str:
     return _STATE_LETTERS[bits.bit_length()]
 
 
+
+
+def per_cpu_offsets(kernel: LinuxKernel) -> list[int]:
+    """``__per_cpu_offset[cpu]`` for every possible CPU (``nr_cpu_ids``):
+    a per-CPU variable of CPU n lives at its symbol value plus entry n."""
+    count = int.from_bytes(kernel.read(kernel.symbols["nr_cpu_ids"], 4), "little")
+    if not 0 < count <= 8192:
+        raise VmiError(f"nr_cpu_ids is {count}: not a kernel that has finished booting")
+    table = kernel.read(kernel.symbols["__per_cpu_offset"], 8 * count)
+    return [int.from_bytes(table[i : i + 8], "little") for i in range(0, 8 * count, 8)]
+
+
+def current_tasks(kernel: LinuxKernel) -> dict[int, int]:
+    """CPU number -> address of the task_struct running there (``current``):
+    the per-CPU ``current_task`` (Linux <= 6.1) or ``pcpu_hot.current_task``."""
+    if "current_task" in kernel.symbols:
+        var = kernel.symbols["current_task"]
+    else:
+        var = kernel.symbols["pcpu_hot"] + kernel.btf.offsetof("pcpu_hot", "current_task")
+    out = {}
+    for cpu, offset in enumerate(per_cpu_offsets(kernel)):
+        try:
+            out[cpu] = kernel.u64((var + offset) & ((1 << 64) - 1))
+        except VmiError:
+            continue
+    return out
