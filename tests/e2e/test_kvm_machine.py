@@ -16,7 +16,6 @@ import time
 
 import pytest
 
-from tests.support import require_kvm
 from tests.unit.test_kvm_boot import make_pvh_elf
 from vmscope.guests import guest_symbols
 from vmscope.machine import MachineConfig, MachineUnavailable
@@ -50,6 +49,16 @@ class SerialSink:
     def wait_for(self, pattern: bytes, deadline: float = 30.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: re.search(pattern, bytes(self.data)) is not None, deadline)
+
+
+def require_kvm() -> None:
+    """Skip without a usable /dev/kvm, fail instead under VMSCOPE_REQUIRE_KVM=1.
+    (Kept here rather than in tests.support so the file runs inside the
+    nested lab, which carries no pexpect.)"""
+    if not (os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)):
+        if os.environ.get("VMSCOPE_REQUIRE_KVM") == "1":
+            pytest.fail("VMSCOPE_REQUIRE_KVM=1 but /dev/kvm is missing or not accessible")
+        pytest.skip("needs /dev/kvm")
 
 
 def make_machine(**config):

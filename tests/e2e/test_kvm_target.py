@@ -324,3 +324,25 @@ def test_guest_end_is_reported_as_exit(tmp_path):
         assert ev.kind == "exited" and ev.code == 42
     finally:
         m.shutdown()
+
+
+def test_detach_while_running_cleans_up(dbg):
+    """A vanished client: the session removes breakpoints and detaches while
+    the guest runs; the vCPUs must not block and the guest runs on clean."""
+    dbg.run_until_up()
+    tick = dbg.sym["tick"]
+    original = dbg.m.mem.read(tick, 1)
+    dbg.t.add_watchpoint(dbg.sym["counter"], 8, "read")
+    dbg.t.add_sw_breakpoint(0x100000, 1)  # never executed again: the guest keeps running
+    dbg.t.resume(CONTINUE)
+    assert dbg.t.is_running()
+    dbg.t.remove_watchpoint(dbg.sym["counter"], 8, "read")
+    dbg.t.remove_sw_breakpoint(0x100000, 1)
+    dbg.t.detach()
+    assert dbg.m.slots.protected == {} and dbg.m.mem.read(tick, 1) == original
+    before = dbg.m.mem.read_u64(dbg.sym["counter"])
+    deadline = time.monotonic() + 30
+    while dbg.m.mem.read_u64(dbg.sym["counter"]) < before + 1000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dbg.m.mem.read_u64(dbg.sym["counter"]) >= before + 1000
+    assert dbg.t.take_stop() is None  # no stray stop reported

@@ -456,12 +456,14 @@ class KvmTarget(
             if self.dr_watch and kind != "read" and length in DR7_LEN and addr % length == 0:
                 w.dr_slot = self._free_dr_slot()
             self.watches.append(w)
-            self._apply_protection()
+            with self.m.quiesced():
+                self._apply_protection()
 
     def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
         with self._lock:
             self.watches = [w for w in self.watches if not (w.addr == addr and w.length == length and w.kind == kind)]
-            self._apply_protection()
+            with self.m.quiesced():
+                self._apply_protection()
 
     def _apply_protection(self) -> None:
         """Memory slots for the page-backed watchpoints: read-only pages for
@@ -761,16 +763,22 @@ class KvmTarget(
         return self.take_stop() if ready else None
 
     def detach(self) -> None:
-        with self._lock:
-            for addr in list(self.sw):
-                self.remove_sw_breakpoint(addr, 1)
-            self.hw.clear()
-            self.watches.clear()
-            self._apply_protection()
-        self.attached = False
-        self._pending.clear()
-        for slot in self.m.vcpus:
-            slot.vcpu.set_guest_debug(0)
+        """Drop every breakpoint, watchpoint and debug flag, then let all
+        vCPUs run. Works on a running guest too (a vanished client): the
+        vCPUs are parked for the clean-up, since vCPU ioctls would block
+        until KVM_RUN returns."""
+        with self.m.quiesced():
+            with self._lock:
+                for addr in list(self.sw):
+                    self.remove_sw_breakpoint(addr, 1)
+                self.hw.clear()
+                self.watches.clear()
+                self._apply_protection()
+            self.attached = False
+            self._pending.clear()
+            self._stepping = None
+            for slot in self.m.vcpus:
+                slot.vcpu.set_guest_debug(0)
         self.resume_all_undebugged()
 
     def resume_all_undebugged(self) -> None:

@@ -103,7 +103,7 @@ class KvmMachine:
         self._ending = False
         self._stop_event = None  # event waiting for every vCPU to park
         self._stopped = True
-        self._exclusive: VcpuSlot | None = None
+        self._exclusive: VcpuSlot | bool | None = None
         self._closed = False
         self._fds: list[int] = []
         self.mem: GuestMemory | None = None
@@ -344,23 +344,34 @@ class KvmMachine:
                 self._stopped = True
             self._cond.notify_all()
 
+    def quiesced(self):
+        """Park every vCPU for the body when the guest is running (for
+        changes that must not happen under a running vCPU: memory slots,
+        vCPU ioctls, which would block until KVM_RUN returns); nothing to
+        do when the machine is already stopped."""
+        if self._stopped or self._ending:
+            return contextlib.nullcontext()
+        return self.exclusive(None)
+
     @contextlib.contextmanager
-    def exclusive(self, v: Vcpu):
+    def exclusive(self, v: Vcpu | None):
         """Run the body with every other vCPU parked: for the debug target's
         one-instruction steps with a watched page briefly mapped (changing
         memory slots under a running vCPU can make PVM shut the guest down,
         and the others must not touch the page unwatched meanwhile). A vCPU
         waiting here counts as parked, so two of them cannot deadlock."""
-        me = self.vcpus[v.index]
+        me = self.vcpus[v.index] if v is not None else None
         others = [s for s in self.vcpus if s is not me]
         with self._cond:
-            me.parked = True
-            self._maybe_post_locked()
-            self._cond.notify_all()
+            if me is not None:
+                me.parked = True
+                self._maybe_post_locked()
+                self._cond.notify_all()
             while self._exclusive is not None and not self._ending:
                 self._cond.wait()
-            me.parked = False
-            self._exclusive = me
+            if me is not None:
+                me.parked = False
+            self._exclusive = me or True
             saved = {id(s): s.runnable for s in others}
             for s in others:
                 s.runnable = False
