@@ -10,7 +10,8 @@ Unicorn's timeout or an ``emu_stop`` from another thread: those stop a CPU
 in the middle of an instruction whose memory write is already done, so
 resuming at pc repeats it (measured: ``lock inc`` counted twice, increments
 lost). ``interrupt`` therefore only raises a flag that the runner checks
-between slices (a slice is about a millisecond of guest code).
+between slices, whose instruction count adapts so that one lasts about
+5 ms.
 
 A CPU that executes ``hlt`` (x86) or ``wfi``/``wfe`` (arm64) returns from
 its slice at once; it is left out for the rest of the round and resumed
@@ -50,6 +51,7 @@ import atexit
 import errno
 import logging
 import threading
+import time
 from typing import Mapping
 
 from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WRITE, UcError
@@ -80,8 +82,11 @@ from vmscope.gdbserver.target import (
 log = logging.getLogger("vmscope.emu")
 
 SIGILL = 4
-#: instructions per slice; about 1-10 ms of guest code, the latency of ``interrupt``
-SLICE_INSNS = 200_000
+#: a slice aims at this much wall time: the latency of ``interrupt``. Its
+#: instruction count adapts (code full of device accesses, each a Python
+#: hook, runs a hundred times slower than plain code).
+SLICE_SECONDS = 0.005
+SLICE_INSNS_RANGE = (1_000, 4_000_000)
 #: how long a round in which every CPU is halted waits before the next one
 IDLE_WAIT = 0.01
 #: Every emu_start passes an instruction count:
@@ -143,6 +148,7 @@ class EmuTarget(
         self._stop_requested = False
         self._closed = False
         self._next_index = 0  # the CPU the next continue runs first
+        self._slice_insns = 200_000
         self._sw = PatchedBreakpoints(ram, arch.breakpoint)
         self._hw: dict[int, list[int]] = {}  # address -> hook handle per CPU
         self._watch: dict[tuple[int, int, str], list[tuple[EmuCpu, int]]] = {}
@@ -461,7 +467,9 @@ class EmuTarget(
                     self._next_index = last.tid % len(self.cpus)
                     return StopEvent("signal", last.tid, SIGINT)
                 last = cpu
-                event = self._slice(cpu, SLICE_INSNS)
+                began = time.monotonic()
+                event = self._slice(cpu, self._slice_insns)
+                self._adapt_slice(time.monotonic() - began)
                 if event is not None:
                     self._next_index = cpu.tid % len(self.cpus)
                     return event
@@ -470,6 +478,13 @@ class EmuTarget(
                 with self._cond:
                     if not (self._stop_requested or self._closed):
                         self._cond.wait(IDLE_WAIT)
+
+    def _adapt_slice(self, elapsed: float) -> None:
+        low, high = SLICE_INSNS_RANGE
+        if elapsed > 2 * SLICE_SECONDS:
+            self._slice_insns = max(low, self._slice_insns // 2)
+        elif elapsed < SLICE_SECONDS / 2:
+            self._slice_insns = min(high, self._slice_insns * 2)
 
     def _slice(self, cpu: EmuCpu, count: int) -> StopEvent | None:
         """Run ``cpu`` for up to ``count`` instructions; the stop event its
