@@ -346,3 +346,30 @@ def test_detach_while_running_cleans_up(dbg):
         time.sleep(0.05)
     assert dbg.m.mem.read_u64(dbg.sym["counter"]) >= before + 1000
     assert dbg.t.take_stop() is None  # no stray stop reported
+
+
+def test_halted_vcpu_stops_and_resumes_under_the_debugger(tmp_path):
+    """sti; hlt with no interrupt source: the vCPU idles (the VM does not
+    end); the debugger can still stop it, and a step runs it past the hlt."""
+    from tests.e2e.test_kvm_machine import tiny_guest
+
+    sti_hlt_exit7 = bytes.fromhex("fbf4b007e6f4")  # sti; hlt; mov $7,%al; out %al,$0xf4
+    m = make_machine(kernel=tiny_guest(tmp_path, sti_hlt_exit7), serial_out=SerialSink())
+    t = m.debug_target()
+    try:
+        m.start(paused=True)
+        t.initial_stop()
+        t.resume(CONTINUE)
+        time.sleep(0.2)
+        assert m.wait(0) is None  # idle, not ended
+        ev = t.stop()
+        assert ev is not None and ev.kind == "signal" and ev.signal == SIGINT
+        assert t.read_registers(1)["rip"] == 0x100002  # just past the hlt
+        t.resume(step(1))
+        ready, _, _ = select.select([t.stop_fd()], [], [], 60)
+        assert ready and t.take_stop().kind == "signal"
+        assert t.read_registers(1)["rip"] == 0x100004
+        t.resume(CONTINUE)
+        assert m.wait(60) == 7
+    finally:
+        m.shutdown()

@@ -104,6 +104,7 @@ class KvmMachine:
         self._stop_event = None  # event waiting for every vCPU to park
         self._stopped = True
         self._exclusive: VcpuSlot | bool | None = None
+        self._generation = 0
         self._closed = False
         self._fds: list[int] = []
         self.mem: GuestMemory | None = None
@@ -337,6 +338,7 @@ class KvmMachine:
             if self._ending:
                 return
             self._stopped = False
+            self._generation += 1  # wakes idle (halted) vCPUs: a debugger resumed them
             for slot in self.vcpus:
                 slot.vcpu.run.immediate_exit = 0
                 slot.runnable = slot.online and which.get(slot.vcpu.index, False)
@@ -414,11 +416,13 @@ class KvmMachine:
 
     def _idle(self, slot: VcpuSlot) -> None:
         """A vCPU halted with interrupts on: nothing can wake it (no
-        interrupt controller yet), so it waits until the debugger stops it."""
+        interrupt controller yet), so it waits, counted as parked, until a
+        debugger resumes the machine (then it runs on past the HLT)."""
         with self._cond:
             slot.parked = True
             self._maybe_post_locked()
-            while slot.runnable and not self._ending:
+            generation = self._generation
+            while slot.runnable and generation == self._generation and not self._ending:
                 self._cond.wait()
             slot.parked = False
 
