@@ -497,6 +497,8 @@ def test_console_input_reaches_the_guest_uart(arch, tmp_path):
         while serial.getvalue() != b"echo me\n":
             assert time.monotonic() < deadline, serial.getvalue()
             time.sleep(0.02)
+        machine.debug_target().interrupt()  # a loop of device reads still stops
+        assert wait_stop(machine.debug_target()).signal == SIGINT
     finally:
         machine.shutdown()
         os.close(write_end)
