@@ -163,3 +163,33 @@ def test_x87_tag_word_round_trip():
     assert _full_tag_word(0) == 0xFFFF  # all empty
     assert _full_tag_word(0x01) == 0xFFFC
     assert _abridged_tag_word(_full_tag_word(0xA5)) == 0xA5
+
+
+def test_console_on_a_terminal_raw_mode_and_ctrl_a_x():
+    import termios
+    import threading
+
+    from vmscope.kvm.console import raw_terminal
+
+    master, slave = os.openpty()
+    try:
+        assert termios.tcgetattr(slave)[3] & termios.ICANON
+        with raw_terminal(slave) as raw:
+            assert raw and not termios.tcgetattr(slave)[3] & termios.ICANON
+            got, quit_ = [], threading.Event()
+            ci = ConsoleInput(slave, got.append, on_quit=quit_.set)
+            ci.start()
+            os.write(master, b"ok\x01\x01\x01x")
+            assert quit_.wait(10)
+            ci.stop()
+            assert b"".join(got) == b"ok\x01"
+        assert termios.tcgetattr(slave)[3] & termios.ICANON  # restored
+    finally:
+        os.close(master)
+        os.close(slave)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with raw_terminal(null) as raw:
+            assert raw is False  # not a terminal: left alone
+    finally:
+        os.close(null)
