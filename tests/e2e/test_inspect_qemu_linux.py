@@ -23,13 +23,36 @@ MODULES = ["irqbypass", "crc32_generic", "nls_ascii", "async_xor"]  # async_xor 
 LOADED = sorted(MODULES + ["xor", "async_tx"])
 
 
+THREADS_C = r"""
+#include <pthread.h>
+#include <unistd.h>
+static void *worker(void *arg) { (void)arg; for (;;) pause(); return 0; }
+int main(void) {
+    pthread_t t[3];
+    for (int i = 0; i < 3; i++) pthread_create(&t[i], 0, worker, 0);
+    for (;;) pause();
+}
+"""
+
+
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory):
+def threads_program(tmp_path_factory):
+    """A static program with three extra threads, to run inside the guest."""
+    import subprocess
+
+    d = tmp_path_factory.mktemp("threads")
+    (d / "threads.c").write_text(THREADS_C)
+    subprocess.run(["gcc", "-static", "-pthread", "-O2", "-o", str(d / "threads"), str(d / "threads.c")], check=True)
+    return d / "threads"
+
+
+@pytest.fixture(scope="module")
+def guest(threads_program, tmp_path_factory):
     if not shutil.which("qemu-system-x86_64"):
         pytest.fail("qemu-system-x86_64 is not installed")
     from vmscope.images.linux import READY_MARKER, build_linux_guest
 
-    image = build_linux_guest(mode="shell", modules=MODULES, quiet=True)
+    image = build_linux_guest(mode="shell", modules=MODULES, quiet=True, files={"/bin/threads": threads_program})
     # KASLR stays on: no nokaslr on the command line.
     with QemuGuest(str(image.vmlinuz), str(image.initramfs), GDB_PORT, QMP_PORT) as vm:
         vm.console.wait_for(READY_MARKER.encode())
@@ -42,6 +65,8 @@ def facts(guest):
     """What the guest says about itself, taken while it runs, before we attach."""
     _, con = guest
     out = {}
+    con.run("chmod +x /bin/threads; /bin/threads & sleep 1")
+    out["threads"] = con.run("for t in /proc/$(pidof threads)/task/*; do echo tid ${t##*/}; done")
     out["ps"] = con.run("ps -o pid,ppid,comm")
     out["modules"] = con.run("cat /proc/modules")
     marker = f"vmscope-test-{uuid.uuid4().hex[:8]}"
@@ -280,3 +305,14 @@ def test_ps_marks_the_task_running_on_the_cpu(guest, facts, capsys):
         assert per_cpu_offsets(kernel)[0] in (regs["gs_base"], regs["k_gs_base"])
         running = [t for t in kernel.tasks() if t.cpu is not None]
     assert [t.cpu for t in running] == [0]  # one vCPU, one current task (often swapper/0: idle)
+
+
+def test_ps_threads_lists_every_thread_of_a_process(guest, facts, capsys):
+    theirs = sorted(int(l.split()[1]) for l in facts["threads"].splitlines() if l.startswith("tid "))
+    assert len(theirs) == 4, facts["threads"]  # main thread and three workers
+    rows = json.loads(run_inspect(capsys, "--json", "ps", "--threads"))
+    ours = sorted(r["pid"] for r in rows if r["tgid"] == theirs[0])
+    assert ours == theirs
+    assert all(r["comm"] == "threads" and r["kind"] == "user" for r in rows if r["tgid"] == theirs[0])
+    processes = json.loads(run_inspect(capsys, "--json", "ps"))
+    assert [r["pid"] for r in processes if r["tgid"] == theirs[0]] == [theirs[0]]  # leaders only

@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     ps = sub.add_parser("ps", help="processes: pid, ppid, state, user/kernel, name")
     ps.add_argument("-f", "--full", action="store_true", help="also each process's command line (from its memory)")
+    ps.add_argument("-T", "--threads", action="store_true", help="list every thread (TID in the PID column)")
     sub.add_parser("lsmod", help="loaded kernel modules, as /proc/modules")
     d = sub.add_parser("dmesg", help="the kernel log from the printk ring buffer")
     d.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
@@ -120,14 +121,15 @@ def _emit(out: Console, args, rows: list[dict], table: Table) -> int:
 
 def cmd_ps(ins, args, out) -> int:
     kernel = ins.kernel()
-    tasks = kernel.tasks()
-    rows = [{"pid": t.pid, "ppid": t.ppid, "state": t.state, "kind": t.kind, "cpu": t.cpu, "comm": t.comm,
+    tasks = kernel.tasks(threads=args.threads)
+    rows = [{"pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "state": t.state, "kind": t.kind, "cpu": t.cpu, "comm": t.comm,
              "task_struct": hex(t.address)} for t in tasks]
     if args.full:
         for r, t in zip(rows, tasks):
             r["cmdline"] = kernel.cmdline(t) if not t.kernel_thread else None
     columns = ["PID", "PPID", "S", "KIND", "CPU", "COMMAND"] + (["ARGS"] if args.full else [])
-    table = Table(*columns, title=f"{len(rows)} processes", title_justify="left")
+    what = "threads" if args.threads else "processes"
+    table = Table(*columns, title=f"{len(rows)} {what}", title_justify="left")
     for r in rows:
         cells = [str(r["pid"]), str(r["ppid"]), r["state"], r["kind"], "" if r["cpu"] is None else str(r["cpu"]),
                  r["comm"]]

@@ -216,8 +216,8 @@ class LinuxKernel:
 
     # ------------------------------------------------------------ OS objects (see the modules)
 
-    def tasks(self) -> list[Task]:
-        return tasks_mod.tasks(self)
+    def tasks(self, threads: bool = False) -> list[Task]:
+        return tasks_mod.tasks(self, threads)
 
     def task(self, pid: int) -> Task:
         return tasks_mod.task(self, pid)

@@ -38,9 +38,10 @@ TASK_IDLE = 0x402  # TASK_UNINTERRUPTIBLE | TASK_NOLOAD
 PF_KTHREAD = 0x00200000
 
 
-def tasks(kernel: LinuxKernel) -> list[Task]:
+def tasks(kernel: LinuxKernel, threads: bool = False) -> list[Task]:
     """Every process (thread-group leader) on the ``init_task.tasks`` list,
-    init_task (pid 0) first."""
+    init_task (pid 0) first; with ``threads``, each process's other threads
+    follow it (from ``signal->thread_head``), as ``ps -T`` lists them."""
     init = kernel.symbols["init_task"]
     if "task_state_field" not in kernel._layouts:
         kernel._layouts["task_state_field"] = "__state" if has_member(kernel.btf, "task_struct", "__state") else "state"
@@ -49,12 +50,16 @@ def tasks(kernel: LinuxKernel) -> list[Task]:
     fields, lo, hi = kernel.layout("task_struct", paths)
     decoders = [(p, kernel.decoder(f, lo)) for p, f in fields.items()]
     tasks_off = fields["tasks.next"].offset
+
+    def decode(addr: int) -> dict:
+        data = kernel.read(addr + lo, hi - lo)
+        return {p: dec(data) for p, dec in decoders}
+
     rows = []
     addr = init
     seen = set()
     while True:
-        data = kernel.read(addr + lo, hi - lo)
-        v = {p: dec(data) for p, dec in decoders}
+        v = decode(addr)
         rows.append((addr, v))
         seen.add(addr)
         addr = v["tasks.next"] - tasks_off
@@ -62,7 +67,10 @@ def tasks(kernel: LinuxKernel) -> list[Task]:
             break
         if addr in seen or len(seen) > 1_000_000:
             raise VmiError("the task list loops without returning to init_task (corrupt or changing)")
-    tgid_of = {addr: v["tgid"] for addr, v in rows}
+    if threads:
+        rows = [row for addr, v in rows
+                for row in [(addr, v)] + [(t, decode(t)) for t in _other_threads(kernel, addr, v)]]
+    tgid_of = {addr: v["tgid"] for addr, v in rows if v["pid"] == v["tgid"]}
     try:
         running = {task: cpu for cpu, task in current_tasks(kernel).items()}
     except (KeyError, VmiError):
@@ -81,6 +89,19 @@ def tasks(kernel: LinuxKernel) -> list[Task]:
                         kernel_thread=bool(v["flags"] & PF_KTHREAD) or addr == init, address=addr,
                         start_time_ns=v["start_time"]))
     return out
+
+
+def _other_threads(kernel: LinuxKernel, leader: int, v: dict) -> list[int]:
+    """The threads of ``leader``'s group other than itself: the list at
+    ``signal->thread_head`` linked through ``thread_node`` (Linux 3.14+)."""
+    if v["flags"] & PF_KTHREAD or leader == kernel.symbols["init_task"]:
+        return []  # kernel threads are alone in their group
+    signal = kernel.member(leader, "task_struct", "signal")
+    if not signal or not has_member(kernel.btf, "signal_struct", "thread_head"):
+        return []
+    head = signal + kernel.btf.offsetof("signal_struct", "thread_head")
+    return [t for t in kernel.list_entries(head, "task_struct", "thread_node") if t != leader]
+
 
 def process_address_space(kernel: LinuxKernel, task: Task) -> AddressSpace:
     """The user address space of a process (its ``mm->pgd``)."""
