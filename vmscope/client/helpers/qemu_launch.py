@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 class SerialConsole:
     """A guest shell on a serial Unix socket: :meth:`run` a command, get its output."""
 
-    def __init__(self, path: str, connect_timeout: float = 30):
+    def __init__(self, path: str, connect_timeout: float = 30, alive=lambda: True):
         deadline = time.monotonic() + connect_timeout
         while True:
             self.sock = socket.socket(socket.AF_UNIX)
@@ -27,7 +27,7 @@ class SerialConsole:
                 break
             except OSError:
                 self.sock.close()
-                if time.monotonic() > deadline:
+                if time.monotonic() > deadline or not alive():
                     raise
                 time.sleep(0.1)
         self.buf = bytearray()
@@ -102,14 +102,24 @@ class QemuGuest:
                 "-kernel", self.kernel, "-append", self.cmdline, *self.extra]
         if self.initrd:
             argv += ["-initrd", self.initrd]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.log_path = os.path.join(self._dir, "qemu.log")
+        with open(self.log_path, "wb") as log:  # a file, not a pipe nobody drains
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
-            self.console = SerialConsole(serial)
-        except OSError:
+            self.console = SerialConsole(serial, alive=lambda: self.proc.poll() is None)
+        except OSError as e:
+            log_text = self.log()
             self.stop()
-            raise
+            raise RuntimeError(f"{self.qemu} did not start ({e}); its output:\n{log_text}") from e
         return self
+
+    def log(self) -> str:
+        """What QEMU itself printed (errors about its command line, warnings)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-4000:].decode(errors="replace")
+        except OSError:
+            return ""
 
     @property
     def gdb(self) -> str:
@@ -128,6 +138,9 @@ class QemuGuest:
             self.proc.wait(timeout=30)
         if os.path.exists(getattr(self, "ram_path", "")):
             os.unlink(self.ram_path)
+        import shutil
+
+        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)
 
     def __enter__(self) -> "QemuGuest":
         return self.start()
