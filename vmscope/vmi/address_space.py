@@ -49,6 +49,10 @@ class AddressSpace:
         the first unmapped page."""
         if size <= 0:
             return b""
+        page = self.walker.page(vaddr)
+        offset = vaddr - page.vbase
+        if offset + size <= page.size:  # the common case: one page, one physical read
+            return self.phys.read(page.pbase + offset, size)
         parts = [self.phys.read(p, n) for p, n in self._runs(vaddr, size)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 

@@ -104,6 +104,10 @@ class RegionMemory:
     def read(self, addr: int, size: int) -> bytes:
         if size < 0:
             raise PhysicalMemoryError(addr, size, "negative size")
+        for region, view in zip(self.regions, self._views):  # fast path: inside one region
+            if region.gpa <= addr and addr + size <= region.end:
+                start = region.offset + addr - region.gpa
+                return view[start : start + size].tobytes()
         parts = [view[start : start + n] for view, start, n in self._chunks(addr, size)]
         return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 

@@ -54,6 +54,8 @@ class TranslationCache:
     def __init__(self) -> None:
         self._pages: dict[int, dict[int, Page]] = {}
         self._tables: dict[int, bytes] = {}
+        #: walker-specific shortcuts (e.g. the PD table of each 1 GiB), dropped with the rest
+        self.upper: dict = {}
         self.hits = 0
         self.misses = 0
 
@@ -76,6 +78,7 @@ class TranslationCache:
     def invalidate(self) -> None:
         self._pages.clear()
         self._tables.clear()
+        self.upper.clear()
 
 
 class Walker:

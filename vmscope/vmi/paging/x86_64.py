@@ -55,10 +55,21 @@ class X86_64Paging(Walker):
             raise TranslationError(vaddr & ((1 << 64) - 1), self._table[0][0], "address out of 64-bit range")
         if not self.is_canonical(vaddr):
             raise TranslationError(vaddr, self._table[0][0], f"non-canonical for {self.levels}-level paging")
-        table = self.root
-        writable = user = True
-        nx = False
-        for name, shift in self._table:
+        # Each 1 GiB shares its page directory: remember where the walk
+        # stood there, so the next page in that GiB costs two entries, not 4-5.
+        upper_key = (self.root_key, vaddr >> 30)
+        resume = self.cache.upper.get(upper_key)
+        if resume is not None:
+            table, writable, user, nx = resume
+            levels = self._table[-2:]
+        else:
+            table = self.root
+            writable = user = True
+            nx = False
+            levels = self._table
+        for name, shift in levels:
+            if shift == 21 and resume is None:
+                self.cache.upper[upper_key] = (table, writable, user, nx)
             entry_addr = table + ((vaddr >> shift) & 0x1FF) * 8
             entry = self._entry(entry_addr)
             if not entry & PRESENT:
