@@ -87,11 +87,16 @@ class Client:
     @classmethod
     def connect(cls, address: str | tuple[str, int], *, timeout: float = 10.0, arch=None) -> "Client":
         """Connect to ``host:port``, ``unix:/path`` or ``/path``."""
-        return cls(open_socket(address, timeout), timeout=timeout, arch=arch)
+        sock = open_socket(address, timeout)
+        try:
+            return cls(sock, timeout=timeout, arch=arch)
+        except BaseException:
+            sock.close()  # a failed handshake must not leak the connection
+            raise
 
     def close(self) -> None:
         try:
-            if self._phys_mode:  # leave QEMU as GDB expects it: virtual addresses
+            if self._phys_mode and not self.running:  # leave QEMU as GDB expects it: virtual addresses
                 try:
                     self.set_physical_mode(False)
                 except (StubError, ConnectionLost, StubTimeout):
