@@ -53,6 +53,9 @@ def test_big_binary_reads_match_small_ones(stub):
     big = c.read_memory(start, 64 * 1024)
     pieces = b"".join(c.read_memory(start + off, 4096) for off in range(0, 64 * 1024, 4096))
     assert big == pieces and any(big)
+    c._use_x = False  # the same bytes through hex m packets
+    assert c.read_memory(start, 64 * 1024) == big
+    c._use_x = True
     banner = c.read_memory(sym["banner"], 8) if "banner" in sym else None
     if banner is not None:
         assert banner.isascii()

@@ -49,7 +49,11 @@ class ScriptedStub:
 
     def _reply(self, ep: framing.Endpoint, conn: socket.socket, payload: bytes) -> None:
         ep.send(payload)
-        conn.sendall(ep.data_to_send())
+        data = ep.data_to_send()
+        if self.behaviour == "corrupt" and payload.startswith(b"T05") and not getattr(self, "_corrupted", False):
+            self._corrupted = True  # first stop reply goes out with a wrong checksum
+            data = data[:-2] + (b"00" if data[-2:] != b"00" else b"11")
+        conn.sendall(data)
 
     def _serve(self):
         conn, _ = self.listener.accept()
@@ -66,6 +70,9 @@ class ScriptedStub:
                     return
                 self.raw_in += data
                 for ev in ep.receive(data):
+                    if isinstance(ev, framing.Nack):
+                        self.nacks = getattr(self, "nacks", 0) + 1
+                        conn.sendall(ep.data_to_send())  # the endpoint queued the retransmission
                     if isinstance(ev, framing.Packet):
                         if ep.data_to_send():  # our '+'
                             conn.sendall(b"+")
@@ -161,6 +168,15 @@ def test_silent_stub_times_out_with_a_clear_error():
     with Client.connect(stub.address, timeout=0.5) as c:
         with pytest.raises(StubTimeout, match="no answer from the stub"):
             c.read_memory(MEM_BASE, 64)
+
+
+def test_corrupted_reply_is_nacked_and_retransmitted():
+    """In ack mode a bad checksum gets a '-' and the stub sends the packet again."""
+    stub = ScriptedStub("corrupt")
+    with Client.connect(stub.address, timeout=10) as c:
+        assert c.last_stop.signal == 5  # the '?' reply arrived intact the second time
+        assert getattr(stub, "nacks", 0) == 1
+        assert c.registers()["rax"] == 0x1111
 
 
 def test_unix_socket_stub(tmp_path):
