@@ -4,7 +4,7 @@
 No root file system is given, so the kernel boots to its "VFS: Unable to
 mount root fs" panic and spins there with the MMU on: a stable state to
 compare our page-table walk (TTBR0/TTBR1/TCR from QEMU's gdbstub, RAM from
-QEMU's shared memory file at GPA 0x40000000) with QEMU's own ``gva2gpa``
+QEMU's shared memfd, mapped at GPA 0x40000000) with QEMU's own ``gva2gpa``
 and with the stub's virtual reads."""
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def vm():
 
     kernel = cloud_kernel("arm64", quiet=True)
     guest = QemuGuest(str(kernel.vmlinuz), None, GDB_PORT, QMP_PORT, qemu="qemu-system-aarch64",
-                      machine="virt", cmdline="console=ttyAMA0 panic=0", extra=["-cpu", "cortex-a57"])
+                      machine="virt", cmdline="console=ttyAMA0 panic=0", extra=["-cpu", "cortex-a57"],
+                      ram_backend="memfd")  # found through QEMU's /proc/PID/fd, not a path
     with guest:
         guest.console.wait_for(b"end Kernel panic", timeout=300)
         client = Client.connect(guest.gdb, timeout=20)
@@ -63,6 +64,7 @@ def test_shared_ram_is_mapped_from_the_memory_tree_not_by_offset(vm):
     assert ranges and ranges[0].gpa == 0x4000_0000 and ranges[0].offset == 0
     mem = qmp.shared_ram()
     assert mem.regions[0].gpa == 0x4000_0000
+    assert any(mem.read(0x4000_0000, 1 << 20))
 
 
 def test_walker_agrees_with_qemu_and_the_stub(vm):

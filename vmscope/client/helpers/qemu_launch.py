@@ -84,6 +84,8 @@ class QemuGuest:
     cmdline: str = "console=ttyS0 panic=-1"
     qemu: str = "qemu-system-x86_64"
     machine: str = "pc"
+    #: "file" (a file in /dev/shm) or "memfd" (memory-backend-memfd): both shared, both mappable
+    ram_backend: str = "file"
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     console: SerialConsole | None = None
@@ -94,7 +96,7 @@ class QemuGuest:
         serial = os.path.join(self._dir, "serial.sock")
         argv = [self.qemu, "-accel", "tcg", "-m", str(self.memory_mib), "-nodefaults", "-no-user-config",
                 "-display", "none", "-no-reboot",
-                "-object", f"memory-backend-file,id=mem,size={self.memory_mib}M,mem-path={self.ram_path},share=on",
+                "-object", self._backend(),
                 "-machine", f"{self.machine},memory-backend=mem",
                 "-chardev", f"socket,id=s0,path={serial},server=on,wait=off", "-serial", "chardev:s0",
                 "-gdb", f"tcp:127.0.0.1:{self.gdb_port}",
@@ -120,6 +122,13 @@ class QemuGuest:
                 return f.read()[-4000:].decode(errors="replace")
         except OSError:
             return ""
+
+    def _backend(self) -> str:
+        if self.ram_backend == "memfd":
+            return f"memory-backend-memfd,id=mem,size={self.memory_mib}M,share=on"
+        if self.ram_backend == "file":
+            return f"memory-backend-file,id=mem,size={self.memory_mib}M,mem-path={self.ram_path},share=on"
+        raise ValueError(f"ram_backend must be 'file' or 'memfd', not {self.ram_backend!r}")
 
     @property
     def gdb(self) -> str:
