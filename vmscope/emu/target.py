@@ -42,7 +42,8 @@ Breakpoints and watchpoints:
   stop is reported after it with the new value in memory, as GDB expects.
 
 Stepping one thread leaves the others stopped (as QEMU and kvmtool do); a
-step runs in the caller's thread, a continue in the runner thread.
+step runs in the caller's thread, a continue starts with one short round
+there and goes on in the runner thread.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ SIGILL = 4
 #: hook, runs a hundred times slower than plain code).
 SLICE_SECONDS = 0.005
 SLICE_INSNS_RANGE = (1_000, 4_000_000)
+#: instructions per CPU that ``resume`` runs itself before the runner takes over
+QUICK_INSNS = 20_000
 #: how long a round in which every CPU is halted waits before the next one
 IDLE_WAIT = 0.01
 #: Every emu_start passes an instruction count:
@@ -231,13 +234,23 @@ class EmuTarget(
                 self._state[cpu.tid].skip_hw_at = cpu.pc if cpu.pc in self._hw else None
             self._stop_requested = False
             self._running = True
-            if not actions.stepping:
-                self._pending = actions
-                self._cond.notify_all()
-                return
         # A single step is a few microseconds of emulation: run it right here
-        # rather than paying two thread hand-offs (the runner is idle now).
-        self._finish(self._run_safely(actions))
+        # rather than paying two thread hand-offs (the runner is idle now);
+        # a continue gets a short first round here too.
+        if actions.stepping:
+            self._finish(self._run_safely(actions))
+            return
+        try:
+            event = self._quick_round(actions)
+        except Exception:
+            log.exception("emulated CPUs failed")
+            event = StopEvent("signal", self.cpus[0].tid, SIGSEGV)
+        if event is not None:
+            self._finish(event)
+            return
+        with self._cond:
+            self._pending = actions
+            self._cond.notify_all()
 
     def _run_safely(self, actions: ResumeActions) -> StopEvent:
         try:
@@ -453,12 +466,7 @@ class EmuTarget(
         if stepping:
             cpu = self._cpu(stepping[0])
             return self._slice(cpu, 1) or StopEvent("signal", cpu.tid, SIGTRAP)
-        # Rounds start after the CPU that stopped last time, so that with a
-        # breakpoint every CPU reaches, each continue lets the next one run
-        # (always starting at CPU 0 would starve the others).
-        first = self._next_index
-        order = self.cpus[first:] + self.cpus[:first]
-        running = [cpu for cpu in order if (a := actions.action_for(cpu.tid)) is not None and a.kind == "continue"]
+        running = self._continuing(actions)
         last = running[0] if running else self.cpus[0]
         while True:
             busy = False
@@ -478,6 +486,29 @@ class EmuTarget(
                 with self._cond:
                     if not (self._stop_requested or self._closed):
                         self._cond.wait(IDLE_WAIT)
+
+    def _continuing(self, actions: ResumeActions) -> list[EmuCpu]:
+        """The CPUs a continue runs, in round order. Rounds start after the
+        CPU that stopped last time, so that with a breakpoint every CPU
+        reaches, each continue lets the next one run (always starting at
+        CPU 0 would starve the others)."""
+        first = self._next_index
+        order = self.cpus[first:] + self.cpus[:first]
+        return [cpu for cpu in order if (a := actions.action_for(cpu.tid)) is not None and a.kind == "continue"]
+
+    def _quick_round(self, actions: ResumeActions) -> StopEvent | None:
+        """One short round in the caller's thread before handing a continue
+        to the runner: a breakpoint a few instructions away (the usual case
+        when GDB continues over and over) then costs no thread hand-off
+        (measured: 150 us of the 160 us a continue-to-breakpoint took)."""
+        for cpu in self._continuing(actions):
+            if cpu.halted:
+                continue
+            event = self._slice(cpu, QUICK_INSNS)
+            if event is not None:
+                self._next_index = cpu.tid % len(self.cpus)
+                return event
+        return None
 
     def _adapt_slice(self, elapsed: float) -> None:
         low, high = SLICE_INSNS_RANGE
