@@ -76,9 +76,9 @@ def build_kallsyms(symbols: list[tuple[str, str, int]], seqs: bool, rel_base: in
     return bytes(img)
 
 
-def sample_symbols() -> list[tuple[str, str, int]]:
+def sample_symbols(funcs: int = 700) -> list[tuple[str, str, int]]:
     syms = [("A", "fixed_percpu_data", 0), ("A", "cpu_debug_store", 0x1000)]
-    syms += [("T" if i % 3 else "t", f"func_{i:04d}", BASE + 0x1000 + i * 16) for i in range(700)]
+    syms += [("T" if i % 3 else "t", f"func_{i:04d}", BASE + 0x1000 + i * 16) for i in range(funcs)]
     syms += [("D", "init_task", BASE + 0x200000), ("d", "init_task_lock", BASE + 0x200100),
              ("T", "x" * 200, BASE + 0x300000)]  # a "big" symbol: two-byte length
     return syms
@@ -97,6 +97,16 @@ def test_kallsyms_decodes_every_symbol(seqs):
     assert [s.name for s in k.search("^func_069[89]$")] == ["func_0698", "func_0699"]
     with pytest.raises(KeyError, match="nosuch"):
         k["nosuch"]
+
+
+def test_token_table_right_after_seqs_with_no_padding():
+    """704 symbols: 3 * 704 bytes of seqs end on an 8-byte boundary, so the
+    token table follows non-NUL data directly (as in Debian's arm64 kernel)."""
+    syms = sample_symbols(699)
+    assert len(syms) * 3 % 8 == 0
+    img = build_kallsyms(syms, seqs=True)
+    k = parse_kallsyms(img, BASE)
+    assert [(s.type, s.name, s.address) for s in k.symbols] == syms
 
 
 def test_kallsyms_absent_is_a_clear_error():

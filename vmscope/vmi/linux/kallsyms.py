@@ -51,34 +51,35 @@ def _align8(x: int) -> int:
 
 def _token_table_at(img: bytes, digits_pos: int) -> tuple[int, list[bytes], int] | None:
     """(table start, 256 tokens, index start) if ``digits_pos`` (where token
-    0x30 "0" sits) belongs to a token table followed by its index."""
-    # Walk back over tokens 0x2f..0x00: each is a non-empty NUL-terminated string.
+    0x30 "0" sits) belongs to a token table followed by its index.
+
+    Walking forward from "0" over the 208 remaining tokens finds the table's
+    end and so the index; the index entry for "0" then gives the table's
+    start. (Walking backwards is unreliable: the table may directly follow
+    data with no NUL before its first token.)"""
     pos = digits_pos
-    for _ in range(0x30):
-        if pos < 2 or img[pos - 1] != 0:
-            return None
-        prev = img.rfind(b"\0", 0, pos - 1)
-        pos = prev + 1
-        if pos >= digits_pos or pos == 0 and prev < 0:
-            return None
-    start = pos
-    tokens = []
-    for _ in range(256):
+    for _ in range(256 - 0x30):
         end = img.find(b"\0", pos)
         if end <= pos:
             return None
-        tokens.append(img[pos:end])
         pos = end + 1
     index_start = _align8(pos)
     if index_start + 512 > len(img):
         return None
     index = struct.unpack_from("<256H", img, index_start)
-    offsets, off = [], 0
-    for tok in tokens:
-        offsets.append(off)
-        off += len(tok) + 1
-    if list(index) != offsets:
+    start = digits_pos - index[0x30]
+    if start < 0 or index[0] != 0:
         return None
+    tokens = []
+    pos = start
+    for i in range(256):
+        if pos - start != index[i]:
+            return None
+        end = img.find(b"\0", pos)
+        if end <= pos:
+            return None
+        tokens.append(img[pos:end])
+        pos = end + 1
     return start, tokens, index_start
 
 

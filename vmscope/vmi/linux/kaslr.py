@@ -61,3 +61,48 @@ def find_kernel_image(phys: PhysicalMemory, cr3: int, cr4: int = 0, cache: Trans
                          f"through page tables at {', '.join(tried)} (is this an x86_64 Linux guest in long mode?)")
 
 
+
+
+# ---------------------------------------------------------------- arm64
+
+ARM64_IMAGE_MAGIC = b"ARM\x64"  # at offset 0x38 of the arm64 Image header
+MODULES_VSIZE = 128 << 20
+HEAD_TEXT_SIZE = 64 << 10  # .head.text: _text .. _stext (SEGMENT_ALIGN)
+
+
+def arm64_kimage_vaddr(walker) -> int:
+    """KIMAGE_VADDR: the unrandomised ``_text``, 128 MiB above the start of
+    the kernel half (``MODULES_END``) for the configured VA size."""
+    va_bits = 64 - walker.t1sz
+    return (1 << 64) - (1 << (va_bits - 1)) + MODULES_VSIZE
+
+
+def find_arm64_kernel_image(boot, text_address: int, walker, max_image: int = 512 << 20) -> KernelLocation:
+    """Walk down from a kernel text address to the first unmapped page:
+    that is where ``_stext`` starts. The 64 KiB before it (``_text``, the
+    Image header) is not mapped once the kernel runs, but the image is
+    physically contiguous, so the header is read from physical memory; its
+    size field gives the end of the image."""
+    granule = 1 << walker.granule1
+    pos = text_address & ~(granule - 1)
+    if not boot.is_mapped(pos):
+        raise KernelNotFound(f"0x{text_address:x} is not mapped through TTBR1: not a kernel text address")
+    lowest = pos - max_image
+    while pos - granule >= lowest and boot.is_mapped(pos - granule):
+        pos -= granule
+    phys = walker.translate(pos).paddr
+    for head in (0, HEAD_TEXT_SIZE):  # _text itself mapped, or 64 KiB below _stext
+        try:
+            header = boot.phys.read(phys - head, 64)
+        except VmiError:
+            continue
+        if header[0x38:0x3C] == ARM64_IMAGE_MAGIC:
+            break
+    else:
+        raise KernelNotFound(f"no arm64 Image header at or 64 KiB below physical 0x{phys:x} (virtual 0x{pos:x}, "
+                             f"where the mapping around 0x{text_address:x} starts); is this a Linux kernel?")
+    text = pos - head
+    size = int.from_bytes(header[0x10:0x18], "little")
+    if not 0 < size <= max_image:
+        raise KernelNotFound(f"arm64 Image header at 0x{text:x} gives an image size of {size} bytes")
+    return KernelLocation(text, text + size, text - arm64_kimage_vaddr(walker), phys - head, walker.ttbr1)

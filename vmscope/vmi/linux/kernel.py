@@ -45,23 +45,15 @@ class LinuxKernel:
     ``symbols`` may be a System.map path to use instead of kallsyms.
     """
 
+    arch = "x86_64"
+
     def __init__(self, phys: PhysicalMemory, cr3: int, cr4: int = 0, *, cache: TranslationCache | None = None,
                  progress: Progress | None = None, system_map: str | None = None, disk_cache: bool = True):
-        self.phys = phys
-        self.cache = cache or TranslationCache()
+        self._setup(phys, cache, progress)
         self.cr4 = cr4
-        self._progress = progress or (lambda what, done, total: None)
         self.location = find_kernel_image(phys, cr3, cr4, self.cache)
         boot = AddressSpace(X86_64Paging(phys, self.location.root, cr4=cr4, cache=self.cache))
-        self._btf: Btf | None = None
-        self._layouts: dict = {}
-        self._disk_key = symcache.image_key(boot, self.location) if disk_cache and not system_map else None
-        cached = symcache.load_cached(self._disk_key) if self._disk_key else None
-        if cached is not None:
-            self.symbols, btf_blob = cached
-            self._btf = Btf(btf_blob) if btf_blob else None
-        else:
-            self.symbols = self._load_symbols(boot, system_map)
+        from_cache = self._symbols_and_btf(boot, system_map, disk_cache)
         self.text = self.symbols["_text"] if "_text" in self.symbols else self.location.text
         self.slide = self.text - DEFAULT_TEXT
         # Unsigned like the kernel's phys_base: "negative" when KASLR put the
@@ -74,7 +66,29 @@ class LinuxKernel:
             root = self.location.root
         self.root = root
         self.aspace = AddressSpace(X86_64Paging(phys, root, cr4=cr4, cache=self.cache))
-        if self._disk_key and cached is None:
+        self._fill_disk_cache(from_cache)
+
+    def _setup(self, phys: PhysicalMemory, cache: TranslationCache | None, progress: Progress | None) -> None:
+        self.phys = phys
+        self.cache = cache or TranslationCache()
+        self._progress = progress or (lambda what, done, total: None)
+        self._btf: Btf | None = None
+        self._layouts: dict = {}
+
+    def _symbols_and_btf(self, boot: AddressSpace, system_map: str | None, disk_cache: bool) -> bool:
+        """Symbols (and BTF, if cached) from the disk cache, else decoded
+        from ``boot``; True if they came from the cache."""
+        self._disk_key = symcache.image_key(boot, self.location) if disk_cache and not system_map else None
+        cached = symcache.load_cached(self._disk_key) if self._disk_key else None
+        if cached is not None:
+            self.symbols, btf_blob = cached
+            self._btf = Btf(btf_blob) if btf_blob else None
+            return True
+        self.symbols = self._load_symbols(boot, system_map)
+        return False
+
+    def _fill_disk_cache(self, from_cache: bool) -> None:
+        if self._disk_key and not from_cache:
             try:
                 btf_blob = self._btf_blob()
             except (BtfError, VmiError):
@@ -236,3 +250,37 @@ class LinuxKernel:
 
     def uptime(self) -> float:
         return clock.uptime(self)
+
+
+class Arm64LinuxKernel(LinuxKernel):
+    """Introspection of one AArch64 Linux guest, from TTBR0/TTBR1/TCR and
+    any kernel text address (VBAR_EL1, or the pc when stopped in the kernel).
+
+    The image is found by walking down from that address to the first
+    unmapped page; its arm64 Image header (still at ``_text``) gives the
+    image size. Kernel addresses are walked through TTBR1 (swapper_pg_dir).
+    """
+
+    arch = "aarch64"
+
+    def __init__(self, phys: PhysicalMemory, ttbr0: int, ttbr1: int, tcr: int, text_address: int, *,
+                 cache: TranslationCache | None = None, progress: Progress | None = None,
+                 system_map: str | None = None, disk_cache: bool = True):
+        from vmscope.vmi.linux.kaslr import arm64_kimage_vaddr, find_arm64_kernel_image
+        from vmscope.vmi.paging.aarch64 import TTBR_BADDR_MASK, Aarch64Paging
+
+        self._setup(phys, cache, progress)
+        self.cr4 = 0
+        walker = Aarch64Paging(phys, ttbr0, ttbr1, tcr, cache=self.cache)
+        boot = AddressSpace(walker)
+        self.location = find_arm64_kernel_image(boot, text_address, walker)
+        from_cache = self._symbols_and_btf(boot, system_map, disk_cache)
+        self.text = self.symbols["_text"] if "_text" in self.symbols else self.location.text
+        self.slide = self.text - arm64_kimage_vaddr(walker)  # what the kernel prints as "Kernel Offset"
+        self.phys_base = self.location.phys_text
+        self.root = ttbr1 & TTBR_BADDR_MASK
+        self.aspace = boot
+        self._fill_disk_cache(from_cache)
+
+    def process_address_space(self, task: Task) -> AddressSpace:
+        raise VmiError("user address spaces of arm64 guests are not supported yet (kernel memory is)")
