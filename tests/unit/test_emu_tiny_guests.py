@@ -275,3 +275,18 @@ def test_arm64_guest_with_the_mmu_on_is_debugged_at_virtual_addresses(tmp_path):
             t.add_watchpoint(HIGH + 0x8000_0000, 8, "write")
     finally:
         booted.machine.shutdown()
+
+
+def test_x87_registers_count_from_the_stack_top(tmp_path):
+    elf = build(tmp_path, "x86_64", ".globl start64\nstart64:\n fld1\n fldz\n fldpi\n int3\n jmp .\n")
+    booted = Booted("x86_64", cpus=1, kernel=elf)
+    try:
+        booted.machine.start()
+        assert wait_stop(booted.target).signal == SIGTRAP
+        regs = booted.regs(1)
+        one, pi = (0x3FFF << 64) | (1 << 63), 0x4000C90FDAA22168C235
+        assert [regs[f"st{i}"] for i in range(3)] == [pi, 0, one]  # last pushed is st0, as GDB shows it
+        booted.target.write_registers(1, {"st1": one})
+        assert [booted.regs(1)[f"st{i}"] for i in range(3)] == [pi, one, one]
+    finally:
+        booted.machine.shutdown()

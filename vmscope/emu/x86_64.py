@@ -92,19 +92,29 @@ class X86Cpu(EmuCpu):
         uc.reg_write(X.UC_X86_REG_RIP, entry)
         self.invalidate()
 
-    def read_special(self) -> dict[str, int]:
-        out = {}
+    #: Unicorn's FP0..FP7 are the physical x87 registers; GDB's st0..st7
+    #: count from the stack top (FSW.TOP), as QEMU's gdbstub does (measured:
+    #: after fld1 the value is in FP7)
+    packed_registers = {f"_fpr{i}": X.UC_X86_REG_FP0 + i for i in range(8)}
+
+    def arrange(self, values: dict[str, int]) -> dict[str, int]:
+        top = (values["fstat"] >> 11) & 7
+        physical = [values.pop(f"_fpr{i}") for i in range(8)]
         for i in range(8):
-            mantissa, exponent = self.uc.reg_read(X.UC_X86_REG_FP0 + i)
-            out[f"st{i}"] = (exponent << 64) | mantissa
-        out["k_gs_base"] = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_KERNEL_GS_BASE)
-        out["efer"] = self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER)
-        return out
+            values[f"st{i}"] = physical[(top + i) & 7]
+        return values
+
+    def read_special(self) -> dict[str, int]:
+        return {
+            "k_gs_base": self.uc.reg_read(X.UC_X86_REG_MSR, MSR_KERNEL_GS_BASE),
+            "efer": self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER),
+        }
 
     def write_special(self, name: str, value: int) -> None:
         if name.startswith("st") and name[2:].isdigit():
             mantissa, exponent = value & ((1 << 64) - 1), value >> 64
-            self.uc.reg_write(X.UC_X86_REG_FP0 + int(name[2:]), (mantissa, exponent))
+            top = (self.uc.reg_read(X.UC_X86_REG_FPSW) >> 11) & 7
+            self.uc.reg_write(X.UC_X86_REG_FP0 + ((top + int(name[2:])) & 7), (mantissa, exponent))
         elif name == "k_gs_base":
             self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_KERNEL_GS_BASE, value))
         elif name == "efer":
