@@ -33,7 +33,10 @@ def test_arm64_python_and_vmscope_with_native_wheels(arm64_lab):
 
 
 def test_arm64_port_forwarding(arm64_lab):
+    # SO_REUSEADDR: the connection's TIME_WAIT inherits it, so the next test
+    # can listen on the same port at once
     server = ("import socket; s=socket.socket(); "
+              "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
               f"s.bind(('0.0.0.0', {FORWARDED_GUEST_PORT})); s.listen(1); print('listening', flush=True); "
               "c,_=s.accept(); c.sendall(c.recv(100)[::-1]); c.close()")
     with arm64_lab.spawn(["python3", "-c", server]) as proc:
@@ -45,6 +48,7 @@ def test_arm64_port_forwarding(arm64_lab):
             while chunk := conn.recv(100):
                 reply += chunk
         assert reply == b"46mra"
+        assert proc.wait(300).returncode == 0
 
 
 def test_arm64_guest_image_boots_under_qemu_aarch64(tmp_path):
@@ -67,3 +71,33 @@ def test_arm64_guest_image_boots_under_qemu_aarch64(tmp_path):
             child.terminate(force=True)
     child.close()
     assert child.exitstatus == 0
+
+
+@pytest.mark.parametrize("accel", ["emu", "kvm"])
+def test_arm64_host_gdb_multiarch_debugs_a_stub_inside_l1(arm64_lab, accel):
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    import vmscope
+    from vmscope.lab import LabTimeout
+
+    gdb = shutil.which("gdb-multiarch")
+    if gdb is None:
+        pytest.fail("gdb-multiarch is not installed (./dev.sh setup installs it)")
+    elf = Path(vmscope.__file__).parent / "guests/aarch64/demo.elf"
+    with arm64_lab.spawn(f"python3 -m vmscope run --accel {accel} --gdb 0.0.0.0:{FORWARDED_GUEST_PORT}") as vm:
+        try:
+            vm.wait_for_output("waiting for gdb", timeout=600)
+        except LabTimeout:
+            if "KVM back end runs x86_64 guests only" in vm.stderr:
+                pytest.xfail("vmscope's KVM back end has no aarch64 support yet")
+            raise
+        out = subprocess.run(
+            [gdb, "-q", "-batch", "-nx", "-ex",
+             f"target remote 127.0.0.1:{arm64_lab.host_port(FORWARDED_GUEST_PORT)}",
+             "-ex", "info registers pc", "-ex", "stepi", "-ex", "info registers pc",
+             "-ex", "kill", str(elf)], capture_output=True, text=True, timeout=600)
+    pcs = [int(m, 16) for m in re.findall(r"^pc\s+(0x[0-9a-f]+)", out.stdout, re.M)]
+    assert len(pcs) == 2 and pcs[1] == pcs[0] + 4, f"gdb said:\n{out.stdout}\n{out.stderr}\n{vm.stderr}"

@@ -177,9 +177,13 @@ def extract(ref: PackageRef, quiet: bool = False) -> Path:
             with Console(stderr=True).status(f"extracting {deb.name}"):
                 _run([dpkg_deb, "-x", str(deb), str(tmp)], f"dpkg-deb -x {deb.name}")
         (tmp / ".vmscope-complete").write_text(f"{ref.name} {ref.version} {ref.arch}\n")
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        if root.exists() and not stamp.exists():
+            shutil.rmtree(root)  # a crashed earlier extraction
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not stamp.exists():  # not another process finishing the same work first
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -205,7 +206,8 @@ def wheel_dir(dist: importlib.metadata.Distribution, arch: str) -> Path:
               if w.name.lower().startswith(f"{norm}-{dist.version}-") and platform.split("_", 1)[1] in w.name]
     if not wheels:
         raise ForeignError(f"pip download left no {platform} wheel of {dist.metadata['Name']}")
-    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     with zipfile.ZipFile(wheels[0]) as zf:
         for info in zf.infolist():
             zf.extract(info, tmp)
@@ -213,7 +215,12 @@ def wheel_dir(dist: importlib.metadata.Distribution, arch: str) -> Path:
             if mode:
                 os.chmod(tmp / info.filename, mode & 0o777 | 0o600)
     (tmp / ".vmscope-complete").write_text(wheels[0].name + "\n")
-    os.replace(tmp, dest)
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process unpacked it first
+        if not (dest / ".vmscope-complete").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
