@@ -23,6 +23,7 @@ BACKENDS = [
     pytest.param(("kvm", "x86_64", "demo"), id="kvm-x86_64-demo"),
     pytest.param(("kvm", "x86_64", "idt"), id="kvm-x86_64-idt"),
     pytest.param(("emu", "x86_64", "demo"), id="emu-x86_64-demo"),
+    pytest.param(("emu", "x86_64", "idt"), id="emu-x86_64-idt"),
     pytest.param(("emu", "aarch64", "demo"), id="emu-aarch64-demo"),
 ]
 

@@ -192,7 +192,9 @@ class Session:
         if isinstance(req, P.Kill):
             t.kill()
             self.closed = self.killed = True
-            return P.OK if req.vkill else None
+            # GDB sends "k" and reads no reply; LLDB waits for one. QEMU's
+            # stub answers "W00" (the guest is gone, status 0): so do we.
+            return P.OK if req.vkill else P.exit_reply(0)
         return P.EMPTY
 
     def _read_memory(self, req: P.ReadMemory) -> bytes:

@@ -16,6 +16,7 @@ agree to ``QStartNoAckMode``; a lone 0x03 byte is an interrupt request;
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Union
 
@@ -23,7 +24,7 @@ ESCAPE = 0x7D  # '}'
 RLE = 0x2A  # '*'
 INTERRUPT = 0x03
 #: bytes that must never appear raw in a payload we send
-_MUST_ESCAPE = frozenset(b"$#}*")
+_MUST_ESCAPE = re.compile(rb"[$#}*]")
 
 
 class FramingError(ValueError):
@@ -81,18 +82,19 @@ def checksum(data: bytes) -> int:
     return sum(data) & 0xFF
 
 
+def _escape_one(m: re.Match) -> bytes:
+    return bytes((ESCAPE, m.group()[0] ^ 0x20))
+
+
 def escape(payload: bytes) -> bytes:
-    """Escape the bytes that would break framing (``$ # } *``)."""
-    if not any(b in _MUST_ESCAPE for b in payload):
+    """Escape the bytes that would break framing (``$ # } *``).
+
+    A regex scan runs at C speed: hex memory replies of 1 MiB need no
+    escaping and must not cost a Python-level loop per byte.
+    """
+    if _MUST_ESCAPE.search(payload) is None:
         return payload
-    out = bytearray()
-    for b in payload:
-        if b in _MUST_ESCAPE:
-            out.append(ESCAPE)
-            out.append(b ^ 0x20)
-        else:
-            out.append(b)
-    return bytes(out)
+    return _MUST_ESCAPE.sub(_escape_one, payload)
 
 
 def decode(body: bytes) -> bytes:
