@@ -3,7 +3,6 @@ host, driven by LabProcess), port picking, the image recipe, ELF parsing."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -146,3 +145,14 @@ def test_elf_needed_and_rootset_symlinks(tmp_path):
     roots = RootSet([a, b])
     assert roots.find("/lib/ld.so") == b / "usr/lib/real-ld.so"
     assert roots.find("/lib/missing.so") is None
+
+
+def test_a_qemu_that_dies_at_once_is_reported_with_its_output(tmp_path):
+    fake = tmp_path / "fake-qemu"
+    fake.write_text("#!/bin/sh\necho 'qemu: could not load kernel' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    lab = Lab(qemu=str(fake), port_range=(14950, 14999))
+    with pytest.raises(LabError, match=r"(?s)did not boot: QEMU exited \(1\).*could not load kernel"):
+        lab.start()
+    with pytest.raises(LabError, match="needs at least"):
+        Lab(mem_mib=16)

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import socket
@@ -331,6 +330,7 @@ class Lab:
         self._lines: list[str] = []
         self._lines_changed = threading.Condition()
         self._workdir: Path | None = None
+        self._console_thread = threading.Thread()
         self.console_log: Path | None = None
         self.kvm_available: bool | None = None
         self.timings: dict[str, float] = {}
@@ -364,7 +364,9 @@ class Lab:
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True,
                                       preexec_fn=_die_with_parent)
-        threading.Thread(target=self._read_console, name="lab-console", daemon=True).start()
+        self._console_thread = threading.Thread(target=self._read_console, name="lab-console",
+                                                daemon=True)
+        self._console_thread.start()
         try:
             self.wait_for_console(re.escape(READY_MARKER), self.boot_timeout)
         except LabError as exc:
@@ -460,6 +462,13 @@ class Lab:
                 seen = len(self._lines)
                 proc = self._proc
                 if proc is None or proc.poll() is not None:
+                    if self._console_thread.is_alive():
+                        # QEMU is gone but its last lines may still be in the
+                        # pipe: let the reader drain them, then look again
+                        self._lines_changed.wait(0.2)
+                        continue
+                    if any(rx.search(line) for line in self._lines[seen:]):
+                        continue
                     code = None if proc is None else proc.returncode
                     raise LabError(f"QEMU exited ({code}) before {pattern!r} appeared; "
                                    f"console:\n{self._tail()}")
@@ -535,7 +544,3 @@ def _die_with_parent() -> None:
     with contextlib.suppress(Exception):
         import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def shell_quote(argv: Sequence[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
