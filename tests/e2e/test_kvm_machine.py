@@ -217,3 +217,19 @@ def test_bad_kernel_is_an_image_error(tmp_path):
 
     with pytest.raises(ImageError, match="missing.elf: no such file"):
         KvmMachine(MachineConfig(kernel=tmp_path / "missing.elf"))
+
+
+def test_debug_capability_probe_classifies_this_kvm():
+    """The probe that picks debug registers or page protection. Known
+    answers: hardware KVM (True, True, "debug"); PVM (False, True,
+    "emulation-failure"); KVM nested under QEMU TCG SVM (False, False,
+    "guest")."""
+    require_kvm()
+    from vmscope.kvm.probe import probe
+
+    caps = probe()
+    print(caps)
+    assert isinstance(caps.dr_write_watch, bool) and isinstance(caps.dr_exec, bool)
+    assert caps.int3 in ("debug", "emulation-failure", "guest"), caps
+    if os.path.isdir("/sys/module/kvm_pvm"):
+        assert (caps.dr_write_watch, caps.int3) == (False, "emulation-failure")

@@ -131,7 +131,8 @@ def test_sw_breakpoint_on_tick_hits_repeatedly(dbg):
     tick = dbg.sym["tick"]
     original = dbg.t.read_memory(tick, 4, 1)
     dbg.t.add_sw_breakpoint(tick, 1)
-    assert dbg.m.mem.read(tick, 1) == b"\xcc"  # patched in guest RAM...
+    if not dbg.t.sw_pages:  # (without an INT3 intercept the page is pulled instead)
+        assert dbg.m.mem.read(tick, 1) == b"\xcc"  # patched in guest RAM...
     assert dbg.t.read_memory(tick, 4, 1) == original  # ...but reads show the original
     seen_tids = set()
     before = dbg.u64("counter")
@@ -164,11 +165,12 @@ def test_hw_breakpoint_hits_and_continues_past(dbg):
     # RF is ignored on PVM: each continue must still make progress.
     assert counts == sorted(counts) and counts[-1] > counts[0]
     assert dbg.m.mem.read(tick, 1) != b"\xcc"  # no patching for hardware breakpoints
-    for addr in (0x100000, 0x100010, 0x100020):
-        dbg.t.add_hw_breakpoint(addr, 1)
-    with pytest.raises(TargetError) as err:
-        dbg.t.add_hw_breakpoint(0x100030, 1)
-    assert "debug registers are in use" in str(err.value)
+    if not dbg.t.hw_pages:  # debug registers: four slots
+        for addr in (0x100000, 0x100010, 0x100020):
+            dbg.t.add_hw_breakpoint(addr, 1)
+        with pytest.raises(TargetError) as err:
+            dbg.t.add_hw_breakpoint(0x100030, 1)
+        assert "debug registers are in use" in str(err.value)
 
 
 @pytest.mark.parametrize("kind,stop", [("write", "watch"), ("access", "awatch"), ("read", "rwatch")])

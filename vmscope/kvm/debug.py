@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from vmscope.kvm.vm import KvmMachine
 
 INT3 = 0xCC
-BP_VECTOR, DB_VECTOR = 3, 1
+BP_VECTOR, DB_VECTOR, UD_VECTOR = 3, 1, 6
 DR6_BS = 1 << 14
 RFLAGS_TF = 1 << 8
 DR7_RW = {"exec": 0b00, "write": 0b01, "access": 0b11}
@@ -170,7 +170,29 @@ class KvmTarget(
         mode = os.environ.get("VMSCOPE_KVM_WATCH", "auto")
         if mode not in ("auto", "pages", "debugregs"):
             raise ValueError(f"VMSCOPE_KVM_WATCH must be auto, pages or debugregs, not {mode!r}")
-        self.dr_watch = mode == "debugregs" or (mode == "auto" and not software_kvm())
+        caps = None
+        if mode == "auto":
+            from vmscope.kvm.probe import probe
+
+            try:
+                caps = probe()
+            except OSError:
+                caps = None
+        if mode == "auto":
+            self.dr_watch = caps.dr_write_watch if caps else not software_kvm()
+        else:
+            self.dr_watch = mode == "debugregs"
+        # Where KVM does not see INT3 or debug-register hits (KVM nested under
+        # QEMU's TCG SVM), execution breakpoints fall back to page protection.
+        bp_mode = os.environ.get("VMSCOPE_KVM_BREAKPOINTS", "auto")
+        if bp_mode not in ("auto", "pages", "native"):
+            raise ValueError(f"VMSCOPE_KVM_BREAKPOINTS must be auto, pages or native, not {bp_mode!r}")
+        self.sw_pages = bp_mode == "pages" or (bp_mode == "auto" and caps is not None and caps.int3 == "guest")
+        self.hw_pages = bp_mode == "pages" or (bp_mode == "auto" and caps is not None and not caps.dr_exec)
+        self.caps = caps
+        self._exec_pages: dict[int, int] = {}  # page-backed exec breakpoint -> guest-physical
+        self._exec_kind: dict[int, str] = {}  # ... -> "swbreak" | "hwbreak"
+        self._skip_exec: dict[int, int] = {}  # vCPU index -> breakpoint it resumes on
 
     # --- threads -------------------------------------------------------------------
 
@@ -384,6 +406,8 @@ class KvmTarget(
     # --- software breakpoints -------------------------------------------------------------
 
     def add_sw_breakpoint(self, addr: int, kind: int) -> None:
+        if self.sw_pages:
+            return self._add_exec_page_breakpoint(addr, "swbreak")
         with self._lock:
             if addr in self.sw:
                 return
@@ -396,12 +420,39 @@ class KvmTarget(
             self.mem.view[phys] = INT3
 
     def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
+        if self.sw_pages:
+            return self._remove_exec_page_breakpoint(addr)
         with self._lock:
             bp = self.sw.pop(addr, None)
             if bp is None:
                 return
             if self.mem.view[bp.phys] == INT3:
                 self.mem.view[bp.phys] = bp.orig
+
+    # --- execution breakpoints by page protection (no INT3/DR intercept) ----------------
+
+    def _add_exec_page_breakpoint(self, addr: int, kind: str) -> None:
+        """Pull the breakpoint's code page out of the memory slots: every
+        instruction fetch there exits; the one at ``addr`` is the hit."""
+        with self._lock:
+            if addr in self._exec_pages:
+                self._exec_kind[addr] = kind
+                return
+            phys = self._phys_page(addr & ~(PAGE - 1), 1)
+            if phys is None:
+                raise TargetError(f"cannot set a breakpoint at {addr:#x}: address not mapped")
+            self._exec_pages[addr] = phys | (addr & (PAGE - 1))
+            self._exec_kind[addr] = kind
+            with self.m.quiesced():
+                self._apply_protection()
+
+    def _remove_exec_page_breakpoint(self, addr: int) -> None:
+        with self._lock:
+            self._exec_kind.pop(addr, None)
+            if self._exec_pages.pop(addr, None) is None:
+                return
+            with self.m.quiesced():
+                self._apply_protection()
 
     # --- debug registers: hardware breakpoints and DR watchpoints ---------------------------
 
@@ -413,6 +464,8 @@ class KvmTarget(
         return next((i for i in range(4) if i not in used), None)
 
     def add_hw_breakpoint(self, addr: int, kind: int) -> None:
+        if self.hw_pages:
+            return self._add_exec_page_breakpoint(addr, "hwbreak")
         with self._lock:
             if addr in self.hw:
                 return
@@ -422,6 +475,8 @@ class KvmTarget(
             self.hw[addr] = slot
 
     def remove_hw_breakpoint(self, addr: int, kind: int) -> None:
+        if self.hw_pages:
+            return self._remove_exec_page_breakpoint(addr)
         with self._lock:
             self.hw.pop(addr, None)
 
@@ -468,7 +523,7 @@ class KvmTarget(
     def _apply_protection(self) -> None:
         """Memory slots for the page-backed watchpoints: read-only pages for
         write watches, absent pages for read/access watches."""
-        protected: dict[int, str] = {}
+        protected: dict[int, str] = {page // PAGE: "absent" for page in self._exec_pages.values()}
         for w in self.watches:
             if w.dr_slot is not None:
                 continue
@@ -572,6 +627,14 @@ class KvmTarget(
         with self.m.exclusive(v):
             if page not in self._absent_pages:
                 return False
+            v.drop_exception(UD_VECTOR)
+            with self._lock:
+                exec_bp = rip in self._exec_pages and self._skip_exec.get(v.index) != rip
+            self._skip_exec.pop(v.index, None)
+            if exec_bp:
+                kind = self._exec_kind.get(rip, "swbreak")
+                self.m.request_stop(StopEvent(kind, tid=v.index + 1, signal=SIGTRAP))
+                return True
             hit = self._decoded_read_hit(v, rip)
             with self._lock:
                 temp = dict(self.m.slots.protected)
@@ -599,6 +662,7 @@ class KvmTarget(
                 with self._lock:
                     self._apply_protection()
                 v.set_guest_debug(*previous)
+                v.drop_exception(UD_VECTOR)
         tid = v.index + 1
         if hit is not None and stepped:
             ev = StopEvent(hit.kind, tid=tid, addr=hit.addr)
@@ -713,6 +777,13 @@ class KvmTarget(
         self.translator.clear()
         self._msr_cache.clear()
         self._step_over.clear()
+        self._skip_exec.clear()
+        if self._exec_pages:
+            for slot in self.m.vcpus:
+                if slot.online:
+                    rip = slot.vcpu.regs().rip
+                    if rip in self._exec_pages:
+                        self._skip_exec[slot.vcpu.index] = rip
         stepping = [t for t in actions.stepping if 1 <= t <= len(self.m.vcpus)]
         run: dict[int, bool] = {}
         if stepping:
@@ -773,6 +844,8 @@ class KvmTarget(
                     self.remove_sw_breakpoint(addr, 1)
                 self.hw.clear()
                 self.watches.clear()
+                self._exec_pages.clear()
+                self._exec_kind.clear()
                 self._apply_protection()
             self.attached = False
             self._pending.clear()

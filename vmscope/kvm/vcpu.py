@@ -106,6 +106,19 @@ class Vcpu:
         ev.flags = 0
         ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
 
+    def drop_exception(self, vector: int) -> bool:
+        """Forget a queued exception ``vector`` (KVM queues #UD along with
+        an emulation-failure exit; once the VMM has dealt with the failure,
+        delivering it would crash the guest). True if one was dropped."""
+        ev = self.events()
+        if (ev.exception.injected or ev.exception.pending) and ev.exception.nr == vector:
+            ev.exception.injected = ev.exception.pending = 0
+            ev.exception_has_payload = 0
+            ev.flags = 0
+            ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, ev, "KVM_SET_VCPU_EVENTS")
+            return True
+        return False
+
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, abi.KVM_SET_MP_STATE, abi.KvmMpState(state), "KVM_SET_MP_STATE")
 
