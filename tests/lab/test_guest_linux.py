@@ -27,7 +27,7 @@ def shell_guest(tmp_path_factory) -> LinuxGuest:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed (./dev.sh setup installs it)")
     out = tmp_path_factory.mktemp("guest")
-    proc = subprocess.run([sys.executable, "-m", "vmscope.images", "linux", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "vmscope", "guest", "linux", "--out", str(out),
                            "--quiet"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out / 'vmlinuz'}" in proc.stdout

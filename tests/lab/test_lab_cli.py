@@ -13,7 +13,7 @@ PORTS = "14000-14999"
 
 
 def test_lab_run_streams_output_and_returns_the_exit_code():
-    proc = subprocess.run([sys.executable, "-m", "vmscope.lab", "run", "--ports", PORTS, "--",
+    proc = subprocess.run([sys.executable, "-m", "vmscope", "lab", "run", "--ports", PORTS, "--",
                            "echo out-$((40 + 2)); echo err >&2; test -c /dev/kvm && exit 5"],
                           capture_output=True, text=True, timeout=900)
     assert proc.stdout == "out-42\n"

@@ -12,3 +12,13 @@ See docs/lab.md. :mod:`vmscope.lab.image` builds the L1 initramfs,
 from vmscope.lab.lab import Lab, LabError, LabProcess, LabResult, LabTimeout
 
 __all__ = ["Lab", "LabError", "LabProcess", "LabResult", "LabTimeout"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``vmscope lab ...``: see :mod:`vmscope.lab.cli`."""
+    from vmscope.lab.cli import main as cli_main
+
+    return cli_main(argv)
+
+
+__all__.append("main")
