@@ -372,6 +372,9 @@ class Lab:
         except LabError as exc:
             self.close()
             raise LabError(f"the lab did not boot: {exc}") from None
+        except BaseException:  # Ctrl-C while booting: __exit__ will not run
+            self.close()
+            raise
         self.timings["boot_s"] = time.monotonic() - t1
         self.kvm_available = any(l.startswith(f"{KVM_MARKER} yes") for l in self._lines)
 
