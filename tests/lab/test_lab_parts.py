@@ -156,3 +156,19 @@ def test_a_qemu_that_dies_at_once_is_reported_with_its_output(tmp_path):
         lab.start()
     with pytest.raises(LabError, match="needs at least"):
         Lab(mem_mib=16)
+
+
+def test_extra_files_go_into_the_small_source_archive(tmp_path):
+    from vmscope.images.cpio import read_cpio
+    from vmscope.lab.image import source_image
+
+    host = tmp_path / "tool.py"
+    host.write_text("print('hi')\n")
+    image = source_image(extra_files={"/root/tool.py": host, "/etc/flag": b"1"})
+    out = tmp_path / "src.cpio.gz"
+    image.write(out)
+    entries = {e.name: e for e in read_cpio(out.read_bytes())}
+    assert entries["root/tool.py"].data == b"print('hi')\n"
+    assert entries["etc/flag"].data == b"1"
+    assert "opt/vmscope/src/vmscope/lab/agent.py" in entries
+    assert "opt/vmscope/src/tests/lab/kvm_smoke.py" in entries

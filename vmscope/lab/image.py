@@ -225,7 +225,6 @@ def checkout_root() -> Path:
 
 def base_image(kernel: KernelPackage, python: str = DEFAULT_PYTHON,
                dists: Sequence[str] = RUNTIME_DISTS, modules: Sequence[str] | None = None,
-               extra_files: Mapping[str, str | os.PathLike | bytes] | None = None,
                quiet: bool = True) -> tuple[Initramfs, list[str]]:
     """The recipe of the base archive and the module load order."""
     arch = kernel.package.arch
@@ -263,18 +262,24 @@ def base_image(kernel: KernelPackage, python: str = DEFAULT_PYTHON,
         "TERM": "linux",
     }.items()))
     image.add_bytes("/etc/hostname", "vmscope-lab\n")
-    for dest, src in (extra_files or {}).items():
+    return image, order
+
+
+def _add_extra_files(image: Initramfs, extra_files: Mapping[str, str | os.PathLike | bytes]) -> None:
+    for dest, src in extra_files.items():
         if isinstance(src, bytes):
             image.add_bytes(dest, src)
         elif Path(src).is_dir():
             image.add_tree(dest, src)
         else:
             image.add_file(dest, src)
-    return image, order
 
 
-def source_image(root: Path | None = None) -> Initramfs:
-    """The checkout's vmscope package (and tests/, bench/ if present)."""
+def source_image(root: Path | None = None,
+                 extra_files: Mapping[str, str | os.PathLike | bytes] | None = None) -> Initramfs:
+    """The checkout's vmscope package (and tests/, bench/ if present), plus
+    ``extra_files`` (kept here, in the small archive, so adding a file does
+    not rebuild the 140 MiB base)."""
     root = root or checkout_root()
     image = Initramfs()
     skip = lambda rel: rel.endswith((".egg-info",)) or "/.pytest_cache" in f"/{rel}"
@@ -285,6 +290,7 @@ def source_image(root: Path | None = None) -> Initramfs:
             image.add_tree(f"{SRC_DIR}/{extra}", p, exclude=skip)
         elif p.is_file():
             image.add_file(f"{SRC_DIR}/{extra}", p)
+    _add_extra_files(image, extra_files or {})
     return image
 
 
@@ -296,12 +302,12 @@ def build_lab_image(kernel: KernelPackage | None = None, python: str = DEFAULT_P
     """Build (or reuse from the cache) both archives. ``arch`` is a Debian
     architecture (default: the host's); ``arm64`` gives an arm64 L1."""
     kernel = kernel or cloud_kernel(arch, quiet=quiet)
-    base, order = base_image(kernel, python, dists, modules, extra_files, quiet)
+    base, order = base_image(kernel, python, dists, modules, quiet)
     lab_cache = cache_dir("lab")
     base_path = lab_cache / f"l1-base-{kernel.version}-{base.fingerprint()[:16]}.cpio"
     if not base_path.exists():
         _write(base, base_path, f"building the lab image {base_path.name}", quiet, compress=False)
-    src = source_image(source_root)
+    src = source_image(source_root, extra_files)
     src_path = lab_cache / f"l1-src-{src.fingerprint()[:16]}.cpio.gz"
     if not src_path.exists():
         _write(src, src_path, "packing the vmscope source", True, compress=True)
