@@ -142,3 +142,12 @@ def test_pytest_runs_the_checkouts_tests_inside_l1(lab):
                 timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert re.search(r"^2 passed", r.stdout, re.M), r.stdout
+
+
+def test_put_and_get_files_round_trip_binary_data(lab):
+    blob = bytes(range(256)) * 64
+    lab.put("/tmp/sub/blob.bin", blob, mode=0o600)
+    assert lab.get("/tmp/sub/blob.bin") == blob
+    assert lab.run("stat -c %a /tmp/sub/blob.bin").stdout.strip() == "600"
+    with pytest.raises(LabError, match="cannot read /no/such/file"):
+        lab.get("/no/such/file")

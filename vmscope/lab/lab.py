@@ -524,6 +524,28 @@ class Lab:
             result = proc.wait(timeout)
         return result.check() if check else result
 
+    def put(self, path: str, data: bytes | str, mode: int = 0o644) -> None:
+        """Write a file in L1 after boot (for files known only at test time;
+        ``extra_files=`` is the way for files known before boot)."""
+        import base64
+
+        raw = data.encode() if isinstance(data, str) else data
+        code = ("import base64, os, sys; p = sys.argv[1]; "
+                "os.makedirs(os.path.dirname(p) or '.', exist_ok=True); "
+                "open(p, 'wb').write(base64.b64decode(sys.stdin.read())); os.chmod(p, int(sys.argv[2]))")
+        self.run(["python3", "-c", code, path, str(mode)], input=base64.b64encode(raw).decode(),
+                 check=True)
+
+    def get(self, path: str) -> bytes:
+        """Read a file from L1."""
+        import base64
+
+        r = self.run(["python3", "-c", "import base64, sys; "
+                      "sys.stdout.write(base64.b64encode(open(sys.argv[1], 'rb').read()).decode())", path])
+        if r.returncode != 0:
+            raise LabError(f"cannot read {path} in the lab: {r.stderr.strip().splitlines()[-1:]}")
+        return base64.b64decode(r.stdout)
+
     def python(self, code: str, timeout: float | None = 600, check: bool = False) -> LabResult:
         """Run a Python snippet with L1's python3 (vmscope importable)."""
         return self.run(["python3", "-c", code], timeout=timeout, check=check)
