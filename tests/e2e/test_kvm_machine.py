@@ -46,7 +46,7 @@ class SerialSink:
     def flush(self) -> None:
         pass
 
-    def wait_for(self, pattern: bytes, deadline: float = 30.0) -> bool:
+    def wait_for(self, pattern: bytes, deadline: float = 120.0) -> bool:
         with self._cond:
             return self._cond.wait_for(lambda: re.search(pattern, bytes(self.data)) is not None, deadline)
 
