@@ -375,3 +375,12 @@ def test_halted_vcpu_stops_and_resumes_under_the_debugger(tmp_path):
         assert m.wait(60) == 7
     finally:
         m.shutdown()
+
+
+def test_register_access_while_running_is_refused_not_hung(dbg):
+    dbg.t.resume(CONTINUE)
+    with pytest.raises(TargetError, match="running"):
+        dbg.t.read_registers(1)
+    assert "running" in dbg.t.monitor("cpus")
+    assert dbg.t.stop().kind == "signal"
+    assert dbg.t.read_registers(1)["rip"]

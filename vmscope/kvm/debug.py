@@ -220,6 +220,7 @@ class KvmTarget(
         """A mapping that fetches each group (GPRs, control/segment state,
         FPU/SSE, MSRs) on first use: a stop reply needs only rip/rsp/rbp,
         so stepping costs one KVM_GET_REGS, not four ioctls."""
+        self._require_stopped()  # a vCPU ioctl would block until KVM_RUN returns
         return _LazyRegisters(self, self._vcpu(tid))
 
     def _gpr_values(self, v: Vcpu) -> dict[str, int]:
@@ -679,7 +680,7 @@ class KvmTarget(
             code = self.read_memory(rip, 15, v.index + 1)
         except TargetError:
             return None
-        regs = self.read_registers(v.index + 1)
+        regs = _LazyRegisters(self, v)  # this vCPU's own thread: no stop needed
         for addr, size in memory_reads(code, rip, regs, long_mode=bool(v.sregs().cs.l)):
             pieces, bad = self._pieces(addr, size, v.index + 1)
             for start, n in pieces:
@@ -875,6 +876,8 @@ class KvmTarget(
                 f"watchpoints: {'debug registers, then ' if self.dr_watch else ''}page protection\n"
             )
         cmd, args = words[0], words[1:]
+        if cmd in ("cpus", "translate", "regs") and not self.m.stopped:
+            return f"{cmd}: the guest is running; interrupt it first (Ctrl-C)\n"
         if cmd == "cpus":
             lines = []
             for slot in self.m.vcpus:
