@@ -4,7 +4,8 @@
 >>> with Lab(forward=[5555]) as lab:                       # doctest: +SKIP
 ...     print(lab.run("python3 -c 'import vmscope'").returncode)
 
-See docs/lab.md. :mod:`vmscope.lab.image` builds the L1 initramfs,
+See docs/lab.md. :mod:`vmscope.lab.image` builds the L1 initramfs, :mod:`vmscope.lab.process`
+is the host side of the agent protocol,
 :mod:`vmscope.lab.agent` runs inside L1, :mod:`vmscope.lab.cli` is
 ``vmscope lab``.
 """
