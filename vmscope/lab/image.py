@@ -313,7 +313,7 @@ def build_lab_image(kernel: KernelPackage | None = None, python: str = DEFAULT_P
         _write(src, src_path, "packing the vmscope source", True, compress=True)
     for used in (base_path, src_path):
         os.utime(used)  # mtime = last use, for pruning
-    prune(lab_cache, f"l1-base-{kernel.version}-*.cpio", keep=2)
+    prune(lab_cache, f"l1-base-{kernel.version}-*.cpio", keep=4)
     prune(lab_cache, "l1-src-*.cpio.gz", keep=20)
     return LabImage(kernel, base_path, src_path, order)
 
