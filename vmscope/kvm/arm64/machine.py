@@ -61,7 +61,8 @@ def starts_all_cpus(path: Path) -> bool:
         for sec in ELFFile(f).iter_sections():
             if isinstance(sec, NoteSection):
                 for note in sec.iter_notes():
-                    if note["n_name"] == "vmscope" and note["n_type"] == 1:
+                    # pyelftools names type 1 after GNU's note of that number
+                    if note["n_name"] == "vmscope" and note["n_type"] in (1, "NT_GNU_ABI_TAG"):
                         return True
     return False
 
