@@ -18,13 +18,19 @@ VENV=.venv
 say() { printf '\033[1mdev.sh:\033[0m %s\n' "$*" >&2; }
 
 install_apt() {
-  local missing=()
+  local missing=() sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  # arm64 guests and the arm64 nested lab take Debian's arm64 packages (apt-get download only)
+  if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    say "adding Debian's arm64 architecture (for arm64 guest images)"
+    $sudo dpkg --add-architecture arm64
+    $sudo apt-get update -q
+  fi
   for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if ((${#missing[@]})); then
     say "installing Debian packages: ${missing[*]}"
-    local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
   fi

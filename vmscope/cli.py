@@ -98,7 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 return 2
             h, p = server.address
             _err(f"waiting for gdb on {h}:{p} (in gdb: target remote {h}:{p}); the guest starts when it continues")
-            threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True).start()
+            server_thread = threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True)
+            server_thread.start()
         machine.start(paused=args.gdb is not None)
     except (ImageError, MachineUnavailable) as e:
         _err(str(e))
@@ -110,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+            server_thread.join(5)  # lets the last stop reply ("W", the exit status) reach GDB
         machine.shutdown()
     return int(status or 0)
 

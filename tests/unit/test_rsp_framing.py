@@ -83,7 +83,15 @@ def test_frame_roundtrip(payload, rle):
     assert ep.receive(frame(payload, rle=rle)) == [Packet(payload)]
 
 
-@given(st.binary(max_size=300))
+def test_rle_shrinks_zeroed_memory():
+    hex_zeros = bytes(4096).hex().encode()
+    enc = rle_encode(hex_zeros)
+    assert len(enc) < len(hex_zeros) // 20
+    assert decode(enc) == hex_zeros
+
+
+@given(st.binary(max_size=300) | st.builds(lambda a, n, b: a + bytes(n) + b, st.binary(max_size=20),
+                                          st.integers(0, 600), st.binary(max_size=20)).map(lambda d: d.hex().encode()))
 def test_rle_never_expands_and_roundtrips(payload):
     body = escape(payload)
     enc = rle_encode(body)

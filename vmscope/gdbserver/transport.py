@@ -104,12 +104,22 @@ class GdbServer:
             self._wait_stop()
         target.take_stop()
         session = Session(target)
-        endpoint = Endpoint()
+        endpoint = Endpoint(rle_replies=True)
         stop_fd = target.stop_fd()
         try:
             while not session.closed:
                 r, _, _ = select.select([conn, stop_fd, self._wake_r], [], [])
-                if self._wake_r in r:
+                closing = self._wake_r in r
+                # A stop first, even when closing: the VMM closes the stub
+                # right after the guest exits, and GDB must still get "W".
+                if stop_fd in r or (closing and session.running):
+                    event = target.take_stop()
+                    if event is not None and session.running:
+                        endpoint.send(session.on_stop(event))
+                    elif event is not None:
+                        log.debug("stop while not running ignored: %s", event)
+                if closing:
+                    self._flush(conn, endpoint)
                     break
                 if conn in r:
                     try:
@@ -134,12 +144,6 @@ class GdbServer:
                             session.interrupt()
                         elif isinstance(event, BadPacket):
                             log.warning("bad packet from debugger: %s", event.reason)
-                if stop_fd in r:
-                    event = target.take_stop()
-                    if event is not None and session.running:
-                        endpoint.send(session.on_stop(event))
-                    elif event is not None:
-                        log.debug("stop while not running ignored: %s", event)
                 out = endpoint.data_to_send()
                 if out:
                     try:
@@ -152,6 +156,13 @@ class GdbServer:
                 self.killed.set()
             elif not session.closed:
                 self._abandon(session)
+
+    @staticmethod
+    def _flush(conn: socket.socket, endpoint: Endpoint) -> None:
+        try:
+            conn.sendall(endpoint.data_to_send())
+        except OSError:
+            pass
 
     def _wait_stop(self) -> StopEvent | None:
         r, _, _ = select.select([self.target.stop_fd()], [], [], STOP_TIMEOUT)

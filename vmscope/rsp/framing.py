@@ -126,35 +126,24 @@ def decode(body: bytes) -> bytes:
     return bytes(out)
 
 
-def rle_encode(payload: bytes) -> bytes:
-    """Run-length encode an already escaped payload (optional for senders).
+#: longest run one ``X*n`` can stand for: X plus 97 repeats (n = '~')
+_RLE_RUN = 98
 
-    Runs are cut so that the count byte is printable and never one of
-    ``$ # + -`` (GDB's rule), and so that an escape pair is never split.
+
+def rle_encode(body: bytes) -> bytes:
+    """Run-length encode an escaped payload, for replies.
+
+    Only maximal runs of ``0`` and ``f`` are encoded (98 characters as
+    ``0*~``): those are the hex digits of zeroed and 0xff memory, where
+    encoding pays off, and ``bytes.replace`` finds them at C speed (a general
+    run finder in Python costs more than it saves). GDB and LLDB expand runs
+    in every packet they receive; QEMU never sends them. A dump of sparse
+    guest RAM then crosses the wire (and GDB's per-character parser) about
+    25 times smaller.
     """
-    out = bytearray()
-    i, n = 0, len(payload)
-    while i < n:
-        b = payload[i]
-        if b == ESCAPE and i + 1 < n:
-            out += payload[i : i + 2]
-            i += 2
-            continue
-        run = 1
-        while i + run < n and payload[i + run] == b and run < 98:
-            run += 1
-        repeat = run - 1
-        while repeat >= 3 and chr(repeat + 29) in "$#+-":
-            repeat -= 1
-        if repeat >= 3:
-            out.append(b)
-            out.append(RLE)
-            out.append(repeat + 29)
-            i += repeat + 1
-        else:
-            out.append(b)
-            i += 1
-    return bytes(out)
+    for c in (b"0", b"f"):
+        body = body.replace(c * _RLE_RUN, c + b"*" + bytes((_RLE_RUN - 1 + 29,)))
+    return body
 
 
 def frame(payload: bytes, *, rle: bool = False, notification: bool = False) -> bytes:
