@@ -40,11 +40,12 @@ from vmscope.guests import guest_elf  # noqa: E402
 
 console = Console(stderr=True)
 
+# Phase 1 (hardware breakpoint to reach the loop: it works on every peer).
 GDB_SCRIPT = r"""
 set pagination off
 set confirm off
 target remote 127.0.0.1:{port}
-break tick
+hbreak tick
 continue
 delete
 python
@@ -58,10 +59,29 @@ steps = timed({steps}, "stepi")
 t = time.perf_counter()
 gdb.execute("dump binary memory {dump} {mem_lo:#x} {mem_hi:#x}", to_string=True)
 mbps = ({mem_hi} - {mem_lo}) / (time.perf_counter() - t) / 1e6
-gdb.execute("break tick", to_string=True)
+gdb.execute("hbreak tick", to_string=True)
 hits = timed({hits}, "continue")
 gdb.execute("delete", to_string=True)
-print("RESULT stepi_per_s=%.1f mem_MBps=%.2f bp_hits_per_s=%.1f" % (steps, mbps, hits))
+print("RESULT stepi_per_s=%.1f mem_MBps=%.2f hbreak_hits_per_s=%.1f" % (steps, mbps, hits))
+end
+detach
+"""
+
+# Phase 2, a second connection: software breakpoints (QEMU with this
+# machine's software KVM reports an INT3 as an emulation failure and hangs,
+# so this phase has its own time limit).
+GDB_SWBREAK_SCRIPT = r"""
+set pagination off
+set confirm off
+target remote 127.0.0.1:{port}
+python
+import gdb, time
+gdb.execute("break tick", to_string=True)
+t = time.perf_counter()
+for _ in range({hits}):
+    gdb.execute("continue", to_string=True)
+print("RESULT bp_hits_per_s=%.1f" % ({hits} / (time.perf_counter() - t)))
+gdb.execute("delete", to_string=True)
 end
 kill
 """
@@ -119,10 +139,21 @@ def run_peer(name: str, cmd: list[str], gdb: str, elf: Path, args, mem_lo: int, 
                                                 mem_lo=mem_lo, mem_hi=mem_hi))
             res = subprocess.run([gdb, "-q", "-nx", "-batch", "-x", str(script), str(elf)],
                                  capture_output=True, text=True, timeout=args.timeout)
-        m = re.search(r"RESULT stepi_per_s=([\d.]+) mem_MBps=([\d.]+) bp_hits_per_s=([\d.]+)", res.stdout)
-        if not m:
-            raise RuntimeError(f"{name}: gdb did not finish:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-        return {"stepi_per_s": float(m[1]), "mem_MBps": float(m[2]), "bp_hits_per_s": float(m[3])}
+            m = re.search(r"RESULT stepi_per_s=([\d.]+) mem_MBps=([\d.]+) hbreak_hits_per_s=([\d.]+)", res.stdout)
+            if not m:
+                raise RuntimeError(f"{name}: gdb did not finish:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+            out = {"stepi_per_s": float(m[1]), "mem_MBps": float(m[2]), "hbreak_hits_per_s": float(m[3])}
+            script.write_text(GDB_SWBREAK_SCRIPT.format(port=port, hits=args.hits))
+            try:
+                res = subprocess.run([gdb, "-q", "-nx", "-batch", "-x", str(script), str(elf)],
+                                     capture_output=True, text=True, timeout=args.swbreak_timeout)
+                m = re.search(r"RESULT bp_hits_per_s=([\d.]+)", res.stdout)
+                out["bp_hits_per_s"] = float(m[1]) if m else 0.0
+            except subprocess.TimeoutExpired:
+                out["bp_hits_per_s"] = 0.0
+            if not out["bp_hits_per_s"]:
+                console.print(f"[yellow]{name}: software breakpoints did not work (counted as 0)[/]")
+            return out
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -135,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--hits", type=int, default=200)
     ap.add_argument("--dump-mib", type=int, default=16)
-    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds for a peer's main gdb run")
+    ap.add_argument("--swbreak-timeout", type=float, default=120, help="seconds for the software-breakpoint run")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
@@ -153,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     qemus = {k: v for k, v in results.items() if k.startswith("qemu")}
     table = Table(title=f"gdb operations, {args.arch} demo guest ({args.steps} stepi, {args.dump_mib} MiB dump, "
                         f"{args.hits} breakpoint hits)")
-    metrics = [("stepi/s", "stepi_per_s", 2.0), ("memory MB/s", "mem_MBps", 10.0), ("breakpoint hits/s", "bp_hits_per_s", 1.5)]
+    metrics = [("stepi/s", "stepi_per_s", 2.0), ("memory MB/s", "mem_MBps", 10.0),
+               ("breakpoint hits/s (break)", "bp_hits_per_s", 1.5), ("breakpoint hits/s (hbreak)", "hbreak_hits_per_s", 1.5)]
     table.add_column("metric")
     for name in results:
         table.add_column(name, justify="right")
@@ -165,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         if ours and qemus:
             best = max(v[key] for v in qemus.values())
             ratios[key] = ours[key] / best if best else float("inf")
-            row += [f"{ratios[key]:.2f}x", f"{target:.1f}x"]
+            row += [f"{ratios[key]:.2f}x" if best else "QEMU failed", f"{target:.1f}x"]
         else:
             row += ["-", f"{target:.1f}x"]
         table.add_row(*row)
