@@ -119,3 +119,62 @@ def changes_daif(insn: int) -> bool:
     if insn & 0xFFFF_FFE0 == 0xD51B_4220:  # MSR DAIF, Xt
         return True
     return insn in (0xD69F_03E0, 0xD69F_0BFF, 0xD69F_0FFF)  # ERET, ERETAA, ERETAB
+
+
+# --- load/store-exclusive sequences ---------------------------------------------------------
+
+EXCLUSIVE_CLASS_MASK, EXCLUSIVE_CLASS = 0x3F80_0000, 0x0800_0000  # load/store exclusive, o2=0
+EXCLUSIVE_L = 1 << 22
+MAX_SEQUENCE = 16  # instructions between a load- and a store-exclusive (GDB scans as far)
+
+
+def is_load_exclusive(insn: int) -> bool:
+    """LDXR/LDAXR/LDXP/LDAXP (any size)."""
+    return insn & EXCLUSIVE_CLASS_MASK == EXCLUSIVE_CLASS and bool(insn & EXCLUSIVE_L)
+
+
+def is_store_exclusive(insn: int) -> bool:
+    """STXR/STLXR/STXP/STLXP (any size); the status register is Rs (20:16)."""
+    return insn & EXCLUSIVE_CLASS_MASK == EXCLUSIVE_CLASS and not insn & EXCLUSIVE_L
+
+
+@dataclass(frozen=True)
+class ExclusiveSequence:
+    start: int  # the load-exclusive
+    end: int  # the instruction after the store-exclusive
+    status_reg: int  # the store-exclusive's status register (0 = stored)
+
+
+def exclusive_sequence(pc: int, fetch) -> ExclusiveSequence | None:
+    """The load/store-exclusive sequence ``pc`` is in, if any.
+
+    ``fetch(addr)`` returns the instruction word at ``addr`` (or None). A
+    debug exception inside such a sequence clears the exclusive monitor
+    (an exit to the hypervisor does), so the store-exclusive fails and the
+    guest loops back: a debugger that stops or steps there livelocks the
+    guest. Restarting at the load-exclusive is what a failed store does
+    anyway, so the sequence can be rerun from ``start`` to ``end`` without
+    debug exits in between.
+    """
+    start = None
+    for back in range(0, MAX_SEQUENCE):
+        insn = fetch(pc - 4 * back)
+        if insn is None:
+            return None
+        if is_load_exclusive(insn):
+            start = pc - 4 * back
+            break
+        if back and is_store_exclusive(insn):
+            return None  # a sequence that ended before pc
+    if start is None:
+        return None
+    for ahead in range(1, MAX_SEQUENCE + 1):
+        addr = start + 4 * ahead
+        insn = fetch(addr)
+        if insn is None:
+            return None
+        if is_store_exclusive(insn):
+            if addr < pc:
+                return None
+            return ExclusiveSequence(start, addr + 4, (insn >> 16) & 0x1F)
+    return None

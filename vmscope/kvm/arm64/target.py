@@ -67,6 +67,7 @@ from vmscope.kvm.arm64.debugarch import (
     bvr_value,
     changes_daif,
     decode_esr,
+    exclusive_sequence,
     is_brk,
     watch_covers,
     watch_registers,
@@ -157,6 +158,18 @@ class Watch:
 
 
 @dataclass
+class AtomicRun:
+    """A watchpoint hit inside a load/store-exclusive sequence, being
+    completed by rerunning the sequence natively up to ``end``."""
+
+    event: StopEvent
+    start: int
+    end: int
+    status_reg: int
+    tries: int = 0
+
+
+@dataclass
 class StepState:
     """DAIF bits masked for a single step, and the instruction stepped."""
 
@@ -184,7 +197,7 @@ class Arm64KvmTarget(
         self._stepping: int | None = None
         self._step_state: dict[int, StepState] = {}
         self._step_over: set[int] = set()
-        self._pending: dict[int, StopEvent] = {}
+        self._atomic: dict[int, AtomicRun] = {}
 
     # --- threads ------------------------------------------------------------------------
 
@@ -406,6 +419,9 @@ class Arm64KvmTarget(
             else:
                 self._apply_debug(v, step=False)
         elif ex.cause == "hw-breakpoint":
+            if v.index in self._atomic and v.pc == self._atomic[v.index].end:
+                self._atomic_done(v)
+                return
             self.m.request_stop(StopEvent("hwbreak", tid=tid))
         elif ex.cause == "watchpoint":
             with self._lock:
@@ -414,10 +430,41 @@ class Arm64KvmTarget(
             if hit is None:
                 self.m.request_stop(StopEvent("signal", tid=tid, signal=SIGTRAP))
                 return
-            ev = StopEvent(WATCH_STOP_KIND[hit.kind], tid=tid, addr=hit.addr)
-            self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
+            # A hit that loses the race against another vCPU's stop is simply
+            # dropped: the exception came before the access, so the vCPU
+            # runs into it again when resumed.
+            event = StopEvent(WATCH_STOP_KIND[hit.kind], tid=tid, addr=hit.addr)
+            seq = exclusive_sequence(v.pc, lambda a: self._insn_at(v, a))
+            if seq is not None and self.m.hw_bp_slots > 0:
+                self._atomic[v.index] = AtomicRun(event, seq.start, seq.end, seq.status_reg)
+                self._atomic_run(v)
+                return
+            self.m.request_stop(event)
         else:
             self.m.request_stop(StopEvent("signal", tid=tid, signal=SIGTRAP))
+
+    def _atomic_run(self, v: Arm64Vcpu) -> None:
+        """Rerun the exclusive sequence from its load-exclusive with the
+        watchpoints off and one hardware breakpoint just after its
+        store-exclusive: no debug exit can then clear the monitor between
+        the two, so the store succeeds (stopping at the store, as the
+        watchpoint did, makes it fail forever). The watchpoint stop is
+        reported after the access, where GDB sees the new value."""
+        run = self._atomic[v.index]
+        run.tries += 1
+        v.set_core(abi.CORE_PC, run.start)
+        control = kvm_abi.KVM_GUESTDBG_ENABLE | kvm_abi.KVM_GUESTDBG_USE_SW_BP | kvm_abi.KVM_GUESTDBG_USE_HW_BP
+        v.set_guest_debug(control, ((bvr_value(run.end), bcr_value()),), ())
+
+    def _atomic_done(self, v: Arm64Vcpu) -> None:
+        run = self._atomic[v.index]
+        stored = v.core(abi.CORE_X0 + 8 * run.status_reg) & 0xFFFF_FFFF == 0 if run.status_reg < 31 else True
+        if not stored and run.tries < 1000:
+            self._atomic_run(v)  # another CPU or an interrupt broke it: again
+            return
+        del self._atomic[v.index]
+        self._apply_debug(v, step=False)
+        self.m.request_stop(run.event)
 
     def _insn_at(self, v: Arm64Vcpu, pc: int) -> int | None:
         """The instruction in guest RAM at ``pc`` (our BRKs included)."""
@@ -506,12 +553,9 @@ class Arm64KvmTarget(
 
     def resume(self, actions: ResumeActions) -> None:
         self.attached = True
-        if self._pending:
-            _, ev = self._pending.popitem()
-            self.notifier.post(ev)
-            return
         self.walks.invalidate()
         self._step_over.clear()
+        self._atomic.clear()
         stepping = [t for t in actions.stepping if 1 <= t <= len(self.m.vcpus)]
         run: dict[int, bool] = {}
         if stepping:
@@ -569,7 +613,6 @@ class Arm64KvmTarget(
             self.hw.clear()
             self.watches.clear()
         self.attached = False
-        self._pending.clear()
         self._stepping = None
         for slot in self.m.vcpus:
             self._restore_daif(slot.vcpu)
