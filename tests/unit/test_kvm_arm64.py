@@ -192,3 +192,56 @@ def test_machine_refuses_a_non_arm64_host_clearly():
         Arm64KvmMachine(MachineConfig(arch="aarch64"))
     with pytest.raises(MachineUnavailable, match="runs aarch64 guests"):
         Arm64KvmMachine(MachineConfig(arch="x86_64"))
+
+
+# --- load/store-exclusive sequences (the demo guest's tick) -------------------------------
+
+def _demo_fetch():
+    import struct
+
+    from elftools.elf.elffile import ELFFile
+
+    from vmscope.guests import guest_elf
+
+    with open(guest_elf("demo", "aarch64"), "rb") as f:
+        elf = ELFFile(f)
+        seg = next(s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_flags"] & 1)
+        data, base = seg.data(), seg["p_vaddr"]
+        symbols = {s.name: s["st_value"] for s in elf.get_section_by_name(".symtab").iter_symbols()}
+
+    def fetch(addr):
+        off = addr - base
+        return struct.unpack_from("<I", data, off)[0] if 0 <= off <= len(data) - 4 else None
+
+    return fetch, symbols
+
+
+def test_exclusive_sequence_found_from_its_load_body_and_store():
+    from vmscope.kvm.arm64.debugarch import exclusive_sequence, is_load_exclusive, is_store_exclusive
+
+    fetch, sym = _demo_fetch()
+    tick = sym["tick"]
+    # tick: ldr x1, =counter; 1: ldxr x2, [x1]; add x2, x2, #1; stxr w3, x2, [x1]; cbnz w3, 1b
+    assert is_load_exclusive(fetch(tick + 4)) and is_store_exclusive(fetch(tick + 12))
+    for pc in (tick + 4, tick + 8, tick + 12):
+        seq = exclusive_sequence(pc, fetch)
+        assert (seq.start, seq.end, seq.status_reg) == (tick + 4, tick + 16, 3)
+    assert exclusive_sequence(tick, fetch) is None  # before the ldxr
+    assert exclusive_sequence(tick + 16, fetch) is None  # the cbnz after the store
+    assert exclusive_sequence(sym["announce"] + 12, fetch) is None  # ldar: acquire, not exclusive
+
+
+@pytest.mark.parametrize("insn, load, store", [
+    (0xC85F_7C22, True, False),   # ldxr x2, [x1]
+    (0xC85F_FC22, True, False),   # ldaxr x2, [x1]
+    (0xC803_7C22, False, True),   # stxr w3, x2, [x1]
+    (0x8803_FC22, False, True),   # stlxr w3, w2, [x1]
+    (0x88DF_FC22, False, False),  # ldar w2, [x1]
+    (0x889F_FC22, False, False),  # stlr w2, [x1]
+    (0xC8A3_7C22, False, False),  # cas x3, x2, [x1] (LSE)
+])
+def test_exclusive_instruction_classes(insn, load, store):
+    from vmscope.kvm.arm64.debugarch import is_load_exclusive, is_store_exclusive
+
+    assert is_load_exclusive(insn) is load
+    assert is_store_exclusive(insn) is store
