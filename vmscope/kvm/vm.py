@@ -150,8 +150,13 @@ class KvmMachine:
 
         self.bus = PortBus()
         out = config.serial_out if config.serial_out is not None else sys.stdout.buffer
-        self.serial = Serial16550(out)
-        self.bus.register(COM1, 8, self.serial)
+        if self.plan.mode == "linux32":
+            from vmscope.kvm.boot.linux import attach_platform
+
+            attach_platform(self, out)  # irqchip + PIT (before the vCPUs), COM1 on IRQ 4, RTC, ACPI
+        else:
+            self.serial = Serial16550(out)
+            self.bus.register(COM1, 8, self.serial)
         self.bus.register(EXIT_PORT, 1, _ExitPort(self))
         self.bus.register(PM1A_CNT, 2, _PowerPort(self))
 
@@ -197,6 +202,8 @@ class KvmMachine:
         s.cr3 = s.cr4 = s.efer = 0
         v.set_sregs(s)
         r = abi.KvmRegs(rip=plan.entry, rbx=plan.start_info, rsp=plan.boot_stack, rflags=0x2)
+        if plan.mode == "linux32":  # the Linux boot protocol: esi = boot_params, ebx = 0
+            r.rsi, r.rbx = plan.start_info, 0
         v.set_regs(r)
 
     # --- Machine protocol ---------------------------------------------------------
@@ -208,6 +215,8 @@ class KvmMachine:
             if v.index == 0 or self.plan.all_cpus_at_entry:
                 self._setup_vcpu_state(v, self.plan)
                 slot.online = True
+            elif self.plan.mode == "linux32":
+                slot.online = True  # in KVM_RUN, waiting in the kernel for the guest's INIT/SIPI
         if self.config.serial_in is not None:
             from vmscope.kvm.console import ConsoleInput
 

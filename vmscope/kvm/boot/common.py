@@ -14,7 +14,9 @@ class BootPlan:
     """How to start the vCPUs after the image is in guest memory.
 
     ``mode`` is ``"pvh32"``: 32-bit protected mode, flat segments, paging
-    off, ``ebx = start_info``. ``all_cpus_at_entry``: every vCPU starts at
+    off, ``ebx = start_info``; or ``"linux32"``: the same, but ``esi =
+    start_info`` (the Linux boot protocol's boot_params) and a PC platform
+    around the vCPUs (``vmscope.kvm.boot.linux.attach_platform``). ``all_cpus_at_entry``: every vCPU starts at
     ``entry`` (vmscope's SMP convention for its demo guests); otherwise only
     vCPU 0 does and the others wait for INIT/SIPI.
     """
@@ -55,8 +57,10 @@ def load_kernel(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | 
 
         return load_pvh(path, mem, cmdline, initrd)
     if _is_bzimage(head):
-        raise ImageError(
-            f"{path}: is a Linux bzImage; Linux boot comes with the Linux-guest issue "
-            "(use an ELF kernel with a PVH entry note)"
-        )
-    raise ImageError(f"{path}: not an ELF file (starts with {head[:4].hex()}); expected an ELF kernel with a PVH entry note")
+        from vmscope.kvm.boot.linux import load_bzimage
+
+        return load_bzimage(path, mem, cmdline, initrd)
+    raise ImageError(
+        f"{path}: not an ELF file (starts with {head[:4].hex()}) nor a Linux bzImage; "
+        "expected an ELF kernel with a PVH entry note or a bzImage"
+    )

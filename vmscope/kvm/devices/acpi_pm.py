@@ -1,0 +1,48 @@
+"""ACPI fixed hardware ports and the PC reset ports.
+
+- PM1a event block (0x600: status, 0x602: enable): reads 0 (no fixed
+  events), writes ignored. The control block at 0x604 (SLP_EN: power off) is
+  the VMM's own (``vmscope.kvm.vm``).
+- 0xCF9 (the reset control register; the FADT's reset register) and the
+  PCI configuration ports around it (0xCF8-0xCFF read all ones: no PCI).
+
+A guest reboot ends the VMM with status 0, as ``poweroff`` does, unless
+the console shows a kernel panic just before (``panic=-1`` reboots): then
+the status is 1 and the report carries the last console lines.
+"""
+
+from __future__ import annotations
+
+RESET_CONTROL = 0xCF9
+RESET_CPU = 0x04
+PANIC_MARKER = "Kernel panic - not syncing"
+
+
+class AcpiPmEvents:
+    def read(self, port: int, size: int) -> int:
+        return 0
+
+    def write(self, port: int, size: int, value: int) -> None:
+        pass
+
+
+class ResetPorts:
+    def __init__(self, machine):
+        self.machine = machine
+
+    def read(self, port: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, port: int, size: int, value: int) -> None:
+        if port == RESET_CONTROL and size == 1 and value & RESET_CPU:
+            self.reset(f"reset control register ({RESET_CONTROL:#x} <- {value:#04x})")
+
+    def reset(self, how: str) -> None:
+        serial = getattr(self.machine, "serial", None)
+        tail = serial.console_tail() if hasattr(serial, "console_tail") else []
+        panic = next((i for i, line in enumerate(tail) if PANIC_MARKER in line), None)
+        if panic is None:
+            self.machine.end(0, None)
+            return
+        shown = "\n  ".join(tail[max(0, panic - 20):])
+        self.machine.end(1, f"guest kernel panicked (then rebooted by {how}); last console lines:\n  {shown}")

@@ -1,0 +1,94 @@
+"""COM1 with its interrupt line (IRQ 4), for guests that drive the UART by
+interrupts, as Linux's 8250 driver does once the port is open: without the
+interrupt a shell never reads a key and output stalls after the FIFO fills.
+
+Two interrupt sources, as on a 16550: received data (IER bit 0) and
+transmitter-holding-register empty (IER bit 1). Transmission is instant, so
+THRE becomes pending on every THR write and whenever the guest enables the
+THRE interrupt; reading IIR while THRE is the reported source clears it.
+The line's level follows ``pending & enabled``; a new rising edge is a new
+interrupt.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+from vmscope.kvm.devices.serial import COM1, IER, IIR_FCR, LCR_DLAB, LSR_DR, RBR_THR, Serial16550
+
+IER_RDI, IER_THRI = 0x01, 0x02
+IIR_NONE, IIR_THRI, IIR_RDI = 0x01, 0x02, 0x04
+CONSOLE_TAIL_LINES = 40
+
+
+class InterruptingSerial(Serial16550):
+    def __init__(self, out, line, base: int = COM1):
+        super().__init__(self._record, base)
+        self._sink = out if callable(out) else (lambda b, o=out: (o.write(b), o.flush()))
+        self.line = line
+        self._thre_pending = False
+        self._irq_lock = threading.Lock()
+        self._partial = bytearray()
+        #: the last console lines, for fault reports
+        self.tail: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
+
+    def _record(self, data: bytes) -> None:
+        self._sink(data)
+        for b in data:
+            if b == 0x0A:
+                self.tail.append(self._partial.decode("utf-8", "replace").rstrip("\r"))
+                self._partial.clear()
+            elif len(self._partial) < 400:
+                self._partial.append(b)
+
+    def console_tail(self) -> list[str]:
+        lines = list(self.tail)
+        if self._partial:
+            lines.append(self._partial.decode("utf-8", "replace"))
+        return lines
+
+    def _iir(self) -> int:
+        with self._lock:
+            has_rx = bool(self._rx)
+        if self.ier & IER_RDI and has_rx:
+            return IIR_RDI
+        if self.ier & IER_THRI and self._thre_pending:
+            return IIR_THRI
+        return IIR_NONE
+
+    def _update(self) -> None:
+        with self._irq_lock:
+            self.line.set(self._iir() != IIR_NONE)
+
+    def feed(self, data: bytes) -> None:
+        super().feed(data)
+        self._update()
+
+    def read(self, port: int, size: int) -> int:
+        reg = port - self.base
+        if reg == IIR_FCR:
+            iir = self._iir()
+            if iir == IIR_THRI:
+                self._thre_pending = False
+            self._update()
+            return iir | (0xC0 if self.fcr & 1 else 0)
+        value = super().read(port, size)
+        if reg == RBR_THR and not self.lcr & LCR_DLAB:
+            self._update()
+        return value
+
+    def write(self, port: int, size: int, value: int) -> None:
+        reg = port - self.base
+        dlab = self.lcr & LCR_DLAB
+        thri_before = self.ier & IER_THRI
+        super().write(port, size, value)
+        if not dlab:
+            if reg == RBR_THR:
+                self._thre_pending = True
+            elif reg == IER and self.ier & IER_THRI and not thri_before:
+                self._thre_pending = True
+        self._update()
+
+
+__all__ = ["InterruptingSerial", "LSR_DR"]
