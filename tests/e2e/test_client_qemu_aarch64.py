@@ -38,7 +38,7 @@ def vm():
         client = Client.connect(guest.gdb, timeout=20)
         qmp = QemuMonitor(guest.qmp)
         try:
-            yield client, qmp
+            yield client, qmp, guest
         finally:
             client.close()
             qmp.close()
@@ -50,7 +50,7 @@ def _walker(client, qmp):
 
 
 def test_registers_from_qemus_aarch64_description(vm):
-    client, _ = vm
+    client, _, _ = vm
     assert client.arch == "aarch64"
     regs = client.registers()
     assert {"x0", "x30", "sp", "pc", "cpsr"} <= set(regs)
@@ -59,7 +59,7 @@ def test_registers_from_qemus_aarch64_description(vm):
 
 
 def test_shared_ram_is_mapped_from_the_memory_tree_not_by_offset(vm):
-    _, qmp = vm
+    _, qmp, _ = vm
     ranges = [r for r in qmp.ram_ranges() if r.region == "mem"]
     assert ranges and ranges[0].gpa == 0x4000_0000 and ranges[0].offset == 0
     mem = qmp.shared_ram()
@@ -68,7 +68,7 @@ def test_shared_ram_is_mapped_from_the_memory_tree_not_by_offset(vm):
 
 
 def test_walker_agrees_with_qemu_and_the_stub(vm):
-    client, qmp = vm
+    client, qmp, _ = vm
     walker = _walker(client, qmp)
     aspace = AddressSpace(walker)
     regs = client.registers()
@@ -85,7 +85,7 @@ def test_walker_agrees_with_qemu_and_the_stub(vm):
 
 
 def test_unmapped_kernel_address_names_the_level(vm):
-    client, qmp = vm
+    client, qmp, _ = vm
     walker = _walker(client, qmp)
     va = 0xFFFF_0000_0000_0000  # bottom of TTBR1's 48-bit range: nothing maps it
     with pytest.raises(TranslationError) as exc:
@@ -95,9 +95,44 @@ def test_unmapped_kernel_address_names_the_level(vm):
 
 
 def test_step_moves_the_pc(vm):
-    client, _ = vm
+    client, _, _ = vm
     before = client.register("pc")
     stop = client.step()
     assert stop.kind == "signal" and stop.signal == 5
     after = client.register("pc")
     assert after != before and after >> 48 == 0xFFFF
+
+
+def test_linux_layer_on_arm64_kaslr_ps_and_dmesg(vm, capsys):
+    """Debian's arm64 kernel has no data symbols in kallsyms (no
+    CONFIG_KALLSYMS_ALL): the task walk starts at the running task (SP_EL0),
+    BTF is found by its header and the log buffer through VMCOREINFO. What
+    we read must match what the kernel printed on its console."""
+    import json
+    import re
+
+    from vmscope.client.inspect_cli import main as inspect_main
+
+    client, qmp, guest = vm
+    client.close()  # one debugger and one QMP client at a time: inspect attaches itself
+    qmp.close()
+    try:
+        serial = guest.console.buf.decode(errors="replace").replace("\r", "")
+        offset = int(re.search(r"Kernel Offset: (0x[0-9a-f]+) from", serial).group(1), 16)
+        args = ["--gdb", guest.gdb, "--qmp", guest.qmp, "--json"]
+        assert inspect_main([*args, "info"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert int(info["kaslr_slide"], 16) == offset
+        assert inspect_main([*args, "ps"]) == 0
+        ps = json.loads(capsys.readouterr().out)
+        assert [(r["pid"], r["comm"]) for r in ps[:3]] == [(0, "swapper/0"), (1, "swapper/0"), (2, "kthreadd")]
+        assert all(r["kind"] == "kernel" for r in ps if r["pid"] > 1)  # pid 1 panicked before becoming init
+        assert inspect_main([a for a in args if a != "--json"] + ["dmesg"]) == 0
+        log = capsys.readouterr().out.splitlines()
+        console = [line for line in serial.splitlines() if line.startswith("[")]
+        assert "Kernel panic" in log[-1]
+        for line in console[-3:]:  # the console's last line may still be arriving: compare prefixes
+            assert any(ours.startswith(line) for ours in log[-3:]), (line, log[-3:])
+    finally:  # later tests get their connections back
+        client.__dict__.update(Client.connect(guest.gdb, timeout=20).__dict__)
+        qmp.__dict__.update(QemuMonitor(guest.qmp).__dict__)

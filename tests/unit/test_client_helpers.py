@@ -102,3 +102,23 @@ def test_fallback_layout_from_the_arch_table():
 
     layout = layout_from_arch(X86_64)
     assert layout["rip"].regnum == X86_64.index["rip"] and "cr3" in layout
+
+
+def test_qmp_that_never_greets_times_out_clearly():
+    """QEMU keeps a second QMP client waiting for its greeting; we must
+    give up with an error that says why, not hang."""
+    import socket
+    import time
+
+    import pytest
+
+    from vmscope.client.helpers.qemu import QemuMonitor, QmpError
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # accepts (in the backlog) but never says anything
+        port = listener.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(QmpError, match="did not greet"):
+            QemuMonitor(f"127.0.0.1:{port}", timeout=1)
+        assert time.monotonic() - start < 30  # bounded, not a hang (loose on purpose)

@@ -124,6 +124,8 @@ class Inspector:
 
     def kernel(self):
         """The :class:`~vmscope.vmi.linux.kernel.LinuxKernel` in this guest."""
+        if self._kernel is None and self.client and self.client.arch and "aarch64" in self.client.arch:
+            self._kernel = self._arm64_kernel()
         if self._kernel is None:
             from vmscope.vmi.linux.kernel import LinuxKernel
 
@@ -134,6 +136,24 @@ class Inspector:
                                        progress=self.progress, system_map=self.system_map,
                                        disk_cache=self.disk_cache)
         return self._kernel
+
+    def _arm64_kernel(self):
+        from vmscope.vmi.linux.kernel import Arm64LinuxKernel
+
+        c = self.client
+        names = {"ttbr0": ("TTBR0_EL1",), "ttbr1": ("TTBR1_EL1",), "tcr": ("TCR_EL1",), "vbar": ("VBAR_EL1", "VBAR")}
+        regs = {}
+        for key, candidates in names.items():
+            name = next((n for n in candidates if n in c.layout), None)
+            if name is None:
+                raise VmiError(f"the stub does not expose {candidates[0]}, needed to walk an arm64 guest's tables")
+            regs[key] = c.register(name)
+        cpsr = c.register("cpsr")
+        in_el1 = (cpsr >> 2) & 3 == 1
+        current = c.register("SP_EL0") if in_el1 and "SP_EL0" in c.layout else None  # arm64 keeps current there
+        return Arm64LinuxKernel(self.phys, regs["ttbr0"], regs["ttbr1"], regs["tcr"], regs["vbar"],
+                                current_task=current, cache=self.cache, progress=self.progress,
+                                system_map=self.system_map, disk_cache=self.disk_cache)
 
     def drgn(self, vmlinux: str | None = None):
         """A ``drgn.Program`` over the same guest memory (needs ``pip install drgn``)."""

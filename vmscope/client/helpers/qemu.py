@@ -90,12 +90,21 @@ def parse_x86_info_registers(text: str) -> dict[str, int]:
 
 
 class QemuMonitor:
-    """A synchronous QMP connection (``host:port`` or a Unix socket path)."""
+    """A synchronous QMP connection (``host:port`` or a Unix socket path).
+
+    Built on ``qemu.qmp``'s asyncio client with a private event loop, so
+    that connecting and every command have a timeout: QEMU's QMP server
+    serves one client at a time and keeps a second one waiting for its
+    greeting, which must end in an error, not a hang.
+    """
 
     def __init__(self, address: str, timeout: float = 10.0):
-        from qemu.qmp.legacy import QEMUMonitorProtocol
+        import asyncio
+
+        from qemu.qmp import QMPClient
 
         self.address = address
+        self.timeout = timeout
         target: str | tuple[str, int]
         if address.startswith("/") or address.startswith("unix:"):
             target = address.removeprefix("unix:")
@@ -104,19 +113,41 @@ class QemuMonitor:
             if not port.isdigit():
                 raise QmpError(f"bad QMP address {address!r}: expected HOST:PORT or a socket path")
             target = (host or "127.0.0.1", int(port))
-        self._qmp = QEMUMonitorProtocol(target)
+        self._loop = asyncio.new_event_loop()
+        self._qmp = QMPClient("vmscope")
         try:
-            self._qmp.connect()
+            self._run(self._qmp.connect(target))
+        except asyncio.TimeoutError:
+            self._abandon()
+            raise QmpError(f"QMP at {address} did not greet us within {timeout} s: QEMU serves one QMP client "
+                           "at a time, is another one connected?") from None
         except Exception as e:  # qemu.qmp raises several types (ConnectError, OSError)
+            self._abandon()
             raise QmpError(f"cannot connect to QMP at {address}: {e}") from e
-        self._qmp.settimeout(timeout)
+
+    def _run(self, coro):
+        import asyncio
+
+        return self._loop.run_until_complete(asyncio.wait_for(coro, self.timeout))
+
+    def _abandon(self) -> None:
+        try:
+            self._loop.run_until_complete(self._qmp.disconnect())
+        except Exception:
+            pass
+        self._loop.close()
 
     def close(self) -> None:
-        self._qmp.close()
+        if not self._loop.is_closed():
+            self._abandon()
 
     def command(self, name: str, **args):
+        import asyncio
+
         try:
-            return self._qmp.cmd(name, **args)
+            return self._run(self._qmp.execute(name, args or None))
+        except asyncio.TimeoutError:
+            raise QmpError(f"QMP {name}: no answer within {self.timeout} s") from None
         except Exception as e:
             raise QmpError(f"QMP {name} failed: {e}") from e
 

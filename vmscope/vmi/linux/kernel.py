@@ -33,6 +33,7 @@ from vmscope.vmi.paging.x86_64 import X86_64Paging
 __all__ = ["LinuxKernel", "KernelLocation", "KernelNotFound", "LogRecord", "Module", "Task", "find_kernel_image"]
 
 SCAN_CHUNK = 2 << 20
+BTF_HEADER_MAGIC = b"\x9f\xeb\x01\x00\x18\x00\x00\x00"  # magic, version 1, flags 0, hdr_len 24
 MASK64 = (1 << 64) - 1
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
@@ -74,6 +75,8 @@ class LinuxKernel:
         self._progress = progress or (lambda what, done, total: None)
         self._btf: Btf | None = None
         self._layouts: dict = {}
+        self._vmcoreinfo: dict[str, str] | None = None
+        self.current_hint: int | None = None  # a task_struct known to be running (arm64: SP_EL0)
 
     def _symbols_and_btf(self, boot: AddressSpace, system_map: str | None, disk_cache: bool) -> bool:
         """Symbols (and BTF, if cached) from the disk cache, else decoded
@@ -131,14 +134,58 @@ class LinuxKernel:
         return self._btf
 
     def _btf_blob(self) -> bytes:
-        if "__start_BTF" not in self.symbols:
-            raise BtfError("this kernel has no __start_BTF symbol (built without CONFIG_DEBUG_INFO_BTF?)")
-        start = self.symbols["__start_BTF"]
+        if "__start_BTF" in self.symbols:
+            start = self.symbols["__start_BTF"]
+        else:  # kallsyms without data symbols (no CONFIG_KALLSYMS_ALL): find the blob by its header
+            start = self._find_in_image(BTF_HEADER_MAGIC, "BTF")
         size = Btf.header_size(self.aspace.read(start, 24))
         self._progress("reading BTF", 0, size)
         blob = self.aspace.read(start, size)
         self._progress("reading BTF", size, size)
         return blob
+
+    def _find_in_image(self, needle: bytes, what: str) -> int:
+        loc = self.location
+        pos = loc.text
+        while pos < loc.end:
+            n = min(SCAN_CHUNK, loc.end - pos)
+            data, _ = self.aspace.read_partial(pos, n + len(needle))
+            i = data.find(needle)
+            if 0 <= i < n:
+                return pos + i
+            pos += n
+        raise BtfError(f"no {what} in the kernel image at 0x{loc.text:x}-0x{loc.end:x} "
+                       "(built without CONFIG_DEBUG_INFO_BTF?)")
+
+    def vmcoreinfo(self) -> dict[str, str]:
+        """The kernel's VMCOREINFO (what crash-dump tools read): from
+        ``vmcoreinfo_data``, or, when kallsyms lacks data symbols, found in
+        guest RAM by its first line (needs a memory source that can be
+        searched quickly, i.e. mapped RAM)."""
+        if self._vmcoreinfo is None:
+            text = b""
+            if "vmcoreinfo_data" in self.symbols:
+                from vmscope.vmi.linux.drgn_program import guest_vmcoreinfo
+
+                text = guest_vmcoreinfo(self)
+            else:
+                text = _search_vmcoreinfo(self.phys)
+            info = {}
+            for line in text.decode("utf-8", "replace").splitlines():
+                key, sep, value = line.partition("=")
+                if sep:
+                    info[key] = value
+            self._vmcoreinfo = info
+        return self._vmcoreinfo
+
+    def address_of(self, name: str) -> int:
+        """A symbol from kallsyms, else from VMCOREINFO's ``SYMBOL(name)``."""
+        if name in self.symbols:
+            return self.symbols[name]
+        value = self.vmcoreinfo().get(f"SYMBOL({name})")
+        if value is None:
+            raise KeyError(f"kernel symbol {name!r} is neither in kallsyms nor in VMCOREINFO")
+        return int(value, 16)
 
     # ------------------------------------------------------------ typed reads
 
@@ -264,8 +311,8 @@ class Arm64LinuxKernel(LinuxKernel):
     arch = "aarch64"
 
     def __init__(self, phys: PhysicalMemory, ttbr0: int, ttbr1: int, tcr: int, text_address: int, *,
-                 cache: TranslationCache | None = None, progress: Progress | None = None,
-                 system_map: str | None = None, disk_cache: bool = True):
+                 current_task: int | None = None, cache: TranslationCache | None = None,
+                 progress: Progress | None = None, system_map: str | None = None, disk_cache: bool = True):
         from vmscope.vmi.linux.kaslr import arm64_kimage_vaddr, find_arm64_kernel_image
         from vmscope.vmi.paging.aarch64 import TTBR_BADDR_MASK, Aarch64Paging
 
@@ -280,7 +327,26 @@ class Arm64LinuxKernel(LinuxKernel):
         self.phys_base = self.location.phys_text
         self.root = ttbr1 & TTBR_BADDR_MASK
         self.aspace = boot
+        self.current_hint = current_task
         self._fill_disk_cache(from_cache)
 
     def process_address_space(self, task: Task) -> AddressSpace:
         raise VmiError("user address spaces of arm64 guests are not supported yet (kernel memory is)")
+
+
+def _search_vmcoreinfo(phys) -> bytes:
+    """VMCOREINFO text found in mapped guest RAM by its first lines."""
+    for region in getattr(phys, "regions", ()):
+        buf = region.buffer
+        find = getattr(buf, "find", None)
+        if find is None:
+            continue
+        i = find(b"OSRELEASE=", region.offset, region.offset + region.size)
+        while i >= 0:
+            chunk = bytes(buf[i : i + 8192])
+            text = chunk.split(b"\0", 1)[0]
+            if b"\nPAGESIZE=" in text[:256] and b"SYMBOL(" in text:
+                return text
+            i = find(b"OSRELEASE=", i + 1, region.offset + region.size)
+    raise VmiError("VMCOREINFO not found: kallsyms has no data symbols and guest RAM cannot be searched "
+                   "(use a shared-RAM memory path)")

@@ -31,7 +31,7 @@ class LogRecord:
 def dmesg(kernel: LinuxKernel) -> list[LogRecord]:
     """The kernel log from the lockless printk ring buffer (Linux 5.10+)."""
     btf = kernel.btf
-    rb = kernel.u64(kernel.symbols["prb"])
+    rb = kernel.u64(kernel.address_of("prb"))
     m = lambda path: kernel.member(rb, "printk_ringbuffer", path)  # noqa: E731
     count = 1 << m("desc_ring.count_bits")
     descs, infos = m("desc_ring.descs"), m("desc_ring.infos")

@@ -42,7 +42,13 @@ def tasks(kernel: LinuxKernel, threads: bool = False) -> list[Task]:
     """Every process (thread-group leader) on the ``init_task.tasks`` list,
     init_task (pid 0) first; with ``threads``, each process's other threads
     follow it (from ``signal->thread_head``), as ``ps -T`` lists them."""
-    init = kernel.symbols["init_task"]
+    if "init_task" in kernel.symbols:
+        start = kernel.symbols["init_task"]
+    elif kernel.current_hint:
+        start = kernel.current_hint  # any task on the list leads round to all of them
+    else:
+        raise VmiError("kallsyms has no init_task (no CONFIG_KALLSYMS_ALL) and no running task is known: "
+                       "stop the guest in the kernel so its current task can start the walk")
     if "task_state_field" not in kernel._layouts:
         kernel._layouts["task_state_field"] = "__state" if has_member(kernel.btf, "task_struct", "__state") else "state"
     state_field = kernel._layouts["task_state_field"]
@@ -56,17 +62,20 @@ def tasks(kernel: LinuxKernel, threads: bool = False) -> list[Task]:
         return {p: dec(data) for p, dec in decoders}
 
     rows = []
-    addr = init
+    addr = start
     seen = set()
     while True:
         v = decode(addr)
         rows.append((addr, v))
         seen.add(addr)
         addr = v["tasks.next"] - tasks_off
-        if addr == init:
+        if addr == start:
             break
         if addr in seen or len(seen) > 1_000_000:
-            raise VmiError("the task list loops without returning to init_task (corrupt or changing)")
+            raise VmiError("the task list loops without returning to where it started (corrupt or changing)")
+    first = next((i for i, (_, v) in enumerate(rows) if v["pid"] == 0), 0)
+    rows = rows[first:] + rows[:first]  # init_task (pid 0) first, as the kernel's list starts
+    init = rows[0][0]
     if threads:
         rows = [row for addr, v in rows
                 for row in [(addr, v)] + [(t, decode(t)) for t in _other_threads(kernel, addr, v)]]
@@ -94,7 +103,7 @@ def tasks(kernel: LinuxKernel, threads: bool = False) -> list[Task]:
 def _other_threads(kernel: LinuxKernel, leader: int, v: dict) -> list[int]:
     """The threads of ``leader``'s group other than itself: the list at
     ``signal->thread_head`` linked through ``thread_node`` (Linux 3.14+)."""
-    if v["flags"] & PF_KTHREAD or leader == kernel.symbols["init_task"]:
+    if v["flags"] & PF_KTHREAD or v["pid"] == 0:
         return []  # kernel threads are alone in their group
     signal = kernel.member(leader, "task_struct", "signal")
     if not signal or not has_member(kernel.btf, "signal_struct", "thread_head"):
