@@ -1,6 +1,8 @@
 """The few ACPI tables a stock x86 Linux needs from a firmware-less VMM.
 
-- **MADT**: one local APIC per vCPU and the in-kernel IOAPIC. Debian's
+- **MADT**: one local APIC per vCPU and the in-kernel IOAPIC. No override
+  for IRQ 0: KVM's in-kernel PIT raises GSI 0, which KVM's default routing
+  sends to IOAPIC pin 0 (not pin 2 as on PC firmware). Debian's
   kernel is built without ``CONFIG_X86_MPPARSE``, so without a MADT it
   sees one CPU whatever ``--cpus`` says.
 - **FADT** + **DSDT** + **FACS**: the power-management ports (PM1a event
@@ -69,7 +71,6 @@ def madt(cpus: int) -> bytes:
     for i in range(cpus):
         body += struct.pack("<BBBBI", 0, 8, i, i, 1)  # processor local APIC, enabled
     body += struct.pack("<BBBBII", 1, 12, IOAPIC_ID, 0, IOAPIC_ADDR, 0)
-    body += struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0)  # ISA IRQ0 (PIT) is IOAPIC pin 2
     body += struct.pack("<BBBBIH", 2, 10, 0, SCI_IRQ, SCI_IRQ, 0x000D)  # SCI: level, active high
     return table(b"APIC", 5, bytes(body))
 

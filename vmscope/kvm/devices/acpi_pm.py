@@ -19,11 +19,23 @@ PANIC_MARKER = "Kernel panic - not syncing"
 
 
 class AcpiPmEvents:
+    """PM1a status (write 1 to clear; nothing ever sets a bit) and enable
+    (kept: ACPICA reads an enable bit back to check that it took)."""
+
+    def __init__(self, base: int = 0x600):
+        self.base = base
+        self.enable = 0
+
     def read(self, port: int, size: int) -> int:
-        return 0
+        raw = (self.enable << 16).to_bytes(4, "little")
+        off = port - self.base
+        return int.from_bytes(raw[off : off + size], "little")
 
     def write(self, port: int, size: int, value: int) -> None:
-        pass
+        off = port - self.base
+        raw = bytearray((self.enable << 16).to_bytes(4, "little"))
+        raw[off : off + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")[: 4 - off]
+        self.enable = int.from_bytes(raw[2:4], "little")
 
 
 class ResetPorts:
