@@ -1,0 +1,139 @@
+"""The bzImage loader and the ACPI tables, on synthetic images (no KVM)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from vmscope.kvm.boot import acpi, linux
+from vmscope.kvm.boot.common import load_kernel
+from vmscope.kvm.memory import GuestMemory
+from vmscope.machine import ImageError
+
+
+def bzimage(version: int = 0x020F, setup_sects: int = 4, loadflags: int = 0x01, xloadflags: int = 0x03,
+            kernel: bytes = b"\x90" * 4096, init_size: int = 0x10000, cmdline_size: int = 2048) -> bytes:
+    img = bytearray(((setup_sects or 4) + 1) * 512)
+    img[0x1F1] = setup_sects
+    img[0x1FE:0x200] = b"\x55\xaa"
+    img[0x200:0x202] = bytes([0xEB, 0x66])  # jmp over the header: it ends at 0x268
+    img[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", img, 0x206, version)
+    img[0x211] = loadflags
+    struct.pack_into("<I", img, 0x214, 0x100000)
+    struct.pack_into("<I", img, 0x22C, 0x7FFFFFFF)
+    img[0x234] = 1
+    struct.pack_into("<H", img, 0x236, xloadflags)
+    struct.pack_into("<I", img, 0x238, cmdline_size)
+    struct.pack_into("<I", img, 0x260, init_size)
+    return bytes(img) + kernel
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory(64 << 20)
+    yield m
+    m.close()
+
+
+def write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_header_fields_parsed():
+    h = linux.parse_header(bzimage(version=0x020F, setup_sects=0))
+    assert (h.version_text, h.setup_sects, h.setup_size) == ("2.15", 4, 2560)
+    assert h.relocatable and h.xloadflags & linux.XLF_KERNEL_64
+    assert h.header_end == 0x268
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b[:0x100], r"too short for a Linux bzImage"),
+    (lambda b: b[:0x202] + b"XXXX" + b[0x206:], r"not a Linux bzImage \(no 'HdrS' signature at 0x202\)"),
+    (lambda b: b[:0x1FE] + b"\0\0" + b[0x200:], r"boot_flag is 0x0000, expected 0xaa55"),
+])
+def test_not_a_bzimage(mutate, message):
+    with pytest.raises(ImageError, match=message):
+        linux.parse_header(mutate(bzimage()), "img")
+
+
+def test_old_protocol_is_refused_with_its_version():
+    with pytest.raises(ImageError, match=r"img: Linux boot protocol 2\.11 is too old; vmscope boots bzImages with protocol 2\.12"):
+        linux.parse_header(bzimage(version=0x020B), "img")
+
+
+def test_zimage_and_32_bit_kernels_are_refused():
+    with pytest.raises(ImageError, match=r"a zImage \(loadflags.LOADED_HIGH clear\)"):
+        linux.parse_header(bzimage(loadflags=0))
+    with pytest.raises(ImageError, match=r"a 32-bit kernel \(xloadflags.XLF_KERNEL_64 clear\)"):
+        linux.parse_header(bzimage(xloadflags=0))
+
+
+def test_truncated_after_setup():
+    with pytest.raises(ImageError, match=r"truncated: setup_sects=4"):
+        linux.parse_header(bzimage(kernel=b""), "img")
+
+
+def test_load_writes_kernel_boot_params_cmdline_and_initrd(tmp_path, mem):
+    kernel = bytes(range(256)) * 16
+    path = write(tmp_path, "bzImage", bzimage(kernel=kernel))
+    initrd = write(tmp_path, "initrd", b"INITRD" * 1000)
+    plan = load_kernel(path, mem, "console=ttyS0 quiet", initrd)
+    assert (plan.mode, plan.entry, plan.start_info) == ("linux32", 0x100000, linux.BOOT_PARAMS_ADDR)
+    assert mem.read(0x100000, len(kernel)) == kernel
+    bp = mem.read(linux.BOOT_PARAMS_ADDR, 4096)
+    assert bp[0x202:0x206] == b"HdrS"
+    assert bp[0x210] == 0xFF and bp[0x211] & 0x81 == 0x81
+    cmd_ptr, = struct.unpack_from("<I", bp, 0x228)
+    assert mem.read(cmd_ptr, 20) == b"console=ttyS0 quiet\0"
+    rd_addr, rd_size = struct.unpack_from("<II", bp, 0x218)
+    assert rd_size == 6000 and rd_addr % 4096 == 0 and rd_addr + rd_size <= mem.size
+    assert mem.read(rd_addr, 6) == b"INITRD"
+    n = bp[0x1E8]
+    e820 = [struct.unpack_from("<QQI", bp, 0x2D0 + 20 * i) for i in range(n)]
+    assert e820 == [(0, 0x9FC00, 1), (0x9FC00, 0x60400, 2), (0x100000, mem.size - 0x100000, 1)]
+
+
+def test_empty_command_line_gets_the_serial_console_default(tmp_path, mem):
+    load_kernel(write(tmp_path, "bzImage", bzimage()), mem, "")
+    assert mem.read(0x20000, len(linux.DEFAULT_CMDLINE) + 1) == linux.DEFAULT_CMDLINE.encode() + b"\0"
+
+
+def test_too_little_memory_and_too_long_command_line(tmp_path, mem):
+    with pytest.raises(ImageError, match=r"needs 256 MiB above 1 MiB to decompress; guest RAM is 64 MiB: give the VM more memory \(--mem\)"):
+        load_kernel(write(tmp_path, "big", bzimage(init_size=256 << 20)), mem)
+    with pytest.raises(ImageError, match=r"command line is 3000 bytes; this kernel takes at most 2048"):
+        load_kernel(write(tmp_path, "k", bzimage()), mem, "x" * 3000)
+
+
+def test_acpi_tables_checksum_and_list_one_lapic_per_cpu(mem):
+    rsdp_addr = acpi.write_tables(mem, 3)
+    rsdp = mem.read(rsdp_addr, 36)
+    assert rsdp[:8] == b"RSD PTR " and sum(rsdp[:20]) % 256 == 0 and sum(rsdp) % 256 == 0
+    xsdt_addr, = struct.unpack_from("<Q", rsdp, 24)
+
+    def tbl(addr):
+        sig, length = struct.unpack_from("<4sI", mem.read(addr, 8))
+        raw = mem.read(addr, length)
+        assert sum(raw) % 256 == 0, sig
+        return sig, raw
+
+    sig, xsdt = tbl(xsdt_addr)
+    tables = dict(tbl(a) for a in struct.unpack_from(f"<{(len(xsdt) - 36) // 8}Q", xsdt, 36))
+    assert set(tables) == {b"FACP", b"APIC"}
+    madt = tables[b"APIC"]
+    lapics, off = [], 44
+    while off < len(madt):
+        kind, length = madt[off], madt[off + 1]
+        if kind == 0:
+            lapics.append(madt[off + 3])
+        off += length
+    assert lapics == [0, 1, 2]
+    fadt = tables[b"FACP"]
+    dsdt_addr, = struct.unpack_from("<Q", fadt, 140)
+    sig, dsdt = tbl(dsdt_addr)
+    assert sig == b"DSDT" and b"_S5_" in dsdt
+    assert struct.unpack_from("<I", fadt, 64) == (acpi.PM1A_CNT_PORT,)
