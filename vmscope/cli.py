@@ -183,6 +183,14 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # inspect and lab have their own parsers: hand them everything after the word
+    if argv[:1] == ["inspect"]:
+        logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
+        return _delegate("vmscope.client.inspect_cli", argv[1:])
+    if argv[:1] == ["lab"]:
+        logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
+        return _delegate("vmscope.lab", argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "guest":

@@ -234,6 +234,11 @@ class Session:
                     actions.per_thread[tid] = action
         if not actions.per_thread and actions.default is None:
             return P.OK  # nothing to run
+        if not actions.per_thread and actions.default.kind == "step":
+            # "vCont;s" names no thread: step the current one (as QEMU does);
+            # stepping every vCPU at once has no single stop to report.
+            actions.per_thread[self._tid(self.c_thread)] = actions.default
+            actions.default = None
         self.running = True
         try:
             self.target.resume(actions)
