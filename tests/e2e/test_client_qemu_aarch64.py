@@ -13,6 +13,8 @@ import shutil
 
 import pytest
 
+from tests.support import free_port
+
 from vmscope.client import Client
 from vmscope.client.helpers.qemu import QemuMonitor
 from vmscope.client.helpers.qemu_launch import QemuGuest
@@ -20,7 +22,7 @@ from vmscope.vmi import Aarch64Paging, AddressSpace, TranslationError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-GDB_PORT, QMP_PORT = 16300, 16301
+GDB_PORT, QMP_PORT = free_port(), free_port()  # free now: no clash with a parallel run
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,14 @@ import uuid
 
 import pytest
 
+from tests.support import free_port
+
 from vmscope.client.helpers.qemu_launch import QemuGuest
 from vmscope.client.inspect_cli import main as inspect_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-GDB_PORT, QMP_PORT = 16100, 16101
+GDB_PORT, QMP_PORT = free_port(), free_port()  # free now: no clash with a parallel run
 MODULES = ["irqbypass", "crc32_generic", "nls_ascii", "async_xor"]  # async_xor pulls in xor and async_tx
 LOADED = sorted(MODULES + ["xor", "async_tx"])
 

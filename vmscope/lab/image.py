@@ -83,14 +83,16 @@ class LabImageError(Exception):
 
 
 def _dist_requirements(dist: importlib.metadata.Distribution) -> list[str]:
-    """Names of the unconditional requirements (markers for extras are skipped)."""
+    """Names of the requirements that apply here (environment markers are
+    evaluated for this Python, which is the one L1 runs; extras are off)."""
+    from packaging.requirements import Requirement
+
     names = []
-    for req in dist.requires or []:
-        if ";" in req:
-            marker = req.split(";", 1)[1]
-            if "extra" in marker or "python_version <" in marker:
-                continue
-        names.append(re.split(r"[\s<>=!~\[;(]", req.strip(), maxsplit=1)[0])
+    for text in dist.requires or []:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        names.append(req.name)
     return names
 
 
