@@ -1,0 +1,126 @@
+"""Boot-to-ready time of a stock Debian kernel: `vmscope run` vs QEMU, both on KVM.
+
+Both run inside the nested lab's L1 (real KVM) on the same kernel,
+initramfs, memory and vCPU count; the clock runs inside L1, from starting
+the process to the guest's `vmscope-linux-ready` line on the console, so the
+lab's command channel is not measured. QEMU is the host's own
+`qemu-system-x86_64`, carried into L1 with the shared libraries `ldd` lists
+and its firmware (SeaBIOS, the Linux option ROMs).
+
+    python3 bench/linux_boot.py [--runs 5] [--cpus 2] [--mem 512]
+
+Prints each run, the medians and the ratio vmscope / QEMU (the target is
+0.5 or less).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+# the checkout, not bench/ (bench/inspect.py would shadow the standard library's inspect)
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+QEMU_DIR = "/opt/qemu"
+READY = "vmscope-linux-ready"
+CMDLINE = "console=ttyS0 quiet panic=-1"
+
+# Runs inside L1: start a command, stop the clock at the ready marker, kill it.
+TIMER = r"""
+import json, os, select, signal, subprocess, sys, time
+argv, marker, limit = json.loads(sys.argv[1]), sys.argv[2].encode(), float(sys.argv[3])
+t0 = time.monotonic()
+p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     start_new_session=True)
+seen = b""
+elapsed = None
+while time.monotonic() - t0 < limit:
+    r, _, _ = select.select([p.stdout], [], [], 1.0)
+    if r:
+        chunk = os.read(p.stdout.fileno(), 65536)
+        if not chunk:
+            break
+        seen += chunk
+        if marker in seen:
+            elapsed = time.monotonic() - t0
+            break
+os.killpg(p.pid, signal.SIGKILL)
+p.wait()
+print(json.dumps({"seconds": elapsed, "tail": seen[-1500:].decode("utf-8", "replace")}))
+"""
+
+
+def qemu_files() -> dict[str, str]:
+    """qemu-system-x86_64, its libraries and the firmware a PC boot reads."""
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        sys.exit("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    files = {f"{QEMU_DIR}/bin/qemu-system-x86_64": qemu}
+    out = subprocess.run(["ldd", qemu], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        parts = line.split("=>")
+        if len(parts) == 2 and parts[1].strip().startswith("/"):
+            lib = parts[1].split()[0]
+            files[f"{QEMU_DIR}/lib/{Path(lib).name}"] = str(Path(lib).resolve())
+    for name in ("bios-256k.bin", "linuxboot_dma.bin", "kvmvapic.bin", "vgabios-stdvga.bin", "efi-e1000.rom"):
+        for d in ("/usr/share/seabios", "/usr/share/qemu", "/usr/lib/ipxe/qemu"):
+            p = Path(d) / name
+            if p.exists():
+                files[f"{QEMU_DIR}/share/{name}"] = str(p.resolve())
+                break
+    return files
+
+
+def commands(cpus: int, mem: int, guests: str) -> dict[str, list[str]]:
+    kernel, initrd = f"{guests}/vmlinuz", f"{guests}/initramfs.cpio.gz"
+    return {
+        "vmscope": ["python3", "-m", "vmscope", "run", "--accel", "kvm", "--kernel", kernel, "--initrd", initrd,
+                    "--cpus", str(cpus), "--mem", str(mem), "--append", CMDLINE],
+        "qemu": ["env", f"LD_LIBRARY_PATH={QEMU_DIR}/lib", f"{QEMU_DIR}/bin/qemu-system-x86_64",
+                 "-L", f"{QEMU_DIR}/share", "-enable-kvm", "-nodefaults", "-no-user-config", "-nographic",
+                 "-serial", "stdio", "-m", str(mem), "-smp", str(cpus),
+                 "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--mem", type=int, default=512, help="guest MiB")
+    ap.add_argument("--limit", type=float, default=300, help="seconds a boot may take")
+    ap.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    args = ap.parse_args(argv)
+
+    from vmscope.lab import Lab
+
+    with Lab(cpus=2, mem_mib=2048, port_range=(19100, 19199), extra_files=qemu_files()) as lab:
+        guests = lab.run("echo $VMSCOPE_LAB_GUESTS/linux", check=True).stdout.strip()
+        times: dict[str, list[float]] = {"vmscope": [], "qemu": []}
+        for i in range(args.runs):
+            for name, argv_ in commands(args.cpus, args.mem, guests).items():
+                r = lab.run(["python3", "-c", TIMER, json.dumps(argv_), READY, str(args.limit)],
+                            timeout=args.limit + 60, check=True)
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                if res["seconds"] is None:
+                    print(f"{name}: no {READY} in {args.limit} s; console tail:\n{res['tail']}", file=sys.stderr)
+                    return 1
+                times[name].append(res["seconds"])
+                print(f"run {i + 1}: {name:8s} {res['seconds']:7.2f} s", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["vmscope"] / med["qemu"]
+    print(f"median boot-to-ready ({args.runs} runs, {args.cpus} vCPUs, {args.mem} MiB): "
+          f"vmscope {med['vmscope']:.2f} s, qemu -enable-kvm {med['qemu']:.2f} s, ratio {ratio:.2f}x "
+          f"(target <= 0.5x)")
+    if args.json:
+        print(json.dumps({"runs": times, "median": med, "ratio": ratio}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
