@@ -115,6 +115,47 @@ class TestGdbScenarioOnArm64Kvm:
         sc.check(sc.gdb.value("$MPIDR_EL1") & 0xFF == 0, "thread 1 is not vCPU 0")
         sc.check(sc.gdb.value("$CurrentEL") == 4, "CurrentEL is not EL1")
 
+    def test_single_step_masks_interrupts_and_gives_daif_back(self, sc):
+        """Steps run with IRQ/FIQ/SError masked; afterwards PSTATE.DAIF is
+        the guest's again, unless the stepped instruction set it itself."""
+        sc.check(sc.gdb.value("$pc") == sc.symbols["_start"], "not at _start (msr daifset, #0xf)")
+        sc.gdb.cmd("set $cpsr = 0x5")  # EL1h, nothing masked
+        sc.gdb.cmd("stepi")
+        sc.check(sc.gdb.value("$cpsr") & 0x3C0 == 0x3C0, "msr daifset's own masking was undone")
+        sc.gdb.cmd("set $cpsr = 0x5")
+        sc.gdb.cmd("stepi")  # mrs x19, mpidr_el1
+        sc.check(sc.gdb.value("$cpsr") & 0x3C0 == 0, "the step's interrupt mask was left in PSTATE")
+        sc.gdb.cmd("set $cpsr = 0x3c5")
+
+    def test_virtual_addresses_walk_ttbr1_and_ttbr0(self, sc):
+        """KVM_TRANSLATE does not exist on arm64: reads at virtual addresses
+        go through a software walk of the guest's tables. One 4 KiB-granule
+        L1 table, 39-bit VAs: entry 0 maps TTBR1's lowest GiB
+        (0xffffff8000000000) and entry 1 maps VA 0x40000000 (TTBR0), both
+        as 1 GiB blocks onto RAM at 0x40000000."""
+        saved = {r: sc.gdb.value(f"${r}") for r in ("SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1")}
+        table, block = 0x4030_0000, 0x4000_0000 | 1 << 10 | 0b01  # AF, block descriptor
+        sc.gdb.cmd(f"set var *(unsigned long long *){table:#x} = {block:#x}")
+        sc.gdb.cmd(f"set var *(unsigned long long *){table + 8:#x} = {block:#x}")
+        sc.gdb.cmd(f"set var *(unsigned long long *){table + 16:#x} = 0")
+        sc.gdb.cmd(f"set $TCR_EL1 = {25 | 25 << 16 | 0b10 << 30:#x}")  # T0SZ=T1SZ=25, TG1=4K
+        sc.gdb.cmd(f"set $TTBR0_EL1 = {table:#x}")
+        sc.gdb.cmd(f"set $TTBR1_EL1 = {table:#x}")
+        sc.gdb.cmd(f"set $SCTLR_EL1 = {saved['SCTLR_EL1'] | 1:#x}")
+        try:
+            high = 0xFFFF_FF80_0000_0000 + (sc.symbols["counter"] - 0x4000_0000)
+            sc.gdb.cmd("set var counter = 0x5eed")
+            sc.check(sc.gdb.value(f"*(unsigned long long *){high:#x}") == 0x5EED, "TTBR1 walk read the wrong bytes")
+            out = sc.gdb.cmd(f"monitor translate {high:#x}")
+            sc.check(f"-> {sc.symbols['counter']:#x}" in out, f"translate said {out!r}")
+            sc.check(sc.gdb.value(f"*(unsigned long long *){sc.symbols['counter']:#x}") == 0x5EED, "TTBR0 walk failed")
+            out = sc.gdb.cmd("x/xg 0xffffff8080000000")  # L1 entry 2: invalid
+            sc.check("Cannot access memory" in out, f"an unmapped address read as {out!r}")
+        finally:
+            for r, value in saved.items():
+                sc.gdb.cmd(f"set ${r} = {value:#x}")
+            sc.gdb.cmd("set var counter = 0")
+
     def test_memory_roundtrip(self, sc):
         out = sc.gdb.cmd("x/8xg &counter")
         sc.check(len(re.findall(r"0x[0-9a-f]{16}", out)) == 8, "x/8xg did not show 8 quadwords")

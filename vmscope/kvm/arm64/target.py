@@ -198,6 +198,10 @@ class Arm64KvmTarget(
         self._step_state: dict[int, StepState] = {}
         self._step_over: set[int] = set()
         self._atomic: dict[int, AtomicRun] = {}
+        #: watch hits whose access completed while another stop was being
+        #: reported; told on the next continue (not on a step: GDB expects
+        #: the stepping thread then)
+        self._pending: dict[int, StopEvent] = {}
 
     # --- threads ------------------------------------------------------------------------
 
@@ -464,7 +468,7 @@ class Arm64KvmTarget(
             return
         del self._atomic[v.index]
         self._apply_debug(v, step=False)
-        self.m.request_stop(run.event)
+        self.m.request_stop(run.event, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
 
     def _insn_at(self, v: Arm64Vcpu, pc: int) -> int | None:
         """The instruction in guest RAM at ``pc`` (our BRKs included)."""
@@ -555,8 +559,16 @@ class Arm64KvmTarget(
         self.attached = True
         self.walks.invalidate()
         self._step_over.clear()
+        for idx, run in self._atomic.items():  # stopped by another vCPU's stop meanwhile
+            v = self.m.vcpus[idx].vcpu
+            if v.pc == run.end and (run.status_reg == 31 or v.core(abi.CORE_X0 + 8 * run.status_reg) & 0xFFFF_FFFF == 0):
+                self._pending[idx] = run.event  # stored just before the stop: tell it
         self._atomic.clear()
         stepping = [t for t in actions.stepping if 1 <= t <= len(self.m.vcpus)]
+        if self._pending and not stepping:
+            _, event = self._pending.popitem()
+            self.notifier.post(event)
+            return
         run: dict[int, bool] = {}
         if stepping:
             v = self.m.vcpus[stepping[0] - 1].vcpu
@@ -613,6 +625,7 @@ class Arm64KvmTarget(
             self.hw.clear()
             self.watches.clear()
         self.attached = False
+        self._pending.clear()
         self._stepping = None
         for slot in self.m.vcpus:
             self._restore_daif(slot.vcpu)
