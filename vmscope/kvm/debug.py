@@ -873,9 +873,13 @@ class KvmTarget(
                 "  cpus             mode, rip and cr3 of every vCPU\n"
                 "  translate ADDR   guest-virtual ADDR -> guest-physical (current thread 1)\n"
                 "  regs             control registers and EFER of every vCPU\n"
+                "  memory           guest RAM's memfd (pid, fd) for vmscope inspect\n"
                 f"watchpoints: {'debug registers, then ' if self.dr_watch else ''}page protection\n"
             )
         cmd, args = words[0], words[1:]
+        if cmd == "memory":  # guest RAM's memfd, for vmscope inspect on this host (vmscope.client.helpers.vmscope)
+            mem = self.m.mem
+            return f"ram gpa=0x0 size={mem.size:#x} pid={os.getpid()} fd={mem.fd} offset=0x0\n"
         if cmd in ("cpus", "translate", "regs") and not self.m.stopped:
             return f"{cmd}: the guest is running; interrupt it first (Ctrl-C)\n"
         if cmd == "cpus":
