@@ -402,7 +402,11 @@ class Arm64KvmTarget(
             for w in self.watches:
                 if (w.addr, w.length, w.kind) == (addr, length, kind):
                     self.watches.remove(w)
-                    return
+                    break
+            # a hit not yet told is moot once its watchpoint is gone
+            for idx, ev in list(self._pending.items()):
+                if ev.addr == addr and ev.kind == WATCH_STOP_KIND[kind]:
+                    del self._pending[idx]
 
     # --- debug exits (vCPU threads) -----------------------------------------------------
 
