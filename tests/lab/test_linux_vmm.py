@@ -90,3 +90,112 @@ def test_kernel_panic_is_reported_with_console_lines_and_a_nonzero_status(lab):
     assert r.returncode == 1, f"stdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-2000:]}"
     assert "guest kernel panicked" in r.stderr
     assert "Attempted to kill init" in r.stderr
+
+
+# --- debugging the live kernel with stock gdb on the host ---------------------------------------
+
+SYMBOLS = ("linux_banner", "init_task", "jiffies", "__x64_sys_openat", "_text")
+
+
+def kallsyms_from_l1(lab) -> dict[str, int]:
+    """The running kernel's symbols (KASLR-relocated) from its own kallsyms,
+    read by `vmscope inspect` in L1 through the stub and the VMM's shared
+    RAM (gdb is detached meanwhile: the stub serves one client at a time)."""
+    import json
+
+    pattern = "^(" + "|".join(SYMBOLS) + ")$"
+    r = lab.run(["python3", "-m", "vmscope", "inspect", "--gdb", f"127.0.0.1:{GDB_GUEST_PORT}", "--timeout", "60",
+                 "--json", "symbols", pattern], timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = json.loads(r.stdout)
+    return {row["name"]: int(row["address"], 16) for row in rows}
+
+
+def connect(gdb, lab) -> str:
+    return gdb.cmd(f"target remote 127.0.0.1:{lab.host_port(GDB_GUEST_PORT)}", timeout=120)
+
+
+def resume(gdb) -> None:
+    """`continue`, returning once gdb says so (a Ctrl-C sent earlier would
+    reach gdb before it has read the command)."""
+    gdb.start("continue")
+    gdb.child.expect("Continuing", timeout=60)
+
+
+def thread_cs(gdb) -> list[int]:
+    out = []
+    for tid in (1, 2):
+        gdb.cmd(f"thread {tid}")
+        out.append(gdb.value("$cs"))
+    return out
+
+
+def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
+    """Stock gdb on the host, vmscope's stub in L1: two vCPU threads, kernel
+    data read while both vCPUs run user code, a breakpoint on a syscall the
+    shell makes, stepi, and a watchpoint on jiffies; KASLR on throughout."""
+    from tests.support import Gdb
+
+    cmd = vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")
+    with lab.spawn(cmd) as vm:
+        expect(vm, "waiting for gdb", 120)
+        gdb = Gdb(None, timeout=120)
+        try:
+            gdb.cmd("set architecture i386:x86-64")
+            connect(gdb, lab)
+            threads = gdb.cmd("info threads")
+            assert len(re.findall(r"Thread \d+", threads)) == 2, threads
+            resume(gdb)
+            expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+            gdb.interrupt(120)
+            gdb.cmd("detach")
+            syms = kallsyms_from_l1(lab)
+            assert set(SYMBOLS) <= set(syms), syms
+            assert syms["_text"] != 0xFFFFFFFF81000000, "KASLR should move the kernel"
+
+            # both vCPUs busy in user mode (two shell loops), then stopped there
+            vm.write("while :; do :; done &\nwhile :; do :; done &\necho loops-$((1 + 1))\n")
+            expect(vm, "loops-2")
+            connect(gdb, lab)
+            for _ in range(10):
+                if all(cs & 3 == 3 for cs in thread_cs(gdb)):
+                    break
+                resume(gdb)
+                gdb.interrupt(120)
+            assert all(cs & 3 == 3 for cs in thread_cs(gdb)), gdb.transcript()
+            banner = gdb.cmd(f"x/s {syms['linux_banner']:#x}")
+            assert "Linux version 6." in banner, banner
+            found = gdb.cmd(f"python print(bytes(gdb.selected_inferior().read_memory({syms['init_task']:#x}, 0x4000))"
+                            ".find(b'swapper/0'))")
+            assert int(found.strip().splitlines()[-1]) > 0, found
+            cpus = gdb.cmd("monitor cpus")
+            assert cpus.count("long") == 2, cpus
+
+            # a breakpoint on the openat syscall, made by the shell's `cat`
+            vm.write("kill %1 %2\n")
+            gdb.cmd(f"break *{syms['__x64_sys_openat']:#x}")
+            resume(gdb)
+            vm.write("cat /proc/version\n")
+            stop = gdb.wait_prompt(300)
+            assert "Breakpoint 1" in stop, gdb.transcript()
+            pc = gdb.value("$pc")
+            assert pc == syms["__x64_sys_openat"]
+            gdb.cmd("delete")
+            gdb.cmd("stepi")
+            assert gdb.value("$pc") != pc
+
+            gdb.cmd(f"watch *(long *){syms['jiffies']:#x}")
+            resume(gdb)
+            stop = gdb.wait_prompt(300)
+            assert re.search(r"[Ww]atchpoint 2.*\n+Old value = \d+\nNew value = \d+", stop), gdb.transcript()
+            gdb.cmd("delete")
+            gdb.cmd("detach")
+        except BaseException:
+            print("\n".join(gdb.log))
+            print("vmscope:", vm.stdout[-2000:], vm.stderr[-2000:])
+            raise
+        finally:
+            gdb.close()
+        vm.write("poweroff -f\n")
+        result = vm.wait(120)
+    assert result.returncode == 0, result.stderr[-2000:]
