@@ -9,6 +9,7 @@ gdb on the host via a forwarded port.
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -195,6 +196,8 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
             print("vmscope:", vm.stdout[-2000:], vm.stderr[-2000:])
             raise
         finally:
+            if os.environ.get("VMSCOPE_SHOW_GDB"):
+                print("\n".join(gdb.log))
             gdb.close()
         vm.write("poweroff -f\n")
         result = vm.wait(120)
