@@ -486,7 +486,11 @@ class KvmMachine:
         self._handle_exit(self.vcpus[v.index])
 
     def _fatal(self, v: Vcpu, why: str) -> None:
-        self.end(1, f"guest stopped: {why}; {v.summary()}")
+        report = f"guest stopped: {why}; {v.summary()}"
+        tail = getattr(self.serial, "console_tail", None)  # Linux guests' COM1 keeps the last lines
+        if tail is not None and tail():
+            report += "\nlast console lines:\n  " + "\n  ".join(tail()[-20:])
+        self.end(1, report)
 
     def _handle_io(self, v: Vcpu) -> None:
         io = v.run.exit.io
