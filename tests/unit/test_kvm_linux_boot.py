@@ -137,3 +137,85 @@ def test_acpi_tables_checksum_and_list_one_lapic_per_cpu(mem):
     sig, dsdt = tbl(dsdt_addr)
     assert sig == b"DSDT" and b"_S5_" in dsdt
     assert struct.unpack_from("<I", fadt, 64) == (acpi.PM1A_CNT_PORT,)
+
+
+# --- the PC devices a Linux guest talks to (no KVM: a recording IRQ line) ------------------------
+
+class RecordingLine:
+    def __init__(self):
+        self.level = False
+        self.edges = 0
+
+    def set(self, level: bool) -> None:
+        if level and not self.level:
+            self.edges += 1
+        self.level = level
+
+
+def test_serial_raises_irq_for_received_bytes_until_read():
+    from vmscope.kvm.devices.uart_irq import InterruptingSerial
+
+    out, line = [], RecordingLine()
+    uart = InterruptingSerial(out.append, line)
+    uart.write(0x3F9, 1, 0x01)  # IER: received-data interrupt
+    assert not line.level
+    uart.feed(b"ab")
+    assert line.level and line.edges == 1
+    assert uart.read(0x3FA, 1) & 0x0F == 0x04  # IIR: received data
+    assert uart.read(0x3F8, 1) == ord("a") and line.level
+    assert uart.read(0x3F8, 1) == ord("b") and not line.level
+    assert uart.read(0x3FA, 1) & 0x0F == 0x01  # nothing pending
+
+
+def test_serial_transmit_interrupt_and_console_tail():
+    from vmscope.kvm.devices.uart_irq import InterruptingSerial
+
+    out, line = [], RecordingLine()
+    uart = InterruptingSerial(lambda b: out.append(b), line)
+    uart.write(0x3F9, 1, 0x02)  # enabling THRE with an empty transmitter interrupts at once
+    assert line.level
+    assert uart.read(0x3FA, 1) & 0x0F == 0x02 and not line.level  # reading IIR clears THRE
+    for ch in b"Kernel panic - not syncing: x\nlast":
+        uart.write(0x3F8, 1, ch)
+    assert line.level and line.edges == 2
+    assert b"".join(out) == b"Kernel panic - not syncing: x\nlast"
+    assert uart.console_tail() == ["Kernel panic - not syncing: x", "last"]
+
+
+def test_rtc_reads_host_time_in_bcd_and_never_shows_update_in_progress():
+    from vmscope.kvm.devices.rtc import CmosRtc
+
+    t = 1_700_000_000  # 2023-11-14 22:13:20 UTC, a Tuesday
+    rtc = CmosRtc(clock=lambda: t)
+
+    def reg(n):
+        rtc.write(0x70, 1, 0x80 | n)  # bit 7 (NMI mask) is not part of the index
+        return rtc.read(0x71, 1)
+
+    assert [reg(r) for r in (0x00, 0x02, 0x04, 0x07, 0x08, 0x09, 0x32)] == [0x20, 0x13, 0x22, 0x14, 0x11, 0x23, 0x20]
+    assert reg(0x06) == 3  # Tuesday (Sunday = 1)
+    assert reg(0x0A) & 0x80 == 0 and reg(0x0D) == 0x80
+    rtc.write(0x70, 1, 0x40)
+    rtc.write(0x71, 1, 0x5A)
+    assert reg(0x40) == 0x5A
+
+
+def test_reset_ports_end_with_0_or_report_a_panic():
+    from vmscope.kvm.devices.acpi_pm import ResetPorts
+    from vmscope.kvm.devices.i8042 import I8042
+
+    class Machine:
+        def __init__(self, tail):
+            self.ended = None
+            self.serial = type("S", (), {"console_tail": lambda _self: tail})()
+
+        def end(self, status, report):
+            self.ended = (status, report)
+
+    m = Machine(["Run /init as init process"])
+    ResetPorts(m).write(0xCF9, 1, 0x06)
+    assert m.ended == (0, None)
+    m = Machine(["x", "Kernel panic - not syncing: Attempted to kill init!", "---[ end Kernel panic"])
+    I8042(ResetPorts(m), data_port=False).write(0x64, 1, 0xFE)
+    status, report = m.ended
+    assert status == 1 and "keyboard controller reset" in report and "Attempted to kill init" in report
