@@ -219,3 +219,16 @@ def test_reset_ports_end_with_0_or_report_a_panic():
     I8042(ResetPorts(m), data_port=False).write(0x64, 1, 0xFE)
     status, report = m.ended
     assert status == 1 and "keyboard controller reset" in report and "Attempted to kill init" in report
+
+
+def test_exit_storm_is_one_port_in_a_row_per_vcpu():
+    from vmscope.kvm.devices.storm import ExitStormDetector
+
+    d = ExitStormDetector(vcpus=2, limit=5)
+    for _ in range(100):  # serial output: THR writes and LSR reads alternate
+        assert d.io(0, 0x3F8, True) is None
+        assert d.io(0, 0x3FD, False) is None
+    for _ in range(4):
+        assert d.io(1, 0x64, False) is None
+        assert d.io(0, 0x64, False) is None  # another vCPU's run is its own
+    assert d.io(1, 0x64, False) == "exit storm: 5 reads of port 0x64 in a row and nothing else"

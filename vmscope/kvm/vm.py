@@ -105,6 +105,7 @@ class KvmMachine:
         self._stopped = True
         self._exclusive: VcpuSlot | bool | None = None
         self._generation = 0
+        self._stops_posted = 0
         self._closed = False
         self._fds: list[int] = []
         self.mem: GuestMemory | None = None
@@ -173,6 +174,11 @@ class KvmMachine:
                 except OSError:
                     pass
         self._input = None
+        self._storm = None
+        if self.plan.mode == "linux32":  # test guests may loop on a port on purpose (exit benchmarks)
+            from vmscope.kvm.devices.storm import ExitStormDetector
+
+            self._storm = ExitStormDetector(config.cpus)
 
     def _supported_cpuid(self):
         for n in (100, 200, 400):
@@ -318,6 +324,7 @@ class KvmMachine:
                 slot.vcpu.run.immediate_exit = 0
             ev, self._stop_event = self._stop_event, None
             self._stopped = True
+            self._stops_posted += 1
             self.target.post_stop(ev)
 
     def request_stop(self, event, keep_if_busy: Callable | None = None) -> None:
@@ -370,10 +377,12 @@ class KvmMachine:
         one-instruction steps with a watched page briefly mapped (changing
         memory slots under a running vCPU can make PVM shut the guest down,
         and the others must not touch the page unwatched meanwhile). A vCPU
-        waiting here counts as parked, so two of them cannot deadlock."""
+        waiting here counts as parked, so two of them cannot deadlock.
+        Yields False (body must do nothing) when a debug stop came first."""
         me = self.vcpus[v.index] if v is not None else None
         others = [s for s in self.vcpus if s is not me]
         with self._cond:
+            stops_before = self._stops_posted
             if me is not None:
                 me.parked = True
                 self._maybe_post_locked()
@@ -382,6 +391,13 @@ class KvmMachine:
                 self._cond.wait()
             if me is not None:
                 me.parked = False
+                # While we waited (counted as parked) a debug stop may have
+                # been reported and the debugger may have changed breakpoints,
+                # registers or memory: the vCPU must re-run the instruction.
+                if (self._stops_posted != stops_before or self._stop_event is not None
+                        or self._stopped or not me.runnable or self._ending):
+                    yield False
+                    return
             self._exclusive = me or True
             saved = {id(s): s.runnable for s in others}
             for s in others:
@@ -395,7 +411,7 @@ class KvmMachine:
             while not all(s.parked or not s.online for s in others) and not self._ending:
                 self._cond.wait()
         try:
-            yield
+            yield True
         finally:
             with self._cond:
                 self._exclusive = None
@@ -494,6 +510,11 @@ class KvmMachine:
 
     def _handle_io(self, v: Vcpu) -> None:
         io = v.run.exit.io
+        if self._storm is not None:
+            storm = self._storm.io(v.index, io.port, io.direction == abi.KVM_EXIT_IO_OUT)
+            if storm:
+                self._fatal(v, storm)
+                return
         base = ctypes.addressof(v.run) + io.data_offset
         size = io.size
         for i in range(io.count):
