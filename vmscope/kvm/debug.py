@@ -625,9 +625,14 @@ class KvmTarget(
             page = self.translate(rip, v.index + 1) // PAGE
         except TargetError:
             return False
-        with self.m.exclusive(v):
+        # Whether the page was pulled when the vCPU faulted; read before
+        # waiting below, while this vCPU (not parked) holds off any stop.
+        was_absent = page in self._absent_pages
+        with self.m.exclusive(v) as granted:
+            if not granted:
+                return was_absent  # a stop came first: re-run the instruction later
             if page not in self._absent_pages:
-                return False
+                return was_absent  # unprotected meanwhile: simply re-run it
             v.drop_exception(UD_VECTOR)
             with self._lock:
                 exec_bp = rip in self._exec_pages and self._skip_exec.get(v.index) != rip
