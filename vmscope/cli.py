@@ -59,6 +59,10 @@ def make_machine(config, accel: str):
     if accel == "kvm":
         if config.arch != _host_arch():
             raise MachineUnavailable(f"KVM runs {_host_arch()} guests here, not {config.arch}; use --accel emu")
+        if config.arch == "aarch64":
+            from vmscope.kvm.arm64 import Arm64KvmMachine
+
+            return Arm64KvmMachine(config)
         from vmscope.kvm import KvmMachine
 
         return KvmMachine(config)
