@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repo root instead of bench/ (whose inspect.py would shadow the stdlib's)
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 GUEST_PORT = 5555
 IN_L1 = r"""

@@ -100,6 +100,16 @@ def test_l1_has_kvm_and_the_back_end_boots_two_vcpus(lab):
 
 
 class TestGdbScenarioOnArm64Kvm:
+    @pytest.fixture(autouse=True)
+    def _no_leftover_breakpoints(self, sc):
+        """A failed step must not leave its breakpoints to confuse the next."""
+        yield
+        if sc.gdb.child.isalive():
+            try:
+                sc.gdb.cmd("delete", timeout=60)
+            except Exception:
+                pass
+
     def test_attach_stops_before_first_instruction(self, sc):
         MEASURED["scenario_start"] = time.monotonic()
         out = sc.gdb.cmd(f"target remote 127.0.0.1:{sc.port}")

@@ -261,6 +261,11 @@ class Arm64KvmMachine:
     def stopped(self) -> bool:
         return self._stopped
 
+    @property
+    def stop_pending(self) -> bool:
+        """A stop is requested or reported: vCPUs are parking or parked."""
+        return self._stop_event is not None or self._stopped or self._ending
+
     # --- run control --------------------------------------------------------------------
 
     def _kick_locked(self) -> None:

@@ -22,7 +22,12 @@ How each debug feature maps onto arm64 KVM:
   hardware breakpoint first steps over it with the breakpoints off. A
   watchpoint stop is reported before the access; GDB's aarch64 support
   (``have_nonsteppable_watchpoint``) steps over it itself to show the new
-  value.
+  value. Except inside a load/store-exclusive sequence (``ldxr``...
+  ``stxr``): any debug exit there clears the exclusive monitor, so the
+  store would fail and retry for ever; such a sequence is rerun natively
+  from its load-exclusive to just past its store (a temporary hardware
+  breakpoint, watchpoints off, one vCPU at a time) and the stop reported
+  after the store.
 - Single-step: ``KVM_GUESTDBG_SINGLESTEP`` (EC 0x32). IRQ, FIQ and SError
   are masked in PSTATE for the step, so a pending interrupt cannot divert
   it into a vector, and put back afterwards unless the stepped instruction
@@ -167,6 +172,7 @@ class AtomicRun:
     end: int
     status_reg: int
     tries: int = 0
+    done: bool = False
 
 
 @dataclass
@@ -427,7 +433,8 @@ class Arm64KvmTarget(
             else:
                 self._apply_debug(v, step=False)
         elif ex.cause == "hw-breakpoint":
-            if v.index in self._atomic and v.pc == self._atomic[v.index].end:
+            run = self._atomic.get(v.index)
+            if run is not None and not run.done and v.pc == run.end:
                 self._atomic_done(v)
                 return
             self.m.request_stop(StopEvent("hwbreak", tid=tid))
@@ -444,7 +451,14 @@ class Arm64KvmTarget(
             event = StopEvent(WATCH_STOP_KIND[hit.kind], tid=tid, addr=hit.addr)
             seq = exclusive_sequence(v.pc, lambda a: self._insn_at(v, a))
             if seq is not None and self.m.hw_bp_slots > 0:
-                self._atomic[v.index] = AtomicRun(event, seq.start, seq.end, seq.status_reg)
+                # One vCPU at a time completes its sequence, and none once a
+                # stop is on its way: a second store before the debugger looks
+                # would skip a value. The others' stores have not happened
+                # (the exception comes first), so they just hit again later.
+                with self._lock:
+                    if self._atomic or self.m.stop_pending:
+                        return
+                    self._atomic[v.index] = AtomicRun(event, seq.start, seq.end, seq.status_reg)
                 self._atomic_run(v)
                 return
             self.m.request_stop(event)
@@ -470,8 +484,8 @@ class Arm64KvmTarget(
         if not stored and run.tries < 1000:
             self._atomic_run(v)  # another CPU or an interrupt broke it: again
             return
-        del self._atomic[v.index]
         self._apply_debug(v, step=False)
+        run.done = True  # stays in _atomic (blocking other sequences) until the next resume
         self.m.request_stop(run.event, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
 
     def _insn_at(self, v: Arm64Vcpu, pc: int) -> int | None:
@@ -565,7 +579,7 @@ class Arm64KvmTarget(
         self._step_over.clear()
         for idx, run in self._atomic.items():  # stopped by another vCPU's stop meanwhile
             v = self.m.vcpus[idx].vcpu
-            if v.pc == run.end and (run.status_reg == 31 or v.core(abi.CORE_X0 + 8 * run.status_reg) & 0xFFFF_FFFF == 0):
+            if not run.done and v.pc == run.end and (run.status_reg == 31 or v.core(abi.CORE_X0 + 8 * run.status_reg) & 0xFFFF_FFFF == 0):
                 self._pending[idx] = run.event  # stored just before the stop: tell it
         self._atomic.clear()
         stepping = [t for t in actions.stepping if 1 <= t <= len(self.m.vcpus)]
