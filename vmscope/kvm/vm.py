@@ -163,6 +163,10 @@ class KvmMachine:
 
         mmap_size = ioctl(kvm, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         cpuid = self._supported_cpuid()
+        if cpuid is not None and self.plan.mode == "linux32":
+            from vmscope.kvm.boot.linux import tune_cpuid
+
+            tune_cpuid(self.kvm_fd, cpuid)  # hypervisor bit (kvmclock, PV features), TSC-deadline timer
         for i in range(config.cpus):
             v = Vcpu(self.vm_fd, i, mmap_size)
             self._fds.append(v.fd)

@@ -210,6 +210,31 @@ def load_bzimage(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path |
     )
 
 
+KVM_CAP_TSC_DEADLINE_TIMER = 72
+CPUID1_ECX_TSC_DEADLINE = 1 << 24
+CPUID1_ECX_HYPERVISOR = 1 << 31
+
+
+def tune_cpuid(kvm_fd: int, entries) -> None:
+    """Adjust KVM_GET_SUPPORTED_CPUID's table for a Linux guest, in place.
+
+    KVM leaves two bits to the VMM, and both matter to Linux's boot time:
+    the hypervisor bit (without it Linux never looks at KVM's leaves, so no
+    kvmclock: it calibrates the TSC against the PIT, which is slow and
+    noisy nested) and the TSC-deadline timer (KVM emulates it whenever
+    KVM_CAP_TSC_DEADLINE_TIMER says so; with it Linux skips calibrating the
+    LAPIC timer against the PIT, which fails verification under a nested
+    KVM and leaves every CPU on PIT broadcast ticks).
+    """
+    from vmscope.kvm import abi
+    from vmscope.kvm.abi import ioctl
+
+    deadline = ioctl(kvm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_TSC_DEADLINE_TIMER, "KVM_CHECK_EXTENSION") > 0
+    for e in entries:
+        if e.function == 1:
+            e.ecx |= CPUID1_ECX_HYPERVISOR | (CPUID1_ECX_TSC_DEADLINE if deadline else 0)
+
+
 def attach_platform(machine, out) -> None:
     """Give ``machine`` (a KvmMachine being built, before its vCPUs exist)
     the PC around a Linux guest.
