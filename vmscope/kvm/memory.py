@@ -12,6 +12,7 @@ below 4 GiB yet (the Linux-guest issue adds one when it needs MMIO there).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import os
@@ -32,6 +33,13 @@ class GuestMemory:
         self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)
         self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        # Huge pages where the host allows them for shared memory
+        # (/sys/kernel/mm/transparent_hugepage/shmem_enabled = advise): KVM
+        # then maps guest RAM in 2 MiB pages, and a Linux guest's first
+        # touch of its memory costs far fewer nested-paging faults (about
+        # 1.5 s of a 9 s boot in the nested lab). A no-op otherwise.
+        with contextlib.suppress(OSError, AttributeError):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self._map)
         # The host virtual address KVM needs for the memory slot.
         anchor = ctypes.c_char.from_buffer(self._map)
