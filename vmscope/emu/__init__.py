@@ -7,5 +7,16 @@ thread per vCPU. It needs no /dev/kvm, so it is what ``vmscope run`` falls
 back to where KVM is missing or unusable.
 """
 
-from vmscope.emu.machine import EmuMachine  # noqa: F401
-from vmscope.emu.target import EmuTarget  # noqa: F401
+
+# Lazy: the KVM back ends reuse vmscope.emu's devices, ELF loader and RAM,
+# and must not pay for importing Unicorn (seconds under TCG in the lab).
+def __getattr__(name: str):
+    if name == "EmuMachine":
+        from vmscope.emu.machine import EmuMachine
+
+        return EmuMachine
+    if name == "EmuTarget":
+        from vmscope.emu.target import EmuTarget
+
+        return EmuTarget
+    raise AttributeError(f"module 'vmscope.emu' has no attribute {name!r}")
