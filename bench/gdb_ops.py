@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[0] = str(ROOT)  # not bench/: bench/inspect.py would shadow the standard library
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
