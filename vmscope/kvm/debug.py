@@ -628,12 +628,16 @@ class KvmTarget(
         # Whether the page was pulled when the vCPU faulted; read before
         # waiting below, while this vCPU (not parked) holds off any stop.
         was_absent = page in self._absent_pages
+        if not was_absent:
+            return False
+        # KVM queued a #UD with the emulation-failure exit; whatever happens
+        # below, the guest must not get it (with no IDT it would triple-fault).
+        v.drop_exception(UD_VECTOR)
         with self.m.exclusive(v) as granted:
             if not granted:
-                return was_absent  # a stop came first: re-run the instruction later
+                return True  # a stop came first: re-run the instruction later
             if page not in self._absent_pages:
-                return was_absent  # unprotected meanwhile: simply re-run it
-            v.drop_exception(UD_VECTOR)
+                return True  # unprotected meanwhile: simply re-run it
             with self._lock:
                 exec_bp = rip in self._exec_pages and self._skip_exec.get(v.index) != rip
             self._skip_exec.pop(v.index, None)
