@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot a guest, optionally under a GDB stub",
                          description="Boot a guest. Without --kernel, the embedded demo guest. "
                                      "On a terminal, Ctrl-A X quits.")
-    run.add_argument("--kernel", type=Path, help="PVH ELF kernel (default: the embedded demo guest)")
+    run.add_argument("--kernel", type=Path, help="Linux bzImage or PVH ELF kernel (default: the embedded demo guest)")
     run.add_argument("--initrd", type=Path, help="initial ramdisk")
     run.add_argument("--append", help="kernel command line")
     run.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
