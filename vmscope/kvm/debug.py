@@ -166,6 +166,11 @@ class KvmTarget(
         self._stepping: int | None = None  # vCPU index that single-steps
         self._step_over: set[int] = set()  # vCPUs stepping off a hw breakpoint
         self._pending: dict[int, StopEvent] = {}  # unreported watch hits by vCPU
+        # Watched writes of vCPUs that lost the race against another stop:
+        # held back (the guest thinks they are done) until that vCPU's own
+        # hit is reported, so GDB sees each write's old and new value.
+        self._deferred_writes: dict[int, list[tuple[int, bytes]]] = {}
+        self._write_claimed: dict[int, bool] = {}  # vCPU index -> its MMIO write claimed the stop
         self._msr_cache: dict[int, int] = {}
         mode = os.environ.get("VMSCOPE_KVM_WATCH", "auto")
         if mode not in ("auto", "pages", "debugregs"):
@@ -558,6 +563,8 @@ class KvmTarget(
         watchpoint's page, or a hole where no device lives."""
         hit = self._complete_mmio(v)
         tid = v.index + 1
+        if self._write_claimed.pop(v.index, False):
+            return  # a watched write of this instruction already claimed (or deferred) the stop
         if hit is not None:
             ev = StopEvent(hit.kind, tid=tid, addr=hit.addr)
             self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
@@ -586,6 +593,12 @@ class KvmTarget(
         mmio = v.run.exit.mmio
         phys, n, is_write = mmio.phys_addr, min(mmio.len, 8), bool(mmio.is_write)
         in_ram = self.mem.contains(phys, n)
+        if is_write and in_ram and self.attached:
+            with self._lock:
+                hit = self._watch_hit(phys, n, True)
+            if hit is not None:
+                self._watched_write(v, phys, bytes(mmio.data[:n]), hit)
+                return None  # the stop is claimed (or deferred) already
         if is_write:
             if in_ram:
                 self.mem.view[phys : phys + n] = bytes(mmio.data[:n])
@@ -597,6 +610,26 @@ class KvmTarget(
             return None
         with self._lock:
             return self._watch_hit(phys, n, is_write)
+
+    def _watched_write(self, v: Vcpu, phys: int, data: bytes, hit: StopEvent) -> None:
+        """A write that trips a watchpoint: claim the stop first, then write.
+        If another vCPU's stop came first, hold the write back with the hit
+        (both are released on the next resume), else two vCPUs' writes would
+        both land before GDB reads the "new" value (old 53, new 55)."""
+        ev = StopEvent(hit.kind, tid=v.index + 1, addr=hit.addr)
+
+        def defer(e: StopEvent) -> None:
+            self._pending[v.index] = e
+            self._deferred_writes.setdefault(v.index, []).append((phys, data))
+
+        self._write_claimed[v.index] = True
+        if self.m.request_stop(ev, keep_if_busy=defer):
+            self.mem.view[phys : phys + len(data)] = data
+
+    def _apply_deferred_writes(self, idx: int | None = None) -> None:
+        for i in ([idx] if idx is not None else list(self._deferred_writes)):
+            for phys, data in self._deferred_writes.pop(i, []):
+                self.mem.view[phys : phys + len(data)] = data
 
     def on_internal_error(self, v: Vcpu) -> bool:
         """An emulation failure; True when it was an INT3 we dealt with."""
@@ -674,6 +707,8 @@ class KvmTarget(
                 v.set_guest_debug(*previous)
                 v.drop_exception(UD_VECTOR)
         tid = v.index + 1
+        if self._write_claimed.pop(v.index, False):
+            return True  # its watched write already claimed (or deferred) the stop
         if hit is not None and stepped:
             ev = StopEvent(hit.kind, tid=tid, addr=hit.addr)
             self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
@@ -815,6 +850,7 @@ class KvmTarget(
         if not self._pending:
             return False
         idx, ev = self._pending.popitem()
+        self._apply_deferred_writes(idx)
         self.notifier.post(ev)
         return True
 
@@ -859,6 +895,7 @@ class KvmTarget(
                 self._apply_protection()
             self.attached = False
             self._pending.clear()
+            self._apply_deferred_writes()
             self._stepping = None
             for slot in self.m.vcpus:
                 slot.vcpu.set_guest_debug(0)

@@ -331,25 +331,27 @@ class KvmMachine:
             self._stops_posted += 1
             self.target.post_stop(ev)
 
-    def request_stop(self, event, keep_if_busy: Callable | None = None) -> None:
+    def request_stop(self, event, keep_if_busy: Callable | None = None) -> bool:
         """Stop every vCPU, then report ``event`` to the debugger.
 
         If a stop is already under way, or the machine is already stopped,
-        the first event wins; ``keep_if_busy`` is called with ours so the
-        caller may keep it for later (events that will not happen again).
+        the first event wins; ``keep_if_busy`` is called with ours (under the
+        lock, so nothing can interleave) so the caller may keep it for later
+        (events that will not happen again). True when ours won.
         """
         with self._cond:
             if self._ending:
-                return
+                return False
             if self._stop_event is not None or self._stopped:
                 if keep_if_busy is not None:
                     keep_if_busy(event)
-                return
+                return False
             self._stop_event = event
             for slot in self.vcpus:
                 slot.runnable = False
             self._kick_locked()
             self._maybe_post_locked()
+            return True
 
     def run_vcpus(self, which: dict[int, bool]) -> None:
         """Let the listed vCPU indexes run (the debug target has already
