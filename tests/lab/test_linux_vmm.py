@@ -202,3 +202,45 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
         vm.write("poweroff -f\n")
         result = vm.wait(120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# --- introspection through vmscope's own stub (issue 5 against our VMM) -----------------------
+
+
+def test_inspect_ps_through_vmscopes_own_stub(lab):
+    """`vmscope inspect ps` in L1, attached to vmscope's own stub on a live
+    Debian kernel (KASLR on, no vmlinux), lists the pids, parents and names
+    that the guest's own `ps` prints on its console."""
+    import json
+
+    from tests.e2e.test_inspect_qemu_linux import guest_ps
+    from tests.support import Gdb
+
+    with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
+        expect(vm, "waiting for gdb", 120)
+        gdb = Gdb(None, timeout=120)
+        try:
+            gdb.cmd("set architecture i386:x86-64")
+            connect(gdb, lab)
+            gdb.cmd("detach")  # the guest boots on, undebugged
+        finally:
+            gdb.close()
+        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        vm.write("sleep 600 &\nps -o pid,ppid,comm; echo ps-$((40 + 2))\n")
+        expect(vm, "ps-42")
+        console = vm.stdout
+        theirs = guest_ps(console[console.rfind("PID") : console.rfind("ps-42")])
+        assert len(theirs) > 10, console[-3000:]
+        r = lab.run(["python3", "-m", "vmscope", "inspect", "--gdb", f"127.0.0.1:{GDB_GUEST_PORT}",
+                     "--timeout", "60", "--json", "ps"], timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        ours = {row["pid"]: row for row in json.loads(r.stdout)}
+        for pid, (ppid, comm) in theirs.items():
+            if comm == "ps" or comm.startswith("kworker"):
+                continue  # ps has exited since; kworkers come and go
+            assert pid in ours, f"the guest has pid {pid} ({comm}), vmscope inspect does not"
+            assert (ours[pid]["comm"], ours[pid]["ppid"]) == (comm, ppid)
+        assert any(row["comm"] == "sleep" and row["kind"] == "user" for row in ours.values())
+        vm.write("poweroff -f\n")
+        result = vm.wait(120)
+    assert result.returncode == 0, result.stderr[-2000:]
