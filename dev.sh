@@ -45,8 +45,13 @@ install_python() {
   fi
   if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
     say "installing vmscope and its Python dependencies into $VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e '.[test]'
+    # build-backend warnings go to a log; shown only when the install fails
+    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+           "$VENV/bin/python" -m pip install -q -e '.[test]'; } >"$VENV/pip.log" 2>&1; then
+      cat "$VENV/pip.log" >&2
+      say "pip install failed (log: $VENV/pip.log)"
+      exit 1
+    fi
     touch "$VENV/.installed"
   fi
 }
