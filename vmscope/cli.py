@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
@@ -108,8 +109,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ImageError, MachineUnavailable) as e:
         _err(str(e))
         return 2
+    from vmscope.kvm.console import raw_terminal
+
     try:
-        status = machine.wait()
+        # raw mode: every key (Ctrl-C too) goes to the guest; Ctrl-A x quits
+        with raw_terminal(config.serial_in) if config.serial_in is not None else contextlib.nullcontext():
+            status = machine.wait()
     except KeyboardInterrupt:
         status = 130
     finally:

@@ -34,6 +34,11 @@ def raw_terminal(fd: int = 0):
     saved = termios.tcgetattr(fd)
     try:
         tty.setraw(fd)
+        # keep output processing (as QEMU does): the guest's "\n" still
+        # returns the cursor, instead of a staircase of lines
+        attrs = termios.tcgetattr(fd)
+        attrs[1] |= termios.OPOST | termios.ONLCR
+        termios.tcsetattr(fd, termios.TCSANOW, attrs)
         yield True
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
