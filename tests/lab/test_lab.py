@@ -115,12 +115,7 @@ def test_host_gdb_debugs_a_vmscope_stub_inside_l1(lab, accel):
     elf = Path(vmscope.__file__).parent / "guests/x86_64/demo.elf"
     cmd = f"python3 -m vmscope run --accel {accel} --gdb 0.0.0.0:{FORWARDED_GUEST_PORT}"
     with lab.spawn(cmd) as vm:
-        try:
-            vm.wait_for_output("waiting for gdb", timeout=300)
-        except LabTimeout:
-            if "cannot import name 'KvmMachine'" in vm.stderr:
-                pytest.xfail("vmscope.kvm does not export KvmMachine yet (the KVM back end is unwired)")
-            raise
+        vm.wait_for_output("waiting for gdb", timeout=300)
         port = lab.host_port(FORWARDED_GUEST_PORT)
         out = subprocess.run(
             [gdb, "-q", "-batch", "-nx", "-ex", f"target remote 127.0.0.1:{port}",

@@ -81,19 +81,13 @@ def test_arm64_host_gdb_multiarch_debugs_a_stub_inside_l1(arm64_lab, accel):
     from pathlib import Path
 
     import vmscope
-    from vmscope.lab import LabTimeout
 
     gdb = shutil.which("gdb-multiarch")
     if gdb is None:
         pytest.fail("gdb-multiarch is not installed (./dev.sh setup installs it)")
     elf = Path(vmscope.__file__).parent / "guests/aarch64/demo.elf"
     with arm64_lab.spawn(f"python3 -m vmscope run --accel {accel} --gdb 0.0.0.0:{FORWARDED_GUEST_PORT}") as vm:
-        try:
-            vm.wait_for_output("waiting for gdb", timeout=600)
-        except LabTimeout:
-            if "KVM back end runs x86_64 guests only" in vm.stderr:
-                pytest.xfail("vmscope's KVM back end has no aarch64 support yet")
-            raise
+        vm.wait_for_output("waiting for gdb", timeout=600)
         out = subprocess.run(
             [gdb, "-q", "-batch", "-nx", "-ex",
              f"target remote 127.0.0.1:{arm64_lab.host_port(FORWARDED_GUEST_PORT)}",
