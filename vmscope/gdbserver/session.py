@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 from typing import Callable
 
 from vmscope.gdbserver.target import (
@@ -29,6 +30,7 @@ from vmscope.gdbserver.target import (
     SwBreakpoints,
     Target,
     TargetError,
+    TargetFiles,
     ThreadNames,
     Watchpoints,
 )
@@ -41,6 +43,10 @@ PACKET_SIZE = 0x100000
 _MAX_MEMORY = (PACKET_SIZE - 32) // 2
 
 _WATCH_KINDS = {2: "write", 3: "read", 4: "access"}
+
+# GDB's File-I/O errno values (protocol constants, not the host's)
+FILEIO_ENOENT, FILEIO_EIO, FILEIO_EBADF, FILEIO_EACCES, FILEIO_EINVAL, FILEIO_ENOSYS = 2, 5, 9, 13, 22, 88
+_S_IFREG = 0o100000
 
 
 class Session:
@@ -58,6 +64,7 @@ class Session:
         self.inserted: set[tuple[int, int, int]] = set()  # (Z type, addr, kind)
         self.last_stop: StopEvent | None = None
         self._on_output = on_output
+        self._files: dict[int, bytes] = {}  # vFile descriptors -> contents
 
     # --- entry points ------------------------------------------------------
 
@@ -182,6 +189,8 @@ class Session:
             return self._breakpoint(req)
         if isinstance(req, P.Query):
             return self._query(req)
+        if isinstance(req, P.HostIo):
+            return self._host_io(req)
         if isinstance(req, P.Detach):
             if self.running:
                 return P.error(errno.EBUSY)
@@ -246,6 +255,50 @@ class Session:
             self.running = False
             raise
         return None
+
+    def _host_io(self, req: P.HostIo) -> bytes:
+        """vFile: read-only files the target makes (``target:`` paths in
+        GDB). Only open/pread/fstat/close are served; the rest says ENOSYS."""
+        if not isinstance(self.target, TargetFiles):
+            return P.EMPTY  # GDB: "remote target does not support file transfer"
+        op, args = req.op, req.args
+        if op == "setfs":
+            return P.fileio_reply(0)
+        if op == "open":
+            if len(args) != 3:
+                raise P.ProtocolError("vFile:open takes name,flags,mode")
+            path = P._unhex(args[0], "file name").decode("utf-8", "replace")
+            if P._hex(args[1], "flags") & 3:  # O_WRONLY / O_RDWR
+                return P.fileio_reply(-1, errno=FILEIO_EACCES)
+            try:
+                data = self.target.file_contents(path)
+            except FileNotFoundError:
+                return P.fileio_reply(-1, errno=FILEIO_ENOENT)
+            except TargetError as e:
+                # GDB only says "Input/output error": say why where the VMM runs
+                print(f"vmscope: cannot make target:{path}: {e}", file=sys.stderr, flush=True)
+                return P.fileio_reply(-1, errno=FILEIO_EIO)
+            fd = max(self._files, default=2) + 1
+            self._files[fd] = data
+            return P.fileio_reply(fd)
+        if op in ("pread", "close", "fstat"):
+            if not args:
+                raise P.ProtocolError(f"vFile:{op} takes a file descriptor")
+            fd = P._hex(args[0], "file descriptor")
+            if fd not in self._files:
+                return P.fileio_reply(-1, errno=FILEIO_EBADF)
+            data = self._files[fd]
+            if op == "close":
+                del self._files[fd]
+                return P.fileio_reply(0)
+            if op == "fstat":
+                return P.fileio_reply(64, _fio_stat(len(data)))
+            if len(args) != 3:
+                raise P.ProtocolError("vFile:pread takes fd,count,offset")
+            count, offset = P._hex(args[1], "count"), P._hex(args[2], "offset")
+            chunk = data[offset : offset + min(count, _MAX_MEMORY)]  # escapes may double it
+            return P.fileio_reply(len(chunk), chunk)
+        return P.fileio_reply(-1, errno=FILEIO_ENOSYS)
 
     def _breakpoint(self, req: P.Breakpoint) -> bytes:
         key = (req.type, req.addr, req.kind)
@@ -395,3 +448,10 @@ class Session:
             return P.EMPTY
         return f"triple:{triple.encode().hex()};endian:little;ptrsize:8;".encode()
 
+
+
+def _fio_stat(size: int) -> bytes:
+    """GDB's ``struct fio_stat`` (big-endian) for a read-only regular file."""
+    import struct
+
+    return struct.pack(">IIIIIIIQQQIII", 0, 0, _S_IFREG | 0o444, 1, 0, 0, 0, size, 4096, (size + 511) // 512, 0, 0, 0)

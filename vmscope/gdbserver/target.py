@@ -273,3 +273,15 @@ class ThreadNames(abc.ABC):
 
     @abc.abstractmethod
     def thread_name(self, tid: int) -> str: ...
+
+
+class TargetFiles(abc.ABC):
+    """Read-only files the stub serves to GDB's ``target:`` paths (the
+    ``vFile`` host I/O packets), e.g. ``add-symbol-file
+    target:/vmscope/kallsyms.elf``: files the target makes from guest state,
+    which GDB on another machine (or outside a lab VM) could not read."""
+
+    @abc.abstractmethod
+    def file_contents(self, path: str) -> bytes:
+        """The whole file. Raise FileNotFoundError for a path it does not
+        serve, TargetError when the file cannot be made now (say why)."""

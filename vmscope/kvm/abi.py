@@ -179,6 +179,22 @@ class KvmPitConfig(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class KvmEnableCap(ctypes.Structure):
+    _fields_ = [("cap", u32), ("flags", u32), ("args", u64 * 4), ("pad", u8 * 64)]
+
+
+class KvmMsrFilterRange(ctypes.Structure):
+    """One range of ``struct kvm_msr_filter``: a bitmap bit of 1 lets the
+    guest access the MSR (for the operations in ``flags``), 0 denies it,
+    which exits to user space when KVM_MSR_EXIT_REASON_FILTER is on."""
+
+    _fields_ = [("flags", u32), ("nmsrs", u32), ("base", u32), ("bitmap", ctypes.c_void_p)]
+
+
+class KvmMsrFilter(ctypes.Structure):
+    _fields_ = [("flags", u32), ("ranges", KvmMsrFilterRange * 16)]
+
+
 # kvm_run and its exit union (offset 32) --------------------------------------
 
 
@@ -206,6 +222,12 @@ class ExitEmulationFailure(ctypes.Structure):
     _fields_ = [("suberror", u32), ("ndata", u32), ("flags", u64), ("insn_size", u8), ("insn_bytes", u8 * 15)]
 
 
+class ExitMsr(ctypes.Structure):
+    """KVM_EXIT_X86_RDMSR/WRMSR: ``error`` is ours to set (1 = inject #GP)."""
+
+    _fields_ = [("error", u8), ("pad", u8 * 7), ("reason", u32), ("index", u32), ("data", u64)]
+
+
 class ExitSystemEvent(ctypes.Structure):
     _fields_ = [("type", u32), ("ndata", u32), ("data", u64 * 16)]
 
@@ -215,7 +237,7 @@ class ExitUnion(ctypes.Union):
         ("io", ExitIo), ("mmio", ExitMmio), ("debug", ExitDebug),
         ("fail_entry", ExitFailEntry), ("internal", ExitInternal),
         ("emulation_failure", ExitEmulationFailure),
-        ("system_event", ExitSystemEvent), ("padding", u8 * 256),
+        ("system_event", ExitSystemEvent), ("msr", ExitMsr), ("padding", u8 * 256),
     ]
 
 
@@ -256,6 +278,8 @@ KVM_SET_MP_STATE = _iow(0x99, KvmMpState)
 KVM_SET_GUEST_DEBUG = _iow(0x9B, KvmGuestDebug)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, KvmVcpuEvents)
 KVM_SET_VCPU_EVENTS = _iow(0xA0, KvmVcpuEvents)
+KVM_ENABLE_CAP = _iow(0xA3, KvmEnableCap)
+KVM_X86_SET_MSR_FILTER = _iow(0xC6, KvmMsrFilter)
 
 # capabilities
 KVM_CAP_IRQCHIP = 0
@@ -264,6 +288,15 @@ KVM_CAP_SET_TSS_ADDR = 4
 KVM_CAP_SET_GUEST_DEBUG = 23
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_X86_MSR_FILTER = 189
+
+# KVM_CAP_X86_USER_SPACE_MSR: which failed MSR accesses exit to user space
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+# struct kvm_msr_filter(_range) flags
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
 
 # memory-slot flags
 KVM_MEM_READONLY = 2
@@ -281,6 +314,8 @@ KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 KVM_EXIT_SYSTEM_EVENT = 24
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
 
 EXIT_NAMES = {v: k[len("KVM_EXIT_"):] for k, v in globals().items() if k.startswith("KVM_EXIT_")}
 
@@ -316,3 +351,5 @@ assert ctypes.sizeof(KvmGuestDebug) == 72
 assert ctypes.sizeof(KvmVcpuEvents) == 64
 assert ctypes.sizeof(KvmUserspaceMemoryRegion) == 32
 assert ctypes.sizeof(ExitUnion) == 256
+assert ctypes.sizeof(KvmEnableCap) == 104
+assert ctypes.sizeof(KvmMsrFilter) == 392

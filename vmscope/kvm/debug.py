@@ -54,11 +54,14 @@ from vmscope.gdbserver.target import (
     SwBreakpoints,
     Target,
     TargetError,
+    TargetFiles,
     ThreadNames,
     WatchKind,
     Watchpoints,
 )
 from vmscope.kvm import abi
+from vmscope.kvm.linux_support import MONITOR_HELP as LINUX_MONITOR_HELP
+from vmscope.kvm.linux_support import LinuxSupport
 from vmscope.kvm.paging import PAGE, Translator
 from vmscope.kvm.vcpu import Vcpu
 
@@ -147,8 +150,8 @@ class SwBreak:
 
 
 class KvmTarget(
-    Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
-    AddressTranslation, PhysicalMemory, ThreadNames,
+    LinuxSupport, Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
+    AddressTranslation, PhysicalMemory, ThreadNames, TargetFiles,
 ):
     arch = X86_64
 
@@ -340,6 +343,8 @@ class KvmTarget(
                     phys = self.translator.page(slot.vcpu, vpage)
                     if phys is not None:
                         break
+        if phys is None:  # the kernel caught at its entry, before its own page tables
+            phys = self.kernel_image_page(vpage)
         if phys is not None and not self.mem.contains(phys, PAGE):
             return None
         return phys
@@ -894,6 +899,7 @@ class KvmTarget(
                 self._exec_kind.clear()
                 self._apply_protection()
             self.attached = False
+            self.disarm_kernel_entry()
             self._pending.clear()
             self._apply_deferred_writes()
             self._stepping = None
@@ -920,6 +926,7 @@ class KvmTarget(
                 "  translate ADDR   guest-virtual ADDR -> guest-physical (current thread 1)\n"
                 "  regs             control registers and EFER of every vCPU\n"
                 "  memory           guest RAM's memfd (pid, fd) for vmscope inspect\n"
+                + LINUX_MONITOR_HELP +
                 f"watchpoints: {'debug registers, then ' if self.dr_watch else ''}page protection\n"
             )
         cmd, args = words[0], words[1:]
@@ -958,6 +965,9 @@ class KvmTarget(
                     f"cr4={s.cr4:#x} cr8={s.cr8:#x} efer={s.efer:#x}"
                 )
             return "\n".join(lines) + "\n"
+        linux = self.linux_monitor(cmd, args)
+        if linux is not None:
+            return linux
         return f"unknown monitor command {cmd!r}; try 'monitor help'\n"
 
 

@@ -128,7 +128,28 @@ class Vcpu:
         ctypes.memmove(struct.entries, entries, ctypes.sizeof(entries))
         ioctl(self.fd, abi.KVM_SET_CPUID2, struct, "KVM_SET_CPUID2")
 
+    def set_msrs(self, values: dict[int, int]) -> None:
+        msrs = abi.msrs_struct(len(values))()
+        msrs.nmsrs = len(values)
+        for i, (index, data) in enumerate(values.items()):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        n = ioctl(self.fd, abi.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
+        if n != len(values):
+            bad = list(values)[n]
+            raise OSError(f"KVM_SET_MSRS: KVM refused MSR {bad:#x}")
+
     # --- running -------------------------------------------------------------
+
+    def complete_pending_exit(self) -> None:
+        """Let KVM finish the instruction behind the exit just served (an
+        MSR or port access) without running further: KVM_RUN with
+        ``immediate_exit`` completes pending operations, then returns."""
+        self.run.immediate_exit = 1
+        try:
+            self.enter()
+        finally:
+            self.run.immediate_exit = 0
 
     def enter(self) -> bool:
         """One KVM_RUN. True when the guest exited with a reason to handle,

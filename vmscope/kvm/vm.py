@@ -495,6 +495,8 @@ class KvmMachine:
                 self._fatal(v, "halted with interrupts off")
         elif reason == abi.KVM_EXIT_SHUTDOWN:
             self._fatal(v, "triple fault (shutdown exit)")
+        elif reason in (abi.KVM_EXIT_X86_WRMSR, abi.KVM_EXIT_X86_RDMSR):
+            self.target.on_msr_exit(v)  # an MSR filter of the debug target
         elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
             self.end(0, None)
         elif reason == abi.KVM_EXIT_FAIL_ENTRY:

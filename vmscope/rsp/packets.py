@@ -163,13 +163,22 @@ class Kill:  # k / vKill
 
 
 @dataclass(frozen=True)
+class HostIo:
+    """``vFile:op:arg,arg...``: GDB's file I/O on the target's side
+    (``target:`` paths). ``args`` are raw (open's file name is hex)."""
+
+    op: str
+    args: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class Unknown:
     payload: bytes
 
 
 Request = Union[
     HaltReason, ReadRegisters, WriteRegisters, ReadRegister, WriteRegister, ReadMemory, WriteMemory,
-    Resume, VContQuery, SetThread, ThreadAlive, Breakpoint, Query, Detach, Kill, Unknown,
+    Resume, VContQuery, SetThread, ThreadAlive, Breakpoint, Query, Detach, Kill, HostIo, Unknown,
 ]
 
 
@@ -269,6 +278,12 @@ def _parse_v(payload: bytes) -> Request:
         return Resume(tuple(actions))
     if payload.startswith(b"vKill"):
         return Kill(vkill=True)
+    if payload.startswith(b"vFile:"):
+        op, _, args = payload[6:].partition(b":")
+        try:
+            return HostIo(op.decode("ascii"), tuple(args.split(b",")) if args else ())
+        except UnicodeDecodeError:
+            raise ProtocolError("non-ASCII vFile operation") from None
     return Unknown(payload)
 
 
@@ -276,6 +291,12 @@ def _parse_v(payload: bytes) -> Request:
 
 OK = b"OK"
 EMPTY = b""
+
+
+def fileio_reply(result: int, attachment: bytes | None = None, errno: int | None = None) -> bytes:
+    """``F result[,errno][;attachment]`` for vFile (GDB's File-I/O numbers)."""
+    head = (f"F{result:x}" if result >= 0 else f"F-{-result:x}") + (f",{errno:x}" if errno is not None else "")
+    return head.encode() + (b";" + attachment if attachment is not None else b"")
 
 
 def error(errno: int) -> bytes:

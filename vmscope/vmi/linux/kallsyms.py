@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import re
 import struct
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 from vmscope.vmi.errors import VmiError
 
@@ -228,6 +228,34 @@ def parse_kallsyms(img: bytes, base: int) -> Kallsyms:
             return Kallsyms(syms)
         reasons.append(f"token table at +0x{table_start:x}: no names/num_syms consistent with the markers")
     raise KallsymsNotFound("no kallsyms tables found in the kernel image" + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
+def scan_for_kallsyms(read: Callable[[int, int], bytes], start: int, end: int, chunk: int = 2 << 20,
+                      progress: Callable[[int, int], None] | None = None) -> Kallsyms:
+    """Read ``[start, end)`` chunk by chunk with ``read(addr, n)`` until
+    kallsyms decodes: the tables sit in ``.rodata``, so most of a kernel
+    image (and ``.bss`` after it) is never read. Works on virtual or
+    physical addresses alike (symbol addresses come from the tables)."""
+    buf = bytearray()
+    pos = start
+    err: Exception | None = None
+    while pos < end:
+        n = min(chunk, end - pos)
+        data = read(pos, n)
+        buf += data
+        pos += n
+        if progress:
+            progress(pos - start, end - start)
+        if DIGITS in buf[-n - len(DIGITS):] or pos >= end:
+            if pos < end:  # the token table may sit right at a chunk end: read one more
+                more = read(pos, min(chunk, end - pos))
+                buf += more
+                pos += len(more)
+            try:
+                return parse_kallsyms(bytes(buf), start)
+            except KallsymsNotFound as e:
+                err = e
+    raise KallsymsNotFound(f"kallsyms not found in 0x{start:x}-0x{end:x}: {err or 'no token table'}")
 
 
 def _decode_at(img: bytes, base: int, tokens: list[bytes], markers_start: int, markers: list[int],

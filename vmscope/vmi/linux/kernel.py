@@ -20,7 +20,7 @@ from vmscope.vmi.linux import clock, printk, symcache
 from vmscope.vmi.linux import modules as modules_mod
 from vmscope.vmi.linux import tasks as tasks_mod
 from vmscope.vmi.linux.btf import ARRAY, ENUM, ENUM64, INT, PTR, Btf, BtfError
-from vmscope.vmi.linux.kallsyms import Kallsyms, KallsymsNotFound, load_system_map, parse_kallsyms
+from vmscope.vmi.linux.kallsyms import Kallsyms, KallsymsNotFound, load_system_map, scan_for_kallsyms
 from vmscope.vmi.linux.kaslr import (DEFAULT_TEXT, START_KERNEL_MAP, KernelLocation, KernelNotFound,  # noqa: F401
                                      find_kernel_image)
 from vmscope.vmi.linux.modules import Module
@@ -104,27 +104,16 @@ class LinuxKernel:
         if system_map:
             return load_system_map(system_map, self.location.text)
         loc = self.location
-        total = loc.end - loc.text
-        buf = bytearray()
-        err: Exception | None = None
-        pos = loc.text
-        while pos < loc.end:
-            n = min(SCAN_CHUNK, loc.end - pos)
-            data, _holes = boot.read_partial(pos, n)
-            buf += data
-            pos += n
-            self._progress("scanning kernel image for kallsyms", pos - loc.text, total)
-            if b"0\x001\x002\x003\x004\x005\x006\x007\x008\x009\x00" in data[-n:] or pos >= loc.end:
-                try:
-                    # The token table may sit right at a chunk end: read one more.
-                    if pos < loc.end:
-                        more, _ = boot.read_partial(pos, min(SCAN_CHUNK, loc.end - pos))
-                        buf += more
-                        pos += len(more)
-                    return parse_kallsyms(bytes(buf), loc.text)
-                except KallsymsNotFound as e:
-                    err = e
-        raise KallsymsNotFound(f"kallsyms not found in the kernel image at 0x{loc.text:x}-0x{loc.end:x}: {err}")
+
+        def progress(done: int, total: int) -> None:
+            self._progress("scanning kernel image for kallsyms", done, total)
+
+        try:
+            return scan_for_kallsyms(lambda pos, n: boot.read_partial(pos, n)[0], loc.text, loc.end, SCAN_CHUNK,
+                                     progress)
+        except KallsymsNotFound as e:
+            raise KallsymsNotFound(f"kallsyms not found in the kernel image at 0x{loc.text:x}-0x{loc.end:x}: {e}") \
+                from None
 
     @property
     def btf(self) -> Btf:

@@ -1,0 +1,214 @@
+"""What the KVM debug target knows about Linux guests: kernel symbols for GDB.
+
+Why: a kernel engineer debugging a stock distribution kernel has no
+vmlinux and, with KASLR, no fixed addresses. The kernel's own kallsyms has
+every symbol at its relocated address. This mixin
+
+- decodes kallsyms from guest RAM (through the kernel's page tables once it
+  runs, or from physical memory where the decompressed kernel was caught
+  before it set up its own page tables),
+- serves it to GDB as an ELF symbol file on a ``target:`` path
+  (``add-symbol-file target:/vmscope/kallsyms.elf``), and
+- arms a stop at the decompressed kernel's entry (``monitor kernel-entry``),
+  so ``hbreak start_kernel`` can be set before the kernel's C code runs.
+
+Until the kernel has built its own page tables, no vCPU maps the kernel's
+virtual addresses; the image is contiguous in physical memory, so the
+translation of ``_text``..``_end`` is known from where it was caught.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from signal import SIGTRAP
+
+from vmscope.gdbserver.target import StopEvent, TargetError
+from vmscope.kvm import abi
+from vmscope.kvm.kernel_entry import KernelEntryTrap, KernelEntryUnavailable
+
+KALLSYMS_FILE = "/vmscope/kallsyms.elf"
+KERNEL_HALF = 1 << 63
+MAX_IMAGE = 1 << 30  # KERNEL_IMAGE_SIZE with KASLR
+
+MONITOR_HELP = (
+    "  kernel-entry     stop where the decompressed Linux kernel starts (before start_kernel)\n"
+    "  symbols          decode the kernel's kallsyms; gdb: add-symbol-file target:" + KALLSYMS_FILE + "\n"
+)
+
+NO_KERNEL_YET = (
+    "no decompressed Linux kernel in memory yet (at the first instruction it is still compressed); "
+    "run `monitor kernel-entry`, then `continue`"
+)
+
+
+@dataclass(frozen=True)
+class KernelImage:
+    symbols: object  # vmscope.vmi.linux.kallsyms.Kallsyms
+    text: int  # virtual _text
+    end: int  # virtual end of the image (last symbol, rounded up)
+    phys_text: int
+
+    @property
+    def slide(self) -> int:
+        from vmscope.vmi.linux.kaslr import DEFAULT_TEXT
+
+        return self.text - DEFAULT_TEXT
+
+
+class LinuxSupport:
+    """Mixin for :class:`vmscope.kvm.debug.KvmTarget` (needs ``self.m``,
+    ``self.mem``, ``self._lock``)."""
+
+    _entry_trap: KernelEntryTrap | None = None
+    _kernel_image: KernelImage | None = None
+    _symbol_file: bytes | None = None
+
+    # --- the kernel-entry stop ---------------------------------------------------------------
+
+    def arm_kernel_entry(self) -> str:
+        if self._entry_trap is None:
+            self._entry_trap = KernelEntryTrap(self.m.vm_fd)
+        try:
+            self._entry_trap.arm()
+        except KernelEntryUnavailable as e:
+            return f"kernel-entry: {e.strerror}\n"
+        return ("kernel-entry: armed; `continue` runs the decompressor and stops where the kernel starts, "
+                f"before start_kernel. Then: add-symbol-file target:{KALLSYMS_FILE}\n")
+
+    def disarm_kernel_entry(self) -> None:
+        if self._entry_trap is not None and self._entry_trap.armed:
+            self._entry_trap.disarm()
+
+    def on_msr_exit(self, v) -> None:
+        """A guest MSR access our filter deflected (KVM_EXIT_X86_RDMSR/WRMSR)."""
+        trap = self._entry_trap
+        if v.run.exit_reason == abi.KVM_EXIT_X86_WRMSR and trap is not None and trap.armed:
+            if trap.on_wrmsr(v) is not None:
+                self._kernel_image = self._symbol_file = None
+                self.m.request_stop(StopEvent("signal", tid=v.index + 1, signal=SIGTRAP))
+            return
+        v.run.exit.msr.error = 1  # not ours: the #GP the guest would get without a filter
+
+    # --- kernel symbols ------------------------------------------------------------------------
+
+    def kernel_image(self) -> KernelImage:
+        """The guest kernel's symbols and where its image is; decoded once.
+        Raises TargetError saying what is missing."""
+        if self._kernel_image is None:
+            self._kernel_image = self._find_kernel_image()
+        return self._kernel_image
+
+    def _find_kernel_image(self) -> KernelImage:
+        from vmscope.vmi.errors import VmiError
+
+        trap = self._entry_trap
+        if trap is not None and trap.caught is not None and not self._kernel_paging_on():
+            from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
+
+            start = trap.caught.phys_text
+            try:
+                syms = scan_for_kallsyms(self.mem.read, start, min(self.mem.size, start + MAX_IMAGE))
+            except (VmiError, IndexError) as e:
+                raise TargetError(f"no kallsyms in the kernel caught at physical {start:#x}: {e}") from None
+            return self._image_from(syms, start)
+        return self._image_through_page_tables()
+
+    def _kernel_paging_on(self) -> bool:
+        """Whether some vCPU's page tables map the kernel half already."""
+        for slot in self.m.vcpus:
+            if slot.online and slot.vcpu.sregs().cr3 and self._walk_kernel(slot.vcpu) is not None:
+                return True
+        return False
+
+    def _walk_kernel(self, v):
+        from vmscope.vmi.errors import VmiError
+        from vmscope.vmi.linux.kaslr import find_kernel_image
+        from vmscope.vmi.memory import BytesMemory
+
+        s = v.sregs()
+        if not s.efer & (1 << 10):  # not in long mode
+            return None
+        try:
+            return find_kernel_image(BytesMemory(self.mem.view), s.cr3, s.cr4)
+        except VmiError:
+            return None
+
+    def _image_through_page_tables(self) -> KernelImage:
+        from vmscope.vmi.address_space import AddressSpace
+        from vmscope.vmi.errors import VmiError
+        from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
+        from vmscope.vmi.memory import BytesMemory
+        from vmscope.vmi.paging.x86_64 import X86_64Paging
+
+        for slot in self.m.vcpus:
+            if not slot.online:
+                continue
+            loc = self._walk_kernel(slot.vcpu)
+            if loc is None:
+                continue
+            cr4 = slot.vcpu.sregs().cr4
+            boot = AddressSpace(X86_64Paging(BytesMemory(self.mem.view), loc.root, cr4=cr4))
+            try:
+                syms = scan_for_kallsyms(lambda pos, n: boot.read_partial(pos, n)[0], loc.text, loc.end)
+            except VmiError as e:
+                raise TargetError(f"no kallsyms in the kernel image at {loc.text:#x}: {e}") from None
+            return self._image_from(syms, loc.phys_text, loc.text)
+        raise TargetError(NO_KERNEL_YET)
+
+    @staticmethod
+    def _image_from(syms, phys_text: int, text: int | None = None) -> KernelImage:
+        if "_text" in syms:
+            text = syms["_text"]
+        if text is None:
+            raise TargetError("kallsyms has no _text symbol: cannot place the kernel image")
+        in_image = [s.address for s in syms.symbols if text <= s.address < text + MAX_IMAGE]
+        end = (max(in_image) + 0x1000) & ~0xFFF if in_image else text + 0x200000
+        if "_end" in syms and text < syms["_end"] <= text + MAX_IMAGE:
+            end = syms["_end"]
+        return KernelImage(syms, text, end, phys_text)
+
+    def kernel_image_page(self, vpage: int) -> int | None:
+        """Physical page of a kernel-image address while no vCPU maps it
+        yet (stopped at the kernel's entry): the image is contiguous."""
+        trap = self._entry_trap
+        if vpage < KERNEL_HALF or trap is None or trap.caught is None:
+            return None
+        try:
+            img = self.kernel_image()
+        except TargetError:
+            return None
+        if img.text <= vpage < img.end:
+            return img.phys_text + (vpage - img.text)
+        return None
+
+    def symbol_file(self) -> bytes:
+        from vmscope.vmi.linux.symfile import symbol_elf
+
+        if self._symbol_file is None:
+            self._symbol_file = symbol_elf(self.kernel_image().symbols.symbols, "x86_64")
+        return self._symbol_file
+
+    def file_contents(self, path: str) -> bytes:
+        if path != KALLSYMS_FILE:
+            raise FileNotFoundError(path)
+        if not self.m.stopped:
+            raise TargetError("the guest is running; interrupt it first")
+        return self.symbol_file()
+
+    # --- monitor ---------------------------------------------------------------------------------
+
+    def linux_monitor(self, cmd: str, args: list[str]) -> str | None:
+        """Text for the Linux monitor commands, None for other commands."""
+        if cmd == "kernel-entry":
+            return self.arm_kernel_entry()
+        if cmd == "symbols":
+            if not self.m.stopped:
+                return "symbols: the guest is running; interrupt it first (Ctrl-C)\n"
+            try:
+                img = self.kernel_image()
+            except TargetError as e:
+                return f"symbols: {e}\n"
+            return (f"{len(img.symbols)} kernel symbols from kallsyms: _text {img.text:#x} "
+                    f"(KASLR slide {img.slide:#x}), physical {img.phys_text:#x}\n"
+                    f"in gdb: add-symbol-file target:{KALLSYMS_FILE}\n")
+        return None
