@@ -334,7 +334,12 @@ class KvmTarget(
         return phys | (addr & (PAGE - 1))
 
     def _phys_page(self, vpage: int, tid: int) -> int | None:
-        """The selected vCPU's translation, then any other vCPU's."""
+        """The selected vCPU's translation, then any other vCPU's. The image
+        of a kernel caught at its entry comes first: the decompressor's page
+        tables (still loaded then) do not map it, or map it wrongly."""
+        image = self.kernel_image_page(vpage)
+        if image is not None:
+            return image
         first = self._vcpu(tid)
         phys = self.translator.page(first, vpage)
         if phys is None:
@@ -343,8 +348,6 @@ class KvmTarget(
                     phys = self.translator.page(slot.vcpu, vpage)
                     if phys is not None:
                         break
-        if phys is None:  # the kernel caught at its entry, before its own page tables
-            phys = self.kernel_image_page(vpage)
         if phys is not None and not self.mem.contains(phys, PAGE):
             return None
         return phys
@@ -866,7 +869,10 @@ class KvmTarget(
         return self.notifier.fd
 
     def take_stop(self) -> StopEvent | None:
-        return self.notifier.take()
+        event = self.notifier.take()
+        if event is not None:
+            self.prepare_stop()
+        return event
 
     def is_running(self) -> bool:
         return not self.m.stopped and not self.m.ending

@@ -19,6 +19,7 @@ translation of ``_text``..``_end`` is known from where it was caught.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from signal import SIGTRAP
 
@@ -62,6 +63,7 @@ class LinuxSupport:
     _entry_trap: KernelEntryTrap | None = None
     _kernel_image: KernelImage | None = None
     _symbol_file: bytes | None = None
+    _entry_stop_pending = False
 
     # --- the kernel-entry stop ---------------------------------------------------------------
 
@@ -85,9 +87,26 @@ class LinuxSupport:
         if v.run.exit_reason == abi.KVM_EXIT_X86_WRMSR and trap is not None and trap.armed:
             if trap.on_wrmsr(v) is not None:
                 self._kernel_image = self._symbol_file = None
+                self._entry_stop_pending = True
                 self.m.request_stop(StopEvent("signal", tid=v.index + 1, signal=SIGTRAP))
             return
         v.run.exit.msr.error = 1  # not ours: the #GP the guest would get without a filter
+
+    def prepare_stop(self) -> None:
+        """Called in the stub's thread with the stop in hand, every vCPU
+        parked. After the kernel-entry stop: decode kallsyms and build the
+        symbol file now, before the stop is reported. GDB waits for a stop
+        without a time limit, but gives a monitor reply or a file read 2 s
+        (``remotetimeout``); and not in the vCPU thread, where reading the
+        other vCPUs' registers would wait for their KVM_RUN to return (an AP
+        waiting for its SIPI never does)."""
+        if not self._entry_stop_pending:
+            return
+        self._entry_stop_pending = False
+        try:
+            self.symbol_file()
+        except (TargetError, ValueError) as e:
+            print(f"vmscope: kernel entry caught, but no symbols: {e}", file=sys.stderr, flush=True)
 
     # --- kernel symbols ------------------------------------------------------------------------
 
