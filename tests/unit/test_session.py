@@ -60,3 +60,71 @@ def test_monitor_help_and_unknown_packets(session):
     assert "help" in out
     assert session.handle(b"qNoSuchThing") == b""
     assert session.handle(b"m zz") == P.error(22)
+
+
+# --- vFile: files the target makes, read by GDB through target: paths ---------------------------
+
+class _FilesTarget:
+    """Adds TargetFiles to the emulated CPU's target (the KVM target serves
+    the kernel's kallsyms this way; this one serves a fixed blob, which is
+    enough for the packet layer)."""
+
+    BLOB = bytes(range(256)) * 40 + b"}$#*"  # bytes the framing must escape
+
+
+@pytest.fixture
+def files_session(session):
+    from vmscope.gdbserver.target import TargetError, TargetFiles
+
+    base = type(session.target)
+
+    def file_contents(self, path: str) -> bytes:
+        if path == "/vmscope/blob":
+            return _FilesTarget.BLOB
+        if path == "/vmscope/later":
+            raise TargetError("not available yet")
+        raise FileNotFoundError(path)
+
+    session.target.__class__ = type("WithFiles", (base, TargetFiles), {"file_contents": file_contents})
+    return session
+
+
+def _vfile(session, op: str, *args) -> bytes:
+    return session.handle(b"vFile:" + op.encode() + b":" + b",".join(a if isinstance(a, bytes) else a.encode()
+                                                                      for a in args))
+
+
+def test_vfile_open_pread_fstat_close(files_session):
+    s = files_session
+    assert _vfile(s, "setfs", "0") == b"F0"
+    reply = _vfile(s, "open", b"/vmscope/blob".hex().encode(), "0", "0")
+    assert reply.startswith(b"F") and int(reply[1:], 16) > 2
+    fd = reply[1:].decode()
+    st = _vfile(s, "fstat", fd)
+    head, _, stat = st.partition(b";")
+    assert head == b"F40" and len(stat) == 64
+    assert int.from_bytes(stat[28:36], "big") == len(_FilesTarget.BLOB)  # st_size
+    data = b""
+    while True:
+        head, _, chunk = _vfile(s, "pread", fd, "1000", f"{len(data):x}").partition(b";")
+        assert int(head[1:], 16) == len(chunk)
+        if not chunk:
+            break
+        data += chunk
+    assert data == _FilesTarget.BLOB
+    assert _vfile(s, "close", fd) == b"F0"
+    assert _vfile(s, "pread", fd, "10", "0") == b"F-1,9"  # EBADF
+
+
+def test_vfile_errors(files_session, capfd):
+    s = files_session
+    assert _vfile(s, "open", b"/etc/passwd".hex().encode(), "0", "0") == b"F-1,2"  # ENOENT
+    assert _vfile(s, "open", b"/vmscope/blob".hex().encode(), "1", "0") == b"F-1,d"  # write: EACCES
+    assert _vfile(s, "open", b"/vmscope/later".hex().encode(), "0", "0") == b"F-1,5"  # EIO ...
+    assert "not available yet" in capfd.readouterr().err  # ... and why, where the VMM runs
+    assert _vfile(s, "unlink", b"/vmscope/blob".hex().encode()) == b"F-1,58"  # ENOSYS
+    assert _vfile(s, "open", "zz", "0", "0") == P.error(22)  # malformed: EINVAL, no crash
+
+
+def test_vfile_is_unsupported_without_target_files(session):
+    assert _vfile(session, "open", b"/x".hex().encode(), "0", "0") == b""
