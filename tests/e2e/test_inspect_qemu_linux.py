@@ -152,6 +152,28 @@ def test_symbols_and_kaslr_match_proc_kallsyms(guest, facts, capsys):
     assert info["banner"].startswith("Linux version 6.") and info["memory_path"] == "qemu-shared-ram"
 
 
+def test_symbol_file_gives_gdb_the_kernels_symbols(guest, facts, capsys, tmp_path):
+    """`inspect symbols --elf` writes kallsyms as an ELF; stock gdb attached
+    to QEMU's own stub loads it and names kernel addresses (KASLR on)."""
+    from tests.support import Gdb
+
+    theirs = {parts[2]: int(parts[0], 16) for parts in (l.split() for l in facts["kallsyms"].splitlines())
+              if len(parts) == 3}
+    elf = tmp_path / "kallsyms.elf"
+    run_inspect(capsys, "symbols", "--elf", str(elf))
+    gdb = Gdb(None, timeout=120)
+    try:
+        gdb.cmd(f"target remote 127.0.0.1:{GDB_PORT}")
+        loaded = gdb.cmd(f"add-symbol-file {elf}")
+        assert "Reading symbols" in loaded, loaded
+        assert gdb.value("(long)&init_task") & (2**64 - 1) == theirs["init_task"]
+        assert "Linux version 6." in gdb.cmd("x/s &linux_banner")
+        assert gdb.cmd(f"info symbol {theirs['init_task'] + 8:#x}").startswith("init_task + 8 in section .data")
+        gdb.cmd("detach")
+    finally:
+        gdb.close()
+
+
 def test_regs_show_cr3_and_efer(guest, facts, capsys):
     regs = json.loads(run_inspect(capsys, "--json", "regs"))
     efer = int(regs["efer"], 16)
@@ -318,3 +340,4 @@ def test_ps_threads_lists_every_thread_of_a_process(guest, facts, capsys):
     assert all(r["comm"] == "threads" and r["kind"] == "user" for r in rows if r["tgid"] == theirs[0])
     processes = json.loads(run_inspect(capsys, "--json", "ps"))
     assert [r["pid"] for r in processes if r["tgid"] == theirs[0]] == [theirs[0]]  # leaders only
+

@@ -114,7 +114,12 @@ class Client:
                 except StubError:
                     pass
             self._send(b"D")
-            self._recv_packet(self.timeout)
+            if self._recv_packet(self.timeout).startswith(b"E"):
+                # QEMU's stub keeps "multiprocess" from an earlier GDB's
+                # qSupported for good and then wants the pid (else E22,
+                # and the guest stays stopped).
+                self._send(b"D;1")
+                self._recv_packet(self.timeout)
         except (ConnectionLost, StubTimeout):
             pass
         self.close()

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cr3", type=_int, help="page-table root to use (default: the kernel's)")
     t.add_argument("--pid", type=int, help="translate through this process's page tables")
     s = sub.add_parser("symbols", help="kernel symbols matching a regex or glob")
-    s.add_argument("pattern")
+    s.add_argument("pattern", nargs="?", default=".", help="regex or glob (default: all)")
+    s.add_argument("--elf", metavar="FILE",
+                   help="also write the matching symbols as an ELF symbol file for gdb's add-symbol-file")
     g = sub.add_parser("drgn", help="a Python prompt with a drgn Program over the guest (pip install drgn)")
     g.add_argument("-c", "--command", help="run this Python code instead of a prompt")
     g.add_argument("--vmlinux", help="vmlinux with DWARF, for types")
@@ -254,6 +256,15 @@ def cmd_translate(ins, args, out) -> int:
 def cmd_symbols(ins, args, out) -> int:
     syms = list(ins.kernel().symbols.search(args.pattern))
     rows = [{"name": s.name, "address": hex(s.address), "type": s.type} for s in syms]
+    if args.elf:
+        from vmscope.vmi.linux.symfile import symbol_elf
+
+        kernel = ins.kernel()
+        with open(args.elf, "wb") as f:
+            f.write(symbol_elf(syms, kernel.arch))
+        print(f"wrote {len(syms)} symbols to {args.elf}; in gdb: add-symbol-file {args.elf}", file=sys.stderr)
+        if not args.json:
+            return 0
     table = Table("ADDRESS", "T", "NAME", title=f"{len(rows)} symbols", title_justify="left")
     for s in syms[:5000]:
         table.add_row(f"{s.address:016x}", s.type, s.name)
