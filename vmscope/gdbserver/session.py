@@ -415,7 +415,7 @@ class Session:
         return (b"l" if offset + len(chunk) >= len(data) else b"m") + chunk
 
     def _threads_xml(self) -> str:
-        from xml.sax.saxutils import quoteattr
+        from vmscope.arch.registers import quoteattr
 
         rows = [
             f'  <thread id="{P.format_thread_id(tid)}" core="{tid - 1}" name={quoteattr(self._thread_name(tid))}/>'

@@ -21,6 +21,7 @@ import importlib.metadata
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -284,8 +285,9 @@ def source_image(root: Path | None = None,
     not rebuild the 140 MiB base)."""
     root = root or checkout_root()
     image = Initramfs()
-    skip = lambda rel: rel.endswith((".egg-info",)) or "/.pytest_cache" in f"/{rel}"
+    skip = lambda rel: rel.endswith((".egg-info",)) or "/.pytest_cache" in f"/{rel}" or "__pycache__" in rel
     image.add_tree(f"{SRC_DIR}/vmscope", root / "vmscope", exclude=skip)
+    _add_bytecode(image, f"{SRC_DIR}/vmscope", root / "vmscope")
     for extra in ("tests", "bench", "pyproject.toml"):
         p = root / extra
         if p.is_dir():
@@ -294,6 +296,33 @@ def source_image(root: Path | None = None,
             image.add_file(f"{SRC_DIR}/{extra}", p)
     _add_extra_files(image, extra_files or {})
     return image
+
+
+def _add_bytecode(image: Initramfs, dest: str, source: Path, python: str = DEFAULT_PYTHON) -> None:
+    """Bytecode for the package, as an installed package has it: L1's
+    ``/opt/vmscope/src`` is read-only to Python's cache, and compiling
+    vmscope's modules at every start took 0.2-1 s of each ``vmscope run``
+    there (TCG runs L1 slowly). Unchecked-hash .pyc files (valid whatever the
+    file times) made by this interpreter, so only when it is the lab's
+    Python version."""
+    import importlib.util
+    from importlib._bootstrap_external import _code_to_hash_pyc
+
+    if f"python{sys.version_info[0]}.{sys.version_info[1]}" != os.path.basename(python):
+        return
+    tag = sys.implementation.cache_tag
+    for py in sorted(source.rglob("*.py")):
+        if "__pycache__" in py.parts:
+            continue
+        data = py.read_bytes()
+        try:
+            code = compile(data, f"{dest}/{py.relative_to(source).as_posix()}", "exec", dont_inherit=True)
+        except SyntaxError:
+            continue  # Python reports it when the module is imported
+        rel = py.relative_to(source)
+        pyc = _code_to_hash_pyc(code, importlib.util.source_hash(data), checked=False)
+        image.add_bytes(f"{dest}/{rel.parent.as_posix()}/__pycache__/{py.stem}.{tag}.pyc".replace("/./", "/"),
+                        bytes(pyc))
 
 
 def build_lab_image(kernel: KernelPackage | None = None, python: str = DEFAULT_PYTHON,
