@@ -14,6 +14,8 @@ from one run on a noisy shared machine: compare within a run, not across.
     python bench/gdb_ops.py                       # x86_64: vmscope KVM vs QEMU KVM and TCG
     python bench/gdb_ops.py --arch aarch64        # vmscope emu vs qemu-system-aarch64 TCG
     python bench/gdb_ops.py --json out.json
+    python bench/gdb_ops.py --guest linux         # Debian kernel in the nested lab: vmscope vs QEMU -enable-kvm
+                                                  # (bench/gdb_linux.py; see its docstring)
 """
 
 from __future__ import annotations
@@ -160,8 +162,44 @@ def run_peer(name: str, cmd: list[str], gdb: str, elf: Path, args, mem_lo: int, 
         proc.wait(10)
 
 
+# (label, result key, target ratio vmscope / best QEMU)
+METRICS = [("stepi/s", "stepi_per_s", 2.0), ("memory MB/s", "mem_MBps", 10.0),
+           ("breakpoint hits/s (break)", "bp_hits_per_s", 1.5),
+           ("breakpoint hits/s (hbreak)", "hbreak_hits_per_s", 1.5)]
+
+
+def print_table(title: str, results: dict[str, dict], metrics=METRICS) -> dict[str, float]:
+    """One column per peer, then vmscope's figure over the best QEMU's.
+
+    Peers whose name starts with ``vmscope`` are ours, ``qemu`` theirs; a
+    QEMU figure of 0 (the operation hung or failed) gives no ratio. Returns
+    the ratios by result key."""
+    ours = next((v for k, v in results.items() if k.startswith("vmscope")), None)
+    qemus = {k: v for k, v in results.items() if k.startswith("qemu")}
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    table.add_column("ratio vs best QEMU", justify="right")
+    table.add_column("target", justify="right")
+    ratios = {}
+    for label, key, target in metrics:
+        row = [label] + [f"{results[n].get(key, 0.0):.1f}" for n in results]
+        if ours and qemus:
+            best = max(v.get(key, 0.0) for v in qemus.values())
+            ratios[key] = ours.get(key, 0.0) / best if best else float("inf")
+            row += [f"{ratios[key]:.2f}x" if best else "QEMU failed", f"{target:.1f}x"]
+        else:
+            row += ["-", f"{target:.1f}x"]
+        table.add_row(*row)
+    Console().print(table)
+    return ratios
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--guest", choices=["demo", "linux"], default="demo",
+                    help="demo: the bare-metal demo ELF on this host; linux: Debian's kernel in the nested lab")
     ap.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--hits", type=int, default=200)
@@ -169,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds for a peer's main gdb run")
     ap.add_argument("--swbreak-timeout", type=float, default=120, help="seconds for the software-breakpoint run")
     ap.add_argument("--json", type=Path)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--guest")
+    if pre.parse_known_args(argv)[0].guest == "linux":  # its own options and defaults (a lab, slower peers)
+        from bench import gdb_linux
+
+        return gdb_linux.main(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
 
     elf = guest_elf("demo", args.arch)
@@ -181,31 +225,12 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_peer(name, cmd, gdb, elf, args, base, base + args.dump_mib * 1024 * 1024)
         except Exception as e:  # one failed peer should not hide the others
             console.print(f"[red]{name} failed:[/] {e}")
-    ours = next((v for k, v in results.items() if k.startswith("vmscope")), None)
-    qemus = {k: v for k, v in results.items() if k.startswith("qemu")}
-    table = Table(title=f"gdb operations, {args.arch} demo guest ({args.steps} stepi, {args.dump_mib} MiB dump, "
-                        f"{args.hits} breakpoint hits)")
-    metrics = [("stepi/s", "stepi_per_s", 2.0), ("memory MB/s", "mem_MBps", 10.0),
-               ("breakpoint hits/s (break)", "bp_hits_per_s", 1.5), ("breakpoint hits/s (hbreak)", "hbreak_hits_per_s", 1.5)]
-    table.add_column("metric")
-    for name in results:
-        table.add_column(name, justify="right")
-    table.add_column("ratio vs best QEMU", justify="right")
-    table.add_column("target", justify="right")
-    ratios = {}
-    for label, key, target in metrics:
-        row = [label] + [f"{results[n][key]:.1f}" for n in results]
-        if ours and qemus:
-            best = max(v[key] for v in qemus.values())
-            ratios[key] = ours[key] / best if best else float("inf")
-            row += [f"{ratios[key]:.2f}x" if best else "QEMU failed", f"{target:.1f}x"]
-        else:
-            row += ["-", f"{target:.1f}x"]
-        table.add_row(*row)
-    Console().print(table)
+    title = (f"gdb operations, {args.arch} demo guest ({args.steps} stepi, {args.dump_mib} MiB dump, "
+             f"{args.hits} breakpoint hits)")
+    ratios = print_table(title, results, METRICS)
     if args.json:
         args.json.write_text(json.dumps({"arch": args.arch, "results": results, "ratios": ratios}, indent=2))
-    return 0 if ours else 1
+    return 0 if any(k.startswith("vmscope") for k in results) else 1
 
 
 if __name__ == "__main__":
