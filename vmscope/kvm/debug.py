@@ -686,6 +686,8 @@ class KvmTarget(
                 kind = self._exec_kind.get(rip, "swbreak")
                 self.m.request_stop(StopEvent(kind, tid=v.index + 1, signal=SIGTRAP))
                 return True
+            if self._run_rep_string(v, rip):
+                return True  # done whole; the next instruction faults (or not) on its own
             hit = self._decoded_read_hit(v, rip)
             with self._lock:
                 temp = dict(self.m.slots.protected)
@@ -722,6 +724,50 @@ class KvmTarget(
             self.m.request_stop(ev, keep_if_busy=lambda e: self._pending.__setitem__(v.index, e))
         elif stepped and self._stepping == v.index and self.attached:
             self.m.request_stop(StopEvent("signal", tid=tid, signal=SIGTRAP))
+        return True
+
+    def _run_rep_string(self, v: Vcpu, rip: int) -> bool:
+        """A ``rep stos``/``rep movs`` on a protected code page: run it whole
+        (:mod:`vmscope.kvm.rep_string`) rather than one iteration per step
+        (Linux's clear_bss sits beside start_kernel). Translations come from
+        KVM_TRANSLATE each time, not the per-stop cache: the guest runs."""
+        from vmscope.kvm import rep_string
+
+        try:
+            code = self.read_memory(rip, 15, v.index + 1)
+        except TargetError:
+            return False
+        s = v.sregs()
+        long_mode = bool(s.efer & (1 << 10)) and bool(s.cs.l)
+        if not long_mode and not s.cs.db:
+            return False  # 16-bit code: not ours to do
+
+        def phys_range(vaddr: int, n: int) -> list[tuple[int, int]] | None:
+            pieces: list[tuple[int, int]] = []
+            protected = self.m.slots.protected
+            cur, end = vaddr, vaddr + n
+            while cur < end:
+                try:
+                    phys = v.translate(cur & ~(PAGE - 1))
+                except OSError:
+                    return None
+                if phys is None or not self.mem.contains(phys, PAGE) or phys // PAGE in protected:
+                    return None
+                take = min(end, (cur & ~(PAGE - 1)) + PAGE) - cur
+                pieces.append((phys | (cur & (PAGE - 1)), take))
+                cur += take
+            return pieces
+
+        def write_phys(phys: int, data: bytes) -> None:
+            self.mem.view[phys : phys + len(data)] = data
+
+        r = v.regs()
+        regs = {"rip": r.rip, "rax": r.rax, "rcx": r.rcx, "rdi": r.rdi, "rsi": r.rsi, "eflags": r.rflags}
+        out = rep_string.emulate(regs, code, long_mode, phys_range, self.mem.read, write_phys)
+        if out is None:
+            return False
+        r.rip, r.rcx, r.rdi, r.rsi = out["rip"], out["rcx"], out["rdi"], out["rsi"]
+        v.set_regs(r)
         return True
 
     def _decoded_read_hit(self, v: Vcpu, rip: int) -> StopEvent | None:
