@@ -204,6 +204,58 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
+    """gdb attaches at the first instruction (the bzImage's decompressor,
+    KASLR not yet decided), asks to stop where the decompressed kernel
+    starts, loads the kernel's symbols from the stub (kallsyms as an ELF on
+    a target: path), and `hbreak start_kernel` then hits with KASLR on."""
+    from tests.support import Gdb
+
+    with lab.spawn(vm_command(cpus=2, extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
+        expect(vm, "waiting for gdb", 120)
+        gdb = Gdb(None, timeout=120)
+        try:
+            gdb.cmd("set architecture i386:x86-64")
+            connect(gdb, lab)
+            early = gdb.cmd("monitor symbols")
+            assert "kernel-entry" in early, early  # nothing decompressed yet: says what to do
+            armed = gdb.cmd("monitor kernel-entry")
+            assert "armed" in armed, armed
+            resume(gdb)
+            stop = gdb.wait_prompt(300)
+            assert "SIGTRAP" in stop, gdb.transcript()
+            entry_pc = gdb.value("$pc")
+            assert entry_pc < 1 << 32, f"the kernel's entry runs identity-mapped, got {entry_pc:#x}"
+            info = gdb.cmd("monitor symbols")
+            m = re.search(r"(\d+) kernel symbols .*_text (0x[0-9a-f]+) \(KASLR slide (0x[0-9a-f]+|-0x[0-9a-f]+)\)", info)
+            assert m and int(m.group(1)) > 50_000, info
+            assert int(m.group(2), 16) != 0xFFFFFFFF81000000, "KASLR should move the kernel"
+            loaded = gdb.cmd("add-symbol-file target:/vmscope/kallsyms.elf", timeout=300)
+            assert "Reading symbols" in loaded and "rror" not in loaded, loaded
+            start_kernel = gdb.value("(long)&start_kernel") & (2**64 - 1)
+            assert start_kernel >> 32 == 0xFFFFFFFF, hex(start_kernel)
+            gdb.cmd("hbreak start_kernel")
+            resume(gdb)
+            stop = gdb.wait_prompt(300)
+            assert re.search(r"[Bb]reakpoint 1, 0x[0-9a-f]+ in start_kernel \(\)", stop), gdb.transcript()
+            assert gdb.value("$pc") & (2**64 - 1) >= start_kernel
+            banner = gdb.cmd("x/s &linux_banner")
+            assert "Linux version 6." in banner, banner
+            assert "start_kernel" in gdb.cmd("info symbol $pc")
+            gdb.cmd("delete")
+            gdb.cmd("detach")
+        except BaseException:
+            print("\n".join(gdb.log))
+            print("vmscope:", vm.stdout[-2000:], vm.stderr[-2000:])
+            raise
+        finally:
+            gdb.close()
+        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        vm.write("poweroff -f\n")
+        result = vm.wait(120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # --- introspection through vmscope's own stub (issue 5 against our VMM) -----------------------
 
 
