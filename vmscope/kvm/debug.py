@@ -175,32 +175,63 @@ class KvmTarget(
         self._deferred_writes: dict[int, list[tuple[int, bytes]]] = {}
         self._write_claimed: dict[int, bool] = {}  # vCPU index -> its MMIO write claimed the stop
         self._msr_cache: dict[int, int] = {}
-        mode = os.environ.get("VMSCOPE_KVM_WATCH", "auto")
-        if mode not in ("auto", "pages", "debugregs"):
-            raise ValueError(f"VMSCOPE_KVM_WATCH must be auto, pages or debugregs, not {mode!r}")
-        caps = None
-        if mode == "auto":
-            from vmscope.kvm.probe import probe
-
-            try:
-                caps = probe()
-            except OSError:
-                caps = None
-        if mode == "auto":
-            self.dr_watch = caps.dr_write_watch if caps else not software_kvm()
-        else:
-            self.dr_watch = mode == "debugregs"
-        # Where KVM does not see INT3 or debug-register hits (KVM nested under
-        # QEMU's TCG SVM), execution breakpoints fall back to page protection.
-        bp_mode = os.environ.get("VMSCOPE_KVM_BREAKPOINTS", "auto")
-        if bp_mode not in ("auto", "pages", "native"):
-            raise ValueError(f"VMSCOPE_KVM_BREAKPOINTS must be auto, pages or native, not {bp_mode!r}")
-        self.sw_pages = bp_mode == "pages" or (bp_mode == "auto" and caps is not None and caps.int3 == "guest")
-        self.hw_pages = bp_mode == "pages" or (bp_mode == "auto" and caps is not None and not caps.dr_exec)
-        self.caps = caps
+        # Which debug mechanisms this KVM serves is measured by a probe VM
+        # (vmscope.kvm.probe), on first use: a VM that nobody debugs does not
+        # pay for it at start-up (0.3 s in the nested lab).
+        self._watch_mode = os.environ.get("VMSCOPE_KVM_WATCH", "auto")
+        if self._watch_mode not in ("auto", "pages", "debugregs"):
+            raise ValueError(f"VMSCOPE_KVM_WATCH must be auto, pages or debugregs, not {self._watch_mode!r}")
+        self._bp_mode = os.environ.get("VMSCOPE_KVM_BREAKPOINTS", "auto")
+        if self._bp_mode not in ("auto", "pages", "native"):
+            raise ValueError(f"VMSCOPE_KVM_BREAKPOINTS must be auto, pages or native, not {self._bp_mode!r}")
+        self._mechanisms: tuple[bool, bool, bool] | None = None
+        self._caps = None
         self._exec_pages: dict[int, int] = {}  # page-backed exec breakpoint -> guest-physical
         self._exec_kind: dict[int, str] = {}  # ... -> "swbreak" | "hwbreak"
         self._skip_exec: dict[int, int] = {}  # vCPU index -> breakpoint it resumes on
+
+    # --- debug mechanisms (probed on first use) ------------------------------------------
+
+    def _resolve_mechanisms(self) -> tuple[bool, bool, bool]:
+        """(dr_watch, sw_pages, hw_pages) for this host's KVM."""
+        if self._mechanisms is None:
+            caps = None
+            if "auto" in (self._watch_mode, self._bp_mode):
+                from vmscope.kvm.probe import probe
+
+                try:
+                    caps = probe()
+                except OSError:
+                    caps = None
+            if self._watch_mode == "auto":
+                dr_watch = caps.dr_write_watch if caps else not software_kvm()
+            else:
+                dr_watch = self._watch_mode == "debugregs"
+            # Where KVM does not see INT3 or debug-register hits (KVM nested
+            # under QEMU's TCG SVM), execution breakpoints use page protection.
+            bp = self._bp_mode
+            sw_pages = bp == "pages" or (bp == "auto" and caps is not None and caps.int3 == "guest")
+            hw_pages = bp == "pages" or (bp == "auto" and caps is not None and not caps.dr_exec)
+            self._caps = caps
+            self._mechanisms = (dr_watch, sw_pages, hw_pages)
+        return self._mechanisms
+
+    @property
+    def dr_watch(self) -> bool:
+        return self._resolve_mechanisms()[0]
+
+    @property
+    def sw_pages(self) -> bool:
+        return self._resolve_mechanisms()[1]
+
+    @property
+    def hw_pages(self) -> bool:
+        return self._resolve_mechanisms()[2]
+
+    @property
+    def caps(self):
+        self._resolve_mechanisms()
+        return self._caps
 
     # --- threads -------------------------------------------------------------------
 
