@@ -73,8 +73,10 @@ def make_machine(config, accel: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmscope.gdbserver.transport import GdbServer, parse_address
     from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
+
+    if args.gdb is not None:
+        from vmscope.gdbserver.transport import GdbServer, parse_address
 
     for label, path in (("kernel", args.kernel), ("initrd", args.initrd)):
         if path is not None and not path.is_file():

@@ -4,6 +4,21 @@
 :mod:`vmscope.gdbserver.target` for the interface a target implements.
 """
 
-from vmscope.gdbserver.session import Session  # noqa: F401
-from vmscope.gdbserver.target import StopEvent, Target, TargetError  # noqa: F401
-from vmscope.gdbserver.transport import GdbServer, parse_address, serve  # noqa: F401
+# Lazy: a target module importing vmscope.gdbserver.target must not pull in
+# the session and transport (and the RSP core) when no debugger is wanted.
+_EXPORTS = {
+    "Session": "vmscope.gdbserver.session",
+    "StopEvent": "vmscope.gdbserver.target", "Target": "vmscope.gdbserver.target",
+    "TargetError": "vmscope.gdbserver.target",
+    "GdbServer": "vmscope.gdbserver.transport", "parse_address": "vmscope.gdbserver.transport",
+    "serve": "vmscope.gdbserver.transport",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
