@@ -234,6 +234,10 @@ def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
             assert "Reading symbols" in loaded and "rror" not in loaded, loaded
             start_kernel = gdb.value("(long)&start_kernel") & (2**64 - 1)
             assert start_kernel >> 32 == 0xFFFFFFFF, hex(start_kernel)
+            # before the kernel's own page tables exist, its image translates from where it was caught
+            phys_text = int(re.search(r"physical (0x[0-9a-f]+)", info).group(1), 16)
+            text = int(m.group(2), 16)
+            assert f"{start_kernel:#x} -> {phys_text + start_kernel - text:#x}" in gdb.cmd("monitor translate start_kernel")
             gdb.cmd("hbreak start_kernel")
             resume(gdb)
             stop = gdb.wait_prompt(300)

@@ -1006,7 +1006,7 @@ class KvmTarget(
                 "vmscope KVM monitor commands:\n"
                 "  help             this text\n"
                 "  cpus             mode, rip and cr3 of every vCPU\n"
-                "  translate ADDR   guest-virtual ADDR -> guest-physical (current thread 1)\n"
+                "  translate ADDR   guest-virtual ADDR (a number, or a kernel symbol[+off]) -> guest-physical\n"
                 "  regs             control registers and EFER of every vCPU\n"
                 "  memory           guest RAM's memfd (pid, fd) for vmscope inspect\n"
                 + LINUX_MONITOR_HELP +
@@ -1032,9 +1032,9 @@ class KvmTarget(
             if len(args) != 1:
                 return "usage: translate ADDR\n"
             try:
-                addr = int(args[0], 0)
-            except ValueError:
-                return f"translate: {args[0]!r} is not a number (use 0x... for hex)\n"
+                addr = self.resolve_address(args[0])
+            except ValueError as e:
+                return f"translate: {e}\n"
             try:
                 return f"{addr:#x} -> {self.translate(addr, 1):#x}\n"
             except TargetError as e:

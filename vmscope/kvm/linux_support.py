@@ -214,6 +214,26 @@ class LinuxSupport:
             raise TargetError("the guest is running; interrupt it first")
         return self.symbol_file()
 
+    def resolve_address(self, text: str) -> int:
+        """A number (0x.. for hex), or a kernel symbol with an optional
+        ``+offset``, from kallsyms. ValueError says what is wrong."""
+        try:
+            return int(text, 0)
+        except ValueError:
+            pass
+        name, _, off = text.partition("+")
+        try:
+            offset = int(off, 0) if off else 0
+        except ValueError:
+            raise ValueError(f"{text!r}: bad offset {off!r}") from None
+        try:
+            syms = self.kernel_image().symbols
+        except TargetError:
+            raise ValueError(f"{text!r} is not a number (use 0x... for hex), and no kernel symbols are known") from None
+        if name not in syms:
+            raise ValueError(f"{name!r} is neither a number nor a kernel symbol")
+        return syms[name] + offset
+
     # --- monitor ---------------------------------------------------------------------------------
 
     def linux_monitor(self, cmd: str, args: list[str]) -> str | None:
