@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--arch", choices=["x86_64", "aarch64"], default=None, help="guest architecture (default: host's)")
     run.add_argument("--accel", choices=["auto", "kvm", "emu"], default="auto",
                      help="kvm, the emulated CPU, or auto (KVM when usable; default)")
+    run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                     help="log more (-vv for protocol detail); also before 'run'")
     run.set_defaults(func=cmd_run)
 
     guest = sub.add_parser("guest", help="write guest images")
