@@ -9,6 +9,7 @@ gdb on the host via a forwarded port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -131,18 +132,34 @@ def thread_cs(gdb) -> list[int]:
     return out
 
 
+@contextlib.contextmanager
+def host_gdb(vm):
+    """Stock gdb on the host for a `vmscope run --gdb` in L1; on failure
+    prints gdb's transcript and vmscope's last output."""
+    from tests.support import Gdb
+
+    gdb = Gdb(None, timeout=120)
+    try:
+        gdb.cmd("set architecture i386:x86-64")
+        yield gdb
+    except BaseException:
+        print("\n".join(gdb.log))
+        print("vmscope:", vm.stdout[-2000:], vm.stderr[-2000:])
+        raise
+    finally:
+        if os.environ.get("VMSCOPE_SHOW_GDB"):
+            print("\n".join(gdb.log))
+        gdb.close()
+
+
 def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
     """Stock gdb on the host, vmscope's stub in L1: two vCPU threads, kernel
     data read while both vCPUs run user code, a breakpoint on a syscall the
     shell makes, stepi, and a watchpoint on jiffies; KASLR on throughout."""
-    from tests.support import Gdb
-
     cmd = vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")
     with lab.spawn(cmd) as vm:
         expect(vm, "waiting for gdb", 120)
-        gdb = Gdb(None, timeout=120)
-        try:
-            gdb.cmd("set architecture i386:x86-64")
+        with host_gdb(vm) as gdb:
             connect(gdb, lab)
             threads = gdb.cmd("info threads")
             assert len(re.findall(r"Thread \d+", threads)) == 2, threads
@@ -191,14 +208,6 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
             assert re.search(r"[Ww]atchpoint 2.*\n+Old value = \d+\nNew value = \d+", stop), gdb.transcript()
             gdb.cmd("delete")
             gdb.cmd("detach")
-        except BaseException:
-            print("\n".join(gdb.log))
-            print("vmscope:", vm.stdout[-2000:], vm.stderr[-2000:])
-            raise
-        finally:
-            if os.environ.get("VMSCOPE_SHOW_GDB"):
-                print("\n".join(gdb.log))
-            gdb.close()
         vm.write("poweroff -f\n")
         result = vm.wait(120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -209,13 +218,9 @@ def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
     KASLR not yet decided), asks to stop where the decompressed kernel
     starts, loads the kernel's symbols from the stub (kallsyms as an ELF on
     a target: path), and `hbreak start_kernel` then hits with KASLR on."""
-    from tests.support import Gdb
-
     with lab.spawn(vm_command(cpus=2, extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
         expect(vm, "waiting for gdb", 120)
-        gdb = Gdb(None, timeout=120)
-        try:
-            gdb.cmd("set architecture i386:x86-64")
+        with host_gdb(vm) as gdb:
             connect(gdb, lab)
             early = gdb.cmd("monitor symbols")
             assert "kernel-entry" in early, early  # nothing decompressed yet: says what to do
@@ -248,12 +253,6 @@ def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
             assert "start_kernel" in gdb.cmd("info symbol $pc")
             gdb.cmd("delete")
             gdb.cmd("detach")
-        except BaseException:
-            print("\n".join(gdb.log))
-            print("vmscope:", vm.stdout[-2000:], vm.stderr[-2000:])
-            raise
-        finally:
-            gdb.close()
         expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
         vm.write("poweroff -f\n")
         result = vm.wait(120)
