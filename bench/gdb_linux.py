@@ -26,7 +26,7 @@ so QEMU's KVM_SET_GUEST_DEBUG breakpoints may never report; a phase that
 times out or stops elsewhere counts as 0 and the notes below the table say
 what happened. vmscope uses page-protection breakpoints there.
 
-    python bench/gdb_ops.py --guest linux [--steps 300] [--hits 30] [--dump-mib 4] [--json out.json]
+    python bench/gdb_ops.py --guest linux [--steps 500] [--hits 30] [--dump-mib 8] [--json out.json]
 
 Numbers are from one run on a noisy machine, with L1 itself emulated: compare
 within a run, not across.
@@ -75,9 +75,20 @@ set architecture i386:x86-64
 target remote 127.0.0.1:{port}
 """
 
+# Lines for the bench go to a file as well as to gdb's output: a gdb killed
+# at its time limit may not have flushed its output pipe.
+REPORT = r"""
+python
+def report(line):
+    print(line)
+    with open({report!r}, "a") as f:
+        f.write(line + "\n")
+end
+"""
+
 # Python run inside gdb: find a vCPU stopped in kernel code, attaching again
 # (every attach stops all vCPUs) until one is.
-FIND_KERNEL = PRELUDE + r"""
+FIND_KERNEL = PRELUDE + REPORT + r"""
 python
 import gdb, time
 KERNEL = 0xffff800000000000
@@ -102,7 +113,7 @@ while kernel_thread({busy}) is None and tries < {attempts}:
     tries += 1
 found = kernel_thread({busy}) is not None
 if not found:
-    print("NOTE no vCPU in kernel code after %d stops" % tries)
+    report("NOTE no vCPU in kernel code after %d stops" % tries)
 """
 
 # A vCPU's kernel page tables map all of kernel text (with or without PTI).
@@ -110,9 +121,9 @@ DUMP = FIND_KERNEL.replace("{busy}", "False") + r"""
 t = time.perf_counter()
 try:
     gdb.execute("dump binary memory {dump} {lo:#x} {hi:#x}", to_string=True)
-    print("RESULT mem_MBps=%.3f" % (({hi} - {lo}) / (time.perf_counter() - t) / 1e6))
+    report("RESULT mem_MBps=%.3f" % (({hi} - {lo}) / (time.perf_counter() - t) / 1e6))
 except gdb.error as e:
-    print("NOTE dump of kernel text failed: %s" % e)
+    report("NOTE dump of kernel text failed: %s" % e)
 end
 detach
 """
@@ -125,33 +136,35 @@ if found:
         gdb.execute("stepi", to_string=True)
         pcs.add(pc())
         if i % 50 == 49:
-            print("NOTE %d steps done" % (i + 1), flush=True)
-    print("RESULT stepi_per_s=%.2f" % ({steps} / (time.perf_counter() - t)))
-    print("NOTE from %#x (found in %d stop(s)): %d distinct pcs, %d of them in the kernel"
+            report("NOTE %d steps done" % (i + 1))
+    report("RESULT stepi_per_s=%.2f" % ({steps} / (time.perf_counter() - t)))
+    report("NOTE from %#x (found in %d stop(s)): %d distinct pcs, %d of them in the kernel"
           % (start, tries, len(pcs), sum(p >= KERNEL for p in pcs)))
 end
 detach
 """
 
 # N continues to a breakpoint on the syscall; the first hit is not timed.
-BREAK_HITS = PRELUDE + r"""
+BREAK_HITS = PRELUDE + REPORT + r"""
 python
 import gdb, time
 def pc():
     return int(gdb.parse_and_eval("$pc")) & (2**64 - 1)
 gdb.execute("{kind} *{addr:#x}", to_string=True)
+report("PROGRESS {kind} set, waiting for the first (untimed) hit")
 t = time.perf_counter()
 gdb.execute("continue", to_string=True)
-print("NOTE first stop (untimed) at %#x after %.1f s" % (pc(), time.perf_counter() - t), flush=True)
+report("NOTE first stop (untimed) at %#x after %.1f s" % (pc(), time.perf_counter() - t))
 at_bp, t = 0, time.perf_counter()
+report("START %f" % time.time())  # wall clock: the bench works out a partial rate if gdb is killed
 for i in range({hits}):
     gdb.execute("continue", to_string=True)
     at_bp += pc() == {addr}
-    print("PROGRESS %d stops, %d at the breakpoint, %.1f s" % (i + 1, at_bp, time.perf_counter() - t), flush=True)
+    report("PROGRESS %d stops, %d at the breakpoint, %.1f s" % (i + 1, at_bp, time.perf_counter() - t))
 rate = {hits} / (time.perf_counter() - t)
-print("RESULT {key}=%.2f" % (rate if at_bp == {hits} else 0.0))
+report("RESULT {key}=%.2f" % (rate if at_bp == {hits} else 0.0))
 if at_bp != {hits}:
-    print("NOTE only %d of {hits} stops were at the breakpoint (last at %#x)" % (at_bp, pc()))
+    report("NOTE only %d of {hits} stops were at the breakpoint (last at %#x)" % (at_bp, pc()))
 gdb.execute("delete", to_string=True)
 end
 detach
@@ -229,19 +242,29 @@ def run_gdb(script: str, timeout: float) -> tuple[str, bool]:
             return text(e.stdout) + text(e.stderr), True
 
 
-def collect(peer: Peer, phase: str, out: str, timed_out: bool, limit: float) -> None:
-    for key, value in re.findall(r"^RESULT (\w+)=([\d.]+)", out, re.M):
+def collect(peer: Peer, phase: str, reported: str, out: str, timed_out: bool, limit: float,
+            key: str | None = None, killed_at: float = 0.0) -> None:
+    """Results and notes from what the gdb script reported; gdb's own error lines."""
+    for key, value in re.findall(r"^RESULT (\w+)=([\d.]+)", reported, re.M):
         peer.results[key] = float(value)
-    peer.notes += [f"{phase}: {n}" for n in re.findall(r"^NOTE (.*)$", out, re.M)]
+    peer.notes += [f"{phase}: {n}" for n in re.findall(r"^NOTE (.*)$", reported, re.M)]
     if timed_out:
-        progress = re.findall(r"^PROGRESS (.*)$", out, re.M)
+        progress = re.findall(r"^PROGRESS (.*)$", reported, re.M)
         peer.notes.append(f"{phase}: no answer in {limit:.0f} s (gdb killed)"
                           + (f"; had {progress[-1]}" if progress else ""))
-    errors = [line for line in out.splitlines() if re.search(r"(?i)error|warning: remote|Remote connection", line)]
-    peer.notes += [f"{phase}: gdb: {line.strip()}" for line in errors[:3]]
+        start = re.search(r"^START ([\d.]+)$", reported, re.M)
+        hits = re.findall(r"^PROGRESS \d+ stops, (\d+) at the breakpoint", reported, re.M)
+        if key and start and hits and int(hits[-1]):
+            # hits until the time limit, over the time from the first timed continue to the kill
+            rate = int(hits[-1]) / (killed_at - float(start[1]))
+            peer.results[key] = rate
+            peer.notes.append(f"{phase}: partial rate {rate:.3f} hits/s ({hits[-1]} hits before the time limit)")
+    errors = [line for line in out.splitlines()
+              if re.search(r"(?i)error|cannot|warning: remote|Remote connection|aborted", line)]
+    peer.notes += [f"{phase}: gdb: {line.strip()}" for line in errors[:4]]
 
 
-def measure(lab, peer: Peer, args, dump_path: Path) -> None:
+def measure(lab, peer: Peer, args, workdir: Path) -> None:
     port = lab.host_port(peer.guest_port)
     console.print(f"[bold]{peer.name}[/]: {' '.join(peer.argv[-30:])}")
     with lab.spawn(peer.argv) as vm:
@@ -266,18 +289,20 @@ def measure(lab, peer: Peer, args, dump_path: Path) -> None:
         lo = syms["_text"]
         hi = lo + min(args.dump_mib * 1024 * 1024, text_bytes)
         limit = args.timeout if peer.waits_for_gdb else args.qemu_timeout
+        openat = syms["__x64_sys_openat"]
         phases = [
-            ("dump", DUMP.format(port=port, attempts=args.attempts, dump=dump_path, lo=lo, hi=hi)),
-            ("stepi", STEP.format(port=port, attempts=args.attempts, steps=args.steps)),
-            ("hbreak", BREAK_HITS.format(port=port, kind="hbreak", addr=syms["__x64_sys_openat"], hits=args.hits,
-                                         key="hbreak_hits_per_s")),
-            ("break", BREAK_HITS.format(port=port, kind="break", addr=syms["__x64_sys_openat"], hits=args.hits,
-                                        key="bp_hits_per_s")),
+            ("dump", DUMP, dict(attempts=args.attempts, dump=workdir / "text.bin", lo=lo, hi=hi)),
+            ("stepi", STEP, dict(attempts=args.attempts, steps=args.steps)),
+            ("hbreak", BREAK_HITS, dict(kind="hbreak", addr=openat, hits=args.hits, key="hbreak_hits_per_s")),
+            ("break", BREAK_HITS, dict(kind="break", addr=openat, hits=args.hits, key="bp_hits_per_s")),
         ]
-        for phase, script in phases:
+        for phase, template, params in phases:
+            report = workdir / f"{peer.guest_port}-{phase}.txt"
             t = time.monotonic()
-            out, timed_out = run_gdb(script, args.timeout if phase == "dump" else limit)
-            collect(peer, phase, out, timed_out, limit)
+            out, timed_out = run_gdb(template.format(port=port, report=str(report), **params),
+                                     args.timeout if phase == "dump" else limit)
+            collect(peer, phase, report.read_text() if report.exists() else "", out, timed_out, limit,
+                    key=params.get("key"), killed_at=time.time())
             console.print(f"  {phase}: {time.monotonic() - t:.0f} s "
                           + " ".join(f"{k}={v}" for k, v in peer.results.items()))
             if args.verbose:
@@ -287,6 +312,9 @@ def measure(lab, peer: Peer, args, dump_path: Path) -> None:
             shell("echo still-alive", 60)
         except Exception:
             alive = False
+        oopses = re.findall(r"(?m)^.*(?:BUG:|Oops|int3|general protection|Kernel panic|segfault).*$", vm.stdout)
+        if oopses:
+            peer.notes.append(f"the guest's console reported {len(oopses)} fault line(s), first: {oopses[0].strip()}")
         if not alive:
             peer.notes.append("the guest's shell no longer answers after the breakpoint phases; console tail: "
                               + " | ".join(vm.stdout[-600:].splitlines()[-6:]))
@@ -297,9 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--guest", choices=["linux"], default="linux", help=argparse.SUPPRESS)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--mem", type=int, default=512, help="guest MiB")
-    ap.add_argument("--steps", type=int, default=300, help="stepi commands in kernel code")
+    ap.add_argument("--steps", type=int, default=500, help="stepi commands in kernel code")
     ap.add_argument("--hits", type=int, default=30, help="timed breakpoint hits per kind")
-    ap.add_argument("--dump-mib", type=int, default=4, help="MiB of kernel text to dump (at most _etext - _text)")
+    ap.add_argument("--dump-mib", type=int, default=8, help="MiB of kernel text to dump (at most _etext - _text)")
     ap.add_argument("--attempts", type=int, default=20, help="stops tried to catch a vCPU in kernel code")
     ap.add_argument("--boot-timeout", type=float, default=400)
     ap.add_argument("--timeout", type=float, default=100, help="seconds for each of vmscope's gdb phases")
@@ -325,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and not peer.name.startswith(args.only):
                 continue
             try:
-                measure(lab, peer, args, Path(tmp) / "text.bin")
+                measure(lab, peer, args, Path(tmp))
             except Exception as e:  # one failed peer should not hide the other
                 peer.notes.append(f"failed: {type(e).__name__}: {str(e)[-1500:]}")
                 console.print(f"[red]{peer.name} failed:[/] {e}")
