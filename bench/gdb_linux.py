@@ -131,12 +131,13 @@ detach
 STEP = FIND_KERNEL.replace("{busy}", "True") + r"""
 if found:
     start, pcs = pc(), set()
+    report("PROGRESS stepping vCPU %d from %#x" % (gdb.selected_thread().num, start))
     t = time.perf_counter()
     for i in range({steps}):
         gdb.execute("stepi", to_string=True)
         pcs.add(pc())
-        if i % 50 == 49:
-            report("NOTE %d steps done" % (i + 1))
+        if i % 10 == 9:
+            report("PROGRESS %d steps done, at %#x" % (i + 1, pc()))
     report("RESULT stepi_per_s=%.2f" % ({steps} / (time.perf_counter() - t)))
     report("NOTE from %#x (found in %d stop(s)): %d distinct pcs, %d of them in the kernel"
           % (start, tries, len(pcs), sum(p >= KERNEL for p in pcs)))
