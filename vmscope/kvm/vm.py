@@ -123,6 +123,28 @@ class KvmMachine:
 
     # --- construction ---------------------------------------------------------
 
+    def _coalesce_console(self, mmap_size: int) -> None:
+        """Queue the console's character writes in KVM instead of exiting
+        for each (vmscope.kvm.devices.coalesced); without the capability
+        every write exits, as before."""
+        from vmscope.kvm.devices.coalesced import CoalescedPorts
+
+        try:
+            self.coalesced = CoalescedPorts(self.kvm_fd, self.vm_fd, self.vcpus[0].vcpu.fd, mmap_size, self.bus.write)
+        except OSError:
+            return
+        attach = getattr(self.serial, "use_coalescing", None)
+        if attach is not None:
+            attach(self.coalesced)
+
+    def flush_console(self) -> None:
+        """Replay console writes KVM still holds (before a report, at the end)."""
+        if self.coalesced is not None and self.coalesced.active:
+            try:
+                self.coalesced.drain()
+            except (ValueError, OSError):
+                pass
+
     def _create(self, config: MachineConfig) -> None:
         kvm = self.kvm_fd
         for cap, name in ((abi.KVM_CAP_USER_MEMORY, "user memory"), (abi.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"), (abi.KVM_CAP_SET_GUEST_DEBUG, "guest debug")):
@@ -179,6 +201,8 @@ class KvmMachine:
                     pass
         self._input = None
         self._storm = None
+        self.coalesced = None
+        self._coalesce_console(mmap_size)
         if self.plan.mode == "linux32":  # test guests may loop on a port on purpose (exit benchmarks)
             from vmscope.kvm.devices.storm import ExitStormDetector
 
@@ -258,6 +282,8 @@ class KvmMachine:
                 slot.thread.join(timeout=5)
         if self._input is not None:
             self._input.stop()
+        if self.coalesced is not None:
+            self.coalesced.close()
         self._release()
 
     def _release(self) -> None:
@@ -299,6 +325,7 @@ class KvmMachine:
                 slot.runnable = False
             self._kick_locked()
             self._cond.notify_all()
+        self.flush_console()
         if report:
             print(f"vmscope: {report}", file=sys.stderr, flush=True)
         if status is not None:
@@ -479,6 +506,16 @@ class KvmMachine:
         v = slot.vcpu
         run = v.run
         reason = run.exit_reason
+        coalesced = self.coalesced
+        if coalesced is not None and coalesced.active:
+            # Writes KVM queued come first; port exits are served under the
+            # ring's lock so the drain thread cannot interleave with them.
+            with coalesced.lock:
+                if coalesced.drain() and self._storm is not None:
+                    self._storm.reset()  # queued writes were exits too: no run of one port
+                if reason == abi.KVM_EXIT_IO:
+                    self._handle_io(v)
+                    return
         if reason == abi.KVM_EXIT_IO:
             self._handle_io(v)
         elif reason == abi.KVM_EXIT_MMIO:
@@ -510,6 +547,7 @@ class KvmMachine:
         self._handle_exit(self.vcpus[v.index])
 
     def _fatal(self, v: Vcpu, why: str) -> None:
+        self.flush_console()
         report = f"guest stopped: {why}; {v.summary()}"
         tail = getattr(self.serial, "console_tail", None)  # Linux guests' COM1 keeps the last lines
         if tail is not None and tail():

@@ -32,6 +32,7 @@ class Serial16550:
         self.ier = self.lcr = self.mcr = self.scr = 0
         self.dll, self.dlm = 0x0C, 0  # 9600 baud, as after reset
         self.fcr = 0
+        self._coalescer = None
 
     # --- host side -------------------------------------------------------
 
@@ -95,6 +96,24 @@ class Serial16550:
             self.mcr = value & 0x1F
         elif reg == SCR:
             self.scr = value
+        if reg != RBR_THR and self._coalescer is not None:
+            self._update_coalescing()
+
+    # --- coalesced output (vmscope.kvm.devices.coalesced) ------------------------------
+
+    def use_coalescing(self, coalescer) -> None:
+        """Let KVM queue character writes while :meth:`_polled` holds."""
+        self._coalescer = coalescer
+        self._update_coalescing()
+
+    def _polled(self) -> bool:
+        return not self.lcr & LCR_DLAB and not self.mcr & MCR_LOOP
+
+    def _update_coalescing(self) -> None:
+        try:
+            self._coalescer.set_zone(self.base + RBR_THR, 1, self._polled())
+        except OSError:
+            self._coalescer = None  # KVM refused: every write exits, as without it
 
 
 def _write_flush(stream: BinaryIO, data: bytes) -> None:

@@ -33,3 +33,8 @@ class ExitStormDetector:
             self._last[vcpu] = key
             self._run[vcpu] = 1
         return None
+
+    def reset(self) -> None:
+        """Other accesses happened (port writes KVM queued without exits)."""
+        self._last = [None] * len(self._last)
+        self._run = [0] * len(self._run)

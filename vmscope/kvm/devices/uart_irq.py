@@ -90,5 +90,11 @@ class InterruptingSerial(Serial16550):
                 self._thre_pending = True
         self._update()
 
+    def _polled(self) -> bool:
+        """Character writes are queued in KVM only while the guest polls the
+        line status (transmit interrupt off, as Linux's console does): a
+        driver that waits for the transmit interrupt must see each write
+        at once, or it would wait for the drain thread."""
+        return super()._polled() and not self.ier & IER_THRI
 
 __all__ = ["InterruptingSerial", "LSR_DR"]
