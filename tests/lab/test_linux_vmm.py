@@ -251,6 +251,8 @@ def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
             banner = gdb.cmd("x/s &linux_banner")
             assert "Linux version 6." in banner, banner
             assert "start_kernel" in gdb.cmd("info symbol $pc")
+            late = gdb.cmd("monitor kernel-entry")
+            assert "already runs" in late, late  # not armed for an entry that will not come again
             gdb.cmd("delete")
             gdb.cmd("detach")
         expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)

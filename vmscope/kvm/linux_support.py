@@ -68,6 +68,9 @@ class LinuxSupport:
     # --- the kernel-entry stop ---------------------------------------------------------------
 
     def arm_kernel_entry(self) -> str:
+        if self.m.stopped and self._kernel_paging_on():
+            return ("kernel-entry: the kernel already runs on its own page tables, so its entry is behind us; "
+                    f"its symbols are there now: add-symbol-file target:{KALLSYMS_FILE}\n")
         if self._entry_trap is None:
             self._entry_trap = KernelEntryTrap(self.m.vm_fd)
         try:
