@@ -156,6 +156,7 @@ report("PROGRESS {kind} set, waiting for the first (untimed) hit")
 t = time.perf_counter()
 gdb.execute("continue", to_string=True)
 report("NOTE first stop (untimed) at %#x after %.1f s" % (pc(), time.perf_counter() - t))
+report("PROGRESS first stop, no timed hit yet")
 at_bp, t = 0, time.perf_counter()
 report("START %f" % time.time())  # wall clock: the bench works out a partial rate if gdb is killed
 for i in range({hits}):

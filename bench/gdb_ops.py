@@ -168,6 +168,11 @@ METRICS = [("stepi/s", "stepi_per_s", 2.0), ("memory MB/s", "mem_MBps", 10.0),
            ("breakpoint hits/s (hbreak)", "hbreak_hits_per_s", 1.5)]
 
 
+def _figure(value: float) -> str:
+    """One decimal, or two for rates under 1/s (a crawling peer is not 0)."""
+    return f"{value:.2f}" if 0 < value < 1 else f"{value:.1f}"
+
+
 def print_table(title: str, results: dict[str, dict], metrics=METRICS) -> dict[str, float]:
     """One column per peer, then vmscope's figure over the best QEMU's.
 
@@ -184,7 +189,7 @@ def print_table(title: str, results: dict[str, dict], metrics=METRICS) -> dict[s
     table.add_column("target", justify="right")
     ratios = {}
     for label, key, target in metrics:
-        row = [label] + [f"{results[n].get(key, 0.0):.1f}" for n in results]
+        row = [label] + [_figure(results[n].get(key, 0.0)) for n in results]
         if ours and qemus:
             best = max(v.get(key, 0.0) for v in qemus.values())
             ratios[key] = ours.get(key, 0.0) / best if best else float("inf")
