@@ -5,8 +5,9 @@ step as a user would: attach, registers, memory, breakpoints, watchpoints,
 stepping, threads, Ctrl-C, detach, a second debugger, kill.
 
 Back ends: the KVM micro-VMM on this machine's /dev/kvm (the demo guest and a
-second PVH guest with its own IDT and INT3s), and the emulated CPU (x86_64
-and aarch64, the latter through gdb-multiarch).
+second PVH guest with its own IDT and INT3s), the same VMM inside the nested
+lab (real KVM on QEMU TCG's SVM: page-protection breakpoints), and the
+emulated CPU (x86_64 and aarch64, the latter through gdb-multiarch).
 """
 
 from __future__ import annotations
@@ -27,16 +28,14 @@ BACKENDS = [
     pytest.param(("emu", "x86_64", "idt"), id="emu-x86_64-idt"),
     pytest.param(("emu", "aarch64", "demo"), id="emu-aarch64-demo"),
 ]
-# Hardware-KVM semantics (AMD SVM): vmscope inside the nested lab, gdb on the
-# host. Opt-in (VMSCOPE_LAB_SCENARIO=1) until `break tick` works there: under
-# TCG's SVM neither INT3 nor DR hits reach KVM, and the page-protection
-# fallback does not yet stop the demo guest (see the issue notes).
-if os.environ.get("VMSCOPE_LAB_SCENARIO") == "1":
-    BACKENDS.append(pytest.param(("lab-kvm", "x86_64", "demo"), id="lab-kvm-x86_64-demo",
-                                 marks=[pytest.mark.lab, pytest.mark.slow]))
+# Hardware-KVM semantics (AMD SVM): vmscope inside the nested lab (KVM on QEMU
+# TCG's SVM), gdb on the host through a forwarded port. There neither INT3 nor
+# debug-register hits reach KVM, so breakpoints use page protection.
+BACKENDS.append(pytest.param(("lab-kvm", "x86_64", "demo"), id="lab-kvm-x86_64-demo",
+                             marks=[pytest.mark.lab, pytest.mark.slow]))
 
-LAB_GUEST_PORT = 18900
-LAB_PORTS = (18901, 18999)
+LAB_GUEST_PORT = 25500
+LAB_PORTS = (25000, 25199)
 
 
 class LabVm:

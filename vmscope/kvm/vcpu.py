@@ -75,11 +75,13 @@ class Vcpu:
         ioctl(self.fd, abi.KVM_TRANSLATE, t, "KVM_TRANSLATE")
         return t.physical_address if t.valid else None
 
-    def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = (0,) * 8) -> None:
+    def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = (0,) * 8, force: bool = False) -> None:
         """KVM_SET_GUEST_DEBUG, skipped when nothing changed (it costs an
-        ioctl per resume otherwise)."""
+        ioctl per resume otherwise). ``force`` re-arms a single step: KVM
+        keeps TF only while rip is where it was at this call, so an
+        instruction KVM emulates (an MMIO write) drops the step after it."""
         key = (control, tuple(debugreg))
-        if key == self._debug:
+        if key == self._debug and not force:
             return
         dbg = abi.KvmGuestDebug(control=control)
         for i, v in enumerate(debugreg):
