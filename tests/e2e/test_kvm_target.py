@@ -387,3 +387,30 @@ def test_register_access_while_running_is_refused_not_hung(dbg):
     assert "running" in dbg.t.monitor("cpus")
     assert dbg.t.stop().kind == "signal"
     assert dbg.t.read_registers(1)["rip"]
+
+
+def test_page_breakpoint_on_tick_from_the_entry(monkeypatch):
+    """Page-protection breakpoints (what the nested lab uses), set at the
+    entry stop: the demo's page-table loop, its GDT (descriptor loads write
+    the accessed bit) and its data all share tick's page, and both vCPUs
+    run there. Every hit must stop exactly at tick, counters moving on."""
+    monkeypatch.setenv("VMSCOPE_KVM_BREAKPOINTS", "pages")
+    d = Debugged("demo", cpus=2)
+    try:
+        assert d.t.sw_pages
+        tick = d.sym["tick"]
+        d.t.add_sw_breakpoint(tick, 1)
+        counts = []
+        tids = set()
+        for _ in range(6):
+            ev = d.cont()
+            assert ev.kind == "swbreak", ev
+            assert d.t.read_registers(ev.tid)["rip"] == tick
+            tids.add(ev.tid)
+            counts.append(d.u64("counter"))
+        assert counts == sorted(counts) and counts[-1] > counts[0], counts
+        d.t.remove_sw_breakpoint(tick, 1)
+        d.t.detach()
+        assert d.out.wait_for(rb"cpu 1 up")
+    finally:
+        d.close()
