@@ -6,8 +6,9 @@ The guest is built on the host (a few bytes of code in a PVH ELF), copied in
 with ``lab.put`` and run with ``vmscope run --accel kvm`` in L1, as a user
 would. The module shares the session's lab (tests/lab/conftest.py).
 
-Not here: the exit-storm detector (vmscope.kvm.devices.storm) is armed for
-Linux guests only, so showing it in the lab would need a Linux boot.
+The exit-storm detector (vmscope.kvm.devices.storm) is armed for Linux
+guests only (bzImages): its guest is a synthetic bzImage whose 32-bit entry
+reads an unemulated port forever, no Linux boot needed.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import re
 import pytest
 
 from tests.unit.test_kvm_boot import make_pvh_elf
+from tests.unit.test_kvm_linux_boot import bzimage
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 UD2 = bytes.fromhex("0f0b")  # ud2 with no IDT: #UD -> #DF -> shutdown (triple fault)
 GUEST = "/tmp/vmscope-faults/ud2.elf"
+# 32-bit: mov $0x2e8,%dx; 1: in (%dx),%al; jmp 1b   (COM4: nothing answers there)
+PORT_SPIN = bytes.fromhex("66bae802" "ec" "ebfd")
+STORM_GUEST = "/tmp/vmscope-faults/storm.bzImage"
 
 
 def test_triple_fault_ends_the_vm_with_a_report(lab):
@@ -38,3 +43,12 @@ def test_triple_fault_ends_the_vm_with_a_report(lab):
     assert re.search(r"vmscope: guest stopped: triple fault", err), err[-2000:]
     assert re.search(r"vCPU 0: rip=0x[0-9a-f]+", err), f"no vCPU registers in the report\n{err[-2000:]}"
     assert "cr0=" in err or "rsp=" in err, f"the report lacks the register dump\n{err[-2000:]}"
+
+
+def test_exit_storm_ends_a_guest_spinning_on_a_port(lab):
+    lab.put(STORM_GUEST, bzimage(kernel=PORT_SPIN + b"\x90" * 4096))
+    r = lab.run(["timeout", "300", "python3", "-m", "vmscope", "run", "--accel", "kvm", "--kernel", STORM_GUEST,
+                 "--mem", "64"], timeout=500)
+    assert r.returncode == 1, f"exit {r.returncode} (124: hung until timeout)\n{r.stderr[-2000:]}"
+    assert re.search(r"guest stopped: exit storm: \d+ reads of port 0x2e8 in a row", r.stderr), r.stderr[-2000:]
+    assert re.search(r"vCPU 0: rip=0x10000[0-9a-f] .*rdx=0x2e8", r.stderr), r.stderr[-2000:]
