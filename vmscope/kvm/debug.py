@@ -74,6 +74,8 @@ DR6_BS = 1 << 14
 RFLAGS_TF = 1 << 8
 # instructions one vCPU single-steps on a protected page per exclusive turn
 PAGE_STEP_BATCH = 256
+# port exits one stepped instruction may take (string I/O) before we call the step lost
+MAX_IO_EXITS_PER_STEP = 64
 DR7_RW = {"exec": 0b00, "write": 0b01, "access": 0b11}
 DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
 WATCH_STOP_KIND = {"write": "watch", "read": "rwatch", "access": "awatch"}
@@ -737,14 +739,16 @@ class KvmTarget(
 
     def _step_on_watched_page(self, v: Vcpu, rip: int, page: int) -> tuple[str, object] | None:
         """Single-step ``v`` through code on the protected ``page``, with
-        the page mapped (read-only if a write watch lies on it) and the other
-        vCPUs parked, for as long as it stays on that page, up to
-        PAGE_STEP_BATCH instructions. Why in a batch: each protect/unprotect
-        is a memory-slot change, about 8 ms for KVM nested under TCG's SVM,
-        against well under 1 ms for a single step; the demo guest's
-        page-table loop (3,000 instructions beside ``tick``) took 100 s one
-        slot change pair per instruction. The bound lets the other vCPUs run
-        (one may spin waiting for this one) and a stop request in.
+        the page mapped read-only (writes to it still exit, for write
+        watches and data beside the code) and the other vCPUs parked, for as
+        long as it stays on that page, up to PAGE_STEP_BATCH instructions.
+
+        Why in a batch: each protect/unprotect is a memory-slot change,
+        1-20 ms for KVM nested under TCG's SVM (the lab), against a few ms
+        for a single step; the demo guest's page-table loop (4,000
+        instructions beside ``tick``) took minutes at one slot change pair
+        per instruction. The bound lets the other vCPUs run (one may spin
+        waiting for this one) and a stop request in.
 
         Returns ("watch", StopEvent) for a watched access, ("exec", address)
         for an execution breakpoint reached, ("step", None) when the last
@@ -775,7 +779,8 @@ class KvmTarget(
                     # straight over the breakpoint.
                     v.set_guest_debug(step_control, force=True)
                     stepped = False
-                    while v.enter():
+                    io_exits = 0
+                    while io_exits < MAX_IO_EXITS_PER_STEP and v.enter():
                         reason = v.run.exit_reason
                         if reason == abi.KVM_EXIT_DEBUG:
                             stepped = True
@@ -789,7 +794,10 @@ class KvmTarget(
                         self.m.handle_exit_of(v)
                         if reason != abi.KVM_EXIT_IO:
                             break
+                        io_exits += 1
                     if not stepped:
+                        # Also when the step trap got lost and the guest ran
+                        # on through port I/O: back to the protected page.
                         return result
                     result = ("step", None)
                     if self._write_claimed.get(v.index) or self.m.ending:
