@@ -12,7 +12,6 @@ emulated CPU (x86_64 and aarch64, the latter through gdb-multiarch).
 
 from __future__ import annotations
 
-import os
 import re
 import time
 
