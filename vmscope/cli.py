@@ -22,6 +22,19 @@ from vmscope import __version__
 DEFAULT_GDB_HOST = "127.0.0.1"
 
 
+def _console_input_fd() -> int | None:
+    """The fd whose bytes go to the guest's serial port: stdin, terminal or
+    not (``printf 'ls\\n' | vmscope run ...`` types into the guest's shell,
+    as QEMU's ``-serial stdio`` does). None when there is no stdin."""
+    try:
+        fd = sys.stdin.fileno() if sys.stdin is not None else None
+        if fd is not None:
+            os.fstat(fd)
+    except (OSError, ValueError):
+        return None
+    return fd
+
+
 def _err(message: str) -> None:
     print(f"vmscope: {message}", file=sys.stderr, flush=True)
 
@@ -85,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = MachineConfig(
         arch=args.arch, kernel=args.kernel, initrd=args.initrd, append=args.append or "",
         mem_mib=args.mem, cpus=args.cpus,
-        serial_in=sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None,
+        serial_in=_console_input_fd(),
     )
     server = None
     try:

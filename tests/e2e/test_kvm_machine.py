@@ -179,6 +179,23 @@ def test_serial_input_reaches_the_guest(tmp_path):
         os.close(r)
 
 
+def test_vmscope_run_types_piped_stdin_into_the_guest(tmp_path):
+    """Not only a terminal: `printf ... | vmscope run` feeds the serial port
+    (as QEMU's -serial stdio does), so scripts can drive a guest's shell."""
+    import subprocess
+    import sys
+
+    guest = tiny_guest(tmp_path, ECHO_PLUS_ONE)
+    proc = subprocess.Popen([sys.executable, "-m", "vmscope", "run", "--accel", "kvm", "--kernel", str(guest)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(b"HALq", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert b"IBM" in out, (out, err)
+
+
 def test_only_vcpu0_starts_without_the_vmscope_note(tmp_path):
     m = make_machine(kernel=tiny_guest(tmp_path, EXIT_42), cpus=2, serial_out=SerialSink())
     try:
