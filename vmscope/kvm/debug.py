@@ -35,6 +35,7 @@ software KVM (PVM) it copes with:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ from vmscope.kvm.vcpu import Vcpu
 if TYPE_CHECKING:
     from vmscope.kvm.vm import KvmMachine
 
+log = logging.getLogger(__name__)
+
 INT3 = 0xCC
 BP_VECTOR, DB_VECTOR, UD_VECTOR = 3, 1, 6
 DR6_BS = 1 << 14
@@ -76,6 +79,8 @@ RFLAGS_TF = 1 << 8
 PAGE_STEP_BATCH = 256
 # port exits one stepped instruction may take (string I/O) before we call the step lost
 MAX_IO_EXITS_PER_STEP = 64
+# seconds one stepped instruction may block in KVM_RUN with the others parked
+STEP_RUN_LIMIT = 0.25
 DR7_RW = {"exec": 0b00, "write": 0b01, "access": 0b11}
 DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
 WATCH_STOP_KIND = {"write": "watch", "read": "rwatch", "access": "awatch"}
@@ -179,6 +184,8 @@ class KvmTarget(
         self._deferred_writes: dict[int, list[tuple[int, bytes]]] = {}
         self._write_claimed: dict[int, bool] = {}  # vCPU index -> its MMIO write claimed the stop
         self._msr_cache: dict[int, int] = {}
+        self._watchdog = None  # a RunWatchdog, made on the first protected-page step
+        self.blocked_steps = 0  # protected-page steps that hit the watchdog's limit
         # Which debug mechanisms this KVM serves is measured by a probe VM
         # (vmscope.kvm.probe), on first use: a VM that nobody debugs does not
         # pay for it at start-up (0.3 s in the nested lab).
@@ -764,7 +771,8 @@ class KvmTarget(
             self.m.slots.set_protection(temp)
         writable = False
         previous = v.debug_state
-        step_control = abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP | abi.KVM_GUESTDBG_USE_SW_BP
+        step_control = (abi.KVM_GUESTDBG_ENABLE | abi.KVM_GUESTDBG_SINGLESTEP | abi.KVM_GUESTDBG_USE_SW_BP
+                        | self._step_irq_block())
         result: tuple[str, object] | None = None
         try:
             for _ in range(PAGE_STEP_BATCH):
@@ -780,24 +788,32 @@ class KvmTarget(
                     v.set_guest_debug(step_control, force=True)
                     stepped = False
                     io_exits = 0
-                    while io_exits < MAX_IO_EXITS_PER_STEP and v.enter():
-                        reason = v.run.exit_reason
-                        if reason == abi.KVM_EXIT_DEBUG:
-                            stepped = True
-                            break
-                        if reason == abi.KVM_EXIT_MMIO:
-                            # KVM loses the single-step trap after an emulated
-                            # MMIO write; the access ends the instruction anyway.
-                            hit = self._complete_mmio(v) or hit
-                            stepped = True
-                            break
-                        self.m.handle_exit_of(v)
-                        if reason != abi.KVM_EXIT_IO:
-                            break
-                        io_exits += 1
+                    # A time limit: with the others parked, this KVM_RUN may
+                    # never return (a PV-spinlock halt waiting for a parked
+                    # vCPU's kick; a lost step trap spinning on an IPI).
+                    with self._run_watchdog().limit(v, STEP_RUN_LIMIT) as timed_out:
+                        while io_exits < MAX_IO_EXITS_PER_STEP and v.enter():
+                            reason = v.run.exit_reason
+                            if reason == abi.KVM_EXIT_DEBUG:
+                                stepped = True
+                                break
+                            if reason == abi.KVM_EXIT_MMIO:
+                                # KVM loses the single-step trap after an emulated
+                                # MMIO write; the access ends the instruction anyway.
+                                hit = self._complete_mmio(v) or hit
+                                stepped = True
+                                break
+                            self.m.handle_exit_of(v)
+                            if reason != abi.KVM_EXIT_IO:
+                                break
+                            io_exits += 1
+                        blocked = timed_out()
+                    if blocked:
+                        self._note_blocked_step(v, rip)
                     if not stepped:
                         # Also when the step trap got lost and the guest ran
-                        # on through port I/O: back to the protected page.
+                        # on through port I/O, or the step blocked: back to
+                        # the protected page, and the others run meanwhile.
                         return result
                     result = ("step", None)
                     if self._write_claimed.get(v.index) or self.m.ending:
@@ -844,6 +860,36 @@ class KvmTarget(
                 self._apply_protection()
             v.set_guest_debug(*previous)
             v.drop_exception(UD_VECTOR)
+
+    def _step_irq_block(self) -> int:
+        """KVM_GUESTDBG_BLOCKIRQ where KVM has it: a single step runs one
+        instruction, not the interrupt handler KVM would inject first (as
+        QEMU's gdbstub steps). Why it matters: the handler runs with TF
+        clear, so the "step" runs on through it; a Linux guest's handler may
+        then spin or halt (paravirtual spinlock, interrupts off) waiting for
+        a vCPU the step keeps parked, and nothing ever exits (the nested
+        lab's soft lockups under page-protection breakpoints)."""
+        return abi.KVM_GUESTDBG_BLOCKIRQ & getattr(self.m, "guest_debug_flags", 0)
+
+    def _run_watchdog(self):
+        if self._watchdog is None:
+            from vmscope.kvm.run_watchdog import RunWatchdog
+            from vmscope.kvm.vm import KICK_SIGNAL
+
+            self._watchdog = RunWatchdog(KICK_SIGNAL)
+        return self._watchdog
+
+    def _note_blocked_step(self, v: Vcpu, rip: int) -> None:
+        """Say (at -v) where a step on a protected page blocked, and how."""
+        self.blocked_steps += 1
+        try:
+            state = {abi.KVM_MP_STATE_HALTED: "halted"}.get(v.mp_state(), "running")
+            now = v.regs()
+            where = f"rip {now.rip:#x}, rflags {now.rflags:#x}, {state}"
+        except OSError as e:
+            where = f"state unreadable: {e}"
+        log.info("vCPU %d: a step at %#x on a protected page did not return in %.2f s (%s); "
+                 "the other vCPUs run, the step is retried", v.index, rip, STEP_RUN_LIMIT, where)
 
     def _run_rep_string(self, v: Vcpu, rip: int) -> bool:
         """A ``rep stos``/``rep movs`` on a protected code page: run it whole
@@ -983,7 +1029,7 @@ class KvmTarget(
         if regs[7]:
             control |= abi.KVM_GUESTDBG_USE_HW_BP
         if step or on_hw_bp:
-            control |= abi.KVM_GUESTDBG_SINGLESTEP
+            control |= abi.KVM_GUESTDBG_SINGLESTEP | self._step_irq_block()
         if on_hw_bp and not step:
             self._step_over.add(v.index)
         v.set_guest_debug(control, regs)

@@ -121,6 +121,11 @@ class Vcpu:
             return True
         return False
 
+    def mp_state(self) -> int:
+        st = abi.KvmMpState()
+        ioctl(self.fd, abi.KVM_GET_MP_STATE, st, "KVM_GET_MP_STATE")
+        return st.mp_state
+
     def set_mp_state(self, state: int) -> None:
         ioctl(self.fd, abi.KVM_SET_MP_STATE, abi.KvmMpState(state), "KVM_SET_MP_STATE")
 

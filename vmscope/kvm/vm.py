@@ -151,6 +151,9 @@ class KvmMachine:
             if ioctl(kvm, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION") <= 0:
                 raise MachineUnavailable(f"{KVM_DEVICE} lacks the {name} capability vmscope needs")
         self.readonly_mem = ioctl(kvm, abi.KVM_CHECK_EXTENSION, abi.KVM_CAP_READONLY_MEM, "KVM_CHECK_EXTENSION") > 0
+        # KVM_GUESTDBG_* flags beyond the basic ones (BLOCKIRQ: Linux 5.15+); 0 where unknown
+        self.guest_debug_flags = max(0, ioctl(kvm, abi.KVM_CHECK_EXTENSION, abi.KVM_CAP_SET_GUEST_DEBUG2,
+                                              "KVM_CHECK_EXTENSION"))
         try:
             self.vm_fd = ioctl(kvm, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         except OSError as e:
