@@ -198,6 +198,16 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
             assert "Breakpoint 1" in stop, gdb.transcript()
             pc = gdb.value("$pc")
             assert pc == syms["__x64_sys_openat"]
+            # hit after hit with both vCPUs in a syscall loop: in the lab a
+            # step through the breakpoint's page once ran an interrupt handler
+            # into a halt waiting on the parked vCPU, and the hits stopped
+            loop = "while :; do cat /proc/version >/dev/null; done &"
+            vm.write(f"{loop} p1=$!\n{loop} p2=$!\n")
+            for _ in range(10):
+                resume(gdb)
+                stop = gdb.wait_prompt(120)
+                assert "Breakpoint 1" in stop and gdb.value("$pc") == pc, gdb.transcript()
+            vm.write("kill $p1 $p2\n")
             gdb.cmd("delete")
             gdb.cmd("stepi")
             assert gdb.value("$pc") != pc
