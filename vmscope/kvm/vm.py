@@ -57,6 +57,20 @@ def _install_kick_handler() -> None:
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
 
 
+def _reset_state_note(v: Vcpu) -> str:
+    """On AMD SVM, KVM resets the vCPU before it reports a shutdown (the
+    VMCB is undefined after one), so the registers read afterwards are the
+    reset state (rip 0xfff0, cs 0xf000), not the faulting ones: say so
+    rather than let a report point at the reset vector."""
+    try:
+        if v.regs().rip == 0xFFF0 and v.sregs().cs.selector == 0xF000:
+            return ("; KVM reset this vCPU before reporting the fault (AMD SVM does), so the registers "
+                    "below are its reset state, not where it faulted")
+    except OSError:
+        pass
+    return ""
+
+
 def open_kvm(path: str = KVM_DEVICE) -> int:
     """Open /dev/kvm and check the API version; MachineUnavailable says why not."""
     try:
@@ -534,7 +548,7 @@ class KvmMachine:
             else:
                 self._fatal(v, "halted with interrupts off")
         elif reason == abi.KVM_EXIT_SHUTDOWN:
-            self._fatal(v, "triple fault (shutdown exit)")
+            self._fatal(v, "triple fault (shutdown exit)" + _reset_state_note(v))
         elif reason in (abi.KVM_EXIT_X86_WRMSR, abi.KVM_EXIT_X86_RDMSR):
             self.target.on_msr_exit(v)  # an MSR filter of the debug target
         elif reason == abi.KVM_EXIT_SYSTEM_EVENT:
