@@ -293,7 +293,8 @@ def test_inspect_ps_through_vmscopes_own_stub(lab):
         finally:
             gdb.close()
         expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
-        vm.write("sleep 600 &\nps -o pid,ppid,comm; echo ps-$((40 + 2))\n")
+        # `sleep 1` first: a child ps catches between fork and exec shows as "exe" (busybox), later "sleep"
+        vm.write("sleep 600 &\nsleep 1; ps -o pid,ppid,comm; echo ps-$((40 + 2))\n")
         expect(vm, "ps-42")
         console = vm.stdout
         theirs = guest_ps(console[console.rfind("PID") : console.rfind("ps-42")])
