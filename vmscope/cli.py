@@ -35,6 +35,17 @@ def _console_input_fd() -> int | None:
     return fd
 
 
+def _stack_dumps_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack on stderr (vCPU
+    threads, the stub, the console) and the VMM runs on: how to see where
+    a VMM that seems hung is waiting, without a debugger for Python."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def _err(message: str) -> None:
     print(f"vmscope: {message}", file=sys.stderr, flush=True)
 
@@ -120,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             _err(f"waiting for gdb on {h}:{p} (in gdb: target remote {h}:{p}); the guest starts when it continues")
             server_thread = threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True)
             server_thread.start()
+        _stack_dumps_on_sigusr1()
         machine.start(paused=args.gdb is not None)
     except (ImageError, MachineUnavailable) as e:
         _err(str(e))

@@ -250,3 +250,29 @@ def test_debug_capability_probe_classifies_this_kvm():
     assert caps.int3 in ("debug", "emulation-failure", "guest"), caps
     if os.path.isdir("/sys/module/kvm_pvm"):
         assert (caps.dr_write_watch, caps.int3) == (False, "emulation-failure")
+
+
+def test_sigusr1_dumps_every_threads_stack_and_the_vm_runs_on():
+    """`kill -USR1` on a seemingly hung `vmscope run` shows where each
+    thread waits (the vCPU loops among them), without stopping the VM."""
+    import signal
+    import subprocess
+    import sys
+
+    require_kvm()
+    proc = subprocess.Popen([sys.executable, "-m", "vmscope", "run", "--accel", "kvm"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        deadline = time.monotonic() + 60
+        while b"cpu 0 up" not in out and time.monotonic() < deadline:
+            out += proc.stdout.read1(4096)
+        assert b"cpu 0 up" in out, out
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        assert proc.poll() is None, "SIGUSR1 ended vmscope"
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    text = err.decode(errors="replace")
+    assert "Thread 0x" in text and "_vcpu_loop" in text, text[-3000:]
