@@ -115,3 +115,60 @@ def test_garbage_never_raises(data):
     ep = Endpoint()
     ep.receive(data)
     ep.data_to_send()
+
+
+# --- '-' never puts a reply out of step (GDB sends '-' when its remotetimeout
+# expires while the stub is still working, in no-ack mode too) ---------------
+
+
+def test_no_ack_mode_ignores_nack():
+    ep = Endpoint()
+    ep.disable_acks()
+    ep.send(b"F3")
+    ep.data_to_send()
+    assert ep.receive(b"-") == [Nack()]
+    assert ep.data_to_send() == b"", "a '-' in no-ack mode must not resend the last reply"
+
+
+def test_nack_after_a_newer_request_retransmits_nothing():
+    ep = Endpoint()
+    ep.send(b"F3")  # the reply to an earlier request, not acknowledged yet
+    ep.data_to_send()
+    # the next request arrives, then the peer's timeout fires before our answer
+    assert ep.receive(frame(b"vFile:pread:3,1000,0") + b"-") == [Packet(b"vFile:pread:3,1000,0"), Nack()]
+    assert ep.data_to_send() == b"+", "the stale F3 must not be sent again"
+    ep.send(b"F0;")
+    assert ep.data_to_send() == frame(b"F0;")
+
+
+def test_each_nack_retransmits_once_until_acknowledged():
+    ep = Endpoint()
+    ep.send(b"OK")
+    ep.data_to_send()
+    ep.receive(b"--")
+    assert ep.data_to_send() == frame(b"OK") * 2  # once per '-'
+    ep.receive(b"+")
+    ep.receive(b"-")
+    assert ep.data_to_send() == b"", "an acknowledged packet is never sent again"
+
+
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=20), st.integers(0, 3)), max_size=12), st.booleans())
+def test_retrying_peer_gets_every_reply_in_step(exchanges, ack_mode):
+    """A peer that sends '-' some times right after each request (its timeout
+    fired) still receives, in order, exactly one answer per request."""
+    stub = Endpoint()
+    if not ack_mode:
+        stub.disable_acks()
+    peer = Endpoint()
+    if not ack_mode:
+        peer.disable_acks()
+    answers = []
+    for payload, nacks in exchanges:
+        wire = frame(payload) + b"-" * nacks
+        for ev in stub.receive(wire):
+            if isinstance(ev, Packet):
+                stub.send(b"re:" + ev.payload)
+        got = [e.payload for e in peer.receive(stub.data_to_send()) if isinstance(e, Packet)]
+        answers.append(got)
+        stub.receive(peer.data_to_send())  # the peer's '+' (ack mode)
+    assert answers == [[b"re:" + p] for p, _ in exchanges]

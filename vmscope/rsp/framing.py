@@ -55,7 +55,10 @@ class Ack:
 
 @dataclass(frozen=True)
 class Nack:
-    """The peer asked for the last packet again (it was retransmitted)."""
+    """The peer sent ``-``. In ack mode the last packet sent was queued again
+    if the peer had not yet acknowledged it or sent anything newer; in no-ack
+    mode nothing is retransmitted (a ``-`` there is GDB's note that its own
+    timeout expired, not a request for a stale reply)."""
 
 
 @dataclass(frozen=True)
@@ -222,11 +225,11 @@ class Endpoint:
                 i = end + 3
                 events.append(self._packet(c, body, cs_text))
             elif c == 0x2B:  # '+'
+                self._last_sent = None  # delivered: a later '-' is not about it
                 events.append(Ack())
                 i += 1
             elif c == 0x2D:  # '-'
-                if self._last_sent is not None:
-                    self._out += self._last_sent
+                self._retransmit()
                 events.append(Nack())
                 i += 1
             elif c == INTERRUPT:
@@ -237,6 +240,20 @@ class Endpoint:
         del buf[:i]
         self._scanned = max(0, self._scanned - i) if self._buf else 0
         return events
+
+    def _retransmit(self) -> None:
+        """Answer a ``-``: queue the last packet once more, in ack mode only.
+
+        A reply is retransmitted only while it is the newest thing on the
+        wire: once the peer has acknowledged it or sent a newer packet, a
+        ``-`` cannot be about it. GDB sends ``-`` when its own
+        ``remotetimeout`` expires while the stub is still working on the
+        answer, even in no-ack mode; re-sending the previous reply then would
+        put every later reply one behind its request (GDB's own gdbserver
+        ignores ``-`` in no-ack mode for the same reason).
+        """
+        if self.ack_mode and self._last_sent is not None:
+            self._out += self._last_sent
 
     def _packet(self, start: int, body: bytes, cs_text: bytes) -> Event:
         raw = bytes([start]) + body + b"#" + cs_text
@@ -256,6 +273,9 @@ class Endpoint:
             return BadPacket(raw, str(e))
         if start == 0x25:
             return Notification(payload)
+        # a newer packet from the peer: whatever we sent before has arrived,
+        # and a '-' from now on concerns the answer to this one
+        self._last_sent = None
         if self.ack_mode:
             self._out.append(0x2B)
         return Packet(payload)
