@@ -97,59 +97,71 @@ def make_machine(config, accel: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
+    from vmscope.startup import StartupClock
 
-    if args.gdb is not None:
-        from vmscope.gdbserver.transport import GdbServer, parse_address
+    clock = StartupClock()
+    try:
+        clock.enter("importing the stub" if args.gdb is not None else "checking the images")
+        from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
 
-    for label, path in (("kernel", args.kernel), ("initrd", args.initrd)):
-        if path is not None and not path.is_file():
-            _err(f"{label} image {path}: no such file")
+        if args.gdb is not None:
+            from vmscope.gdbserver.transport import GdbServer, parse_address
+
+        for label, path in (("kernel", args.kernel), ("initrd", args.initrd)):
+            if path is not None and not path.is_file():
+                _err(f"{label} image {path}: no such file")
+                return 2
+        config = MachineConfig(
+            arch=args.arch, kernel=args.kernel, initrd=args.initrd, append=args.append or "",
+            mem_mib=args.mem, cpus=args.cpus,
+            serial_in=_console_input_fd(),
+        )
+        server = None
+        try:
+            if args.gdb is not None:
+                try:
+                    host, port = parse_address(args.gdb, DEFAULT_GDB_HOST)
+                except ValueError as e:
+                    _err(f"--gdb: {e}")
+                    return 2
+            clock.enter(f"creating the machine ({args.accel}: VM, memory, kernel, devices, vCPUs)")
+            machine = make_machine(config, args.accel)
+            if args.gdb is not None:
+                clock.enter("opening the gdb port")
+                try:
+                    server = GdbServer(machine.debug_target(), host, port)
+                except OSError as e:
+                    machine.shutdown()
+                    _err(f"cannot listen for gdb on {host}:{port}: {e.strerror or e}")
+                    return 2
+                h, p = server.address
+                _err(f"waiting for gdb on {h}:{p} (in gdb: target remote {h}:{p}); the guest starts when it continues")
+                server_thread = threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True)
+                server_thread.start()
+            _stack_dumps_on_sigusr1()
+            clock.enter("starting the vCPU threads")
+            machine.start(paused=args.gdb is not None)
+            clock.done()
+        except (ImageError, MachineUnavailable) as e:
+            clock.done()
+            _err(str(e))
             return 2
-    config = MachineConfig(
-        arch=args.arch, kernel=args.kernel, initrd=args.initrd, append=args.append or "",
-        mem_mib=args.mem, cpus=args.cpus,
-        serial_in=_console_input_fd(),
-    )
-    server = None
-    try:
-        if args.gdb is not None:
-            try:
-                host, port = parse_address(args.gdb, DEFAULT_GDB_HOST)
-            except ValueError as e:
-                _err(f"--gdb: {e}")
-                return 2
-        machine = make_machine(config, args.accel)
-        if args.gdb is not None:
-            try:
-                server = GdbServer(machine.debug_target(), host, port)
-            except OSError as e:
-                machine.shutdown()
-                _err(f"cannot listen for gdb on {host}:{port}: {e.strerror or e}")
-                return 2
-            h, p = server.address
-            _err(f"waiting for gdb on {h}:{p} (in gdb: target remote {h}:{p}); the guest starts when it continues")
-            server_thread = threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True)
-            server_thread.start()
-        _stack_dumps_on_sigusr1()
-        machine.start(paused=args.gdb is not None)
-    except (ImageError, MachineUnavailable) as e:
-        _err(str(e))
-        return 2
-    from vmscope.kvm.console import raw_terminal
+        from vmscope.kvm.console import raw_terminal
 
-    try:
-        # raw mode: every key (Ctrl-C too) goes to the guest; Ctrl-A x quits
-        with raw_terminal(config.serial_in) if config.serial_in is not None else contextlib.nullcontext():
-            status = machine.wait()
-    except KeyboardInterrupt:
-        status = 130
+        try:
+            # raw mode: every key (Ctrl-C too) goes to the guest; Ctrl-A x quits
+            with raw_terminal(config.serial_in) if config.serial_in is not None else contextlib.nullcontext():
+                status = machine.wait()
+        except KeyboardInterrupt:
+            status = 130
+        finally:
+            if server is not None:
+                server.close()
+                server_thread.join(5)  # lets the last stop reply ("W", the exit status) reach GDB
+            machine.shutdown()
+        return int(status or 0)
     finally:
-        if server is not None:
-            server.close()
-            server_thread.join(5)  # lets the last stop reply ("W", the exit status) reach GDB
-        machine.shutdown()
-    return int(status or 0)
+        clock.done()  # a no-op once start-up ended; here for the early returns
 
 
 # --- guest ------------------------------------------------------------------------

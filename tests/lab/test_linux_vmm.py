@@ -223,6 +223,55 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_symbols_as_documented_with_stock_gdb_defaults(lab):
+    """docs/linux-vmm.md word for word, with stock gdb at its default
+    settings (remotetimeout 2 s): boot to the shell under gdb, Ctrl-C, then
+    `add-symbol-file target:/vmscope/kallsyms.elf` at once. The stub built
+    the file in the background as soon as the kernel ran, so gdb gets it
+    inside its timeout; and were it late, gdb's '-' would not put the
+    replies out of step. Then the documented commands work by name."""
+    import time
+
+    cmd = vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT} -v")
+    with lab.spawn(cmd) as vm:
+        expect(vm, "waiting for gdb", 120)
+        with host_gdb(vm) as gdb:
+            assert "is 2." in gdb.cmd("show remotetimeout"), "gdb must run with its default timeout"
+            connect(gdb, lab)
+            threads = gdb.cmd("info threads")
+            assert len(re.findall(r"Thread \d+", threads)) == 2, threads
+            resume(gdb)
+            expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+            gdb.interrupt(120)
+            t0 = time.monotonic()
+            loaded = gdb.cmd("add-symbol-file target:/vmscope/kallsyms.elf", timeout=120)
+            took = time.monotonic() - t0
+            print(f"add-symbol-file after Ctrl-C took {took:.2f} s; vmscope said: "
+                  + "; ".join(ln for ln in vm.stderr.splitlines() if "kernel symbols" in ln))
+            assert "Reading symbols" in loaded and "too much data" not in loaded and "rror" not in loaded, loaded
+            info = gdb.cmd("monitor symbols")
+            assert re.search(r"\d+ kernel symbols from kallsyms", info), info
+            banner = gdb.cmd("x/s &linux_banner")
+            assert "Linux version 6." in banner, banner
+            gdb.cmd("break __x64_sys_openat")
+            resume(gdb)
+            vm.write("cat /proc/version\n")
+            stop = gdb.wait_prompt(300)
+            assert re.search(r"Breakpoint 1, 0x[0-9a-f]+ in __x64_sys_openat \(\)", stop), gdb.transcript()
+            assert "__x64_sys_openat" in gdb.cmd("info symbol $pc")
+            gdb.cmd("delete")
+            gdb.cmd("watch *(long *)&jiffies")
+            resume(gdb)
+            stop = gdb.wait_prompt(300)
+            assert re.search(r"[Ww]atchpoint 2.*\n+Old value = \d+\nNew value = \d+", stop), gdb.transcript()
+            gdb.cmd("delete")
+            gdb.cmd("detach")
+        expect(vm, "/proc/version|Linux version", 60)
+        vm.write("poweroff -f\n")
+        result = vm.wait(120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
     """gdb attaches at the first instruction (the bzImage's decompressor,
     KASLR not yet decided), asks to stop where the decompressed kernel

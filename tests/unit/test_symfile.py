@@ -9,7 +9,7 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from vmscope.vmi.linux.kallsyms import Symbol
-from vmscope.vmi.linux.symfile import symbol_elf
+from vmscope.vmi.linux.symfile import slide_symbol_elf, symbol_elf
 
 TEXT = 0xFFFFFFFF9C000000  # a KASLR-moved _text
 SYMS = [
@@ -58,3 +58,23 @@ def test_gdb_reads_the_file(tmp_path):
 def test_no_kernel_symbols_is_an_error():
     with pytest.raises(ValueError, match="no kernel symbols"):
         symbol_elf([Symbol("cpu_number", 0x1A000, "D")])
+
+
+def test_a_slid_symbol_file_equals_one_built_at_the_new_placement():
+    delta = 0x2E00000
+    moved = [Symbol(s.name, s.address + delta if s.address >= TEXT else s.address, s.type) for s in SYMS]
+    assert slide_symbol_elf(symbol_elf(SYMS), delta) == symbol_elf(moved)
+    assert slide_symbol_elf(symbol_elf(moved), -delta) == symbol_elf(SYMS)
+
+
+def test_build_cache_serves_the_symbol_file_of_a_known_build_slid(tmp_path, monkeypatch):
+    from vmscope.vmi.linux.kallsyms import Kallsyms
+    from vmscope.vmi.linux.symcache import BuildCache
+
+    monkeypatch.setenv("VMSCOPE_CACHE", str(tmp_path))
+    delta = 0x1200000
+    moved = [Symbol(s.name, s.address + delta if s.address >= TEXT else s.address, s.type) for s in SYMS]
+    BuildCache().symbol_file(Kallsyms(SYMS, "f" * 32), "x86_64")  # fills the disk cache
+    assert list(tmp_path.rglob("*.elf")), "the symbol file must be kept on disk"
+    fresh_process = BuildCache()  # another VMM run: only the disk cache
+    assert fresh_process.symbol_file(Kallsyms(moved, "f" * 32), "x86_64") == symbol_elf(moved)

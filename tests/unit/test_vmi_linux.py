@@ -109,6 +109,41 @@ def test_token_table_right_after_seqs_with_no_padding():
     assert [(s.type, s.name, s.address) for s in k.symbols] == syms
 
 
+@pytest.mark.parametrize("seqs", [False, True], ids=["6.1-layout", "seqs_of_names-layout"])
+def test_kallsyms_of_a_known_build_come_from_the_cache_slid_to_this_boot(seqs):
+    """A second boot of the same kernel build (another KASLR placement) is
+    served from the per-build cache, with every relative symbol moved and
+    the absolute per-CPU ones left alone, exactly as a fresh decode."""
+    from vmscope.vmi.linux.symcache import BuildCache
+
+    cache = BuildCache(disk=False)
+    syms = sample_symbols()
+    first = parse_kallsyms(build_kallsyms(syms, seqs), BASE, cache)
+    assert first.fingerprint is not None
+    moved_base = BASE + 0x3A00000
+    moved = [(t, n, a + 0x3A00000 if a >= BASE else a) for t, n, a in syms]
+    img = build_kallsyms(moved, seqs, rel_base=moved_base)
+    fresh = parse_kallsyms(img, moved_base)
+
+    def no_decode(*_a, **_k):
+        raise AssertionError("a cached build must not be decoded again")
+
+    import vmscope.vmi.linux.kallsyms as kallsyms
+
+    real = kallsyms._decode_at
+    kallsyms._decode_at = no_decode  # proves the second parse skipped the decode
+    try:
+        cached = parse_kallsyms(img, moved_base, cache)
+    finally:
+        kallsyms._decode_at = real
+    assert cached.symbols == fresh.symbols
+    assert [(s.type, s.name, s.address) for s in cached.symbols] == moved
+    assert cached.fingerprint == first.fingerprint
+    # another build (one symbol renamed) is not mistaken for it
+    other = [("T", "func_zzzz", a) if n == "func_0005" else (t, n, a) for t, n, a in syms]
+    assert parse_kallsyms(build_kallsyms(other, seqs), BASE, cache).fingerprint != first.fingerprint
+
+
 def test_kallsyms_absent_is_a_clear_error():
     with pytest.raises(KallsymsNotFound, match="no kallsyms"):
         parse_kallsyms(bytes(1 << 16), BASE)

@@ -19,7 +19,10 @@ translation of ``_text``..``_end`` is known from where it was caught.
 
 from __future__ import annotations
 
+import logging
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from signal import SIGTRAP
 
@@ -27,7 +30,11 @@ from vmscope.gdbserver.target import StopEvent, TargetError
 from vmscope.kvm import abi
 from vmscope.kvm.kernel_entry import KernelEntryTrap, KernelEntryUnavailable
 
+log = logging.getLogger(__name__)
+
 KALLSYMS_FILE = "/vmscope/kallsyms.elf"
+#: how often a vCPU thread looks whether the kernel runs yet (one KVM_GET_REGS)
+KERNEL_WATCH_PERIOD = 0.25
 KERNEL_HALF = 1 << 63
 MAX_IMAGE = 1 << 30  # KERNEL_IMAGE_SIZE with KASLR
 
@@ -56,14 +63,92 @@ class KernelImage:
         return self.text - DEFAULT_TEXT
 
 
+class SymbolBuild:
+    """The kernel's symbols and GDB symbol file, made in a thread of their own.
+
+    Why: GDB gives a ``vFile:open`` 2 s (``remotetimeout``); decoding ~90,000
+    kallsyms names and writing the ELF is Python work that took 4 s in the
+    nested lab (0.5 s on a host). Started as soon as a running kernel is
+    seen, it is done long before anyone types ``add-symbol-file``, and a stop
+    reported meanwhile does not wait for it. The image is read from physical
+    memory (it is contiguous there), so the guest may run on, and its page
+    tables may change, while the thread works.
+    """
+
+    def __init__(self, read, loc, machine: str = "x86_64") -> None:
+        self._read, self._loc, self._machine = read, loc, machine
+        self.image: KernelImage | None = None
+        self.symbol_file: bytes | None = None
+        self.error: str | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="kernel-symbols", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from vmscope.vmi.errors import VmiError
+        from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
+        from vmscope.vmi.linux.symcache import BUILD_CACHE
+
+        t0 = time.monotonic()
+        loc = self._loc
+        try:
+            syms = scan_for_kallsyms(self._read, loc.phys_text, loc.phys_text + (loc.end - loc.text),
+                                     cache=BUILD_CACHE)
+            self.image = LinuxSupport._image_from(syms, loc.phys_text, loc.text)
+            self.symbol_file = BUILD_CACHE.symbol_file(syms, self._machine)
+        except (VmiError, TargetError, ValueError, IndexError) as e:
+            self.error = f"no kallsyms in the kernel image at {loc.text:#x}: {e}"
+        self.seconds = time.monotonic() - t0
+        log.info("kernel symbols: %s in %.2f s (background)",
+                 f"{len(self.image.symbols)} symbols" if self.image else self.error, self.seconds)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
 class LinuxSupport:
     """Mixin for :class:`vmscope.kvm.debug.KvmTarget` (needs ``self.m``,
-    ``self.mem``, ``self._lock``)."""
+    ``self.mem``, ``self._lock``, ``self.attached``)."""
 
     _entry_trap: KernelEntryTrap | None = None
     _kernel_image: KernelImage | None = None
     _symbol_file: bytes | None = None
     _entry_stop_pending = False
+    _symbol_build: SymbolBuild | None = None
+    _kernel_watch_next = 0.0
+
+    # --- symbols made in the background as soon as the kernel runs ------------------------
+
+    @property
+    def watching_for_kernel(self) -> bool:
+        """Whether vCPU exits should look for a running kernel: a debugger
+        has attached to a Linux guest whose symbols are not known yet."""
+        return (self.attached and self._symbol_build is None and self._kernel_image is None
+                and self.m.plan.mode.startswith("linux"))
+
+    def on_exit_watch(self, v) -> None:
+        """In a vCPU thread, at an exit, while :attr:`watching_for_kernel`:
+        once the vCPU runs kernel code at its virtual address, the
+        decompressor has placed and relocated the kernel, so its kallsyms
+        are final: start building the symbol file. Costs one KVM_GET_REGS
+        per vCPU every :data:`KERNEL_WATCH_PERIOD` until then."""
+        now = time.monotonic()
+        if now < self._kernel_watch_next:
+            return
+        self._kernel_watch_next = now + KERNEL_WATCH_PERIOD
+        if v.regs().rip < KERNEL_HALF:
+            return
+        self._start_symbol_build(v)
+
+    def _start_symbol_build(self, v) -> bool:
+        loc = self._walk_kernel(v)
+        if loc is None:
+            return False
+        with self._lock:
+            if self._symbol_build is None:
+                self._symbol_build = SymbolBuild(self.mem.read, loc)
+        return True
 
     # --- the kernel-entry stop ---------------------------------------------------------------
 
@@ -89,7 +174,7 @@ class LinuxSupport:
         trap = self._entry_trap
         if v.run.exit_reason == abi.KVM_EXIT_X86_WRMSR and trap is not None and trap.armed:
             if trap.on_wrmsr(v) is not None:
-                self._kernel_image = self._symbol_file = None
+                self._kernel_image = self._symbol_file = self._symbol_build = None
                 self._entry_stop_pending = True
                 self.m.request_stop(StopEvent("signal", tid=v.index + 1, signal=SIGTRAP))
             return
@@ -104,6 +189,10 @@ class LinuxSupport:
         other vCPUs' registers would wait for their KVM_RUN to return (an AP
         waiting for its SIPI never does)."""
         if not self._entry_stop_pending:
+            if self.watching_for_kernel:  # attached while the kernel already ran: start the build now
+                for slot in self.m.vcpus:
+                    if slot.online and slot.vcpu.regs().rip >= KERNEL_HALF and self._start_symbol_build(slot.vcpu):
+                        break
             return
         self._entry_stop_pending = False
         try:
@@ -114,10 +203,15 @@ class LinuxSupport:
     # --- kernel symbols ------------------------------------------------------------------------
 
     def kernel_image(self) -> KernelImage:
-        """The guest kernel's symbols and where its image is; decoded once.
-        Raises TargetError saying what is missing."""
+        """The guest kernel's symbols and where its image is; decoded once
+        (taken from the background build when one ran). Raises TargetError
+        saying what is missing."""
         if self._kernel_image is None:
-            self._kernel_image = self._find_kernel_image()
+            build = self._symbol_build
+            if build is not None and build.wait() and build.image is not None:
+                self._kernel_image, self._symbol_file = build.image, build.symbol_file
+            else:
+                self._kernel_image = self._find_kernel_image()
         return self._kernel_image
 
     def _find_kernel_image(self) -> KernelImage:
@@ -126,10 +220,12 @@ class LinuxSupport:
         trap = self._entry_trap
         if trap is not None and trap.caught is not None and not self._kernel_paging_on():
             from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
+            from vmscope.vmi.linux.symcache import BUILD_CACHE
 
             start = trap.caught.phys_text
             try:
-                syms = scan_for_kallsyms(self.mem.read, start, min(self.mem.size, start + MAX_IMAGE))
+                syms = scan_for_kallsyms(self.mem.read, start, min(self.mem.size, start + MAX_IMAGE),
+                                         cache=BUILD_CACHE)
             except (VmiError, IndexError) as e:
                 raise TargetError(f"no kallsyms in the kernel caught at physical {start:#x}: {e}") from None
             return self._image_from(syms, start)
@@ -159,6 +255,7 @@ class LinuxSupport:
         from vmscope.vmi.address_space import AddressSpace
         from vmscope.vmi.errors import VmiError
         from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
+        from vmscope.vmi.linux.symcache import BUILD_CACHE
         from vmscope.vmi.memory import BytesMemory
         from vmscope.vmi.paging.x86_64 import X86_64Paging
 
@@ -171,7 +268,8 @@ class LinuxSupport:
             cr4 = slot.vcpu.sregs().cr4
             boot = AddressSpace(X86_64Paging(BytesMemory(self.mem.view), loc.root, cr4=cr4))
             try:
-                syms = scan_for_kallsyms(lambda pos, n: boot.read_partial(pos, n)[0], loc.text, loc.end)
+                syms = scan_for_kallsyms(lambda pos, n: boot.read_partial(pos, n)[0], loc.text, loc.end,
+                                         cache=BUILD_CACHE)
             except VmiError as e:
                 raise TargetError(f"no kallsyms in the kernel image at {loc.text:#x}: {e}") from None
             return self._image_from(syms, loc.phys_text, loc.text)
@@ -204,10 +302,10 @@ class LinuxSupport:
         return None
 
     def symbol_file(self) -> bytes:
-        from vmscope.vmi.linux.symfile import symbol_elf
+        from vmscope.vmi.linux.symcache import BUILD_CACHE
 
         if self._symbol_file is None:
-            self._symbol_file = symbol_elf(self.kernel_image().symbols.symbols, "x86_64")
+            self._symbol_file = BUILD_CACHE.symbol_file(self.kernel_image().symbols, "x86_64")
         return self._symbol_file
 
     def file_contents(self, path: str) -> bytes:

@@ -523,6 +523,8 @@ class KvmMachine:
         v = slot.vcpu
         run = v.run
         reason = run.exit_reason
+        if self.target.watching_for_kernel:  # kernel symbols are built as soon as the kernel runs
+            self.target.on_exit_watch(v)
         coalesced = self.coalesced
         if coalesced is not None and coalesced.active:
             # Writes KVM queued come first; port exits are served under the

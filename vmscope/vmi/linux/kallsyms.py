@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import re
 import struct
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, Protocol
 
 from vmscope.vmi.errors import VmiError
 
@@ -162,8 +162,10 @@ def _decode_names(img: bytes, pos: int, count: int, tokens: list[bytes]) -> tupl
 class Kallsyms:
     """The decoded symbol table: lookups by name, by address, by pattern."""
 
-    def __init__(self, symbols: list[Symbol]):
+    def __init__(self, symbols: list[Symbol], fingerprint: str | None = None):
         self.symbols = symbols
+        #: the kernel build's identity, when decoded with a cache (keys its symbol file)
+        self.fingerprint = fingerprint
         self._by_name: dict[str, Symbol] = {}
         for s in symbols:
             self._by_name.setdefault(s.name, s)
@@ -201,9 +203,60 @@ class Kallsyms:
         return (s for s in self.symbols if rx.search(s.name))
 
 
-def parse_kallsyms(img: bytes, base: int) -> Kallsyms:
+class KallsymsCache(Protocol):
+    """Where decoded tables of a kernel build are kept
+    (:class:`vmscope.vmi.linux.symcache.BuildCache`)."""
+
+    def get(self, key: str) -> "CachedKallsyms | None": ...
+
+    def put(self, key: str, entry: "CachedKallsyms") -> None: ...
+
+
+class CachedKallsyms(NamedTuple):
+    """A kernel build's decoded symbols, how to recognise the build, and
+    where to find the one relocated value (``kallsyms_relative_base``) that
+    places them in another boot. Positions are relative to the token table."""
+
+    names_at: int  # start of kallsyms_names (negative)
+    names_digest: str  # of names .. token table: markers, seqs, names
+    rel_base_at: int
+    rel_base: int  # kallsyms_relative_base when decoded
+    symbols: list[tuple[str, int, str]]
+
+
+def _digest(data) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _from_cache(img: bytes, table_start: int, key: str, entry: CachedKallsyms) -> Kallsyms | None:
+    """The cached symbols if ``img`` holds the same build, slid to its placement.
+
+    The token table names the candidate build (its cache key); the digest
+    of names, markers and seqs confirms it. None of those hold a pointer,
+    so they are the same in every boot of one build whatever KASLR chose;
+    ``kallsyms_relative_base`` is then the only value that moved."""
+    names = table_start + entry.names_at
+    pos = table_start + entry.rel_base_at
+    if names < 0 or pos < 0 or _digest(memoryview(img)[names:table_start]) != entry.names_digest:
+        return None
+    slide = struct.unpack_from("<Q", img, pos)[0] - entry.rel_base
+    mask = (1 << 64) - 1
+    # symbols relative to the base move with it; absolute ones (per-CPU offsets) stay
+    return Kallsyms([Symbol(n, (a + slide) & mask if a >= KERNEL_HALF else a, t) for n, a, t in entry.symbols],
+                    f"{key}-{entry.names_digest[:16]}")
+
+
+KERNEL_HALF = 1 << 63
+
+
+def parse_kallsyms(img: bytes, base: int, cache: KallsymsCache | None = None) -> Kallsyms:
     """Find and decode kallsyms in ``img``, a copy of memory at virtual ``base``
-    (the kernel image). Raises :class:`KallsymsNotFound` if nothing fits."""
+    (the kernel image). Raises :class:`KallsymsNotFound` if nothing fits.
+
+    With a ``cache``, a kernel build decoded before (in any boot) costs a
+    search and a hash instead of a decode of ~90,000 names."""
     start = 0
     reasons = []
     while True:
@@ -214,24 +267,37 @@ def parse_kallsyms(img: bytes, base: int) -> Kallsyms:
         table = _token_table_at(img, hit)
         if table is None:
             continue
-        table_start, tokens, _ = table
-        markers = _markers_below(img, table_start)
-        syms = _decode_at(img, base, tokens, *markers) if markers else None
-        if syms is not None:
-            return Kallsyms(syms)
-        markers = _markers_below_seqs(img, table_start)
-        if markers is None:
-            reasons.append(f"token table at +0x{table_start:x} without markers below it")
-            continue
-        syms = _decode_at(img, base, tokens, *markers)
-        if syms is not None:
-            return Kallsyms(syms)
-        reasons.append(f"token table at +0x{table_start:x}: no names/num_syms consistent with the markers")
+        table_start, tokens, index_start = table
+        key = None
+        if cache is not None:
+            key = _digest(memoryview(img)[table_start : index_start + 512])  # token table and index
+            entry = cache.get(key)
+            if entry is not None and (found := _from_cache(img, table_start, key, entry)) is not None:
+                return found
+        any_markers = False
+        for find_markers in (_markers_below, _markers_below_seqs):  # the second only if the first fails
+            markers = find_markers(img, table_start)
+            if markers is None:
+                continue
+            any_markers = True
+            decoded = _decode_at(img, base, tokens, *markers)
+            if decoded is not None:
+                syms, names_start = decoded
+                if cache is None:
+                    return Kallsyms(syms)
+                entry = CachedKallsyms(names_start - table_start, _digest(memoryview(img)[names_start:table_start]),
+                                       names_start - 16 - table_start,
+                                       struct.unpack_from("<Q", img, names_start - 16)[0], [tuple(s) for s in syms])
+                cache.put(key, entry)
+                return Kallsyms(syms, f"{key}-{entry.names_digest[:16]}")
+        reasons.append(f"token table at +0x{table_start:x}: " + ("no names/num_syms consistent with the markers"
+                                                                   if any_markers else "without markers below it"))
     raise KallsymsNotFound("no kallsyms tables found in the kernel image" + (f" ({'; '.join(reasons)})" if reasons else ""))
 
 
 def scan_for_kallsyms(read: Callable[[int, int], bytes], start: int, end: int, chunk: int = 2 << 20,
-                      progress: Callable[[int, int], None] | None = None) -> Kallsyms:
+                      progress: Callable[[int, int], None] | None = None,
+                      cache: KallsymsCache | None = None) -> Kallsyms:
     """Read ``[start, end)`` chunk by chunk with ``read(addr, n)`` until
     kallsyms decodes: the tables sit in ``.rodata``, so most of a kernel
     image (and ``.bss`` after it) is never read. Works on virtual or
@@ -252,14 +318,16 @@ def scan_for_kallsyms(read: Callable[[int, int], bytes], start: int, end: int, c
                 buf += more
                 pos += len(more)
             try:
-                return parse_kallsyms(bytes(buf), start)
+                return parse_kallsyms(bytes(buf), start, cache)
             except KallsymsNotFound as e:
                 err = e
     raise KallsymsNotFound(f"kallsyms not found in 0x{start:x}-0x{end:x}: {err or 'no token table'}")
 
 
 def _decode_at(img: bytes, base: int, tokens: list[bytes], markers_start: int, markers: list[int],
-               msize: int) -> list[Symbol] | None:
+               msize: int) -> tuple[list[Symbol], int] | None:
+    """(symbols, start of kallsyms_names) if the names below the markers
+    decode consistently."""
     last = markers[-1]
     full = (len(markers) - 1) * 256
     # names end at markers_start (minus up to 7 bytes of padding); the last
@@ -274,7 +342,8 @@ def _decode_at(img: bytes, base: int, tokens: list[bytes], markers_start: int, m
             except IndexError:
                 end = -1
             if markers_start - 8 < end <= markers_start:
-                return _symbols(img, base, tokens, cand, num, markers, msize)
+                syms = _symbols(img, base, tokens, cand, num, markers, msize)
+                return None if syms is None else (syms, cand)
         cand -= 8
     return None
 
@@ -287,17 +356,20 @@ def _symbols(img: bytes, base: int, tokens: list[bytes], names_start: int, num: 
     if offsets_start < 0:
         return None
     offsets = struct.unpack_from(f"<{num}i", img, offsets_start)
+    return symbols_from(names, offsets, rel_base)
+
+
+def symbols_from(names: list[bytes], offsets, rel_base: int) -> list[Symbol]:
+    """Symbols from decoded names (type letter first) and their raw
+    ``kallsyms_offsets``. One decode of all names and C-level loops: this
+    runs for 90,000 symbols while GDB waits for the symbol file."""
     negative = sum(1 for o in offsets if o < 0)
-    absolute_percpu = negative > num // 2
-    out = []
-    for raw, off in zip(names, offsets):
-        if absolute_percpu:
-            addr = off if off >= 0 else rel_base - 1 - off
-        else:
-            addr = rel_base + (off & 0xFFFFFFFF)
-        text = raw.decode("ascii", "replace")
-        out.append(Symbol(text[1:], addr, text[:1]))
-    return out
+    if negative > len(offsets) // 2:  # CONFIG_KALLSYMS_ABSOLUTE_PERCPU
+        addrs = [off if off >= 0 else rel_base - 1 - off for off in offsets]
+    else:
+        addrs = [rel_base + (off & 0xFFFFFFFF) for off in offsets]
+    text = b"\n".join(names).decode("ascii", "replace").split("\n")
+    return list(map(Symbol, [t[1:] for t in text], addrs, [t[:1] for t in text]))
 
 
 def load_system_map(path: str, text: int) -> Kallsyms:

@@ -63,3 +63,96 @@ def store_cached(key: str, symbols: Kallsyms, btf_blob: bytes) -> None:
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs speed
+
+
+# ---------------------------------------------------------------- per kernel build
+#
+# The image key above changes with every KASLR placement. What a GDB stub
+# needs at every boot of the same kernel (the decoded kallsyms and the
+# symbol file made from them) depends only on the build: keyed by the
+# kallsyms tables themselves (``kallsyms.CachedKallsyms``), kept in
+# memory and on disk, slid to each boot's placement on load.
+
+BUILD_CACHE_VERSION = 1
+
+
+class BuildCache:
+    """Decoded kallsyms (a :class:`~vmscope.vmi.linux.kallsyms.KallsymsCache`)
+    and symbol files per kernel build, in memory and under the cache
+    directory. A read-only or missing cache directory only costs speed."""
+
+    def __init__(self, disk: bool = True) -> None:
+        self.disk = disk
+        self._kallsyms: dict[str, object] = {}
+        self._elves: dict[str, tuple[int, bytes]] = {}
+
+    def _path(self, key: str, kind: str):
+        from vmscope.images.cache import cache_dir
+
+        return cache_dir("kernel-builds") / f"{key}.{kind}"
+
+    def _load(self, fingerprint: str, kind: str):
+        import pickle
+
+        if not self.disk:
+            return None
+        try:
+            with open(self._path(fingerprint, kind), "rb") as f:
+                version, value = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError):
+            return None
+        return value if version == BUILD_CACHE_VERSION else None
+
+    def _store(self, fingerprint: str, kind: str, value) -> None:
+        import os
+        import pickle
+
+        if not self.disk:
+            return
+        try:
+            path = self._path(fingerprint, kind)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                pickle.dump((BUILD_CACHE_VERSION, value), f, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+    # kallsyms.KallsymsCache
+    def get(self, fingerprint: str):
+        from vmscope.vmi.linux.kallsyms import CachedKallsyms
+
+        if fingerprint not in self._kallsyms:
+            value = self._load(fingerprint, "kallsyms")
+            if value is None:
+                return None
+            self._kallsyms[fingerprint] = CachedKallsyms(*value)
+        return self._kallsyms[fingerprint]
+
+    def put(self, fingerprint: str, entry) -> None:
+        self._kallsyms[fingerprint] = entry
+        self._store(fingerprint, "kallsyms", tuple(entry))
+
+    def symbol_file(self, symbols: Kallsyms, machine: str) -> bytes:
+        """The GDB symbol file for ``symbols``: made once per build, then
+        slid to each placement (milliseconds instead of a rebuild)."""
+        from vmscope.vmi.linux.symfile import slide_symbol_elf, symbol_elf
+
+        fp = symbols.fingerprint
+        anchor = symbols["_text"] if "_text" in symbols else None
+        if fp is None or anchor is None:
+            return symbol_elf(symbols.symbols, machine)
+        key = f"{fp}-{machine}"
+        cached = self._elves.get(key) or self._load(key, "elf")
+        if cached is not None:
+            built_at, elf = cached
+            self._elves[key] = cached
+            return elf if built_at == anchor else slide_symbol_elf(elf, anchor - built_at)
+        elf = symbol_elf(symbols.symbols, machine)
+        self._elves[key] = (anchor, elf)
+        self._store(key, "elf", (anchor, elf))
+        return elf
+
+
+#: one per process: every KVM target and inspector of the same kernel build shares it
+BUILD_CACHE = BuildCache()
