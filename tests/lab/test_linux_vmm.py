@@ -247,7 +247,7 @@ def test_symbols_as_documented_with_stock_gdb_defaults(lab):
             loaded = gdb.cmd("add-symbol-file target:/vmscope/kallsyms.elf", timeout=120)
             took = time.monotonic() - t0
             print(f"add-symbol-file after Ctrl-C took {took:.2f} s; vmscope said: "
-                  + "; ".join(ln for ln in vm.stderr.splitlines() if "kernel symbols" in ln))
+                  + "; ".join(ln for ln in (vm.stdout + vm.stderr).splitlines() if "kernel symbols" in ln or "start-up" in ln))
             assert "Reading symbols" in loaded and "too much data" not in loaded and "rror" not in loaded, loaded
             info = gdb.cmd("monitor symbols")
             assert re.search(r"\d+ kernel symbols from kallsyms", info), info
@@ -270,6 +270,36 @@ def test_symbols_as_documented_with_stock_gdb_defaults(lab):
         vm.write("poweroff -f\n")
         result = vm.wait(120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_second_boot_of_a_kernel_build_takes_its_symbols_from_the_cache(lab):
+    """The symbol file is kept per kernel build: a second `vmscope run` of
+    the same kernel (another KASLR placement) finds its kallsyms in the
+    cache the first boot left, and gdb gets correct symbols from it."""
+    import json
+
+    for boot in (1, 2):
+        with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT} -v")) as vm:
+            expect(vm, "waiting for gdb", 120)
+            with host_gdb(vm) as gdb:
+                connect(gdb, lab)
+                resume(gdb)
+                expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+                said = expect(vm, r"kernel symbols: \d+ symbols in [\d.]+ s \(background, ([^)]*)\)", 120)
+                print(f"boot {boot}: {said.group(0)}")
+                if boot == 2:
+                    assert "from the cache" in said.group(1), said.group(0)
+                gdb.interrupt(120)
+                loaded = gdb.cmd("add-symbol-file target:/vmscope/kallsyms.elf", timeout=120)
+                assert "Reading symbols" in loaded and "rror" not in loaded, loaded
+                banner_at = gdb.value("(long)&linux_banner") & (2**64 - 1)
+                gdb.cmd("detach")
+            r = lab.run(["python3", "-m", "vmscope", "inspect", "--gdb", f"127.0.0.1:{GDB_GUEST_PORT}",
+                         "--timeout", "60", "--json", "symbols", "^linux_banner$"], timeout=600)
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert int(json.loads(r.stdout)[0]["address"], 16) == banner_at, "the cached file must be slid to this boot"
+            vm.write("poweroff -f\n")
+            assert vm.wait(120).returncode == 0
 
 
 def test_hbreak_start_kernel_before_boot_with_kaslr(lab):

@@ -138,7 +138,7 @@ def test_kallsyms_of_a_known_build_come_from_the_cache_slid_to_this_boot(seqs):
         kallsyms._decode_at = real
     assert cached.symbols == fresh.symbols
     assert [(s.type, s.name, s.address) for s in cached.symbols] == moved
-    assert cached.fingerprint == first.fingerprint
+    assert cached.fingerprint == first.fingerprint and cached.cached and not first.cached
     # another build (one symbol renamed) is not mistaken for it
     other = [("T", "func_zzzz", a) if n == "func_0005" else (t, n, a) for t, n, a in syms]
     assert parse_kallsyms(build_kallsyms(other, seqs), BASE, cache).fingerprint != first.fingerprint

@@ -99,8 +99,11 @@ class SymbolBuild:
         except (VmiError, TargetError, ValueError, IndexError) as e:
             self.error = f"no kallsyms in the kernel image at {loc.text:#x}: {e}"
         self.seconds = time.monotonic() - t0
-        log.info("kernel symbols: %s in %.2f s (background)",
-                 f"{len(self.image.symbols)} symbols" if self.image else self.error, self.seconds)
+        if self.image is None:
+            log.info("kernel symbols: %s (after %.2f s in the background)", self.error, self.seconds)
+        else:
+            log.info("kernel symbols: %d symbols in %.2f s (background, %s)", len(self.image.symbols), self.seconds,
+                     "a known kernel build: from the cache" if self.image.symbols.cached else "decoded")
 
     def wait(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)

@@ -162,10 +162,12 @@ def _decode_names(img: bytes, pos: int, count: int, tokens: list[bytes]) -> tupl
 class Kallsyms:
     """The decoded symbol table: lookups by name, by address, by pattern."""
 
-    def __init__(self, symbols: list[Symbol], fingerprint: str | None = None):
+    def __init__(self, symbols: list[Symbol], fingerprint: str | None = None, cached: bool = False):
         self.symbols = symbols
         #: the kernel build's identity, when decoded with a cache (keys its symbol file)
         self.fingerprint = fingerprint
+        #: taken from the cache of an earlier decode of the same build
+        self.cached = cached
         self._by_name: dict[str, Symbol] = {}
         for s in symbols:
             self._by_name.setdefault(s.name, s)
@@ -245,7 +247,7 @@ def _from_cache(img: bytes, table_start: int, key: str, entry: CachedKallsyms) -
     mask = (1 << 64) - 1
     # symbols relative to the base move with it; absolute ones (per-CPU offsets) stay
     return Kallsyms([Symbol(n, (a + slide) & mask if a >= KERNEL_HALF else a, t) for n, a, t in entry.symbols],
-                    f"{key}-{entry.names_digest[:16]}")
+                    f"{key}-{entry.names_digest[:16]}", cached=True)
 
 
 KERNEL_HALF = 1 << 63
