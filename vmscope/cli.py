@@ -146,7 +146,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             clock.done()
             _err(str(e))
             return 2
-        from vmscope.kvm.console import raw_terminal
+        from vmscope.devices.console import raw_terminal
 
         try:
             # raw mode: every key (Ctrl-C too) goes to the guest; Ctrl-A x quits

@@ -1,4 +1,4 @@
-"""The emulated target's small parts: guest RAM, the UARTs, ELF loading."""
+"""The shared devices as the emulated target uses them: guest RAM, the UARTs, ELF loading."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import os
 
 import pytest
 
-from vmscope.emu.devices import Pl011, SerialSink, Uart16550
-from vmscope.emu.elf import load_elf
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.console import SerialSink
+from vmscope.devices.elf import load_elf
+from vmscope.devices.pl011 import Pl011
+from vmscope.devices.ram import GuestRam
+from vmscope.devices.uart16550 import Serial16550 as Uart16550
 from vmscope.gdbserver.target import TargetError
 from vmscope.guests import guest_elf, guest_symbols
 from vmscope.machine import ImageError
@@ -18,12 +20,12 @@ from vmscope.machine import ImageError
 def test_16550_prints_thr_writes_but_not_divisor_latch_writes():
     out = io.BytesIO()
     uart = Uart16550(SerialSink(out))
-    uart.write(0x3FB, 0x80)  # LCR.DLAB
-    uart.write(0x3F8, 0x01)  # divisor low, not a character
-    uart.write(0x3FB, 0x03)
+    uart.write(0x3FB, 1, 0x80)  # LCR.DLAB
+    uart.write(0x3F8, 1, 0x01)  # divisor low, not a character
+    uart.write(0x3FB, 1, 0x03)
     for ch in b"hi\n":
         assert uart.read(0x3FD) & 0x20  # THR empty: a polling driver may send
-        uart.write(0x3F8, ch)
+        uart.write(0x3F8, 1, ch)
     assert out.getvalue() == b"hi\n"
     assert uart.handles(0x3F8) and uart.handles(0x3FF) and not uart.handles(0x2F8)
 

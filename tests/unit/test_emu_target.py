@@ -21,7 +21,7 @@ from vmscope.machine import ImageError, MachineConfig
 
 ARCHES = ["x86_64", "aarch64"]
 CONTINUE = ResumeActions(default=ResumeAction("continue"))
-ENTRY_SYMBOL = {"x86_64": "start64", "aarch64": "_start"}
+ENTRY_SYMBOL = {"x86_64": "pvh_entry", "aarch64": "_start"}
 PC = {"x86_64": "rip", "aarch64": "pc"}
 #: the register the demo guest keeps its CPU index in
 CPU_INDEX_REG = {"x86_64": "rbx", "aarch64": "x19"}
@@ -162,6 +162,13 @@ def test_register_writes_read_back(vm):
 def test_system_registers_describe_the_boot_state(vm):
     regs = vm.regs(1)
     if vm.arch == "x86_64":
+        # the PVH entry state: protected mode, paging off, ebx = hvm_start_info
+        assert regs["cr0"] & 1 and not regs["cr0"] & (1 << 31) and regs["efer"] == 0
+        assert int.from_bytes(vm.target.read_physical(regs["rbx"], 4), "little") == 0x336EC578  # its magic
+        # the guest's own switch to long mode, as Unicorn carried it out
+        vm.target.add_sw_breakpoint(vm.sym["tick"], 1)
+        assert vm.run_until_stop().kind == "swbreak"
+        regs = vm.regs(1)
         assert regs["cr0"] & (1 << 31) and regs["cr3"] and regs["efer"] & 0x500 == 0x500
         assert regs["cs"] == 0x08 and not regs["eflags"] & 0x200  # long mode, interrupts off
     else:

@@ -13,8 +13,8 @@ import pytest
 
 from vmscope.guests import guest_elf
 from vmscope.kvm.boot import load_kernel
-from vmscope.kvm.boot.pvh import CMDLINE_ADDR, HVM_START_MAGIC, HvmMemmapEntry, HvmModlistEntry, HvmStartInfo
-from vmscope.kvm.memory import GuestMemory
+from vmscope.devices.pvh import CMDLINE_ADDR, HVM_START_MAGIC, HvmMemmapEntry, HvmModlistEntry, HvmStartInfo
+from vmscope.devices.ram import GuestRam
 from vmscope.machine import ImageError
 
 LOAD = 0x100000
@@ -51,7 +51,7 @@ def make_pvh_elf(code: bytes, *, load: int = LOAD, entry: int | None = None, pvh
 
 @pytest.fixture
 def mem():
-    m = GuestMemory(16 << 20)
+    m = GuestRam(0, 16 << 20)
     yield m
     m.close()
 

@@ -8,7 +8,7 @@ import pytest
 
 from vmscope.kvm.boot import acpi, linux
 from vmscope.kvm.boot.common import load_kernel
-from vmscope.kvm.memory import GuestMemory
+from vmscope.devices.ram import GuestRam
 from vmscope.machine import ImageError
 
 
@@ -32,7 +32,7 @@ def bzimage(version: int = 0x020F, setup_sects: int = 4, loadflags: int = 0x01, 
 
 @pytest.fixture
 def mem():
-    m = GuestMemory(64 << 20)
+    m = GuestRam(0, 64 << 20)
     yield m
     m.close()
 

@@ -9,11 +9,11 @@ import os
 import pytest
 
 from vmscope.kvm import abi
-from vmscope.kvm.console import ConsoleInput, EscapeFilter
+from vmscope.devices.console import ConsoleInput, EscapeFilter
 from vmscope.kvm.debug import _abridged_tag_word, _full_tag_word, memory_reads
 from vmscope.kvm.devices.bus import PortBus
-from vmscope.kvm.devices.serial import COM1, Serial16550
-from vmscope.kvm.memory import GuestMemory
+from vmscope.devices.uart16550 import COM1, Serial16550
+from vmscope.devices.ram import GuestRam
 from vmscope.kvm.paging import software_walk
 
 
@@ -114,20 +114,20 @@ def test_console_input_passes_piped_bytes_untouched():
 
 
 def test_guest_memory_bounds():
-    mem = GuestMemory(1 << 20)
+    mem = GuestRam(0, 1 << 20)
     try:
         mem.write(0xFFFF8, b"12345678")
         assert mem.read_u64(0xFFFF8) == int.from_bytes(b"12345678", "little")
         with pytest.raises(IndexError, match="outside RAM"):
             mem.read(0xFFFFC, 8)
         with pytest.raises(ValueError, match="multiple of 4096"):
-            GuestMemory(1000)
+            GuestRam(0, 1000)
     finally:
         mem.close()
 
 
 def test_software_walk_4k_2m_and_1g_pages():
-    mem = GuestMemory(4 << 20)
+    mem = GuestRam(0, 4 << 20)
     try:
         pml4, pdpt, pd, pt = 0x1000, 0x2000, 0x3000, 0x4000
         w = lambda a, v: mem.write(a, v.to_bytes(8, "little"))
@@ -169,7 +169,7 @@ def test_console_on_a_terminal_raw_mode_and_ctrl_a_x():
     import termios
     import threading
 
-    from vmscope.kvm.console import raw_terminal
+    from vmscope.devices.console import raw_terminal
 
     master, slave = os.openpty()
     try:

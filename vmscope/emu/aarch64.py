@@ -14,7 +14,7 @@ from unicorn import arm64_const as A
 
 from vmscope.arch.aarch64 import AARCH64
 from vmscope.emu.cpu import EmuCpu
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import TargetError
 from vmscope.vmi.paging import Aarch64Paging
 

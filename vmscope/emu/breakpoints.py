@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.ram import GuestRam
 
 
 class PatchedBreakpoints:

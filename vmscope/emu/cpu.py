@@ -22,7 +22,7 @@ except ImportError:  # another binding layout: fall back to Uc.reg_read_batch
     _uclib = None
 
 from vmscope.arch.registers import Arch
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import TargetError
 from vmscope.vmi.errors import VmiError
 
@@ -53,6 +53,10 @@ class EmuCpu:
         self.uc = Uc(self.uc_arch, self.uc_mode)
         self.uc.mem_map_ptr(ram.base, ram.size, UC_PROT_ALL, ram.host_address)
         self.halted = False
+        #: never runs: an x86 application processor a PVH guest did not ask
+        #: to start waits for an INIT/SIPI, and this target has no local APIC
+        #: to deliver one (under KVM it waits the same way)
+        self.parked = False
         self._cache: dict[str, int] | None = None
         batch = {**self.simple_registers, **self.packed_registers}
         self._batch_names = list(batch)

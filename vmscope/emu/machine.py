@@ -6,10 +6,12 @@ same ELF boots under both:
 
 - x86_64: RAM from 0, a 16550 at I/O port 0x3f8, power-off by SLP_EN at
   port 0x604 and an exit device at port 0xf4 (byte N ends the machine with
-  status N), as in vmscope's KVM VMM. Every CPU starts at the
-  ELF's 64-bit entry symbol ``start64`` in long mode with the first 1 GiB
-  identity-mapped and interrupts off (the GDT and page tables live below
-  1 MiB); the 32-bit PVH entry is not emulated.
+  status N), as in vmscope's KVM VMM. A PVH ELF is loaded and started as
+  the KVM target starts it (``vmscope.devices.pvh``): CPU 0 (every CPU
+  when the image carries vmscope's all-CPUs note) at the 32-bit entry,
+  ``ebx`` = hvm_start_info; the other CPUs wait for an INIT/SIPI that never
+  comes. An ELF without a PVH note starts every CPU at its ELF entry in
+  long mode (first 1 GiB identity-mapped by tables below 512 KiB).
 - aarch64: RAM from 0x40000000 (QEMU virt), a PL011 at 0x09000000, PSCI
   through hvc/smc (SYSTEM_OFF ends the machine with status 0). Every
   CPU starts at the ELF entry at EL1h, MMU off, with MPIDR_EL1.Aff0 = its
@@ -25,10 +27,13 @@ from unicorn import UC_HOOK_INSN
 from unicorn import arm64_const as A
 from unicorn import x86_const as X
 
-from vmscope.emu.cpus import BOOT_AREA, CPU_CLASSES, Arm64Cpu, EmuCpu, x86_write_boot_tables
-from vmscope.emu.devices import Pl011, SerialSink, Uart16550
-from vmscope.emu.elf import LoadedElf, load_elf
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.console import ConsoleInput, SerialSink
+from vmscope.devices.elf import load_elf
+from vmscope.devices.pl011 import Pl011
+from vmscope.devices.pvh import BootPlan, has_pvh_entry, load_pvh
+from vmscope.devices.ram import GuestRam
+from vmscope.devices.uart16550 import Serial16550
+from vmscope.emu.cpus import BOOT_AREA, CPU_CLASSES, Arm64Cpu, EmuCpu, X86Cpu, x86_write_boot_tables
 from vmscope.emu.target import EmuTarget
 from vmscope.gdbserver.target import ResumeAction, ResumeActions
 from vmscope.machine import ImageError, MachineConfig
@@ -59,18 +64,16 @@ class EmuMachine:
             raise ImageError(f"{config.initrd}: the emulated target boots bare-metal ELF guests only (no initrd)")
         self.config = config
         self.kernel = Path(config.kernel) if config.kernel is not None else _default_kernel(config.arch)
-        self.ram = GuestRam(RAM_BASE[config.arch], config.mem_mib << 20)
+        self.ram = GuestRam(RAM_BASE[config.arch], config.mem_mib << 20, name="vmscope-emu-ram")
         self.serial = SerialSink(config.serial_out)
         try:
-            self.image = load_elf(self.kernel, config.arch, self.ram)
-            entry = self._entry(self.image)
             self.cpus: list[EmuCpu] = [CPU_CLASSES[config.arch](i, self.ram) for i in range(config.cpus)]
+            self._load(config)
         except BaseException:
             self.ram.close()
             raise
         if config.arch == "x86_64":
-            x86_write_boot_tables(self.ram)
-            self.uart = Uart16550(self.serial)
+            self.uart = Serial16550(self.serial)
             for cpu in self.cpus:
                 cpu.uc.hook_add(UC_HOOK_INSN, self._port_in, cpu, 1, 0, X.UC_X86_INS_IN)
                 cpu.uc.hook_add(UC_HOOK_INSN, self._port_out, cpu, 1, 0, X.UC_X86_INS_OUT)
@@ -79,38 +82,39 @@ class EmuMachine:
             for cpu in self.cpus:
                 cpu.uc.mmio_map(self.uart.base, Pl011.SIZE, self._mmio_read, None, self._mmio_write, None)
                 cpu.uc.hook_add(UC_HOOK_INSN, self._mrs, cpu, 1, 0, A.UC_ARM64_INS_MRS)
-        for cpu in self.cpus:
-            cpu.reset(entry)
         self.target = EmuTarget(self.cpus, self.ram, self.cpus[0].arch)
         self._input = None
         self._started = False
         self._shut = threading.Event()
 
-    def _entry(self, image: LoadedElf) -> int:
-        if self.config.arch == "x86_64":
+    def _load(self, config: MachineConfig) -> None:
+        """Load the image and put every CPU in its start state: the PVH
+        entry state for a PVH ELF, else the ELF entry (in long mode on x86)."""
+        if config.arch == "x86_64" and has_pvh_entry(self.kernel):
+            plan: BootPlan = load_pvh(self.kernel, self.ram, config.append)
+            for cpu in self.cpus:
+                assert isinstance(cpu, X86Cpu)
+                cpu.reset_pvh32(plan.entry, plan.start_info, plan.boot_stack)
+                cpu.parked = cpu.index > 0 and not plan.all_cpus_at_entry
+            return
+        if config.arch == "x86_64":
             lo, hi = BOOT_AREA
-            for paddr, size in image.segments:
-                if paddr < hi and lo < paddr + size:
-                    raise ImageError(
-                        f"{self.kernel}: PT_LOAD at {paddr:#x} (+{size:#x}) overlaps {lo:#x}-{hi:#x}, where the "
-                        "emulated x86_64 target keeps its GDT, page tables and boot stacks"
-                    )
-            if "start64" not in image.symbols:
-                raise ImageError(
-                    f"{self.kernel}: no 'start64' symbol; the emulated x86_64 target starts guests at their "
-                    "64-bit entry (long mode, first 1 GiB identity-mapped)"
-                )
-            return image.symbols["start64"]
-        return image.entry
+            reserved = ((lo, hi - lo, "the emulated x86_64 target keeps its GDT, page tables and boot stacks"),)
+            image = load_elf(self.kernel, config.arch, self.ram, reserved)
+            x86_write_boot_tables(self.ram)
+        else:
+            image = load_elf(self.kernel, config.arch, self.ram)
+        for cpu in self.cpus:
+            cpu.reset(image.entry)
 
     # --- devices -------------------------------------------------------------
 
     def _port_in(self, uc, port: int, size: int, _data) -> int:
-        return self.uart.read(port) if self.uart.handles(port) else (1 << (8 * size)) - 1
+        return self.uart.read(port, size) if self.uart.handles(port) else (1 << (8 * size)) - 1
 
     def _port_out(self, uc, port: int, size: int, value: int, cpu: EmuCpu) -> None:
         if self.uart.handles(port):
-            self.uart.write(port, value)
+            self.uart.write(port, size, value)
         elif port == EXIT_PORT:
             self.target.request_exit(cpu, value & 0xFF)
         elif port == PM1A_CNT and value & PM1_SLP_EN:
@@ -133,7 +137,7 @@ class EmuMachine:
             raise RuntimeError("machine already started")
         self._started = True
         if self.config.serial_in is not None:
-            from vmscope.kvm.console import ConsoleInput  # the KVM VMM's console, Ctrl-A x included
+            from vmscope.devices.console import ConsoleInput  # the KVM VMM's console, Ctrl-A x included
 
             self._input = ConsoleInput(self.config.serial_in, self.uart.feed, self.target.kill)
             self._input.start()

@@ -60,7 +60,7 @@ from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WR
 from vmscope.arch.registers import Arch
 from vmscope.emu.breakpoints import PatchedBreakpoints
 from vmscope.emu.cpu import EmuCpu
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import (
     SIGINT,
     SIGSEGV,
@@ -520,6 +520,9 @@ class EmuTarget(
     def _slice(self, cpu: EmuCpu, count: int) -> StopEvent | None:
         """Run ``cpu`` for up to ``count`` instructions; the stop event its
         hooks produced, if any."""
+        if cpu.parked:
+            cpu.halted = True
+            return None
         state = self._state[cpu.tid]
         state.event = None
         state.event_pc = None
@@ -570,7 +573,7 @@ class EmuTarget(
 
     def thread_name(self, tid: int) -> str:
         cpu = self._cpu(tid)
-        return f"vcpu {cpu.index}" + (" (halted)" if cpu.halted else "")
+        return f"vcpu {cpu.index}" + (" (waiting for INIT/SIPI)" if cpu.parked else " (halted)" if cpu.halted else "")
 
     def read_physical(self, addr: int, length: int) -> bytes:
         return self.ram.read(addr, length)

@@ -1,9 +1,25 @@
-"""The emulated x86_64 vCPU: long mode from the first instruction.
+"""The emulated x86_64 vCPU: starts where a PVH loader starts a CPU.
 
-Unicorn's UC_MODE_64 forces EFER.LMA, so the 32-bit PVH entry cannot run
-(measured: it stalls before the mode switch); every CPU starts at the
-guest's 64-bit entry instead, with the GDT, page tables and a stack that
-:func:`x86_write_boot_tables` and :meth:`X86Cpu.reset` set up.
+A PVH ELF starts at its 32-bit entry (``XEN_ELFNOTE_PHYS32_ENTRY``) in
+protected mode, paging off, flat segments, ``ebx`` = the hvm_start_info
+(:meth:`X86Cpu.reset_pvh32`), exactly as under the KVM target, QEMU,
+Firecracker and Cloud Hypervisor; the guest then builds its page tables,
+sets EFER.LME (``wrmsr``, which Unicorn carries out itself: it has no hook
+for it) and CR0.PG and far-jumps to 64-bit code, and Unicorn follows.
+
+Why the detour in :meth:`X86Cpu.reset_pvh32`: the CPU is a UC_MODE_64
+instance (so every 64-bit register stays readable after the guest's mode
+switch), and Unicorn resets such an instance into long mode, with EFER.LMA
+and the "64-bit code" flag of its translator set; writing CS there changes
+only the selector, and writing EFER keeps LMA (measured: the 32-bit entry
+then runs as 64-bit code and never gets out of its first loop). Turning
+CR0.PG on and off again leaves long mode the architectural way, which
+clears both.
+
+An ELF without a PVH note (the tests' tiny guests) starts at its ELF entry
+in 64-bit mode instead (:meth:`X86Cpu.reset`): first 1 GiB identity-mapped,
+with the GDT, page tables and stacks :func:`x86_write_boot_tables` puts
+below 512 KiB.
 """
 
 from __future__ import annotations
@@ -15,12 +31,15 @@ from unicorn import x86_const as X
 
 from vmscope.arch.x86_64 import X86_64
 from vmscope.emu.cpu import EmuCpu
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import TargetError
 from vmscope.vmi.paging import X86_64Paging
 
 _X86_GPRS = "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip eflags cs ss ds es fs gs".split()
 CR0_PG = 1 << 31
+CR0_PE_ET = 0x11  # protected mode, paging off (ET is hard-wired to 1)
+CR4_PAE = 0x20
+PVH_CODE_SELECTOR, PVH_DATA_SELECTOR = 0x10, 0x18  # as the KVM target loads them
 MSR_EFER = 0xC000_0080
 MSR_KERNEL_GS_BASE = 0xC000_0102
 
@@ -72,10 +91,30 @@ class X86Cpu(EmuCpu):
         "cr8": X.UC_X86_REG_CR8,
     }
 
+    def reset_pvh32(self, entry: int, start_info: int, stack: int) -> None:
+        """The PVH entry state: 32-bit protected mode, paging off, flat
+        segments, interrupts off, ``ebx`` = ``start_info``."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR4, CR4_PAE)
+        uc.reg_write(X.UC_X86_REG_CR0, CR0_PE_ET | CR0_PG)  # (in long mode already)
+        uc.reg_write(X.UC_X86_REG_CR0, CR0_PE_ET)  # paging off with EFER.LMA: leaves long mode
+        uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0))
+        uc.reg_write(X.UC_X86_REG_CR4, 0)
+        uc.reg_write(X.UC_X86_REG_CR3, 0)
+        uc.reg_write(X.UC_X86_REG_CS, PVH_CODE_SELECTOR)
+        for seg in (X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES):
+            uc.reg_write(seg, PVH_DATA_SELECTOR)
+        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
+        uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
+        uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
+        uc.reg_write(X.UC_X86_REG_RBX, start_info)
+        uc.reg_write(X.UC_X86_REG_RSP, stack)
+        uc.reg_write(X.UC_X86_REG_RIP, entry)
+        self.invalidate()
+
     def reset(self, entry: int) -> None:
         """Long mode, paging on with the 1 GiB identity map, interrupts off and
-        a scratch stack below 512 KiB: the state ``start64`` of the demo
-        guest expects (the PVH 32-bit entry is skipped)."""
+        a scratch stack below 512 KiB: for 64-bit ELFs without a PVH note."""
         uc = self.uc
         uc.reg_write(X.UC_X86_REG_CR3, PML4_ADDR)
         uc.reg_write(X.UC_X86_REG_CR4, 0x20 | 0x200 | 0x400)  # PAE, OSFXSR, OSXMMEXCPT

@@ -13,7 +13,7 @@ vCPU runs, because the guest may change its page tables.
 
 from __future__ import annotations
 
-from vmscope.kvm.memory import GuestMemory
+from vmscope.devices.ram import GuestRam
 from vmscope.kvm.vcpu import Vcpu
 
 PAGE_SHIFT = 12
@@ -31,7 +31,7 @@ def paging_enabled(vcpu: Vcpu) -> bool:
     return bool(vcpu.sregs().cr0 & CR0_PG)
 
 
-def software_walk(mem: GuestMemory, cr3: int, vaddr: int) -> int | None:
+def software_walk(mem: GuestRam, cr3: int, vaddr: int) -> int | None:
     """4-level (long mode) walk; None when a level is not present or the
     table lies outside RAM."""
     table = cr3 & ADDR_MASK
@@ -52,7 +52,7 @@ def software_walk(mem: GuestMemory, cr3: int, vaddr: int) -> int | None:
 class Translator:
     """Per-stop cache of vCPU page translations."""
 
-    def __init__(self, mem: GuestMemory):
+    def __init__(self, mem: GuestRam):
         self.mem = mem
         self._cache: dict[tuple[int, int], int | None] = {}
 

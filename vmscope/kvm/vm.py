@@ -29,8 +29,8 @@ from vmscope.kvm import abi
 from vmscope.kvm.abi import KvmIoctlError, ioctl
 from vmscope.kvm.boot import BootPlan, load_kernel
 from vmscope.kvm.devices.bus import PortBus
-from vmscope.kvm.devices.serial import COM1, Serial16550
-from vmscope.kvm.memory import GuestMemory
+from vmscope.devices.uart16550 import COM1, Serial16550
+from vmscope.devices.ram import GuestRam
 from vmscope.kvm.vcpu import Vcpu
 from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
 
@@ -122,7 +122,7 @@ class KvmMachine:
         self._stops_posted = 0
         self._closed = False
         self._fds: list[int] = []
-        self.mem: GuestMemory | None = None
+        self.mem: GuestRam | None = None
         self.vcpus: list[VcpuSlot] = []
         self.kvm_fd = open_kvm()
         self._fds.append(self.kvm_fd)
@@ -179,7 +179,7 @@ class KvmMachine:
             pass  # only VMX needs it; software KVM and SVM may refuse
         if config.mem_mib < 2:
             raise ValueError(f"guest memory must be at least 2 MiB, got {config.mem_mib} MiB")
-        self.mem = GuestMemory(config.mem_mib << 20)
+        self.mem = GuestRam(0, config.mem_mib << 20)
         self.slots = MemorySlots(self)
         self.slots.map_ram()
         kernel = config.kernel
@@ -269,7 +269,7 @@ class KvmMachine:
             elif self.plan.mode == "linux32":
                 slot.online = True  # in KVM_RUN, waiting in the kernel for the guest's INIT/SIPI
         if self.config.serial_in is not None:
-            from vmscope.kvm.console import ConsoleInput
+            from vmscope.devices.console import ConsoleInput
 
             self._input = ConsoleInput(self.config.serial_in, self.serial.feed, lambda: self.end(0, None))
             self._input.start()
@@ -617,11 +617,11 @@ class MemorySlots:
 
     def _set(self, slot: int, gpa: int, size: int, flags: int) -> None:
         mem = self.m.mem
-        region = abi.KvmUserspaceMemoryRegion(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=mem.host_addr + gpa if size else 0)
+        region = abi.KvmUserspaceMemoryRegion(slot=slot, flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=mem.host_address + gpa if size else 0)
         ioctl(self.m.vm_fd, abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
 
     def _rebuild(self) -> None:
-        from vmscope.kvm.memory import PAGE
+        from vmscope.devices.ram import PAGE
 
         size = self.m.mem.size
         pieces: list[tuple[int, int, int]] = []  # gpa, size, flags

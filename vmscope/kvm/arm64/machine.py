@@ -30,9 +30,10 @@ import sys
 import threading
 from pathlib import Path
 
-from vmscope.emu.devices import Pl011, SerialSink
-from vmscope.emu.elf import load_elf
-from vmscope.emu.memory import GuestRam
+from vmscope.devices.console import SerialSink
+from vmscope.devices.elf import load_elf
+from vmscope.devices.pl011 import Pl011
+from vmscope.devices.ram import GuestRam
 from vmscope.kvm import abi as kvm_abi
 from vmscope.kvm.abi import KvmUserspaceMemoryRegion
 from vmscope.kvm.arm64 import abi
@@ -187,7 +188,7 @@ class Arm64KvmMachine:
     def start(self, paused: bool = False) -> None:
         _install_kick_handler()
         if self.config.serial_in is not None:
-            from vmscope.kvm.console import ConsoleInput
+            from vmscope.devices.console import ConsoleInput
 
             self._input = ConsoleInput(self.config.serial_in, self.uart.feed, lambda: self.end(0, None))
             self._input.start()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 
-from vmscope.kvm.memory import GuestMemory
+from vmscope.devices.ram import GuestRam
 
 ACPI_BASE = 0xE0000
 ACPI_AREA_END = 0x100000
@@ -115,7 +115,7 @@ def rsdp(rsdt_addr: int, xsdt_addr: int) -> bytes:
     return bytes(raw)
 
 
-def write_tables(mem: GuestMemory, cpus: int) -> int:
+def write_tables(mem: GuestRam, cpus: int) -> int:
     """Lay the tables out from :data:`ACPI_BASE`; returns the RSDP address."""
     if not 1 <= cpus <= 254:
         raise ValueError(f"ACPI tables for {cpus} vCPUs: xAPIC ids go up to 254")

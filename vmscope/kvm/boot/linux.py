@@ -28,8 +28,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmscope.kvm.boot.common import BootPlan
-from vmscope.kvm.memory import PAGE, GuestMemory
+from vmscope.devices.pvh import BootPlan
+from vmscope.devices.ram import PAGE, GuestRam
 from vmscope.machine import ImageError
 
 #: the command line when the user gives none: the serial console, few
@@ -151,7 +151,7 @@ def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
     return entries
 
 
-def load_bzimage(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | None = None) -> BootPlan:
+def load_bzimage(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None) -> BootPlan:
     """Put a bzImage, its command line and initrd into ``mem``; the plan
     enters the kernel's 32-bit entry with ``esi`` = boot_params."""
     path = Path(path)
@@ -250,7 +250,7 @@ def attach_platform(machine, out) -> None:
     from vmscope.kvm.devices.i8042 import I8042
     from vmscope.kvm.devices.irq import IrqLine
     from vmscope.kvm.devices.rtc import CmosRtc
-    from vmscope.kvm.devices.serial import COM1
+    from vmscope.devices.uart16550 import COM1
     from vmscope.kvm.devices.uart_irq import InterruptingSerial
 
     ioctl(machine.vm_fd, abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")

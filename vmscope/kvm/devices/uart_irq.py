@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import threading
 
-from vmscope.kvm.devices.serial import COM1, IER, IIR_FCR, LCR_DLAB, LSR_DR, RBR_THR, Serial16550
+from vmscope.devices.uart16550 import COM1, IER, IIR_FCR, LCR_DLAB, LSR_DR, RBR_THR, Serial16550
 
 IER_RDI, IER_THRI = 0x01, 0x02
 IIR_NONE, IIR_THRI, IIR_RDI = 0x01, 0x02, 0x04

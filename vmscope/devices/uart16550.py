@@ -1,12 +1,13 @@
-"""A 16550A UART as the guest sees it at COM1 (0x3f8..0x3ff).
+"""A 16550A UART as the guest sees it at COM1 (0x3f8..0x3ff), for every back end.
 
-Enough of the chip for polled I/O: transmit writes go straight to the output
+The KVM VMM puts it on its port bus, the emulated CPU calls it from
+Unicorn's ``in``/``out`` hooks. Enough of the chip for polled I/O: transmit writes go straight to the output
 stream (the transmitter is always empty, so LSR always shows THRE|TEMT);
 received bytes wait in a queue and show as LSR.DR. The divisor latch,
 scratch and control registers keep what the guest writes so probing code
 (Linux's 8250 driver checks the scratch register and the loopback bit) sees
-a real chip. No interrupt line yet: there is no interrupt controller until
-the Linux-guest issue adds one.
+a real chip. Interrupts are the KVM VMM's business
+(``vmscope.kvm.devices.uart_irq`` adds the IRQ line).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 import collections
 import threading
 from typing import BinaryIO, Callable
+
+from vmscope.devices.console import SerialSink
 
 COM1 = 0x3F8
 
@@ -24,9 +27,12 @@ MCR_LOOP = 0x10
 
 
 class Serial16550:
+    """``out`` takes the transmitted bytes: a callable, or a binary stream
+    (written and flushed through :class:`SerialSink`; None is stdout)."""
+
     def __init__(self, out: BinaryIO | Callable[[bytes], object] | None, base: int = COM1):
         self.base = base
-        self._write_out = out if callable(out) else (lambda b, o=out: _write_flush(o, b))
+        self._write_out = out if callable(out) else SerialSink(out)
         self._rx: collections.deque[int] = collections.deque()
         self._lock = threading.Lock()
         self.ier = self.lcr = self.mcr = self.scr = 0
@@ -43,7 +49,10 @@ class Serial16550:
 
     # --- guest side ------------------------------------------------------
 
-    def read(self, port: int, size: int) -> int:
+    def handles(self, port: int) -> bool:
+        return self.base <= port < self.base + 8
+
+    def read(self, port: int, size: int = 1) -> int:
         reg = port - self.base
         dlab = self.lcr & LCR_DLAB
         if reg == RBR_THR:
@@ -115,7 +124,3 @@ class Serial16550:
         except OSError:
             self._coalescer = None  # KVM refused: every write exits, as without it
 
-
-def _write_flush(stream: BinaryIO, data: bytes) -> None:
-    stream.write(data)
-    stream.flush()

@@ -1,4 +1,5 @@
-"""The VMM's console: host terminal <-> the guest's COM1.
+"""The VMM's console: host terminal <-> the guest's serial port (COM1 or
+PL011), for every back end.
 
 When stdin is a terminal, :func:`raw_terminal` puts it in raw mode so every
 key (Ctrl-C included) goes to the guest, as with ``qemu -nographic``.
@@ -16,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import sys
 import termios
 import threading
 import tty
-from typing import Callable
+from typing import BinaryIO, Callable
 
 CTRL_A = 0x01
 
@@ -121,3 +123,27 @@ class ConsoleInput:
             if self.filter is not None and self.filter.quit:
                 self.on_quit()
                 return
+
+
+class SerialSink:
+    """What a UART transmits, written to a binary stream (stdout when None).
+
+    Every write is flushed, so a shell prompt without a newline shows at
+    once; a console that went away (closed pipe) is ignored, since it must
+    not stop the guest.
+    """
+
+    def __init__(self, out: BinaryIO | None) -> None:
+        self.out = out if out is not None else sys.stdout.buffer
+        self._lock = threading.Lock()
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (OSError, ValueError):
+                pass
+
+    def put(self, byte: int) -> None:
+        self(bytes((byte,)))

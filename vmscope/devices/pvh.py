@@ -1,4 +1,6 @@
-"""PVH boot: an ELF kernel with a ``XEN_ELFNOTE_PHYS32_ENTRY`` note.
+"""PVH boot: an ELF kernel with a ``XEN_ELFNOTE_PHYS32_ENTRY`` note, for every
+x86 back end (the KVM VMM and the emulated CPU start the same images the
+same way).
 
 This is the direct-boot protocol QEMU, Firecracker and Cloud Hypervisor
 use: load every ``PT_LOAD`` segment at its physical address, build an
@@ -17,15 +19,13 @@ start info at 0x6000, memory map right after it, command line at 0x20000.
 from __future__ import annotations
 
 import ctypes
-import io
-import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
 
-from vmscope.kvm.boot.common import BootPlan
-from vmscope.kvm.memory import PAGE, GuestMemory
+from vmscope.devices.elf import check_file_ranges, load_segments, notes, open_elf
+from vmscope.devices.ram import PAGE, GuestRam
 from vmscope.machine import ImageError
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
@@ -40,6 +40,41 @@ LOW_RAM_END = 0x9FC00  # conventional memory ends; EBDA/VGA/BIOS follow
 HIGH_RAM_START = 0x100000
 
 E820_RAM, E820_RESERVED = 1, 2
+
+
+@dataclass
+class BootPlan:
+    """How to start the vCPUs after the image is in guest memory.
+
+    ``mode`` is ``"pvh32"``: 32-bit protected mode, flat segments, paging
+    off, ``ebx = start_info``; or ``"linux32"``: the same, but ``esi =
+    start_info`` (the Linux boot protocol's boot_params) and a PC platform
+    around the vCPUs (``vmscope.kvm.boot.linux.attach_platform``).
+    ``all_cpus_at_entry``: every vCPU starts at ``entry`` (vmscope's SMP
+    convention for its demo guests); otherwise only vCPU 0 does and the
+    others wait for INIT/SIPI.
+    """
+
+    entry: int
+    start_info: int
+    mode: str = "pvh32"
+    all_cpus_at_entry: bool = False
+    segments: list[tuple[int, int]] = field(default_factory=list)  # (paddr, memsz)
+    #: initial rsp. PVH defines none, but guests often push before setting
+    #: their own stack; Firecracker gives them 0x8ff0 too.
+    boot_stack: int = 0x8FF0
+
+
+def has_pvh_entry(path: Path) -> bool:
+    """Whether ``path`` is an ELF with a PVH entry note (a cheap look at
+    the notes; an unreadable or malformed file answers False)."""
+    try:
+        _, elf = open_elf(path)
+        return any(name == "Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY for name, ntype, _ in notes(elf))
+    except (ImageError, ELFError):
+        return False
+    except Exception:  # pyelftools raises assorted errors on garbage
+        return False
 
 
 class HvmStartInfo(ctypes.Structure):
@@ -60,41 +95,16 @@ class HvmModlistEntry(ctypes.Structure):
     _fields_ = [("paddr", ctypes.c_uint64), ("size", ctypes.c_uint64), ("cmdline_paddr", ctypes.c_uint64), ("reserved", ctypes.c_uint64)]
 
 
-def _notes(elf: ELFFile):
-    """(name, type, desc) of every note in PT_NOTE segments, or in SHT_NOTE
-    sections when the image has no PT_NOTE (some linkers drop it).
-
-    Parsed by hand because pyelftools renames well-known note types (type 1
-    reads as ``NT_VERSION``) and vmscope's own note must be matched by the
-    raw number.
-    """
-    blobs = [seg.data() for seg in elf.iter_segments() if seg.header.p_type == "PT_NOTE"]
-    if not blobs:
-        blobs = [sec.data() for sec in elf.iter_sections() if sec.header.sh_type == "SHT_NOTE"]
-    for blob in blobs:
-        off = 0
-        while off + 12 <= len(blob):
-            namesz, descsz, ntype = struct.unpack_from("<III", blob, off)
-            off += 12
-            name = blob[off : off + namesz].rstrip(b"\0").decode("latin-1")
-            off += (namesz + 3) & ~3
-            desc = blob[off : off + descsz]
-            off += (descsz + 3) & ~3
-            if off > len(blob):
-                raise ImageError("malformed ELF note (runs past its segment)")
-            yield name, ntype, desc
-
-
-def load_pvh(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | None = None) -> BootPlan:
-    data = Path(path).read_bytes()
+def load_pvh(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None) -> BootPlan:
+    """Load a PVH ELF into ``mem`` (based at 0) and write its start info."""
+    data, elf = open_elf(path)
     try:
-        elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
             raise ImageError(f"{path}: ELF for {elf['e_machine']}, expected an x86_64 (or i386) kernel")
-        _check_file_ranges(path, elf, len(data))
+        check_file_ranges(path, elf, len(data))
         entry = None
         all_cpus = False
-        for name, ntype, desc in _notes(elf):
+        for name, ntype, desc in notes(elf):
             if name == "Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
                 if len(desc) not in (4, 8):
                     raise ImageError(f"{path}: PVH entry note has a {len(desc)}-byte descriptor, expected 4 or 8")
@@ -106,7 +116,9 @@ def load_pvh(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | Non
                 f"{path}: ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); "
                 "build the kernel with CONFIG_PVH or add the note"
             )
-        segments = _load_segments(path, elf, data, mem)
+        reserved = ((START_INFO_ADDR, PAGE, "vmscope puts the PVH start info"),
+                    (CMDLINE_ADDR, CMDLINE_MAX, "vmscope puts the command line"))
+        segments = load_segments(path, elf, data, mem, reserved)
     except ImageError as e:
         msg = str(e)
         raise ImageError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
@@ -120,54 +132,7 @@ def load_pvh(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | Non
     return BootPlan(entry=entry, start_info=START_INFO_ADDR, all_cpus_at_entry=all_cpus, segments=segments)
 
 
-def _check_file_ranges(path: Path, elf: ELFFile, size: int) -> None:
-    """Every segment's bytes must be in the file (checked before the notes
-    are read, so a cut-off image says "truncated", not "no note")."""
-    for i, seg in enumerate(elf.iter_segments()):
-        h = seg.header
-        if h.p_type in ("PT_LOAD", "PT_NOTE") and h.p_offset + h.p_filesz > size:
-            raise ImageError(
-                f"{path}: truncated: segment {i} needs file bytes {h.p_offset:#x}..{h.p_offset + h.p_filesz:#x} "
-                f"but the file is {size:#x} bytes"
-            )
-
-
-def _load_segments(path: Path, elf: ELFFile, data: bytes, mem: GuestMemory) -> list[tuple[int, int]]:
-    reserved = [(START_INFO_ADDR, PAGE), (CMDLINE_ADDR, CMDLINE_MAX)]
-    segments = []
-    for i, seg in enumerate(elf.iter_segments()):
-        h = seg.header
-        if h.p_type != "PT_LOAD" or h.p_memsz == 0:
-            continue
-        paddr, filesz, memsz, off = h.p_paddr, h.p_filesz, h.p_memsz, h.p_offset
-        if filesz > memsz:
-            raise ImageError(f"{path}: segment {i} has p_filesz {filesz:#x} > p_memsz {memsz:#x}")
-        if off + filesz > len(data):
-            raise ImageError(
-                f"{path}: truncated: segment {i} needs file bytes {off:#x}..{off + filesz:#x} "
-                f"but the file is {len(data):#x} bytes"
-            )
-        if not mem.contains(paddr, memsz):
-            raise ImageError(
-                f"{path}: segment {i} at {paddr:#x}+{memsz:#x} does not fit in guest RAM "
-                f"({mem.size // (1 << 20)} MiB); give the VM more memory"
-            )
-        for rstart, rsize in reserved:
-            if paddr < rstart + rsize and rstart < paddr + memsz:
-                raise ImageError(
-                    f"{path}: segment {i} at {paddr:#x}+{memsz:#x} overlaps the boot area "
-                    f"{rstart:#x}+{rsize:#x} vmscope uses for start info/command line"
-                )
-        mem.write(paddr, data[off : off + filesz])
-        if memsz > filesz:
-            mem.write(paddr + filesz, bytes(memsz - filesz))
-        segments.append((paddr, memsz))
-    if not segments:
-        raise ImageError(f"{path}: ELF has no loadable (PT_LOAD) segments")
-    return segments
-
-
-def _write_start_info(path, mem: GuestMemory, cmdline: str, initrd: Path | None, segments) -> None:
+def _write_start_info(path, mem: GuestRam, cmdline: str, initrd: Path | None, segments) -> None:
     raw_cmdline = cmdline.encode() + b"\0"
     if len(raw_cmdline) > CMDLINE_MAX:
         raise ImageError(f"command line is {len(raw_cmdline)} bytes, at most {CMDLINE_MAX - 1} fit")
