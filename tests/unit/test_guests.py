@@ -15,6 +15,9 @@ from elftools.elf.elffile import ELFFile
 from vmscope.guests import GUESTS, guest_elf, guest_symbols, write_guest
 
 ALL_GUESTS = [(arch, name) for arch, names in GUESTS.items() for name in names]
+#: the guests written to vmscope's conventions (tick, counter, per_cpu_counter);
+#: x86_64/walk is the standard PVH guest that follows none of them
+CONVENTION_GUESTS = [guest for guest in ALL_GUESTS if guest != ("x86_64", "walk")]
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 VMSCOPE_NOTE_ALL_CPUS = 1
@@ -121,7 +124,7 @@ REQUIRED_SYMBOLS = {
 }
 
 
-@pytest.mark.parametrize("arch,name", ALL_GUESTS)
+@pytest.mark.parametrize("arch,name", CONVENTION_GUESTS)
 def test_guests_export_typed_sized_global_symbols(arch, name):
     stream, elf = open_elf(arch, name)
     with stream:
@@ -139,7 +142,7 @@ def test_guests_export_typed_sized_global_symbols(arch, name):
             "assembler constants must not leak into the symbol table"
 
 
-@pytest.mark.parametrize("arch,name", ALL_GUESTS)
+@pytest.mark.parametrize("arch,name", CONVENTION_GUESTS)
 def test_guest_symbols_matches_the_symbol_table(arch, name):
     symbols = guest_symbols(name, arch)
     assert set(REQUIRED_SYMBOLS[(arch, name)]) <= set(symbols)
@@ -148,7 +151,7 @@ def test_guest_symbols_matches_the_symbol_table(arch, name):
         assert symbols["counter"] == symbol_table(elf)["counter"]["st_value"]
 
 
-@pytest.mark.parametrize("arch,name", ALL_GUESTS)
+@pytest.mark.parametrize("arch,name", CONVENTION_GUESTS)
 def test_dwarf_types_counter_as_unsigned_long_at_its_symbol(arch, name):
     """gdb's `print counter`/`watch counter` need a type: check the DIEs."""
     stream, elf = open_elf(arch, name)
@@ -171,3 +174,24 @@ def test_dwarf_types_counter_as_unsigned_long_at_its_symbol(arch, name):
         (subrange,) = list(array_type.iter_children())
         count = subrange.attributes["DW_AT_upper_bound"].value + 1
         assert count * 8 == symbols["per_cpu_counter"]["st_size"]
+
+
+def test_walk_is_a_standard_pvh_elf_without_vmscope_conventions():
+    """The Xen note alone (no "vmscope" note, so one boot CPU), the ELF entry
+    is the 32-bit PVH entry _start, no start64, and code and data in two
+    PT_LOAD segments at 3 MiB."""
+    stream, elf = open_elf("x86_64", "walk")
+    with stream:
+        symbols = symbol_table(elf)
+        assert "start64" not in symbols and "pvh_entry" not in symbols
+        start = symbols["_start"]["st_value"]
+        assert elf["e_entry"] == start
+        assert raw_notes(elf) == [("Xen", XEN_ELFNOTE_PHYS32_ENTRY, struct.pack("<Q", start))]
+        loads = [(s["p_paddr"], s["p_flags"]) for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
+        assert loads == [(0x300000, 5), (0x301000, 6)], "code R+X, data R+W"
+        for name, kind in {"walk_loop": "STT_FUNC", "visit": "STT_FUNC", "visits": "STT_OBJECT",
+                           "checksum": "STT_OBJECT", "ring": "STT_OBJECT"}.items():
+            assert symbols[name]["st_info"]["type"] == kind and symbols[name]["st_size"] > 0, name
+        variables = {die.attributes["DW_AT_name"].value.decode()
+                     for cu in elf.get_dwarf_info().iter_CUs() for die in cu.iter_DIEs() if die.tag == "DW_TAG_variable"}
+        assert {"visits", "checksum"} <= variables, "gdb's watch visits needs its type"

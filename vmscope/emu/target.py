@@ -573,7 +573,7 @@ class EmuTarget(
 
     def thread_name(self, tid: int) -> str:
         cpu = self._cpu(tid)
-        return f"vcpu {cpu.index}" + (" (waiting for INIT/SIPI)" if cpu.parked else " (halted)" if cpu.halted else "")
+        return f"vcpu {cpu.index}" + (" (waiting for SIPI)" if cpu.parked else " (halted)" if cpu.halted else "")
 
     def read_physical(self, addr: int, length: int) -> bytes:
         return self.ram.read(addr, length)

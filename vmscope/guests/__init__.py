@@ -18,6 +18,13 @@ ELF files are committed next to the sources and rebuilt with
 x86_64 guests are PVH ELFs (``pvh_entry``, 32-bit, via the Xen
 PHYS32_ENTRY note) and also offer ``start64`` for 64-bit starts; see
 ``x86_64/pvh_boot.S`` for the exact entry states.
+
+Except ``walk`` (x86_64), deliberately written like any PVH kernel and not
+to the conventions above: the Xen note only (boot CPU only), entry
+``_start``, its own GDT, 4 KiB page tables and stack, two segments, and a
+different loop (``walk_loop`` calls ``visit`` on a ring of list nodes,
+which increments ``visits`` and folds the node into ``checksum``); see
+``x86_64/walk.S``. It shows that the targets run standard PVH guests.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ GUESTS_DIR = Path(__file__).resolve().parent
 
 #: The guests that exist, by architecture.
 GUESTS: dict[str, tuple[str, ...]] = {
-    "x86_64": ("demo", "idt"),
+    "x86_64": ("demo", "idt", "walk"),
     "aarch64": ("demo",),
 }
 

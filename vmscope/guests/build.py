@@ -53,6 +53,7 @@ RECIPES: tuple[GuestRecipe, ...] = (
     GuestRecipe("demo", "x86_64", "as", "ld", ("--64",)),
     GuestRecipe("idt", "x86_64", "as", "ld", ("--64",)),
     GuestRecipe("demo", "aarch64", "aarch64-linux-gnu-as", "aarch64-linux-gnu-ld"),
+    GuestRecipe("walk", "x86_64", "as", "ld", ("--64",)),
 )
 
 # Flags common to every guest. --strip-local-absolute keeps .equ constants
