@@ -115,6 +115,14 @@ class TestArm64:
 @pytest.mark.e2e
 class TestX86:
     def test_control_registers_and_long_mode(self, x86):
+        # attached at the PVH entry: 32-bit protected mode, paging off, ebx = hvm_start_info
+        x86.check(x86.gdb.value("$pc") == x86.sym["pvh_entry"], "not stopped at the PVH entry")
+        x86.check(x86.gdb.value("$cr0") & 0x80000001 == 1 and x86.gdb.value("$efer") == 0, "not the PVH entry state")
+        x86.check(x86.gdb.value("*(unsigned int *)$rbx") == 0x336EC578, "ebx does not point to the hvm_start_info")
+        # the guest's own switch to long mode, run by Unicorn, lands in start64
+        x86.gdb.cmd("hbreak start64")
+        x86.gdb.cmd("continue", timeout=60)
+        x86.gdb.cmd("delete")
         x86.check(x86.gdb.value("$pc") == x86.sym["start64"], "not stopped at start64")
         x86.check(x86.gdb.value("$cr0") >> 31 == 1, "paging is off")
         x86.check(x86.gdb.value("$efer") & 0x500 == 0x500, "long mode not active")

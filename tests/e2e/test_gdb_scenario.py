@@ -4,10 +4,13 @@ One VM and one interactive GDB per back end (class-scoped), driven step by
 step as a user would: attach, registers, memory, breakpoints, watchpoints,
 stepping, threads, Ctrl-C, detach, a second debugger, kill.
 
-Back ends: the KVM micro-VMM on this machine's /dev/kvm (the demo guest and a
-second PVH guest with its own IDT and INT3s), the same VMM inside the nested
-lab (real KVM on QEMU TCG's SVM: page-protection breakpoints), and the
-emulated CPU (x86_64 and aarch64, the latter through gdb-multiarch).
+Back ends: the KVM micro-VMM on this machine's /dev/kvm, the same VMM inside
+the nested lab (real KVM on QEMU TCG's SVM: page-protection breakpoints), and
+the emulated CPU (x86_64 and aarch64, the latter through gdb-multiarch). The
+x86_64 guests are the same on both back ends, all started at their 32-bit
+PVH entry: the demo guest, a second one with its own IDT and INT3s, and
+``walk``, a standard PVH guest with none of vmscope's conventions (its loop
+function is ``visit``, its counter ``visits``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from tests.support import Gdb, VmProcess, free_port, require_kvm
 BACKENDS = [
     pytest.param(("kvm", "x86_64", "demo"), id="kvm-x86_64-demo"),
     pytest.param(("kvm", "x86_64", "idt"), id="kvm-x86_64-idt"),
+    pytest.param(("kvm", "x86_64", "walk"), id="kvm-x86_64-walk"),
     pytest.param(("emu", "x86_64", "demo"), id="emu-x86_64-demo"),
     pytest.param(("emu", "x86_64", "idt"), id="emu-x86_64-idt"),
+    pytest.param(("emu", "x86_64", "walk"), id="emu-x86_64-walk"),
     pytest.param(("emu", "aarch64", "demo"), id="emu-aarch64-demo"),
 ]
 # Hardware-KVM semantics (AMD SVM): vmscope inside the nested lab (KVM on QEMU
@@ -73,6 +78,10 @@ class LabVm:
             self.lab.__exit__(None, None, None)
 
 TICK_HITS = 50
+#: per guest: the function its loop calls, the 64-bit global that function
+#: increments, and the loop itself
+LOOP_NAMES = {"demo": ("tick", "counter", "main_loop"), "idt": ("tick", "counter", "main_loop"),
+              "walk": ("visit", "visits", "walk_loop")}
 
 
 def elf_symbols(path) -> dict[str, int]:
@@ -99,6 +108,7 @@ class Scenario:
         self.accel, self.arch, self.guest = accel, arch, guest
         self.elf = guest_elf(guest, arch)
         self.symbols = elf_symbols(self.elf)
+        self.tick, self.counter, self.loop = LOOP_NAMES[guest]
         args = ["--accel", "kvm" if accel == "lab-kvm" else accel, "--arch", arch, "--cpus", "2"]
         if guest != "demo":
             args += ["--kernel", str(self.elf)]
@@ -113,8 +123,8 @@ class Scenario:
         self.pc = "$pc"
 
     def counter_expr(self) -> str:
-        out = self.gdb.cmd("ptype counter")
-        return "counter" if "type = " in out and "unknown" not in out else "*(unsigned long long *)&counter"
+        out = self.gdb.cmd(f"ptype {self.counter}")
+        return self.counter if "type = " in out and "unknown" not in out else f"*(unsigned long long *)&{self.counter}"
 
     def close(self) -> None:
         self.gdb.close()
@@ -157,7 +167,7 @@ class TestGdbScenario:
             _check(sc, re.search(rf"^{name}\s", out, re.M) is not None, f"{name} missing from info registers")
 
     def test_memory_roundtrip(self, sc):
-        out = sc.gdb.cmd("x/8xg &counter")
+        out = sc.gdb.cmd(f"x/8xg &{sc.counter}")
         _check(sc, len(re.findall(r"0x[0-9a-f]{16}", out)) == 8, "x/8xg did not show 8 quadwords")
         expr = sc.counter_expr()
         sc.gdb.cmd(f"set var {expr} = 0x1122334455667788")
@@ -166,14 +176,14 @@ class TestGdbScenario:
         _check(sc, sc.gdb.value(expr) == 0, "set var 0 did not round-trip")
 
     def test_break_tick_hits_repeatedly(self, sc):
-        out = sc.gdb.cmd("break tick")
+        out = sc.gdb.cmd(f"break {sc.tick}")
         _check(sc, "Breakpoint 1 at" in out, "break tick failed")
-        tick = sc.symbols["tick"]
+        tick = sc.symbols[sc.tick]
         expr = sc.counter_expr()
         values = []
         for i in range(TICK_HITS):
             out = sc.gdb.cmd("continue", timeout=120)
-            _check(sc, "Breakpoint 1," in out and "tick" in out, f"hit {i} not reported")
+            _check(sc, "Breakpoint 1," in out and sc.tick in out, f"hit {i} not reported")
             pc = sc.gdb.value("$pc")
             _check(sc, tick <= pc < tick + 16, f"stopped at {pc:#x}, not in tick {tick:#x}")
             values.append(sc.gdb.value(expr))
@@ -181,11 +191,11 @@ class TestGdbScenario:
         sc.gdb.cmd("delete")
 
     def test_hbreak(self, sc):
-        out = sc.gdb.cmd("hbreak tick")
+        out = sc.gdb.cmd(f"hbreak {sc.tick}")
         _check(sc, "Hardware assisted breakpoint" in out, "hbreak not accepted")
         for _ in range(3):
             out = sc.gdb.cmd("continue", timeout=120)
-            _check(sc, "tick" in out and "Breakpoint" in out, "hbreak did not hit")
+            _check(sc, sc.tick in out and "Breakpoint" in out, "hbreak did not hit")
         sc.gdb.cmd("delete")
 
     def test_watch_counter_reports_old_and_new(self, sc):
@@ -218,7 +228,7 @@ class TestGdbScenario:
         _check(sc, len(seen) > 1, "stepi does not move the pc")
         out = sc.gdb.cmd("stepi 1000", timeout=300)
         _check(sc, "Cannot" not in out and "error" not in out.lower(), f"stepi 1000 failed: {out[-300:]}")
-        text = {sc.symbols[n] for n in ("tick", "main_loop") if n in sc.symbols}
+        text = {sc.symbols[n] for n in (sc.tick, sc.loop) if n in sc.symbols}
         pc = sc.gdb.value("$pc")
         _check(sc, any(abs(pc - t) < 0x400 for t in text), f"after 1000 steps pc {pc:#x} is not in the guest loop")
 
@@ -238,8 +248,8 @@ class TestGdbScenario:
         _check(sc, "SIGINT" in out, "Ctrl-C did not stop the guest")
 
     def test_detach_leaves_guest_running_unpatched(self, sc):
-        sc.gdb.cmd("break tick")
-        sc.gdb.cmd("hbreak main_loop" if "main_loop" in sc.symbols else "info breakpoints")
+        sc.gdb.cmd(f"break {sc.tick}")
+        sc.gdb.cmd(f"hbreak {sc.loop}" if sc.loop in sc.symbols else "info breakpoints")
         expr = sc.counter_expr()
         at_detach = sc.gdb.value(expr)
         beats = sc.vm.serial.count("heartbeat")
@@ -253,7 +263,7 @@ class TestGdbScenario:
         try:
             out = gdb2.cmd(f"target remote 127.0.0.1:{sc.port}")
             assert "Remote debugging using" in out, out
-            tick = sc.symbols["tick"]
+            tick = sc.symbols[sc.tick]
             raw = gdb2.cmd(f"x/8xb {tick}")
             got = bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})\b", raw.split(":", 1)[1]))
             assert got == elf_bytes_at(sc.elf, tick, 8), f"tick bytes {got.hex()} differ from the ELF"

@@ -323,3 +323,30 @@ def test_lldb_breaks_on_tick_from_reset_under_tcg(qemu, arch):
     assert re.search(r"frame #0: 0x0*[0-9a-f]+ demo.elf`tick\n\s+frame #1: .* demo.elf`main_loop \+ \d+\n(?!\s+frame #2)",
                      out), out
     assert guest.serial() == "vmscope demo guest: cpu 0 up\n"
+
+
+def test_walk_guest_boots_under_tcg_and_gdb_breaks_on_visit_and_watches_visits(qemu):
+    """The standard PVH guest (no vmscope note, entry _start) boots through
+    QEMU's own PVH loader, finds QEMU's hvm_start_info through ebx, and gdb
+    breaks on its per-node function and watches its counter there too: the
+    reference run for the same guest under vmscope's KVM and emulated targets."""
+    guest = qemu("x86_64", guest_elf("walk"), smp=2)
+    guest.wait_serial("walk guest: hvm_start_info ok\n", timeout=60)
+    out = run_gdb(
+        "x86_64", guest.elf,
+        "break visit",
+        "continue",
+        'printf "pc=%#lx\\n", $pc',
+        "backtrace",
+        "delete",
+        "watch visits",
+        "continue",
+        'printf "visits=%lu\\n", visits',
+        "kill",
+        port=guest.port,
+    )
+    assert values(out, "pc") == [guest_symbols("walk")["visit"]], out
+    assert re.search(r"^#0 .* in visit \(\)\n#1 .* in walk_loop \(\)\n(?!#2)", out, re.M), out
+    watch = re.search(r"Hardware watchpoint 2: visits\s+Old value = (\d+)\s+New value = (\d+)", out)
+    assert watch and int(watch[2]) == int(watch[1]) + 1 == values(out, "visits")[0], out
+    assert guest.serial() == "walk guest: hvm_start_info ok\n"

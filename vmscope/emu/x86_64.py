@@ -101,16 +101,8 @@ class X86Cpu(EmuCpu):
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0))
         uc.reg_write(X.UC_X86_REG_CR4, 0)
         uc.reg_write(X.UC_X86_REG_CR3, 0)
-        uc.reg_write(X.UC_X86_REG_CS, PVH_CODE_SELECTOR)
-        for seg in (X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES):
-            uc.reg_write(seg, PVH_DATA_SELECTOR)
-        uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
-        uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
-        uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
         uc.reg_write(X.UC_X86_REG_RBX, start_info)
-        uc.reg_write(X.UC_X86_REG_RSP, stack)
-        uc.reg_write(X.UC_X86_REG_RIP, entry)
-        self.invalidate()
+        self._start_at(entry, stack, PVH_CODE_SELECTOR, PVH_DATA_SELECTOR)
 
     def reset(self, entry: int) -> None:
         """Long mode, paging on with the 1 GiB identity map, interrupts off and
@@ -121,13 +113,19 @@ class X86Cpu(EmuCpu):
         uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, 0x500))  # LME | LMA
         uc.reg_write(X.UC_X86_REG_CR0, 0x8000_0033)  # PG | NE | ET | MP | PE
         uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT_ADDR, 23, 0))
-        uc.reg_write(X.UC_X86_REG_CS, CODE64_SELECTOR)
+        self._start_at(entry, BOOT_STACK_TOP - self.index * 0x1000, CODE64_SELECTOR, DATA_SELECTOR)
+
+    def _start_at(self, entry: int, stack: int, code_selector: int, data_selector: int) -> None:
+        """What both start states share: selectors, interrupts off, FPU/SSE
+        reset values, stack and entry."""
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CS, code_selector)
         for seg in (X.UC_X86_REG_SS, X.UC_X86_REG_DS, X.UC_X86_REG_ES):
-            uc.reg_write(seg, DATA_SELECTOR)
+            uc.reg_write(seg, data_selector)
         uc.reg_write(X.UC_X86_REG_EFLAGS, 0x2)
         uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)
         uc.reg_write(X.UC_X86_REG_FPCW, 0x37F)
-        uc.reg_write(X.UC_X86_REG_RSP, BOOT_STACK_TOP - self.index * 0x1000)
+        uc.reg_write(X.UC_X86_REG_RSP, stack)
         uc.reg_write(X.UC_X86_REG_RIP, entry)
         self.invalidate()
 
