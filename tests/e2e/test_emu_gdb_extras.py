@@ -119,11 +119,13 @@ class TestX86:
         x86.check(x86.gdb.value("$pc") == x86.sym["pvh_entry"], "not stopped at the PVH entry")
         x86.check(x86.gdb.value("$cr0") & 0x80000001 == 1 and x86.gdb.value("$efer") == 0, "not the PVH entry state")
         x86.check(x86.gdb.value("*(unsigned int *)$rbx") == 0x336EC578, "ebx does not point to the hvm_start_info")
-        # the guest's own switch to long mode, run by Unicorn, lands in start64
-        x86.gdb.cmd("hbreak start64")
+        # the guest's own switch to long mode, run by Unicorn; stop in main_loop,
+        # after CPU 0 took index 0 (a stop at start64, before its `lock xadd`,
+        # would let CPU 1 take it first when the round resumes with CPU 1)
+        x86.gdb.cmd("hbreak main_loop")
         x86.gdb.cmd("continue", timeout=60)
         x86.gdb.cmd("delete")
-        x86.check(x86.gdb.value("$pc") == x86.sym["start64"], "not stopped at start64")
+        x86.check(x86.gdb.value("$pc") == x86.sym["main_loop"], "not stopped in main_loop")
         x86.check(x86.gdb.value("$cr0") >> 31 == 1, "paging is off")
         x86.check(x86.gdb.value("$efer") & 0x500 == 0x500, "long mode not active")
         x86.check(x86.gdb.value("$cs") == 8, "cs is not the 64-bit code selector")
