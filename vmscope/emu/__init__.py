@@ -8,8 +8,8 @@ back to where KVM is missing or unusable.
 """
 
 
-# Lazy: the KVM back ends reuse vmscope.emu's devices, ELF loader and RAM,
-# and must not pay for importing Unicorn (seconds under TCG in the lab).
+# Lazy: importing the package (the CLI does, to pick a back end) must not pay
+# for importing Unicorn (seconds under TCG in the lab) unless it is used.
 def __getattr__(name: str):
     if name == "EmuMachine":
         from vmscope.emu.machine import EmuMachine

@@ -1,9 +1,10 @@
 """vmscope's KVM micro-VMM and its debug target.
 
-- :class:`KvmMachine` (``vm.py``): guest RAM as a memfd, vCPUs as threads,
-  a 16550 on COM1, PVH boot (``boot/``), port devices (``devices/``).
+- :class:`KvmMachine` (``vm.py``): vCPUs as threads, image loading
+  (``boot/``), KVM-only port devices (``devices/``); guest RAM, the 16550,
+  the console and the PVH/ELF loaders are :mod:`vmscope.devices`, shared
+  with the other back ends.
 - :class:`KvmTarget` (``debug.py``): what the GDB stub drives.
-- ``console.py``: raw terminal and the ``Ctrl-A x`` escape.
 - ``abi.py``: the KVM ioctls and structures, in ctypes.
 """
 
