@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     guest = sub.add_parser("guest", help="write guest images")
-    guest.add_argument("what", choices=["demo", "idt", "linux"],
+    guest.add_argument("what", choices=["demo", "idt", "walk", "linux"],
                        help="demo: the embedded bare-metal ELF; idt: a second test guest with its own IDT and INT3s; "
+                            "walk (x86_64): a standard PVH guest without vmscope's conventions; "
                             "linux: Debian kernel + busybox initramfs (more options: vmscope guest linux --out DIR --help)")
     guest.add_argument("--out", type=Path, required=True, help="output directory")
     guest.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64")

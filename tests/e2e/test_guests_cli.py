@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import VmProcess, require_kvm
 from vmscope.guests import guest_elf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,3 +40,19 @@ def test_guest_demo_then_gdb_knows_tick_and_counter(tmp_path):
                           "-ex", "ptype counter"], capture_output=True, text=True, timeout=60)
     assert 'Symbol "tick" is at 0x' in gdb.stdout, gdb.stdout + gdb.stderr
     assert "type = unsigned long" in gdb.stdout, gdb.stdout + gdb.stderr
+
+
+@pytest.mark.parametrize("accel", ["emu", "kvm"])
+def test_guest_walk_written_then_booted_by_vmscope_run(tmp_path, accel):
+    """The standard PVH guest, written by the CLI, boots under either back
+    end from its 32-bit entry and finds the hvm_start_info through ebx."""
+    if accel == "kvm":
+        require_kvm()
+    result = vmscope("guest", "walk", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "walk.elf").read_bytes() == guest_elf("walk").read_bytes()
+    vm = VmProcess("--accel", accel, "--kernel", str(tmp_path / "walk.elf"), "--cpus", "2")
+    try:
+        vm.wait_for(r"walk guest: hvm_start_info ok\n", timeout=60)
+    finally:
+        vm.close()
