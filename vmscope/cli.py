@@ -2,7 +2,9 @@
 
 ``vmscope run``     boot a guest (KVM, or the emulated CPU), optionally with a GDB stub
 ``vmscope guest``   write guest images (the embedded demo ELF, a Debian Linux kernel + initramfs)
-``vmscope inspect`` attach to any gdbstub and look inside the guest
+``vmscope inspect`` attach to any gdbstub (or open a core file) and look inside the guest
+``vmscope dump``    write a live guest's memory as an ELF core
+``vmscope fleet``   one report over many guests and core files, on Dask
 ``vmscope lab``     the nested KVM lab (real KVM inside QEMU/TCG) for machines without VMX/SVM
 """
 
@@ -221,6 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("rest", nargs=argparse.REMAINDER)
     inspect.set_defaults(func=lambda a: _delegate("vmscope.client.inspect_cli", a.rest))
 
+    dump = sub.add_parser("dump", help="write a live guest's memory as an ELF core (QEMU's dump format)",
+                          add_help=False)
+    dump.add_argument("rest", nargs=argparse.REMAINDER)
+    dump.set_defaults(func=lambda a: _delegate("vmscope.dump.cli", a.rest))
+
+    fleet = sub.add_parser("fleet", help="ps/lsmod/dmesg/modules-diff over many guests and core files, on Dask",
+                           add_help=False)
+    fleet.add_argument("rest", nargs=argparse.REMAINDER)
+    fleet.set_defaults(func=lambda a: _delegate("vmscope.fleet.cli", a.rest))
+
     lab = sub.add_parser("lab", help="the nested KVM lab (real KVM inside QEMU/TCG)", add_help=False)
     lab.add_argument("rest", nargs=argparse.REMAINDER)
     lab.set_defaults(func=lambda a: _delegate("vmscope.lab", a.rest))
@@ -239,6 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["inspect"]:
         logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
         return _delegate("vmscope.client.inspect_cli", argv[1:])
+    if argv[:1] == ["fleet"]:
+        logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
+        return _delegate("vmscope.fleet.cli", argv[1:])
+    if argv[:1] == ["dump"]:
+        logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
+        return _delegate("vmscope.dump.cli", argv[1:])
     if argv[:1] == ["lab"]:
         logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
         return _delegate("vmscope.lab", argv[1:])

@@ -23,6 +23,7 @@ from vmscope.client.transport import ConnectionLost, StubTimeout
 from vmscope.vmi.address_space import AddressSpace
 from vmscope.vmi.errors import VmiError
 from vmscope.vmi.linux.btf import BtfError
+from vmscope.vmi.linux.reports import dmesg_rows, lsmod_rows, ps_rows
 from vmscope.vmi.paging.x86_64 import X86_64Paging
 
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmscope inspect", description=__doc__.split("\n\n")[0])
     p.add_argument("--gdb", metavar="HOST:PORT", help="GDB stub address (host:port, unix:/path or /path)")
     p.add_argument("--qmp", metavar="HOST:PORT", help="QEMU QMP address: system registers and shared RAM")
+    p.add_argument("--core", metavar="FILE", help="inspect an ELF core (vmscope dump, QEMU dump-guest-memory) "
+                                                  "instead of a live guest")
     p.add_argument("--memory", choices=("auto", "shared", "vmscope", "rsp"), default="auto",
                    help="how to read guest-physical memory (default: fastest available)")
     p.add_argument("--system-map", metavar="PATH", help="use this System.map instead of kallsyms")
@@ -96,15 +99,25 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if not args.gdb and not args.qmp:
-        err.print("vmscope inspect: error: give --gdb HOST:PORT, --qmp HOST:PORT, or both")
+    if not args.gdb and not args.qmp and not args.core:
+        err.print("vmscope inspect: error: give --gdb HOST:PORT, --qmp HOST:PORT, both, or --core FILE")
+        return 2
+    if args.core and (args.gdb or args.qmp):
+        err.print("vmscope inspect: error: --core inspects a file: give it without --gdb/--qmp")
         return 2
     from vmscope.client.session import Inspector
 
     try:
         with _progress(err) as progress:
-            with Inspector(args.gdb, args.qmp, memory=args.memory, timeout=args.timeout, progress=progress,
-                           system_map=args.system_map, disk_cache=not args.no_cache) as ins:
+            if args.core:
+                from vmscope.dump.offline import CoreInspector
+
+                session = CoreInspector(args.core, progress=progress, system_map=args.system_map,
+                                        disk_cache=not args.no_cache)
+            else:
+                session = Inspector(args.gdb, args.qmp, memory=args.memory, timeout=args.timeout,
+                                    progress=progress, system_map=args.system_map, disk_cache=not args.no_cache)
+            with session as ins:
                 return COMMANDS[args.cmd](ins, args, out)
     except (VmiError, StubError, QmpError, BtfError, ConnectionLost, StubTimeout, OSError, ValueError,
             KeyError) as e:
@@ -122,13 +135,7 @@ def _emit(out: Console, args, rows: list[dict], table: Table) -> int:
 
 
 def cmd_ps(ins, args, out) -> int:
-    kernel = ins.kernel()
-    tasks = kernel.tasks(threads=args.threads)
-    rows = [{"pid": t.pid, "tgid": t.tgid, "ppid": t.ppid, "state": t.state, "kind": t.kind, "cpu": t.cpu, "comm": t.comm,
-             "task_struct": hex(t.address)} for t in tasks]
-    if args.full:
-        for r, t in zip(rows, tasks):
-            r["cmdline"] = kernel.cmdline(t) if not t.kernel_thread else None
+    rows = ps_rows(ins.kernel(), threads=args.threads, full=args.full)
     columns = ["PID", "PPID", "S", "KIND", "CPU", "COMMAND"] + (["ARGS"] if args.full else [])
     what = "threads" if args.threads else "processes"
     table = Table(*columns, title=f"{len(rows)} {what}", title_justify="left")
@@ -142,9 +149,7 @@ def cmd_ps(ins, args, out) -> int:
 
 
 def cmd_lsmod(ins, args, out) -> int:
-    mods = ins.kernel().modules()
-    rows = [{"name": m.name, "size": m.size, "refcount": m.refcount, "used_by": list(m.used_by), "state": m.state,
-             "base": hex(m.base)} for m in mods]
+    rows = lsmod_rows(ins.kernel())
     table = Table("MODULE", "SIZE", "USED", "BY", "STATE", "ADDRESS")
     for r in rows:
         table.add_row(r["name"], str(r["size"]), str(r["refcount"]), ",".join(r["used_by"]) or "-", r["state"],
@@ -153,15 +158,12 @@ def cmd_lsmod(ins, args, out) -> int:
 
 
 def cmd_dmesg(ins, args, out) -> int:
-    recs = ins.kernel().dmesg()
-    if args.lines > 0:
-        recs = recs[-args.lines :]
     if args.json:
-        print(json.dumps([{"seq": r.seq, "time": r.timestamp_ns / 1e9, "level": r.level, "text": r.text}
-                          for r in recs], indent=1))
-    else:
-        for r in recs:
-            out.print(r.format(), markup=False)
+        print(json.dumps(dmesg_rows(ins.kernel(), args.lines), indent=1))
+        return 0
+    recs = ins.kernel().dmesg()
+    for r in recs[-args.lines :] if args.lines > 0 else recs:
+        out.print(r.format(), markup=False)
     return 0
 
 

@@ -77,17 +77,24 @@ class LinuxKernel:
         self._layouts: dict = {}
         self._vmcoreinfo: dict[str, str] | None = None
         self.current_hint: int | None = None  # a task_struct known to be running (arm64: SP_EL0)
+        #: where the symbols came from: "decoded", "build-cache" (an earlier boot of this kernel
+        #: build, slid here) or "placement-cache" (this very placement seen before)
+        self.symbols_source = "decoded"
 
     def _symbols_and_btf(self, boot: AddressSpace, system_map: str | None, disk_cache: bool) -> bool:
         """Symbols (and BTF, if cached) from the disk cache, else decoded
-        from ``boot``; True if they came from the cache."""
+        from ``boot`` (or taken from the per-build cache, slid to this
+        placement); True if they came from the per-placement cache."""
+        self._use_build_cache = disk_cache and not system_map
         self._disk_key = symcache.image_key(boot, self.location) if disk_cache and not system_map else None
         cached = symcache.load_cached(self._disk_key) if self._disk_key else None
         if cached is not None:
             self.symbols, btf_blob = cached
             self._btf = Btf(btf_blob) if btf_blob else None
+            self.symbols_source = "placement-cache"
             return True
         self.symbols = self._load_symbols(boot, system_map)
+        self.symbols_source = "build-cache" if getattr(self.symbols, "cached", False) else "decoded"
         return False
 
     def _fill_disk_cache(self, from_cache: bool) -> None:
@@ -110,7 +117,7 @@ class LinuxKernel:
 
         try:
             return scan_for_kallsyms(lambda pos, n: boot.read_partial(pos, n)[0], loc.text, loc.end, SCAN_CHUNK,
-                                     progress)
+                                     progress, cache=symcache.BUILD_CACHE if self._use_build_cache else None)
         except KallsymsNotFound as e:
             raise KallsymsNotFound(f"kallsyms not found in the kernel image at 0x{loc.text:x}-0x{loc.end:x}: {e}") \
                 from None
@@ -123,6 +130,18 @@ class LinuxKernel:
         return self._btf
 
     def _btf_blob(self) -> bytes:
+        """The BTF blob: from the per-build cache when this kernel build was
+        seen before (BTF holds no addresses, so every boot of a build has
+        the same), else read from guest memory."""
+        build = getattr(self.symbols, "fingerprint", None) if self._use_build_cache else None
+        if build is not None and (blob := symcache.BUILD_CACHE.btf(build)) is not None:
+            return blob
+        blob = self._read_btf_blob()
+        if build is not None:
+            symcache.BUILD_CACHE.put_btf(build, blob)
+        return blob
+
+    def _read_btf_blob(self) -> bytes:
         if "__start_BTF" in self.symbols:
             start = self.symbols["__start_BTF"]
         else:  # kallsyms without data symbols (no CONFIG_KALLSYMS_ALL): find the blob by its header

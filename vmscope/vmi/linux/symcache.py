@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # build and its KASLR placement. The first 64 KiB of relocated kernel text
 # at its virtual address identify both, so they key a cache of the results.
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the kernel build's fingerprint is kept too
 
 
 def image_key(boot: AddressSpace, loc: KernelLocation) -> str | None:
@@ -47,7 +47,8 @@ def load_cached(key: str):
         return None
     if version != CACHE_VERSION:
         return None
-    return Kallsyms([Symbol(*s) for s in symbols]), btf_blob
+    symbols, fingerprint = symbols
+    return Kallsyms([Symbol(*s) for s in symbols], fingerprint), btf_blob
 
 
 def store_cached(key: str, symbols: Kallsyms, btf_blob: bytes) -> None:
@@ -58,7 +59,7 @@ def store_cached(key: str, symbols: Kallsyms, btf_blob: bytes) -> None:
         path = _cache_file(key)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            pickle.dump((CACHE_VERSION, [tuple(s) for s in symbols.symbols], btf_blob), f,
+            pickle.dump((CACHE_VERSION, ([tuple(s) for s in symbols.symbols], symbols.fingerprint), btf_blob), f,
                         protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, path)
     except OSError:
@@ -85,6 +86,7 @@ class BuildCache:
         self.disk = disk
         self._kallsyms: dict[str, object] = {}
         self._elves: dict[str, tuple[int, bytes]] = {}
+        self._btf: dict[str, bytes] = {}
 
     def _path(self, key: str, kind: str):
         from vmscope.images.cache import cache_dir
@@ -132,6 +134,42 @@ class BuildCache:
     def put(self, fingerprint: str, entry) -> None:
         self._kallsyms[fingerprint] = entry
         self._store(fingerprint, "kallsyms", tuple(entry))
+
+    def btf(self, build: str) -> bytes | None:
+        """The BTF blob of a kernel build seen before."""
+        if build not in self._btf:
+            value = self._load(build, "btf")
+            if value is None:
+                return None
+            self._btf[build] = value
+        return self._btf[build]
+
+    def put_btf(self, build: str, blob: bytes) -> None:
+        self._btf[build] = blob
+        self._store(build, "btf", blob)
+
+    def export(self, include_disk: bool = False) -> dict:
+        """Everything held in memory (and, with ``include_disk``, every
+        kallsyms and BTF entry under the cache directory), to install in
+        another process (:meth:`install`): how a fleet's workers, maybe on
+        other hosts, get the symbols and types of the builds already known."""
+        if include_disk and self.disk:
+            from vmscope.images.cache import cache_dir
+
+            for path in cache_dir("kernel-builds").glob("*.kallsyms"):
+                self.get(path.stem)
+            for path in cache_dir("kernel-builds").glob("*.btf"):
+                self.btf(path.stem)
+        return {"kallsyms": dict(self._kallsyms), "btf": dict(self._btf), "elves": dict(self._elves)}
+
+    def install(self, exported: dict) -> int:
+        """Take entries made by :meth:`export`; returns how many were new."""
+        new = 0
+        for kind, mine in (("kallsyms", self._kallsyms), ("btf", self._btf), ("elves", self._elves)):
+            for key, value in exported.get(kind, {}).items():
+                new += key not in mine
+                mine.setdefault(key, value)
+        return new
 
     def symbol_file(self, symbols: Kallsyms, machine: str) -> bytes:
         """The GDB symbol file for ``symbols``: made once per build, then
