@@ -48,6 +48,19 @@ def _stack_dumps_on_sigusr1() -> None:
         faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
 
 
+def _end_on_sigterm() -> None:
+    """SIGTERM ends ``vmscope run`` as Ctrl-A x does: the stub removes its
+    breakpoints and its Unix socket, the terminal leaves raw mode, the VM
+    is torn down (the default action would skip all of that)."""
+    import signal
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def _err(message: str) -> None:
     print(f"vmscope: {message}", file=sys.stderr, flush=True)
 
@@ -120,7 +133,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         server = None
         try:
-            if args.gdb is not None:
+            unix_path = None
+            if args.gdb is not None and args.gdb.startswith("unix:"):
+                unix_path = args.gdb[len("unix:"):]
+                if not unix_path:
+                    _err("--gdb unix:PATH: the path is missing")
+                    return 2
+            elif args.gdb is not None:
                 try:
                     host, port = parse_address(args.gdb, DEFAULT_GDB_HOST)
                 except ValueError as e:
@@ -131,16 +150,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.gdb is not None:
                 clock.enter("opening the gdb port")
                 try:
-                    server = GdbServer(machine.debug_target(), host, port)
+                    if unix_path is not None:
+                        server = GdbServer(machine.debug_target(), unix=unix_path)
+                    else:
+                        server = GdbServer(machine.debug_target(), host, port)
                 except OSError as e:
                     machine.shutdown()
-                    _err(f"cannot listen for gdb on {host}:{port}: {e.strerror or e}")
+                    where = unix_path if unix_path is not None else f"{host}:{port}"
+                    _err(f"cannot listen for gdb on {where}: {e.strerror or e}")
                     return 2
-                h, p = server.address
-                _err(f"waiting for gdb on {h}:{p} (in gdb: target remote {h}:{p}); the guest starts when it continues")
+                if server.reachable_from_elsewhere:
+                    from vmscope.gdbserver.transport import NO_AUTH_WARNING
+
+                    _err("warning: " + NO_AUTH_WARNING.format(where=server.where))
+                _err(f"waiting for gdb on {server.where} (in gdb: target remote {server.where}); "
+                     "the guest starts when it continues")
                 server_thread = threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True)
                 server_thread.start()
             _stack_dumps_on_sigusr1()
+            _end_on_sigterm()
             clock.enter("starting the vCPU threads")
             machine.start(paused=args.gdb is not None)
             clock.done()
@@ -201,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--append", help="kernel command line")
     run.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    run.add_argument("--gdb", metavar="[HOST:]PORT",
-                     help="serve GDB here and wait for it before the first instruction (host defaults to 127.0.0.1)")
+    run.add_argument("--gdb", metavar="[HOST:]PORT|unix:PATH",
+                     help="serve GDB here and wait for it before the first instruction (host defaults to 127.0.0.1; "
+                          "unix:PATH: a Unix socket only its owner can use)")
     run.add_argument("--arch", choices=["x86_64", "aarch64"], default=None, help="guest architecture (default: host's)")
     run.add_argument("--accel", choices=["auto", "kvm", "emu"], default="auto",
                      help="kvm, the emulated CPU, or auto (KVM when usable; default)")

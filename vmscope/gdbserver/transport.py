@@ -10,10 +10,12 @@ then accepts the next client.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
 import socket
+import stat
 import threading
 from typing import Callable
 
@@ -28,7 +30,8 @@ STOP_TIMEOUT = 10.0
 
 
 def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``PORT``, ``:PORT``, ``HOST:PORT`` or ``[v6]:PORT`` -> (host, port).
+    """``PORT``, ``:PORT``, ``HOST:PORT`` or ``[v6]:PORT`` -> (host, port)
+    (``unix:PATH`` is for :class:`GdbServer`'s ``unix``, see ``vmscope run``).
 
     The default host is loopback: a stub gives full control of the guest,
     so it is only reachable from elsewhere when the user says so.
@@ -46,25 +49,94 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
     return host, number
 
 
-class GdbServer:
-    """A TCP listener serving one GDB client at a time for one target."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listening address) is reachable from this machine only."""
+    import ipaddress
 
-    def __init__(self, target: Target, host: str = "127.0.0.1", port: int = 1234) -> None:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+NO_AUTH_WARNING = ("the GDB stub listens on {where}, reachable from other machines; the protocol has no "
+                   "authentication: whoever connects controls the guest")
+
+
+class GdbServer:
+    """A listener serving one GDB client at a time for one target: TCP
+    (``host``, ``port``), or a Unix socket at ``unix`` created with mode
+    0600, so only its owner can connect (as Firecracker and Cloud
+    Hypervisor do for their API sockets)."""
+
+    def __init__(self, target: Target, host: str = "127.0.0.1", port: int = 1234, *, unix: str | None = None) -> None:
         self.target = target
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.socket(family, socket.SOCK_STREAM)
-        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.listener.bind((host, port))
-        except OSError:
-            self.listener.close()
-            raise
+        self.unix_path = unix
+        if unix is not None:
+            self.listener = self._unix_listener(unix)
+            self.address = (unix, None)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.listener = socket.socket(family, socket.SOCK_STREAM)
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                self.listener.bind((host, port))
+            except OSError:
+                self.listener.close()
+                raise
+            self.address = self.listener.getsockname()[:2]
         self.listener.listen(1)
-        self.address = self.listener.getsockname()[:2]
         self._wake_r, self._wake_w = os.pipe()
         self._closing = False
         self.killed = threading.Event()
         self.clients_served = 0
+
+    @staticmethod
+    def _unix_listener(path: str) -> socket.socket:
+        """Bind a Unix socket at ``path`` with mode 0600 from the start (no
+        window where another user could connect). A stale socket file left
+        by a dead VMM is replaced; anything else at ``path`` is an error."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # nobody listens: a stale socket
+            else:
+                raise OSError(errno.EADDRINUSE, f"{path}: another stub listens there")
+            finally:
+                probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            listener.bind(path)
+        except OSError:
+            listener.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        return listener
+
+    @property
+    def where(self) -> str:
+        """Where GDB connects, as the user types it (``target remote WHERE``)."""
+        if self.unix_path is not None:
+            return self.unix_path
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
+    def reachable_from_elsewhere(self) -> bool:
+        return self.unix_path is None and not is_loopback(self.address[0])
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -91,11 +163,17 @@ class GdbServer:
                     conn.close()
         finally:
             self.listener.close()
+            if self.unix_path is not None:
+                try:
+                    os.unlink(self.unix_path)
+                except OSError:
+                    pass
 
     # --- one client -----------------------------------------------------------
 
     def serve_client(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         target = self.target
         # A previous client may have left the guest running: stop it first,
         # so the new one attaches to a stopped target, as GDB expects.
