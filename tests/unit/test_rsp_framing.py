@@ -1,5 +1,6 @@
 """The RSP framing core, on bytes alone."""
 
+import pytest
 from hypothesis import given, strategies as st
 
 from vmscope.rsp.framing import (
@@ -172,3 +173,30 @@ def test_retrying_peer_gets_every_reply_in_step(exchanges, ack_mode):
         answers.append(got)
         stub.receive(peer.data_to_send())  # the peer's '+' (ack mode)
     assert answers == [[b"re:" + p] for p, _ in exchanges]
+
+
+# --- a packet longer than the endpoint takes -----------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [7, 1000, 1 << 20])
+def test_oversized_packet_is_refused_as_it_arrives_and_the_stream_goes_on(chunk):
+    """Its bytes are never buffered beyond the limit, bytes inside it that
+    look like acks or Ctrl-C do nothing, and the next packet is parsed."""
+    ep = Endpoint(max_packet=4096)
+    payload = b"X100000,4000:" + (b"\x03+-%" * 0x1000).replace(b"%", b"}\x05")  # binary, escaped like GDB's
+    wire = frame(payload) + frame(b"qC")
+    events = []
+    for i in range(0, len(wire), chunk):
+        events += ep.receive(wire[i : i + chunk])
+        assert len(ep._buf) <= 4096 + chunk, "the endpoint must not hold an oversized packet"
+    assert [type(e) for e in events] == [BadPacket, Packet], events
+    assert events[0].oversized and "longer than 4096" in events[0].reason
+    assert events[1] == Packet(b"qC")
+    assert ep.data_to_send() == b"++", "acknowledged (and refused), not nacked: a retransmission would be as long"
+
+
+def test_packet_at_the_limit_is_taken():
+    ep = Endpoint(max_packet=4096)
+    payload = b"M0,7f8:" + b"ab" * 0x7F8
+    assert len(frame(payload)) - 4 <= 4096
+    assert ep.receive(frame(payload)) == [Packet(payload)]

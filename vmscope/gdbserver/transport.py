@@ -19,14 +19,23 @@ import stat
 import threading
 from typing import Callable
 
-from vmscope.gdbserver.session import Session
+from vmscope.gdbserver.session import PACKET_SIZE, Session
 from vmscope.gdbserver.target import StopEvent, Target
-from vmscope.rsp.framing import BadPacket, Endpoint, Interrupt, Packet
+from vmscope.rsp.framing import BadPacket, Endpoint, Interrupt, Packet, frame
 
 log = logging.getLogger("vmscope.gdbserver")
 
 #: how long a vanished client's running target gets to stop before cleanup
 STOP_TIMEOUT = 10.0
+#: how long a reply may wait for a client that does not read (then it is dropped, its breakpoints removed)
+SEND_TIMEOUT = float(os.environ.get("VMSCOPE_STUB_SEND_TIMEOUT", "30"))
+#: the longest packet taken from a debugger: our PacketSize and a little framing; longer ones get an error
+#: reply as they arrive, so a client cannot make the stub buffer without bound
+MAX_INCOMING = PACKET_SIZE + 64
+#: the error a too-long packet gets (EINVAL)
+TOO_LONG_REPLY = b"E16"
+#: what a second debugger gets while one is attached (an error reply with text; GDB prints it)
+BUSY_REPLY = b"E.vmscope: another debugger is attached to this stub; it serves one at a time"
 
 
 def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -182,11 +191,12 @@ class GdbServer:
             self._wait_stop()
         target.take_stop()
         session = Session(target)
-        endpoint = Endpoint(rle_replies=True)
+        endpoint = Endpoint(rle_replies=True, max_packet=MAX_INCOMING)
+        conn.settimeout(SEND_TIMEOUT)  # reads wait in select(); this bounds sendall to a client that stopped reading
         stop_fd = target.stop_fd()
         try:
             while not session.closed:
-                r, _, _ = select.select([conn, stop_fd, self._wake_r], [], [])
+                r, _, _ = select.select([conn, stop_fd, self._wake_r, self.listener], [], [])
                 closing = self._wake_r in r
                 # A stop first, even when closing: the VMM closes the stub
                 # right after the guest exits, and GDB must still get "W".
@@ -207,33 +217,81 @@ class GdbServer:
                     if not data:
                         log.info("debugger connection closed")
                         break
-                    for event in endpoint.receive(data):
-                        if isinstance(event, Packet):
-                            reply = session.handle(event.payload)
-                            if reply is not None:
-                                endpoint.send(reply)
-                            if session.noack_pending:
-                                conn.sendall(endpoint.data_to_send())
-                                endpoint.disable_acks()
-                                session.noack_pending = False
-                            if session.closed:
-                                break
-                        elif isinstance(event, Interrupt):
-                            session.interrupt()
-                        elif isinstance(event, BadPacket):
-                            log.warning("bad packet from debugger: %s", event.reason)
-                out = endpoint.data_to_send()
-                if out:
                     try:
-                        conn.sendall(out)
-                    except OSError:
-                        log.info("debugger connection lost while sending")
+                        self._answer(conn, endpoint, session, data)
+                    except OSError as e:  # a send timed out (the client stopped reading) or the peer went away
+                        log.info("debugger connection lost while sending: %s", e or "timed out")
                         break
+                elif endpoint.pending:
+                    self._flush(conn, endpoint)
+                # after the client's own input: a "D" and a close queued there end this session first
+                if self.listener in r and not session.closed and self._still_connected(conn):
+                    self._turn_away()
         finally:
             if session.killed:
                 self.killed.set()
             elif not session.closed:
                 self._abandon(session)
+
+    def _answer(self, conn: socket.socket, endpoint: Endpoint, session: Session, data: bytes) -> None:
+        """Handle what one read brought and send the replies. A batch of
+        requests is answered as it goes once a PacketSize is queued, so a
+        client that does not read holds back its next request, not our
+        memory; a send that cannot finish in SEND_TIMEOUT raises."""
+        for event in endpoint.receive(data):
+            if isinstance(event, Packet):
+                reply = session.handle(event.payload)
+                if reply is not None:
+                    endpoint.send(reply)
+                    if endpoint.pending > PACKET_SIZE:
+                        conn.sendall(endpoint.data_to_send())
+                if session.noack_pending:
+                    conn.sendall(endpoint.data_to_send())
+                    endpoint.disable_acks()
+                    session.noack_pending = False
+                if session.closed:
+                    break
+            elif isinstance(event, Interrupt):
+                session.interrupt()
+            elif isinstance(event, BadPacket):
+                log.warning("bad packet from debugger: %s", event.reason)
+                if event.oversized:
+                    endpoint.send(TOO_LONG_REPLY)
+        out = endpoint.data_to_send()
+        if out:
+            conn.sendall(out)
+
+    @staticmethod
+    def _still_connected(conn: socket.socket) -> bool:
+        """Whether the attached client is still there: the next one often
+        connects before the stub has read the previous one's EOF, and must
+        then wait its turn, not be turned away."""
+        readable, _, _ = select.select([conn], [], [], 0)
+        if not readable:
+            return True  # nothing to read: connected and quiet
+        try:  # readable: data or EOF is there, so this does not wait (the socket has a send timeout)
+            return conn.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
+
+    def _turn_away(self) -> None:
+        """A second debugger while one is attached: tell it why, in the
+        reply it waits for, instead of leaving it to time out unanswered
+        in the listen backlog."""
+        try:
+            other, peer = self.listener.accept()
+        except OSError:
+            return
+        log.warning("refused a second debugger (%s): one is attached", peer or "unix socket")
+        try:
+            other.settimeout(1.0)
+            other.recv(4096)  # its first request (qSupported): read, so closing does not reset the reply away
+            other.sendall(b"+" + frame(BUSY_REPLY))
+            other.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            other.close()
 
     @staticmethod
     def _flush(conn: socket.socket, endpoint: Endpoint) -> None:

@@ -69,10 +69,14 @@ class Interrupt:
 @dataclass(frozen=True)
 class BadPacket:
     """A packet that failed its checksum or could not be decoded. In ack
-    mode a ``-`` has been queued so the peer retransmits."""
+    mode a ``-`` has been queued so the peer retransmits. An ``oversized``
+    one (longer than the endpoint's ``max_packet``) was acknowledged and
+    discarded as it arrived, never buffered whole: the peer should get an
+    error reply, not a retransmission request it would answer in kind."""
 
     raw: bytes
     reason: str
+    oversized: bool = False
 
 
 Event = Union[Packet, Notification, Ack, Nack, Interrupt, BadPacket]
@@ -171,9 +175,11 @@ class Endpoint:
     #: a packet larger than this is dropped as garbage (and nacked)
     MAX_PACKET = 16 * 1024 * 1024
 
-    def __init__(self, *, rle_replies: bool = False) -> None:
+    def __init__(self, *, rle_replies: bool = False, max_packet: int | None = None) -> None:
         self.ack_mode = True
         self.rle_replies = rle_replies
+        self.max_packet = max_packet or self.MAX_PACKET
+        self._discarding = False  # inside an oversized packet: skip to its '#cc'
         self._buf = bytearray()
         self._out = bytearray()
         self._last_sent: bytes | None = None
@@ -190,6 +196,11 @@ class Endpoint:
 
     def send_interrupt(self) -> None:
         self._out.append(INTERRUPT)
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued for :meth:`data_to_send`."""
+        return len(self._out)
 
     def data_to_send(self) -> bytes:
         data, self._out = bytes(self._out), bytearray()
@@ -208,15 +219,29 @@ class Endpoint:
         i = 0
         n = len(buf)
         while i < n:
+            if self._discarding:  # the rest of an oversized packet ('#' never occurs raw inside one)
+                end = buf.find(b"#", i)
+                if end < 0 or end + 2 >= n:
+                    i = n if end < 0 else end  # keep '#' and what follows until the checksum is here
+                    break
+                self._discarding = False
+                i = end + 3
+                continue
             c = buf[i]
             if c == 0x24 or c == 0x25:  # '$' or '%'
                 end = buf.find(b"#", max(i + 1, self._scanned))
+                if end < 0 and n - i > self.max_packet or end - i > self.max_packet:
+                    # Refused as it arrives: the buffer never holds more than max_packet of it.
+                    events.append(BadPacket(bytes(buf[i : i + 64]),
+                                            f"packet longer than {self.max_packet} bytes", oversized=True))
+                    if self.ack_mode:
+                        self._out.append(0x2B)  # taken (and refused): a retransmission would be as long
+                    self._discarding = end < 0
+                    self._scanned = 0
+                    i = n if end < 0 else end + 3
+                    continue
                 if end < 0:
                     self._scanned = n
-                    if n - i > self.MAX_PACKET:
-                        events.append(BadPacket(bytes(buf[i : i + 64]), "packet too large"))
-                        i = n
-                        self._nack()
                     break
                 if end + 2 >= n:
                     break  # checksum not here yet
