@@ -30,6 +30,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Mapping
 
+from vmscope.rsp.stops import StopEvent, StopKind  # noqa: F401  (the stop type targets report)
+
 if TYPE_CHECKING:
     from vmscope.arch.registers import Arch
 
@@ -49,25 +51,6 @@ class TargetError(Exception):
     def __init__(self, message: str, errno_: int = errno.EFAULT):
         super().__init__(message)
         self.errno = errno_
-
-
-StopKind = Literal["signal", "swbreak", "hwbreak", "watch", "rwatch", "awatch", "exited", "terminated"]
-
-
-@dataclass(frozen=True)
-class StopEvent:
-    """Why the target stopped, as reported in a ``T``/``W``/``X`` stop reply.
-
-    ``tid`` is the thread that caused the stop (the one GDB should select).
-    For watchpoints ``addr`` is the watched data address that was accessed.
-    For ``exited``/``terminated`` ``code`` is the exit status or signal.
-    """
-
-    kind: StopKind = "signal"
-    tid: int = 1
-    signal: int = SIGTRAP
-    addr: int | None = None
-    code: int = 0
 
 
 ResumeKind = Literal["continue", "step"]

@@ -2,9 +2,12 @@
 
 :func:`parse_request` turns a packet payload from GDB into one of the request
 dataclasses below (or raises :class:`ProtocolError` for a malformed one and
-returns :class:`Unknown` for one we do not implement). The reply helpers
-build payloads; framing is :mod:`vmscope.rsp.framing`'s job. The client side
-uses the same helpers in reverse (``parse_stop_reply``, ``hex``...).
+returns :class:`Unknown` for one we do not implement). Every request also
+``encode()``s itself back to a payload, so the client sends the very types
+the stub parses (``parse_request(r.encode()) == r``; a property test holds
+the two directions together). The reply helpers build payloads; framing is
+:mod:`vmscope.rsp.framing`'s job. The client side parses replies with
+``parse_stop_reply`` and friends.
 """
 
 from __future__ import annotations
@@ -66,28 +69,39 @@ def _unhex(text: bytes, what: str = "hex data") -> bytes:
 
 @dataclass(frozen=True)
 class HaltReason:  # ?
-    pass
+    def encode(self) -> bytes:
+        return b"?"
 
 
 @dataclass(frozen=True)
 class ReadRegisters:  # g
-    pass
+    def encode(self) -> bytes:
+        return b"g"
 
 
 @dataclass(frozen=True)
 class WriteRegisters:  # G
     data: bytes
 
+    def encode(self) -> bytes:
+        return b"G" + self.data.hex().encode()
+
 
 @dataclass(frozen=True)
 class ReadRegister:  # p n
     regnum: int
+
+    def encode(self) -> bytes:
+        return b"p%x" % self.regnum
 
 
 @dataclass(frozen=True)
 class WriteRegister:  # P n=v
     regnum: int
     data: bytes
+
+    def encode(self) -> bytes:
+        return b"P%x=%s" % (self.regnum, self.data.hex().encode())
 
 
 @dataclass(frozen=True)
@@ -96,11 +110,21 @@ class ReadMemory:  # m addr,len / x addr,len
     length: int
     binary: bool = False
 
+    def encode(self) -> bytes:
+        return b"%s%x,%x" % (b"x" if self.binary else b"m", self.addr, self.length)
+
 
 @dataclass(frozen=True)
 class WriteMemory:  # M addr,len:hex / X addr,len:bin
     addr: int
     data: bytes
+    binary: bool = field(default=False, compare=False)  # how it travels, not what it asks
+
+    def encode(self) -> bytes:
+        """``M`` (hex) or, with ``binary``, ``X`` (raw bytes; framing escapes them)."""
+        if self.binary:
+            return b"X%x,%x:%s" % (self.addr, len(self.data), self.data)
+        return b"M%x,%x:%s" % (self.addr, len(self.data), self.data.hex().encode())
 
 
 @dataclass(frozen=True)
@@ -117,10 +141,29 @@ class Resume:
     addr: int | None = None
     legacy: bool = False  # c/s/C/S: applies to the Hc thread
 
+    def encode(self) -> bytes:
+        if self.legacy:
+            (kind, sig, _), = self.actions
+            head = kind.encode() if sig is None else b"%s%02x" % (kind.upper().encode(), sig)
+            if self.addr is None:
+                return head
+            return head + (b";%x" if sig is not None else b"%x") % self.addr
+        parts = []
+        for kind, sig, tid in self.actions:
+            part = kind if sig is None else f"{kind.upper()}{sig:02x}"
+            parts.append(part if tid == ALL_THREADS else f"{part}:{format_thread_id(tid)}")
+        return ("vCont;" + ";".join(parts)).encode()
+
+    @classmethod
+    def simple(cls, step: bool = False, tid: int | None = None) -> "Resume":
+        """``vCont;c`` / ``vCont;s:TID``: one action for one thread or all."""
+        return cls((("s" if step else "c", None, ALL_THREADS if tid is None else tid),))
+
 
 @dataclass(frozen=True)
 class VContQuery:  # vCont?
-    pass
+    def encode(self) -> bytes:
+        return b"vCont?"
 
 
 @dataclass(frozen=True)
@@ -128,10 +171,16 @@ class SetThread:  # Hg tid / Hc tid
     op: str
     tid: int
 
+    def encode(self) -> bytes:
+        return b"H%s%s" % (self.op.encode(), format_thread_id(self.tid).encode())
+
 
 @dataclass(frozen=True)
 class ThreadAlive:  # T tid
     tid: int
+
+    def encode(self) -> bytes:
+        return b"T" + format_thread_id(self.tid).encode()
 
 
 @dataclass(frozen=True)
@@ -140,6 +189,9 @@ class Breakpoint:  # Z/z type,addr,kind
     type: int
     addr: int
     kind: int
+
+    def encode(self) -> bytes:
+        return b"%s%x,%x,%x" % (b"Z" if self.insert else b"z", self.type, self.addr, self.kind)
 
 
 @dataclass(frozen=True)
@@ -151,15 +203,30 @@ class Query:
     args: bytes = b""
     set: bool = False  # Q packet
 
+    def encode(self) -> bytes:
+        head = (b"Q" if self.set else b"q") + self.name.encode("ascii")
+        if not self.args:
+            return head
+        return head + (b"," if self.name in _COMMA_QUERIES else b":") + self.args
+
 
 @dataclass(frozen=True)
 class Detach:  # D / D;pid
-    pass
+    """``pid`` is for stubs in multiprocess mode (QEMU keeps it on once an
+    earlier GDB asked for it and then refuses a bare ``D``)."""
+
+    pid: int | None = None
+
+    def encode(self) -> bytes:
+        return b"D" if self.pid is None else b"D;%x" % self.pid
 
 
 @dataclass(frozen=True)
 class Kill:  # k / vKill
     vkill: bool = False
+
+    def encode(self) -> bytes:
+        return b"vKill;1" if self.vkill else b"k"
 
 
 @dataclass(frozen=True)
@@ -170,10 +237,16 @@ class HostIo:
     op: str
     args: tuple[bytes, ...] = ()
 
+    def encode(self) -> bytes:
+        return b"vFile:" + self.op.encode("ascii") + (b":" + b",".join(self.args) if self.args else b"")
+
 
 @dataclass(frozen=True)
 class Unknown:
     payload: bytes
+
+    def encode(self) -> bytes:
+        return self.payload
 
 
 Request = Union[
@@ -214,7 +287,7 @@ def parse_request(payload: bytes) -> Request:
             data = _unhex(data, "memory data")
         if len(data) != length:
             raise ProtocolError(f"length {length} does not match {len(data)} data bytes")
-        return WriteMemory(addr, data)
+        return WriteMemory(addr, data, binary=cmd == b"X")
     if cmd in (b"c", b"s"):
         addr = _hex(rest, "address") if rest else None
         return Resume(((cmd.decode(), None, ALL_THREADS),), addr, legacy=True)
@@ -237,7 +310,8 @@ def parse_request(payload: bytes) -> Request:
             raise ProtocolError(f"expected {cmd.decode()}type,addr,kind")
         return Breakpoint(cmd == b"Z", _hex(parts[0], "type"), _hex(parts[1], "address"), _hex(parts[2], "kind"))
     if cmd == b"D":
-        return Detach()
+        _, sep, pid = rest.partition(b";")
+        return Detach(_hex(pid, "process id") if sep and pid else None)
     if cmd == b"k":
         return Kill()
     if cmd in (b"q", b"Q"):
@@ -247,9 +321,12 @@ def parse_request(payload: bytes) -> Request:
     return Unknown(payload)
 
 
+#: queries whose arguments follow a ',' (qRcmd,HEX and qThreadExtraInfo,ID), not a ':'
+_COMMA_QUERIES = ("Rcmd", "ThreadExtraInfo")
+
+
 def _parse_query(payload: bytes) -> Query:
     text = payload[1:]
-    # qRcmd,HEX and qThreadExtraInfo,ID use ',' after the name
     for name in (b"Rcmd", b"ThreadExtraInfo", b"Xfer", b"Supported", b"Symbol", b"Attached"):
         if text.startswith(name) and text[len(name) : len(name) + 1] in (b",", b":", b""):
             return Query(name.decode(), text[len(name) + 1 :], set=payload[:1] == b"Q")
