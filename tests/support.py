@@ -6,6 +6,13 @@
   Ctrl-C is a real SIGINT to a real GDB.
 - :func:`require_kvm`: skip when /dev/kvm is missing, unless
   VMSCOPE_REQUIRE_KVM=1 (CI on a KVM machine), where a missing KVM fails.
+- :func:`elf_symbols`, :func:`elf_bytes_at`: what a guest ELF says, to compare
+  what a debugger reads with.
+
+Helpers shared by several test modules live here (or in another ``tests``
+module that is not a test module), never in a ``test_*.py`` file: importing
+a test module from another one runs its module-level set-up and collects
+nothing useful.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from elftools.elf.elffile import ELFFile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +54,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def elf_symbols(path) -> dict[str, int]:
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        symtab = elf.get_section_by_name(".symtab")
+        return {s.name: s["st_value"] for s in symtab.iter_symbols() if s.name}
+
+
+def elf_bytes_at(path, addr: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        elf = ELFFile(f)
+        for seg in elf.iter_segments():
+            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= addr < seg["p_vaddr"] + seg["p_filesz"]:
+                off = addr - seg["p_vaddr"]
+                return seg.data()[off : off + length]
+    raise AssertionError(f"{addr:#x} not in a loaded segment")
 
 
 class VmProcess:

@@ -19,9 +19,7 @@ import re
 import time
 
 import pytest
-from elftools.elf.elffile import ELFFile
-
-from tests.support import Gdb, VmProcess, free_port, require_kvm
+from tests.support import Gdb, VmProcess, elf_bytes_at, elf_symbols, free_port, require_kvm
 
 BACKENDS = [
     pytest.param(("kvm", "x86_64", "demo"), id="kvm-x86_64-demo"),
@@ -82,23 +80,6 @@ TICK_HITS = 50
 #: increments, and the loop itself
 LOOP_NAMES = {"demo": ("tick", "counter", "main_loop"), "idt": ("tick", "counter", "main_loop"),
               "walk": ("visit", "visits", "walk_loop")}
-
-
-def elf_symbols(path) -> dict[str, int]:
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        symtab = elf.get_section_by_name(".symtab")
-        return {s.name: s["st_value"] for s in symtab.iter_symbols() if s.name}
-
-
-def elf_bytes_at(path, addr: int, length: int) -> bytes:
-    with open(path, "rb") as f:
-        elf = ELFFile(f)
-        for seg in elf.iter_segments():
-            if seg["p_type"] == "PT_LOAD" and seg["p_vaddr"] <= addr < seg["p_vaddr"] + seg["p_filesz"]:
-                off = addr - seg["p_vaddr"]
-                return seg.data()[off : off + length]
-    raise AssertionError(f"{addr:#x} not in a loaded segment")
 
 
 class Scenario:

@@ -20,8 +20,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_gdb_scenario import elf_bytes_at, elf_symbols
-from tests.support import ROOT, Gdb, VmProcess, free_port, require_kvm, require_tool
+from tests.support import ROOT, Gdb, VmProcess, elf_bytes_at, elf_symbols, free_port, require_kvm, require_tool
 from vmscope.rsp.framing import Endpoint, Packet
 
 pytestmark = pytest.mark.e2e

@@ -18,9 +18,8 @@ import time
 
 import pytest
 
-from tests.e2e.test_gdb_scenario import elf_bytes_at, elf_symbols
 from tests.lab.conftest import require_arm64
-from tests.support import Gdb
+from tests.support import Gdb, elf_bytes_at, elf_symbols
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

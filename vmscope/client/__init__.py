@@ -2,8 +2,8 @@
 that bypass the protocol when the VM's RAM can be mapped directly."""
 
 from vmscope.client.client import (Client, Features, MemoryReadError, StubError,  # noqa: F401
-                                   TargetExited, Unsupported)
+                                   TargetExited, TargetRunning, Unsupported)
 from vmscope.client.transport import ConnectionLost, StubTimeout  # noqa: F401
 
 __all__ = ["Client", "ConnectionLost", "Features", "MemoryReadError", "StubError", "StubTimeout", "TargetExited",
-           "Unsupported"]
+           "TargetRunning", "Unsupported"]

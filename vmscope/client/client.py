@@ -6,6 +6,10 @@ It speaks to any stub (vmscope's, QEMU's, gdbserver) over the same
 PacketSize. Every wait has a timeout and a closed connection raises
 :class:`ConnectionLost`, so a script never hangs on a dead stub.
 
+Requests are the typed ones of :mod:`vmscope.rsp.packets` (the stub parses
+the same types), encoded there; this module adds sockets, timeouts and the
+order of requests each operation needs.
+
 Typical use from a Python prompt::
 
     c = Client.connect("localhost:1234")
@@ -21,12 +25,13 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from vmscope.client.errors import MemoryReadError, StubError, TargetExited, Unsupported  # noqa: F401
+from vmscope.client.errors import MemoryReadError, StubError, TargetExited, TargetRunning, Unsupported  # noqa: F401
 from vmscope.client.tdesc import RegisterLayout, layout_from_arch, parse_target_xml
 from vmscope.client.transport import ConnectionLost, StubTimeout, open_socket
-from vmscope.gdbserver.target import StopEvent
 from vmscope.rsp import framing
-from vmscope.rsp.packets import format_thread_id, parse_stop_reply, parse_thread_id
+from vmscope.rsp import packets as P
+from vmscope.rsp.packets import parse_thread_id
+from vmscope.rsp.stops import StopEvent, stop_event
 
 PAGE = 0x1000
 WatchKind = Literal["write", "read", "access"]
@@ -51,8 +56,8 @@ class Features:
 class Client:
     """One connection to a GDB stub. Not thread-safe, except :meth:`interrupt`."""
 
-    CLIENT_FEATURES = (b"qSupported:multiprocess-;swbreak+;hwbreak+;xmlRegisters=i386,aarch64;vContSupported+;"
-                       b"binary-upload+")
+    CLIENT_FEATURES = P.Query("Supported", b"multiprocess-;swbreak+;hwbreak+;xmlRegisters=i386,aarch64;"
+                              b"vContSupported+;binary-upload+")
 
     def __init__(self, sock: socket.socket, *, timeout: float = 10.0, arch=None):
         self.sock = sock
@@ -63,6 +68,7 @@ class Client:
         self._resume_hooks: list[Callable[[], None]] = []
         self._reg_cache: dict[str, int | None] | None = None
         self.breakpoints: set[int] = set()  # software breakpoints we inserted
+        self._inserted: set[tuple[int, int, int]] = set()  # every Z (type, addr, kind), removed on leaving
         # QEMU keeps its physical-memory mode across connections, so a
         # previous client may have left it on: unknown until we set it.
         self._phys_mode: bool | None = None
@@ -72,15 +78,15 @@ class Client:
         self.features = self._negotiate()
         self.no_ack = False
         if self.features.has("QStartNoAckMode"):
-            if self.request(b"QStartNoAckMode") == b"OK":
+            if self.request(P.Query("StartNoAckMode", set=True)) == b"OK":
                 self.endpoint.disable_acks()
                 self.no_ack = True
         # gdbserver needs a general thread before it can describe the target.
-        self.request(b"Hg0")
+        self.request(P.SetThread("g", P.ANY_THREAD))
         self.layout = self._load_layout(arch)
         self._use_x = self.features.has("binary-upload")
         self._vcont = self._query_vcont()
-        self.last_stop = self._stop_event(self.request(b"?"))
+        self.last_stop = self._stop_event(self.request(P.HaltReason()))
 
     # ------------------------------------------------------------ connection
 
@@ -95,10 +101,16 @@ class Client:
             raise
 
     def close(self) -> None:
+        """Close the connection, leaving the target stopped or running as
+        it is, but without our breakpoints and in virtual-address mode (a
+        running target is stopped for that and resumed)."""
         try:
-            if self._phys_mode and not self.running:  # leave QEMU as GDB expects it: virtual addresses
+            if self._dirty():
+                was_running = self.running
                 try:
-                    self.set_physical_mode(False)
+                    self._leave_clean()
+                    if was_running and not self._gone():
+                        self.resume()
                 except (StubError, ConnectionLost, StubTimeout):
                     pass
             self.sock.close()
@@ -106,23 +118,54 @@ class Client:
             self.running = False
 
     def detach(self) -> None:
-        """Let the target run on without us and close the connection."""
+        """Let the target run on without us and close the connection. Works
+        whatever state the target is in (running after a :meth:`cont` that
+        timed out or was interrupted with Ctrl-C included): it is stopped,
+        every breakpoint and watchpoint we inserted is removed and QEMU's
+        memory mode is set back to virtual before the ``D``."""
         try:
-            if self._phys_mode:
-                try:
-                    self.set_physical_mode(False)
-                except StubError:
-                    pass
-            self._send(b"D")
+            self._leave_clean()
+            if self._gone():
+                raise ConnectionLost("the target has exited: nothing to detach from")
+            self._send(P.Detach().encode())
             if self._recv_packet(self.timeout).startswith(b"E"):
                 # QEMU's stub keeps "multiprocess" from an earlier GDB's
                 # qSupported for good and then wants the pid (else E22,
                 # and the guest stays stopped).
-                self._send(b"D;1")
+                self._send(P.Detach(pid=1).encode())
                 self._recv_packet(self.timeout)
         except (ConnectionLost, StubTimeout):
             pass
         self.close()
+
+    def _dirty(self) -> bool:
+        return bool(self._phys_mode or self._inserted)
+
+    def _gone(self) -> bool:
+        return self.last_stop is not None and self.last_stop.kind in ("exited", "terminated")
+
+    def _leave_clean(self) -> None:
+        """Undo what we changed in the stub, stopping the target first if it
+        runs: QEMU takes any packet to a running guest as a stop request and
+        drops it, so ``Qqemu.PhyMemMode:0`` sent then is never applied and
+        the next debugger reads physical memory at virtual addresses."""
+        if self.running:  # a D to a running QEMU would be dropped the same way
+            self.interrupt()
+            self.wait(self.timeout)
+        if self._gone():
+            self._inserted.clear()
+            return
+        for ztype, addr, kind in sorted(self._inserted):
+            try:
+                self._z(False, ztype, addr, kind)
+            except StubError:
+                pass  # already gone (the stub forgot it): nothing left to undo
+        self.breakpoints.clear()
+        if self._phys_mode:
+            try:
+                self.set_physical_mode(False)
+            except StubError:
+                pass
 
     def __enter__(self):
         return self
@@ -171,9 +214,18 @@ class Client:
                 raise ConnectionLost(f"the stub closed the connection while we waited for {waiting_for}")
             self._events.extend(self.endpoint.receive(data))
 
-    def request(self, payload: bytes, timeout: float | None = None) -> bytes:
-        """Send one packet and return the reply's payload (skipping ``O``
-        console packets, whose text lands in :attr:`console`)."""
+    def request(self, request: P.Request | bytes, timeout: float | None = None) -> bytes:
+        """Send one request (a :mod:`vmscope.rsp.packets` request, or a raw
+        payload) and return the reply's payload (skipping ``O`` console
+        packets, whose text lands in :attr:`console`).
+
+        Raises :class:`TargetRunning` while the target runs: a stub answers
+        nothing then but the stop reply (QEMU even takes any packet as a stop
+        request and drops it), so a request now would read the stop reply as
+        its answer. :meth:`halt` or :meth:`wait` first."""
+        payload = request if isinstance(request, bytes) else request.encode()
+        if self.running:
+            raise TargetRunning(payload)
         self._send(payload)
         what = f"the reply to {payload[:24].decode(errors='replace')!r}"
         while True:
@@ -187,8 +239,9 @@ class Client:
         if self.last_stop is not None and self.last_stop.kind in ("exited", "terminated"):
             raise TargetExited(self.last_stop)
 
-    def _checked(self, payload: bytes) -> bytes:
+    def _checked(self, request: P.Request) -> bytes:
         self._alive()
+        payload = request.encode()
         reply = self.request(payload)
         if reply == b"":
             raise Unsupported(payload, reply)
@@ -196,10 +249,10 @@ class Client:
             raise StubError(payload, reply)
         return reply
 
-    def _ok(self, payload: bytes) -> None:
-        reply = self._checked(payload)
+    def _ok(self, request: P.Request) -> None:
+        reply = self._checked(request)
         if reply != b"OK":
-            raise StubError(payload, reply)
+            raise StubError(request.encode(), reply)
 
     # ------------------------------------------------------------ negotiation
 
@@ -221,7 +274,7 @@ class Client:
         return Features(raw)
 
     def _query_vcont(self) -> set[str]:
-        reply = self.request(b"vCont?")
+        reply = self.request(P.VContQuery())
         if not reply.startswith(b"vCont"):
             return set()
         return {a for a in reply.decode().split(";")[1:] if a}
@@ -231,7 +284,7 @@ class Client:
         out = bytearray()
         chunk = max(256, self.features.packet_size - 16)
         while True:
-            reply = self._checked(f"qXfer:{obj}:read:{annex}:{len(out):x},{chunk:x}".encode())
+            reply = self._checked(P.Query("Xfer", f"{obj}:read:{annex}:{len(out):x},{chunk:x}".encode()))
             out += reply[1:]
             if reply[:1] == b"l":
                 return bytes(out)
@@ -258,7 +311,7 @@ class Client:
     def registers(self) -> dict[str, int | None]:
         """All registers of the selected thread (``g``), cached until resume."""
         if self._reg_cache is None:
-            raw = self._checked(b"g")
+            raw = self._checked(P.ReadRegisters())
             self._reg_cache = self.layout.decode_g(_unhex_regs(raw))
         return dict(self._reg_cache)
 
@@ -269,7 +322,7 @@ class Client:
         regs = self.registers()
         value = regs.get(name)
         if value is None:
-            raw = self._checked(b"p%x" % reg.regnum)
+            raw = self._checked(P.ReadRegister(reg.regnum))
             value = int.from_bytes(_unhex_regs(raw), "little")
             self._reg_cache[name] = value  # type: ignore[index]
         return value
@@ -278,13 +331,13 @@ class Client:
         reg = self.layout[name]
         data = (value & ((1 << reg.bitsize) - 1)).to_bytes(reg.size, "little")
         try:
-            self._ok(b"P%x=%s" % (reg.regnum, data.hex().encode()))
+            self._ok(P.WriteRegister(reg.regnum, data))
         except Unsupported:
             regs = self.registers()
             regs[name] = value
             raw = b"".join((regs.get(r.name) or 0).to_bytes(r.size, "little")
                            for r in sorted(self.layout.registers, key=lambda r: r.regnum) if r.name in regs)
-            self._ok(b"G" + raw.hex().encode())
+            self._ok(P.WriteRegisters(raw))
         self._reg_cache = None
 
     # ------------------------------------------------------------ memory
@@ -301,7 +354,7 @@ class Client:
         if self._phys_mode == on:
             return
         try:
-            self._ok(b"Qqemu.PhyMemMode:%d" % int(on))
+            self._ok(P.Query("qemu.PhyMemMode", b"%d" % int(on), set=True))
         except Unsupported:
             self._phys_supported = False
             raise
@@ -319,14 +372,14 @@ class Client:
     def _read_packet(self, addr: int, size: int) -> bytes:
         if self._use_x:
             # GDB 16's x: "b" then the raw (escaped) bytes; binary halves the traffic.
-            reply = self.request(b"x%x,%x" % (addr, size))
+            reply = self.request(P.ReadMemory(addr, size, binary=True))
             if reply.startswith(b"b"):
                 return reply[1:]
             if reply == b"":
                 self._use_x = False  # offered but not answered: fall back to m
             else:
                 raise MemoryReadError(addr, size, reply)
-        reply = self.request(b"m%x,%x" % (addr, size))
+        reply = self.request(P.ReadMemory(addr, size))
         if (reply.startswith(b"E") and len(reply) == 3) or not reply:
             raise MemoryReadError(addr, size, reply)
         try:
@@ -391,12 +444,16 @@ class Client:
         step = max(16, (self.features.packet_size - 32) // 2)
         for off in range(0, len(data), step):
             piece = data[off : off + step]
-            self._ok(b"M%x,%x:%s" % (addr + off, len(piece), piece.hex().encode()))
+            self._ok(P.WriteMemory(addr + off, piece))
 
     # ------------------------------------------------------------ breakpoints
 
     def _z(self, insert: bool, ztype: int, addr: int, kind: int) -> None:
-        self._ok(b"%s%d,%x,%x" % (b"Z" if insert else b"z", ztype, addr, kind))
+        self._ok(P.Breakpoint(insert, ztype, addr, kind))
+        if insert:
+            self._inserted.add((ztype, addr, kind))
+        else:
+            self._inserted.discard((ztype, addr, kind))
 
     def _bp_kind(self) -> int:
         return 4 if self.arch and "aarch64" in self.arch else 1
@@ -430,14 +487,16 @@ class Client:
         action = "s" if step else "c"
         if step and tid is None and self.last_stop is not None:
             tid = self.last_stop.tid  # step the thread that stopped, not every vCPU
+        if self.running:
+            raise TargetRunning(action.encode())
         if self._vcont and action in self._vcont:
-            packet = f"vCont;{action}" + (f":{format_thread_id(tid)}" if tid is not None else "")
+            request = P.Resume.simple(step, tid)
         else:
             if tid is not None:
-                self._ok(f"Hc{format_thread_id(tid)}".encode())
-            packet = action
+                self._ok(P.SetThread("c", tid))
+            request = P.Resume(((action, None, P.ALL_THREADS),), legacy=True)
         self._resumed()
-        self._send(packet.encode())
+        self._send(request.encode())
 
     def wait(self, timeout: float | None = None) -> StopEvent:
         """Block until the target stops (``None``: wait for ever, still
@@ -455,7 +514,7 @@ class Client:
         for name in ("rip", "pc", "eip"):
             if name in self.layout:
                 return name
-        raise Unsupported(b"g", b"no program counter in the register layout")
+        raise Unsupported(P.ReadRegisters().encode(), b"no program counter in the register layout")
 
     def _step_off_breakpoint(self, tid: int | None) -> StopEvent | None:
         """Like GDB: a thread sitting on one of our software breakpoints is
@@ -501,34 +560,27 @@ class Client:
 
     def _stop_event(self, payload: bytes) -> StopEvent:
         if payload.startswith(b"E") and len(payload) == 3:
-            raise StubError(b"?", payload)
-        reply = parse_stop_reply(payload)
-        tid = reply.tid if reply.tid is not None else 1
-        if reply.kind == "exited":
-            return StopEvent("exited", tid=tid, code=reply.code)
-        if reply.kind == "terminated":
-            return StopEvent("terminated", tid=tid, signal=reply.signal)
-        kind = reply.reason or "signal"
-        return StopEvent(kind, tid=tid, signal=reply.signal, addr=reply.addr)  # type: ignore[arg-type]
+            raise StubError(P.HaltReason().encode(), payload)
+        return stop_event(payload)
 
     # ------------------------------------------------------------ threads
 
     def threads(self) -> list[int]:
         tids: list[int] = []
-        reply = self._checked(b"qfThreadInfo")
+        reply = self._checked(P.Query("fThreadInfo"))
         while reply.startswith(b"m"):
             tids += [parse_thread_id(t) for t in reply[1:].split(b",") if t]
-            reply = self._checked(b"qsThreadInfo")
+            reply = self._checked(P.Query("sThreadInfo"))
         return tids
 
     def select_thread(self, tid: int) -> None:
         """Make ``tid`` the thread for register and memory access (``Hg``)."""
-        self._ok(f"Hg{format_thread_id(tid)}".encode())
+        self._ok(P.SetThread("g", tid))
         self._reg_cache = None
 
     def thread_name(self, tid: int) -> str | None:
         try:
-            reply = self._checked(f"qThreadExtraInfo,{format_thread_id(tid)}".encode())
+            reply = self._checked(P.Query("ThreadExtraInfo", P.format_thread_id(tid).encode()))
         except StubError:
             return None
         return bytes.fromhex(reply.decode()).decode(errors="replace")
@@ -538,7 +590,7 @@ class Client:
     def monitor(self, command: str) -> str:
         """``monitor COMMAND`` (``qRcmd``); returns the text the stub printed."""
         start = len(self.console)
-        reply = self.request(b"qRcmd," + command.encode().hex().encode())
+        reply = self.request(P.Query("Rcmd", command.encode().hex().encode()))
         if reply == b"":
             raise Unsupported(b"qRcmd", reply)
         if reply.startswith(b"E") and len(reply) == 3:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vmscope.gdbserver.target import StopEvent
+from vmscope.rsp.stops import StopEvent
 
 
 class StubError(Exception):
@@ -31,6 +31,21 @@ class TargetExited(StubError):
         what = f"exited with status {stop.code}" if stop.kind == "exited" else f"was killed by signal {stop.signal}"
         Exception.__init__(self, f"the target {what}")
         self.request, self.reply, self.stop = b"", b"", stop
+
+
+class TargetRunning(RuntimeError):
+    """A request that needs a stopped target, made while it runs.
+
+    Raised before anything goes on the wire: a stub answers a running
+    target's packets with nothing but the stop reply (QEMU takes the packet
+    as a stop request and drops it), so the reply would be misread. Not a
+    :class:`StubError`: the stub refused nothing, and code that treats a
+    refusal as "not available" must not take this for one."""
+
+    def __init__(self, request: bytes):
+        what = request[:40].decode(errors="replace")
+        super().__init__(f"the guest is running; stop it first (halt() or wait()) before sending {what!r}")
+        self.request = request
 
 
 class Unsupported(StubError):

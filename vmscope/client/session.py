@@ -37,14 +37,17 @@ class Inspector:
             raise ValueError("give a GDB stub address (--gdb HOST:PORT), a QMP address (--qmp HOST:PORT) or both")
         if memory not in ("auto", "shared", "vmscope", "rsp"):
             raise ValueError(f"unknown memory path {memory!r}: use auto, shared, vmscope or rsp")
-        self.client = Client.connect(gdb, timeout=timeout) if gdb else None
-        self.qmp = QemuMonitor(qmp, timeout=timeout) if qmp else None
+        self.client: Client | None = None
+        self.qmp: QemuMonitor | None = None
         self._resume_qmp = False
-        if self.qmp and not self.client:
-            status = self.qmp.command("query-status")
-            if status.get("running"):
-                self.qmp.command("stop")
-                self._resume_qmp = True
+        self._closed = False
+        try:
+            self._connect(gdb, qmp, timeout)
+        except BaseException:
+            # A half-built Inspector must not keep the stub: QEMU would stay
+            # paused and serve no other debugger (one connection at a time).
+            self.close()
+            raise
         self.cache = TranslationCache()
         if self.client:
             self.client.on_resume(self.cache.invalidate)
@@ -55,6 +58,15 @@ class Inspector:
         self._phys: PhysicalMemory | None = None
         self._memory_path = ""
         self._kernel = None
+
+    def _connect(self, gdb: str | None, qmp: str | None, timeout: float) -> None:
+        self.client = Client.connect(gdb, timeout=timeout) if gdb else None
+        self.qmp = QemuMonitor(qmp, timeout=timeout) if qmp else None
+        if self.qmp and not self.client:
+            status = self.qmp.command("query-status")
+            if status.get("running"):
+                self.qmp.command("stop")
+                self._resume_qmp = True
 
     @property
     def phys(self) -> PhysicalMemory:
@@ -91,12 +103,21 @@ class Inspector:
         raise VmiError(f"no way to read guest-physical memory with --memory {memory}: {'; '.join(reasons) or 'no stub'}")
 
     def close(self) -> None:
-        if self.client:
-            self.client.detach()
-        if self.qmp:
-            if self._resume_qmp:
-                self.qmp.command("cont")
-            self.qmp.close()
+        """Detach (the guest runs on, every breakpoint removed, QEMU's memory
+        mode virtual again) and close QMP, whatever state the guest is in."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.client:
+                self.client.detach()
+        finally:
+            if self.qmp:
+                try:
+                    if self._resume_qmp:
+                        self.qmp.command("cont")
+                finally:
+                    self.qmp.close()
 
     def __enter__(self):
         return self
