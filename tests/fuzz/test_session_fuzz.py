@@ -1,13 +1,20 @@
-"""Random and mutated packets never raise out of the stub's session or hang it.
+"""Random and mutated packets never hit a bug in the stub's session or hang it.
 
 The session runs over a real target (the emulated CPU running the demo
 guest; no KVM needed), so what the fuzzer reaches is real target code:
 register and memory access, breakpoints, resume and stop.
+
+A reply alone proves nothing (the session answers ``E05`` to its own bugs),
+so the session runs in strict mode, where an internal error raises, and
+anything logged at ERROR under ``vmscope`` (cleanup logs and goes on) fails
+the example too. Real error replies (``E16`` for a malformed packet, ``E0e``
+for a bad address...) are answers, not bugs.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import select
 
 import pytest
@@ -52,6 +59,29 @@ def packets(draw):
     return draw(st.binary(max_size=40))
 
 
+class ErrorLog(logging.Handler):
+    """Collects ERROR records of the ``vmscope`` loggers."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def report(self) -> str:
+        return "\n".join(self.format(r) for r in self.records)
+
+
+@pytest.fixture(scope="module")
+def errors():
+    handler = ErrorLog()
+    logger = logging.getLogger("vmscope")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
 @pytest.fixture(scope="module")
 def target():
     from vmscope.emu import EmuMachine
@@ -77,8 +107,9 @@ def _settle(session: Session, target) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(packets(), min_size=1, max_size=12))
-def test_random_packets_never_raise_or_hang(target, payloads):
-    session = Session(target)
+def test_random_packets_never_raise_or_hang(target, errors, payloads):
+    errors.records.clear()
+    session = Session(target, strict=True)
     try:
         for payload in payloads:
             if payload[:1] == b"k" or payload.startswith(b"vKill") or payload[:1] == b"D":
@@ -91,3 +122,5 @@ def test_random_packets_never_raise_or_hang(target, payloads):
     finally:
         _settle(session, target)
         session.cleanup()
+    assert not errors.records, f"the session logged errors:\n{errors.report()}"
+    assert session.internal_errors == 0

@@ -128,3 +128,27 @@ def test_vfile_errors(files_session, capfd):
 
 def test_vfile_is_unsupported_without_target_files(session):
     assert _vfile(session, "open", b"/x".hex().encode(), "0", "0") == b""
+
+
+def test_internal_errors_are_logged_counted_and_raised_in_strict_mode(session, caplog, monkeypatch):
+    """A bug (any exception but a TargetError or a malformed packet) still
+    gets E05, so a stub survives it, but it is visible: logged at ERROR with
+    the traceback and counted; strict mode (the fuzz test's) raises it."""
+    import logging
+
+    assert session.handle(b"m-1,4") == P.error(22)  # malformed: a real error reply
+    assert session.handle(b"mffffffffffff0000,4").startswith(b"E")  # bad address: a real error reply
+    assert session.internal_errors == 0
+
+    def broken_read(*args):
+        raise RuntimeError("planted bug")
+
+    monkeypatch.setattr(session.target, "read_memory", broken_read)
+    with caplog.at_level(logging.ERROR, logger="vmscope.gdbserver"):
+        assert session.handle(b"m100000,4") == P.error(5)
+    assert session.internal_errors == 1
+    assert "planted bug" in caplog.text and "Traceback" in caplog.text
+    strict = Session(session.target, strict=True)
+    with pytest.raises(RuntimeError, match="planted bug"):
+        strict.handle(b"m100000,4")
+    assert strict.internal_errors == 1

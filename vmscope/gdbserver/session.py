@@ -8,7 +8,10 @@ and any Target. What it answers is derived from the target's capabilities
 Guarantees the transport relies on:
 
 - :meth:`Session.handle` never raises: a target error becomes ``Exx``, a
-  malformed packet ``E16`` (EINVAL), an unknown one the empty reply.
+  malformed packet ``E16`` (EINVAL), an unknown one the empty reply. Any
+  other exception is a bug: it is logged at ERROR with its traceback,
+  counted in :attr:`Session.internal_errors` and answered ``E05``, or, with
+  ``strict=True`` (the tests' mode), raised, so a fuzzer sees it.
 - Every breakpoint and watchpoint GDB inserted is remembered, so
   :meth:`Session.cleanup` can restore the guest whatever way the debugger
   leaves (``D``, ``k``, a closed socket).
@@ -50,8 +53,11 @@ _S_IFREG = 0o100000
 
 
 class Session:
-    def __init__(self, target: Target, *, on_output: Callable[[str], None] | None = None) -> None:
+    def __init__(self, target: Target, *, on_output: Callable[[str], None] | None = None,
+                 strict: bool = False) -> None:
         self.target = target
+        self.strict = strict  # re-raise internal errors instead of answering E05
+        self.internal_errors = 0
         self.arch = target.arch
         self.running = False
         self.closed = False  # the transport should close the connection
@@ -83,7 +89,10 @@ class Session:
             log.debug("target error for %r: %s", payload[:64], e)
             return P.error(e.errno)
         except Exception:  # a bug in a target must not kill the stub
-            log.exception("error handling %r", payload[:64])
+            log.exception("internal error handling %r", payload[:64])
+            self.internal_errors += 1
+            if self.strict:
+                raise
             return P.error(errno.EIO)
 
     def interrupt(self) -> None:
