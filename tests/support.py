@@ -7,12 +7,14 @@
 - :func:`require_kvm`: skip when /dev/kvm is missing, unless
   VMSCOPE_REQUIRE_KVM=1 (CI on a KVM machine), where a missing KVM fails.
 - :func:`elf_symbols`, :func:`elf_bytes_at`: what a guest ELF says, to compare
-  what a debugger reads with.
+  what a debugger reads with; :func:`guest_ps`: a guest's busybox ``ps``.
+- tests/kvm_support.py: the in-process KVM machine and synthetic guest images;
+  tests/emu_support.py: the emulated-CPU target booted in-process.
 
 Helpers shared by several test modules live here (or in another ``tests``
-module that is not a test module), never in a ``test_*.py`` file: importing
-a test module from another one runs its module-level set-up and collects
-nothing useful.
+module that is not a test module), never in a ``test_*.py`` file: a test
+module may move or change with its tests, and importing one runs its
+module-level set-up (ports taken, files built) in the importer.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-import pexpect
 import pytest
 from elftools.elf.elffile import ELFFile
 
@@ -71,6 +72,16 @@ def elf_bytes_at(path, addr: int, length: int) -> bytes:
                 off = addr - seg["p_vaddr"]
                 return seg.data()[off : off + length]
     raise AssertionError(f"{addr:#x} not in a loaded segment")
+
+
+def guest_ps(text: str) -> dict[int, tuple[int, str]]:
+    """busybox ``ps`` output -> {pid: (ppid, comm)}."""
+    rows = {}
+    for line in text.splitlines():
+        m = re.match(r"\s*(\d+)\s+(\d+)\s+(\S.*)$", line)
+        if m:
+            rows[int(m.group(1))] = (int(m.group(2)), m.group(3).strip())
+    return rows
 
 
 class VmProcess:
@@ -159,6 +170,8 @@ class Gdb:
     PROMPT = r"\(gdb\) $"
 
     def __init__(self, elf: Path | None, *, binary: str = "gdb", timeout: float = 60) -> None:
+        import pexpect  # here, not at the top: the nested lab imports this module and has no pexpect
+
         exe = require_tool(binary)
         args = ["-q", "-nx", "-iex", "set pagination off", "-iex", "set confirm off", "-iex", "set width 0",
                 "-iex", "set style enabled off"]

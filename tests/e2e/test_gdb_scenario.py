@@ -19,7 +19,7 @@ import re
 import time
 
 import pytest
-from tests.support import Gdb, VmProcess, elf_bytes_at, elf_symbols, free_port, require_kvm
+from tests.support import Gdb, VmProcess, elf_bytes_at, elf_symbols, free_port, require_kvm, require_tool
 
 BACKENDS = [
     pytest.param(("kvm", "x86_64", "demo"), id="kvm-x86_64-demo"),
@@ -118,10 +118,8 @@ def sc(request):
     if accel == "kvm":
         require_kvm()
     if accel == "lab-kvm":
-        from tests.lab.conftest import _require
-
         for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "/usr/bin/python3.11"):
-            _require(tool)
+            require_tool(tool)
     s = Scenario(accel, arch, guest)
     yield s
     s.close()

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, guest_ps
 
 from vmscope.client.helpers.qemu_launch import QemuGuest
 from vmscope.client.inspect_cli import main as inspect_main
@@ -88,15 +88,6 @@ def run_inspect(capsys, *args: str) -> str:
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     return captured.out
-
-
-def guest_ps(text: str) -> dict[int, tuple[int, str]]:
-    rows = {}
-    for line in text.splitlines():
-        m = re.match(r"\s*(\d+)\s+(\d+)\s+(\S.*)$", line)
-        if m:
-            rows[int(m.group(1))] = (int(m.group(2)), m.group(3).strip())
-    return rows
 
 
 def test_ps_matches_the_guests_own_ps(guest, facts, capsys):

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.lab.conftest import require_arm64
+from tests.lab_support import require_arm64
 from tests.support import Gdb, elf_bytes_at, elf_symbols
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]

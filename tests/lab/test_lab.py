@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from tests.lab.conftest import FORWARDED_GUEST_PORT
+from tests.lab_support import FORWARDED_GUEST_PORT
 from vmscope.lab import LabError, LabTimeout
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]

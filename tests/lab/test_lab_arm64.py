@@ -10,7 +10,7 @@ import socket
 import pexpect
 import pytest
 
-from tests.lab.conftest import FORWARDED_GUEST_PORT, require_arm64
+from tests.lab_support import FORWARDED_GUEST_PORT, require_arm64
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

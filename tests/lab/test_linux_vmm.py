@@ -32,7 +32,7 @@ PTY_RUN = ("python3 -c 'import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)'
 
 @pytest.fixture(scope="module")
 def lab():
-    from tests.lab.conftest import _require
+    from tests.lab_support import _require
     from vmscope.lab import Lab
 
     for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "/usr/bin/python3.11"):
@@ -359,8 +359,7 @@ def test_inspect_ps_through_vmscopes_own_stub(lab):
     that the guest's own `ps` prints on its console."""
     import json
 
-    from tests.e2e.test_inspect_qemu_linux import guest_ps
-    from tests.support import Gdb
+    from tests.support import Gdb, guest_ps
 
     with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
         expect(vm, "waiting for gdb", 120)

@@ -17,8 +17,7 @@ import re
 
 import pytest
 
-from tests.unit.test_kvm_boot import make_pvh_elf
-from tests.unit.test_kvm_linux_boot import bzimage
+from tests.kvm_support import bzimage, make_pvh_elf
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

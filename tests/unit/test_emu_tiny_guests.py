@@ -16,7 +16,7 @@ import time
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from tests.unit.test_emu_target import ARCHES, CONTINUE, Booted, step, u64, wait_stop
+from tests.emu_support import ARCHES, CONTINUE, Booted, step, u64, wait_stop
 from vmscope.emu import EmuMachine
 from vmscope.gdbserver.target import SIGINT, SIGTRAP, TargetError
 from vmscope.guests import guest_elf, guest_symbols

@@ -1,52 +1,20 @@
 """The PVH loader (vmscope.kvm.boot): images in, guest memory and a boot
 plan out; bad images rejected with a message naming file and problem.
 
-Pure: guest RAM is a memfd, no /dev/kvm needed. ``make_pvh_elf`` is also
-used by the KVM end-to-end tests to build tiny single-purpose guests.
+Pure: guest RAM is a memfd, no /dev/kvm needed. ``make_pvh_elf`` (in
+tests/kvm_support.py) builds the tiny single-purpose guests.
 """
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
+from tests.kvm_support import LOAD, make_pvh_elf
 from vmscope.guests import guest_elf
 from vmscope.kvm.boot import load_kernel
 from vmscope.devices.pvh import CMDLINE_ADDR, HVM_START_MAGIC, HvmMemmapEntry, HvmModlistEntry, HvmStartInfo
 from vmscope.devices.ram import GuestRam
 from vmscope.machine import ImageError
-
-LOAD = 0x100000
-
-
-def _note(name: str, ntype: int, desc: bytes) -> bytes:
-    raw = name.encode() + b"\0"
-    pad = lambda b: b + bytes(-len(b) % 4)
-    return struct.pack("<III", len(raw), len(desc), ntype) + pad(raw) + pad(desc)
-
-
-def make_pvh_elf(code: bytes, *, load: int = LOAD, entry: int | None = None, pvh_note: bool = True,
-                 all_cpus: bool = False, machine: int = 62, extra_memsz: int = 0) -> bytes:
-    """A minimal ELF64 executable: one PT_LOAD with ``code`` at ``load``
-    (physical = virtual) and a PT_NOTE with the PVH entry note."""
-    entry = load if entry is None else entry
-    notes = b""
-    if pvh_note:
-        notes += _note("Xen", 18, struct.pack("<Q", entry))
-    if all_cpus:
-        notes += _note("vmscope", 1, b"")
-    phnum = 2 if notes else 1
-    code_off = 0x1000
-    note_off = code_off + len(code)
-    ehdr = struct.pack(
-        "<4sBBBBB7sHHIQQQIHHHHHH", b"\x7fELF", 2, 1, 1, 0, 0, bytes(7),
-        2, machine, 1, entry, 64, 0, 0, 64, 56, phnum, 64, 0, 0,
-    )
-    load_ph = struct.pack("<IIQQQQQQ", 1, 5, code_off, load, load, len(code), len(code) + extra_memsz, 0x1000)
-    note_ph = struct.pack("<IIQQQQQQ", 4, 4, note_off, 0, 0, len(notes), len(notes), 4) if notes else b""
-    head = ehdr + load_ph + note_ph
-    return head + bytes(code_off - len(head)) + code + notes
 
 
 @pytest.fixture

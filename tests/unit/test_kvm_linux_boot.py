@@ -6,28 +6,11 @@ import struct
 
 import pytest
 
+from tests.kvm_support import bzimage
 from vmscope.kvm.boot import acpi, linux
 from vmscope.kvm.boot.common import load_kernel
 from vmscope.devices.ram import GuestRam
 from vmscope.machine import ImageError
-
-
-def bzimage(version: int = 0x020F, setup_sects: int = 4, loadflags: int = 0x01, xloadflags: int = 0x03,
-            kernel: bytes = b"\x90" * 4096, init_size: int = 0x10000, cmdline_size: int = 2048) -> bytes:
-    img = bytearray(((setup_sects or 4) + 1) * 512)
-    img[0x1F1] = setup_sects
-    img[0x1FE:0x200] = b"\x55\xaa"
-    img[0x200:0x202] = bytes([0xEB, 0x66])  # jmp over the header: it ends at 0x268
-    img[0x202:0x206] = b"HdrS"
-    struct.pack_into("<H", img, 0x206, version)
-    img[0x211] = loadflags
-    struct.pack_into("<I", img, 0x214, 0x100000)
-    struct.pack_into("<I", img, 0x22C, 0x7FFFFFFF)
-    img[0x234] = 1
-    struct.pack_into("<H", img, 0x236, xloadflags)
-    struct.pack_into("<I", img, 0x238, cmdline_size)
-    struct.pack_into("<I", img, 0x260, init_size)
-    return bytes(img) + kernel
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_kvm_machine import SerialSink, make_machine
-from tests.unit.test_kvm_linux_boot import bzimage
+from tests.kvm_support import SerialSink, bzimage, make_machine
 from vmscope.gdbserver.target import ResumeAction, ResumeActions
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]

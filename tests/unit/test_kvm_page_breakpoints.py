@@ -11,7 +11,7 @@ import select
 
 import pytest
 
-from tests.e2e.test_kvm_machine import SerialSink, make_machine, tiny_guest
+from tests.kvm_support import SerialSink, make_machine, tiny_guest
 from vmscope.gdbserver.target import ResumeAction, ResumeActions
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]

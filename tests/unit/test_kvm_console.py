@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.test_kvm_machine import SerialSink, make_machine, tiny_guest
+from tests.kvm_support import SerialSink, make_machine, tiny_guest
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
 

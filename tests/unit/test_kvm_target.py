@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_kvm_machine import SerialSink, make_machine
+from tests.kvm_support import SerialSink, make_machine
 from vmscope.gdbserver.target import SIGINT, SIGTRAP, ResumeAction, ResumeActions, StopEvent, TargetError
 from vmscope.guests import guest_symbols
 
@@ -316,7 +316,7 @@ def test_guest_own_int3_is_delivered_to_the_guest():
 
 
 def test_guest_end_is_reported_as_exit(tmp_path):
-    from tests.e2e.test_kvm_machine import EXIT_42, tiny_guest
+    from tests.kvm_support import EXIT_42, tiny_guest
 
     m = make_machine(kernel=tiny_guest(tmp_path, EXIT_42), serial_out=SerialSink())
     t = m.debug_target()
@@ -356,7 +356,7 @@ def test_detach_while_running_cleans_up(dbg):
 def test_halted_vcpu_stops_and_resumes_under_the_debugger(tmp_path):
     """sti; hlt with no interrupt source: the vCPU idles (the VM does not
     end); the debugger can still stop it, and a step runs it past the hlt."""
-    from tests.e2e.test_kvm_machine import tiny_guest
+    from tests.kvm_support import tiny_guest
 
     sti_hlt_exit7 = bytes.fromhex("fbf4b007e6f4")  # sti; hlt; mov $7,%al; out %al,$0xf4
     m = make_machine(kernel=tiny_guest(tmp_path, sti_hlt_exit7), serial_out=SerialSink())
