@@ -28,7 +28,7 @@ import time
 import pytest
 
 from tests.support import elf_bytes_at, elf_symbols, free_port, require_tool
-from vmscope.client import Client, StubTimeout, TargetRunning
+from vmscope.client import Client, NotAGdbStub, StubBusy, StubTimeout, TargetRunning
 from vmscope.client.helpers.qemu import QmpError
 from vmscope.client.helpers.qemu_launch import QemuGuest
 from vmscope.client.session import Inspector
@@ -151,3 +151,18 @@ def test_requests_while_running_raise_target_running(demo):
         assert counter(demo) == before  # halted for real
         c.detach()
     assert_running(demo)
+
+
+def test_handshake_errors_name_the_cause(demo):
+    """Issue 12's glue: the two mistakes that used to end in a bare
+    qSupported timeout say what they are."""
+    started = time.monotonic()
+    with pytest.raises(NotAGdbStub, match="QMP monitor, not its GDB stub"):
+        Client.connect(demo.qmp, timeout=5)  # --gdb given the QMP address
+    assert time.monotonic() - started < 4  # told by the greeting, not by a timeout
+    with Client.connect(demo.gdb, timeout=5) as first:
+        with pytest.raises(StubBusy, match="another debugger attached"):
+            Client.connect(demo.gdb, timeout=2)
+        first.detach()
+    assert_running(demo)
+    assert_attaches_at_once(demo)  # the refused second connection left nothing behind

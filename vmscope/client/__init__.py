@@ -3,7 +3,7 @@ that bypass the protocol when the VM's RAM can be mapped directly."""
 
 from vmscope.client.client import (Client, Features, MemoryReadError, StubError,  # noqa: F401
                                    TargetExited, TargetRunning, Unsupported)
-from vmscope.client.transport import ConnectionLost, StubTimeout  # noqa: F401
+from vmscope.client.transport import ConnectionLost, NotAGdbStub, StubBusy, StubTimeout  # noqa: F401
 
-__all__ = ["Client", "ConnectionLost", "Features", "MemoryReadError", "StubError", "StubTimeout", "TargetExited",
-           "TargetRunning", "Unsupported"]
+__all__ = ["Client", "ConnectionLost", "Features", "MemoryReadError", "NotAGdbStub", "StubBusy", "StubError",
+           "StubTimeout", "TargetExited", "TargetRunning", "Unsupported"]

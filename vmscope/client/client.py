@@ -19,16 +19,14 @@ Typical use from a Python prompt::
 
 from __future__ import annotations
 
-import re
 import socket
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from typing import Callable, Literal
 
+from vmscope.client.connection import Connection, Features, _is_hex  # noqa: F401  (Features: public here too)
 from vmscope.client.errors import MemoryReadError, StubError, TargetExited, TargetRunning, Unsupported  # noqa: F401
 from vmscope.client.tdesc import RegisterLayout, layout_from_arch, parse_target_xml
 from vmscope.client.transport import ConnectionLost, StubTimeout, open_socket
-from vmscope.rsp import framing
 from vmscope.rsp import packets as P
 from vmscope.rsp.packets import parse_thread_id
 from vmscope.rsp.stops import StopEvent, stop_event
@@ -38,33 +36,10 @@ WatchKind = Literal["write", "read", "access"]
 _WATCH_TYPE = {"write": 2, "read": 3, "access": 4}
 
 
-@dataclass(frozen=True)
-class Features:
-    """What the stub said in its ``qSupported`` reply."""
-
-    raw: dict[str, str | bool]
-
-    def has(self, name: str) -> bool:
-        return self.raw.get(name) is True
-
-    @property
-    def packet_size(self) -> int:
-        value = self.raw.get("PacketSize")
-        return int(value, 16) if isinstance(value, str) else 400
-
-
-class Client:
-    """One connection to a GDB stub. Not thread-safe, except :meth:`interrupt`."""
-
-    CLIENT_FEATURES = P.Query("Supported", b"multiprocess-;swbreak+;hwbreak+;xmlRegisters=i386,aarch64;"
-                              b"vContSupported+;binary-upload+")
+class Client(Connection):
+    """A debugger on one stub connection. Not thread-safe, except :meth:`interrupt`."""
 
     def __init__(self, sock: socket.socket, *, timeout: float = 10.0, arch=None):
-        self.sock = sock
-        self.timeout = timeout
-        self.endpoint = framing.Endpoint()
-        self._events: list[framing.Event] = []
-        self.console: list[str] = []  # text from O packets
         self._resume_hooks: list[Callable[[], None]] = []
         self._reg_cache: dict[str, int | None] | None = None
         self.breakpoints: set[int] = set()  # software breakpoints we inserted
@@ -73,14 +48,8 @@ class Client:
         # previous client may have left it on: unknown until we set it.
         self._phys_mode: bool | None = None
         self._phys_supported = True
-        self.running = False
         self.last_stop: StopEvent | None = None
-        self.features = self._negotiate()
-        self.no_ack = False
-        if self.features.has("QStartNoAckMode"):
-            if self.request(P.Query("StartNoAckMode", set=True)) == b"OK":
-                self.endpoint.disable_acks()
-                self.no_ack = True
+        super().__init__(sock, timeout=timeout)
         # gdbserver needs a general thread before it can describe the target.
         self.request(P.SetThread("g", P.ANY_THREAD))
         self.layout = self._load_layout(arch)
@@ -178,63 +147,6 @@ class Client:
         state, e.g. a :class:`~vmscope.vmi.TranslationCache`, register here)."""
         self._resume_hooks.append(hook)
 
-    # ------------------------------------------------------------ packets
-
-    def _send(self, payload: bytes) -> None:
-        self.endpoint.send(payload)
-        self._flush()
-
-    def _flush(self) -> None:
-        data = self.endpoint.data_to_send()
-        if data:
-            try:
-                self.sock.sendall(data)
-            except OSError as e:
-                raise ConnectionLost(f"connection to the stub broke while sending: {e}") from e
-
-    def _recv_packet(self, timeout: float | None, waiting_for: str = "a reply") -> bytes:
-        """Next packet payload; acks are absorbed and ``O`` console output
-        is collected (it can arrive before any reply while running)."""
-        while True:
-            while self._events:
-                ev = self._events.pop(0)
-                if isinstance(ev, framing.Packet):
-                    self._flush()  # our '+' for it
-                    return ev.payload
-                if isinstance(ev, framing.BadPacket):
-                    self._flush()  # the '-' asking for a retransmit
-            self.sock.settimeout(timeout)
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                raise StubTimeout(f"no answer from the stub after {timeout} s while waiting for {waiting_for}") from None
-            except OSError as e:
-                raise ConnectionLost(f"connection to the stub broke while waiting for {waiting_for}: {e}") from e
-            if not data:
-                raise ConnectionLost(f"the stub closed the connection while we waited for {waiting_for}")
-            self._events.extend(self.endpoint.receive(data))
-
-    def request(self, request: P.Request | bytes, timeout: float | None = None) -> bytes:
-        """Send one request (a :mod:`vmscope.rsp.packets` request, or a raw
-        payload) and return the reply's payload (skipping ``O`` console
-        packets, whose text lands in :attr:`console`).
-
-        Raises :class:`TargetRunning` while the target runs: a stub answers
-        nothing then but the stop reply (QEMU even takes any packet as a stop
-        request and drops it), so a request now would read the stop reply as
-        its answer. :meth:`halt` or :meth:`wait` first."""
-        payload = request if isinstance(request, bytes) else request.encode()
-        if self.running:
-            raise TargetRunning(payload)
-        self._send(payload)
-        what = f"the reply to {payload[:24].decode(errors='replace')!r}"
-        while True:
-            reply = self._recv_packet(timeout or self.timeout, what)
-            if reply.startswith(b"O") and reply != b"OK" and _is_hex(reply[1:]):
-                self.console.append(bytes.fromhex(reply[1:].decode()).decode(errors="replace"))
-                continue
-            return reply
-
     def _alive(self) -> None:
         if self.last_stop is not None and self.last_stop.kind in ("exited", "terminated"):
             raise TargetExited(self.last_stop)
@@ -254,24 +166,7 @@ class Client:
         if reply != b"OK":
             raise StubError(request.encode(), reply)
 
-    # ------------------------------------------------------------ negotiation
-
-    def _negotiate(self) -> Features:
-        reply = self.request(self.CLIENT_FEATURES)
-        # QEMU stops a running guest when a debugger connects and sends that
-        # stop reply unasked, ahead of our first answer: skip it.
-        while re.fullmatch(rb"[ST][0-9a-fA-F]{2}.*", reply, re.S) and b"PacketSize" not in reply:
-            reply = self._recv_packet(self.timeout, "the reply to qSupported")
-        raw: dict[str, str | bool] = {}
-        for item in reply.decode(errors="replace").split(";"):
-            if not item:
-                continue
-            if "=" in item:
-                key, _, value = item.partition("=")
-                raw[key] = value
-            elif item[-1] in "+-?":
-                raw[item[:-1]] = item[-1] == "+"
-        return Features(raw)
+    # ------------------------------------------------------------ what the stub offers
 
     def _query_vcont(self) -> set[str]:
         reply = self.request(P.VContQuery())
@@ -503,8 +398,7 @@ class Client:
         raising :class:`ConnectionLost` if the stub goes away)."""
         while True:
             reply = self._recv_packet(timeout, "the target to stop")
-            if reply.startswith(b"O") and reply != b"OK" and _is_hex(reply[1:]):
-                self.console.append(bytes.fromhex(reply[1:].decode()).decode(errors="replace"))
+            if self._console_text(reply):
                 continue
             self.running = False
             self.last_stop = self._stop_event(reply)
@@ -546,13 +440,6 @@ class Client:
             return stop
         self.resume(step=True, tid=tid)
         return self.wait(timeout if timeout is not None else self.timeout)
-
-    def interrupt(self) -> None:
-        """Ask a running target to stop (the 0x03 byte); then call :meth:`wait`."""
-        try:
-            self.sock.sendall(b"\x03")
-        except OSError as e:
-            raise ConnectionLost(f"connection to the stub broke while interrupting: {e}") from e
 
     def halt(self, timeout: float | None = None) -> StopEvent:
         self.interrupt()
@@ -600,10 +487,6 @@ class Client:
         if reply != b"OK" and _is_hex(reply):
             text += bytes.fromhex(reply.decode()).decode(errors="replace")
         return text
-
-
-def _is_hex(data: bytes) -> bool:
-    return len(data) % 2 == 0 and all(c in b"0123456789abcdefABCDEF" for c in data)
 
 
 def _unhex_regs(raw: bytes) -> bytes:

@@ -14,6 +14,16 @@ class StubTimeout(TimeoutError):
     """The stub did not answer in time."""
 
 
+class StubBusy(StubTimeout):
+    """The handshake got no answer at all: the stub most likely serves
+    another debugger (stubs serve one at a time and leave the next
+    connection waiting, accepted but unanswered)."""
+
+
+class NotAGdbStub(ConnectionError):
+    """The peer is not a GDB stub (QEMU's QMP port, say); the message names it."""
+
+
 def parse_address(address: str | tuple[str, int]) -> tuple[int, object]:
     """``"host:port"``, ``("host", port)``, ``"unix:/path"`` or ``"/path"`` ->
     (socket family, sockaddr)."""
