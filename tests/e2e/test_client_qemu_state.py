@@ -164,5 +164,28 @@ def test_handshake_errors_name_the_cause(demo):
         with pytest.raises(StubBusy, match="another debugger attached"):
             Client.connect(demo.gdb, timeout=2)
         first.detach()
+    # QEMU accepts the refused connection (closed by now) once the first
+    # debugger leaves, and pauses the guest on accepting it, as on every
+    # connection; the next debugger still gets the stub at once.
+    assert_attaches_at_once(demo)
     assert_running(demo)
-    assert_attaches_at_once(demo)  # the refused second connection left nothing behind
+
+
+def test_close_removes_every_breakpoint_and_watchpoint_it_inserted(demo):
+    """QEMU keeps a debugger's breakpoints after its connection closes (only
+    the next debugger's ``?`` or a ``D`` clears them): a guest resumed from
+    QMP would stop for good at ``tick`` (run all the time) or on a write to
+    ``counter`` (written all the time), with nobody to tell."""
+    from vmscope.client.helpers.qemu import QemuMonitor
+
+    with Client.connect(demo.gdb, timeout=10) as c:
+        c.set_breakpoint(SYMBOLS["tick"])
+        c.set_breakpoint(SYMBOLS["tick"] + 1, hardware=True)
+        c.set_watchpoint(SYMBOLS["counter"], 8, "write")
+    qmp = QemuMonitor(demo.qmp, timeout=10)
+    try:
+        assert not qmp.command("query-status")["running"]  # closed, not detached: left stopped
+        qmp.command("cont")
+        assert_running(demo)
+    finally:
+        qmp.close()

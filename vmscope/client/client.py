@@ -76,15 +76,17 @@ class Client(Connection):
         try:
             if self._dirty():
                 was_running = self.running
-                try:
-                    self._leave_clean()
-                    if was_running and not self._gone():
-                        self.resume()
-                except (StubError, ConnectionLost, StubTimeout):
-                    pass
-            self.sock.close()
+                self._leave_clean()
+                if was_running and not self._gone():
+                    self.resume()
+        except (StubError, ConnectionLost, StubTimeout):
+            pass  # the stub is gone or refuses: nothing more we can undo
         finally:
-            self.running = False
+            self._shut()
+
+    def _shut(self) -> None:
+        self.sock.close()
+        self.running = False
 
     def detach(self) -> None:
         """Let the target run on without us and close the connection. Works
@@ -104,8 +106,9 @@ class Client(Connection):
                 self._send(P.Detach(pid=1).encode())
                 self._recv_packet(self.timeout)
         except (ConnectionLost, StubTimeout):
-            pass
-        self.close()
+            pass  # the stub is gone or the guest would not stop: close all the same
+        finally:
+            self._shut()
 
     def _dirty(self) -> bool:
         return bool(self._phys_mode or self._inserted)

@@ -17,7 +17,9 @@ class StubTimeout(TimeoutError):
 class StubBusy(StubTimeout):
     """The handshake got no answer at all: the stub most likely serves
     another debugger (stubs serve one at a time and leave the next
-    connection waiting, accepted but unanswered)."""
+    connection waiting, accepted but unanswered). QEMU takes that waiting
+    connection once the other debugger leaves, and pauses the guest as it
+    does on every connection: attach again (and detach) to let it run."""
 
 
 class NotAGdbStub(ConnectionError):
