@@ -105,6 +105,8 @@ class ScriptedStub:
             return self._reply(ep, conn, b"T05thread:01;")
         if p == b"vCont?":
             return self._reply(ep, conn, b"vCont;c;C;s;S")
+        if p.startswith(b"vCont;"):
+            return self._reply(ep, conn, b"T05thread:01;")  # stops again at once
         if p == b"g":
             return self._reply(ep, conn, (0x1111).to_bytes(8, "little").hex().encode()
                                + (0x401000).to_bytes(8, "little").hex().encode() + b"46020000")
@@ -218,3 +220,25 @@ def test_vmscope_memfd_named_by_the_stub_is_mapped_directly():
             assert len(stub.requests) == before  # no protocol traffic for memory
     finally:
         os.close(fd)
+
+
+def test_requests_while_running_raise_before_reaching_the_stub():
+    """The client knows when the target runs: a request then would get the
+    stop reply as its answer (QEMU even drops the packet and stops), so it
+    raises TargetRunning and sends nothing; wait() on a stopped target
+    raises TargetStopped instead of waiting for a stop that never comes."""
+    from vmscope.client import TargetRunning, TargetStopped
+
+    stub = ScriptedStub("qemu")
+    with Client.connect(stub.address, timeout=10) as c:
+        with pytest.raises(TargetStopped, match="stopped"):
+            c.wait(timeout=5)
+        assert c.halt() is c.last_stop  # already stopped: nothing sent, nothing to wait for
+        sent = len(stub.requests)
+        c.resume()
+        for call in (c.registers, lambda: c.read_memory(MEM_BASE, 8), c.threads, lambda: c.monitor("help"),
+                     lambda: c.set_breakpoint(MEM_BASE), c.resume, lambda: c.step()):
+            with pytest.raises(TargetRunning, match="the guest is running; stop it first"):
+                call()
+        assert stub.requests[sent:] == [b"vCont;c"]  # only the resume went out
+        assert c.wait(5).kind == "signal" and c.registers()["rax"] == 0x1111  # and in step again

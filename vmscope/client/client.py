@@ -24,7 +24,8 @@ import xml.etree.ElementTree as ET
 from typing import Callable, Literal
 
 from vmscope.client.connection import Connection, Features, _is_hex  # noqa: F401  (Features: public here too)
-from vmscope.client.errors import MemoryReadError, StubError, TargetExited, TargetRunning, Unsupported  # noqa: F401
+from vmscope.client.errors import (MemoryReadError, StubError, TargetExited, TargetRunning,  # noqa: F401
+                                   TargetStopped, Unsupported)
 from vmscope.client.tdesc import RegisterLayout, layout_from_arch, parse_target_xml
 from vmscope.client.transport import ConnectionLost, StubTimeout, open_socket
 from vmscope.rsp import packets as P
@@ -398,7 +399,11 @@ class Client(Connection):
 
     def wait(self, timeout: float | None = None) -> StopEvent:
         """Block until the target stops (``None``: wait for ever, still
-        raising :class:`ConnectionLost` if the stub goes away)."""
+        raising :class:`ConnectionLost` if the stub goes away). Raises
+        :class:`TargetStopped` at once if it is not running: no stop would
+        ever come."""
+        if not self.running:
+            raise TargetStopped()
         while True:
             reply = self._recv_packet(timeout, "the target to stop")
             if self._console_text(reply):
@@ -445,6 +450,10 @@ class Client(Connection):
         return self.wait(timeout if timeout is not None else self.timeout)
 
     def halt(self, timeout: float | None = None) -> StopEvent:
+        """Stop a running target; a stopped one is left alone (its last stop
+        is returned: a 0x03 to a stopped stub gets no reply to wait for)."""
+        if not self.running and self.last_stop is not None:
+            return self.last_stop
         self.interrupt()
         return self.wait(timeout if timeout is not None else self.timeout)
 

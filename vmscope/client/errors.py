@@ -48,6 +48,14 @@ class TargetRunning(RuntimeError):
         self.request = request
 
 
+class TargetStopped(RuntimeError):
+    """:meth:`~vmscope.client.Client.wait` on a target that is not running:
+    no stop reply would ever come."""
+
+    def __init__(self):
+        super().__init__("the guest is stopped: there is no stop to wait for (resume() or cont() first)")
+
+
 class Unsupported(StubError):
     """The stub does not implement the request (empty reply)."""
 
