@@ -7,8 +7,13 @@ PacketSize. Every wait has a timeout and a closed connection raises
 :class:`ConnectionLost`, so a script never hangs on a dead stub.
 
 Requests are the typed ones of :mod:`vmscope.rsp.packets` (the stub parses
-the same types), encoded there; this module adds sockets, timeouts and the
-order of requests each operation needs.
+the same types), encoded there; the socket, acks and handshake are
+:mod:`vmscope.client.connection`'s; this module adds the order of requests
+each operation needs and keeps track of the target's state: a request while
+it runs raises :class:`TargetRunning` (its reply would be a stop reply), and
+:meth:`Client.detach`/:meth:`Client.close` stop it first if needed, then
+remove every breakpoint and watchpoint inserted and set QEMU's memory mode
+back to virtual, so the next debugger finds the stub as we found it.
 
 Typical use from a Python prompt::
 
@@ -106,8 +111,8 @@ class Client(Connection):
                 # and the guest stays stopped).
                 self._send(P.Detach(pid=1).encode())
                 self._recv_packet(self.timeout)
-        except (ConnectionLost, StubTimeout):
-            pass  # the stub is gone or the guest would not stop: close all the same
+        except (StubError, ConnectionLost, StubTimeout):
+            pass  # the stub is gone, refuses, or the guest would not stop: close all the same
         finally:
             self._shut()
 

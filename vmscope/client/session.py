@@ -46,7 +46,10 @@ class Inspector:
         except BaseException:
             # A half-built Inspector must not keep the stub: QEMU would stay
             # paused and serve no other debugger (one connection at a time).
-            self.close()
+            try:
+                self.close()
+            except Exception:
+                pass  # the error that brought us here is the one to report
             raise
         self.cache = TranslationCache()
         if self.client:
