@@ -109,11 +109,24 @@ class QemuGuest:
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         try:
             self.console = SerialConsole(serial, alive=lambda: self.proc.poll() is None)
+            self._wait_listening()
         except OSError as e:
             log_text = self.log()
             self.stop()
             raise RuntimeError(f"{self.qemu} did not start ({e}); its output:\n{log_text}") from e
         return self
+
+    def _wait_listening(self, timeout: float = 30) -> None:
+        """QEMU opens the serial chardev before its gdbstub and QMP listen:
+        wait until both ports do (read from /proc/net/tcp, since a probing
+        connection would itself stop the guest)."""
+        from vmscope.client.helpers.qemu import _listening_inode
+
+        deadline = time.monotonic() + timeout
+        while any(_listening_inode(address) is None for address in (self.gdb, self.qmp)):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise OSError(f"the gdbstub ({self.gdb}) and QMP ({self.qmp}) are not both listening")
+            time.sleep(0.05)
 
     def log(self) -> str:
         """What QEMU itself printed (errors about its command line, warnings)."""
