@@ -30,6 +30,11 @@ VALID = [
     b"qXfer:threads:read::0,1000", b"qRcmd,68656c70", b"vCont?", b"vCont;s:1", b"vCont;s:2;c", b"s", b"c",
     b"Z0,100000,1", b"z0,100000,1", b"Z1,100000,1", b"z1,100000,1", b"Z2,100000,8", b"z2,100000,8",
     b"Z4,100000,4", b"z4,100000,4", b"qThreadExtraInfo,1", b"G" + b"00" * 8,
+    # corners: host I/O, monitor commands, odd thread and size forms, out-of-range numbers
+    b"vFile:open:2f766d73636f70652f6b616c6c73796d732e656c66,0,0", b"vFile:pread:3,100,0", b"vFile:fstat:3",
+    b"vFile:close:3", b"vFile:setfs:0", b"qRcmd,6d656d6f7279", b"qHostInfo", b"vCont;t:1", b"vCont;c:1;s:2", b"T0",
+    b"Hg0", b"C05", b"S05;100000", b"m0,0", b"x0,0", b"M0,0:", b"p999", b"P99=00", b"G" + b"00" * 600,
+    b"qXfer:features:read:foo.xml:0,10", b"qXfer:threads:read::ffff,10", b"Z0,ffffffffffffffff,1", b"Z3,100000,3",
 ]
 
 
