@@ -10,11 +10,12 @@ import pytest
 
 from vmscope.kvm import abi
 from vmscope.devices.console import ConsoleInput, EscapeFilter
-from vmscope.kvm.debug import _abridged_tag_word, _full_tag_word, memory_reads
+from vmscope.kvm.x86.decode import memory_reads
+from vmscope.kvm.x86.registers import _abridged_tag_word, _full_tag_word
 from vmscope.kvm.devices.bus import PortBus
 from vmscope.devices.uart16550 import COM1, Serial16550
 from vmscope.devices.ram import GuestRam
-from vmscope.kvm.paging import software_walk
+from vmscope.kvm.x86.translate import software_walk
 
 
 def test_ioctl_numbers_match_linux_headers():

@@ -91,7 +91,7 @@ def test_the_run_watchdog_cuts_a_blocked_kvm_run_short(tmp_path):
     waits in the kernel for good) returns from KVM_RUN at the limit; a
     block that ends in time leaves the vCPU untouched."""
     from vmscope.kvm.run_watchdog import RunWatchdog
-    from vmscope.kvm.vm import KICK_SIGNAL
+    from vmscope.kvm.system import KICK_SIGNAL
 
     code = bytearray(0x1000)
     code[:3] = bytes.fromhex("f4" "ebfd")  # hlt (interrupts are off from the entry on); jmp back

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmscope.kvm.rep_string import decode, emulate
+from vmscope.kvm.x86.rep_string import decode, emulate
 
 REP_STOSQ = bytes.fromhex("f348ab")
 REP_STOSD = bytes.fromhex("f3ab")

@@ -111,7 +111,7 @@ class SymbolBuild:
 
 
 class LinuxSupport:
-    """Mixin for :class:`vmscope.kvm.debug.KvmTarget` (needs ``self.m``,
+    """Mixin for :class:`vmscope.kvm.x86.target.KvmTarget` (needs ``self.m``,
     ``self.mem``, ``self._lock``, ``self.attached``)."""
 
     _entry_trap: KernelEntryTrap | None = None

@@ -1,7 +1,7 @@
 """A time limit on one KVM_RUN, for runs that must not block.
 
 Why: the debug target single-steps a vCPU through a protected code page
-with every other vCPU parked (vmscope.kvm.debug). That KVM_RUN normally
+with every other vCPU parked (vmscope.kvm.x86.pagestep). That KVM_RUN normally
 returns after one instruction, but it can block inside the kernel for good:
 a Linux guest with paravirtual spinlocks halts with interrupts off
 (``kvm_wait``) until the lock holder kicks it by hypercall, and the holder

@@ -44,7 +44,7 @@ import errno
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 from vmscope.arch.aarch64 import AARCH64
 from vmscope.gdbserver.target import (
@@ -81,9 +81,6 @@ from vmscope.kvm.arm64.icache import clear_cache
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
 from vmscope.vmi.errors import VmiError
 from vmscope.vmi.paging import Aarch64Paging, TranslationCache
-
-if TYPE_CHECKING:
-    from vmscope.kvm.arm64.machine import Arm64KvmMachine
 
 PAGE = 4096
 BRK0 = AARCH64.breakpoint  # d4200000, little-endian
@@ -190,7 +187,9 @@ class Arm64KvmTarget(
 ):
     arch = AARCH64
 
-    def __init__(self, machine: "Arm64KvmMachine"):
+    def __init__(self, machine):
+        """``machine``: an :class:`~vmscope.kvm.arm64.machine.Arm64KvmMachine`
+        (its run control, vCPU slots, RAM and debug slot counts)."""
         self.m = machine
         self.ram = machine.ram
         self.notifier = StopNotifier()
@@ -636,18 +635,18 @@ class Arm64KvmTarget(
     def detach(self) -> None:
         """Put every patched instruction back, drop all debug state and let
         every vCPU run (a running guest is parked for the clean-up)."""
-        self.m.pause_quietly()
-        with self._lock:
-            for addr in list(self.sw):
-                self.remove_sw_breakpoint(addr, 4)
-            self.hw.clear()
-            self.watches.clear()
-        self.attached = False
-        self._pending.clear()
-        self._stepping = None
-        for slot in self.m.vcpus:
-            self._restore_daif(slot.vcpu)
-            slot.vcpu.set_guest_debug(0)
+        with self.m.quiesced():
+            with self._lock:
+                for addr in list(self.sw):
+                    self.remove_sw_breakpoint(addr, 4)
+                self.hw.clear()
+                self.watches.clear()
+            self.attached = False
+            self._pending.clear()
+            self._stepping = None
+            for slot in self.m.vcpus:
+                self._restore_daif(slot.vcpu)
+                slot.vcpu.set_guest_debug(0)
         self.walks.invalidate()
         self.m.run_vcpus({s.vcpu.index: True for s in self.m.vcpus})
 

@@ -2,7 +2,7 @@
 
 - PM1a event block (0x600: status, 0x602: enable): reads 0 (no fixed
   events), writes ignored. The control block at 0x604 (SLP_EN: power off) is
-  the VMM's own (``vmscope.kvm.vm``).
+  the VMM's own (``vmscope.kvm.x86.exits``).
 - 0xCF9 (the reset control register; the FADT's reset register) and the
   PCI configuration ports around it (0xCF8-0xCFF read all ones: no PCI).
 

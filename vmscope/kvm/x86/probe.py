@@ -63,7 +63,7 @@ def _run_once(kvm: int, code: bytes, control: int, dr: tuple[int, ...], protecte
         region = abi.KvmUserspaceMemoryRegion(slot=0, guest_phys_addr=0, memory_size=0x4000, userspace_addr=ctypes.addressof(anchor))
         del anchor
         ioctl(vm, abi.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
-        from vmscope.kvm.vcpu import Vcpu
+        from vmscope.kvm.x86.vcpu import Vcpu
 
         size = ioctl(kvm, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         v = Vcpu(vm, 0, size)

@@ -1,0 +1,75 @@
+"""Guest-virtual to guest-physical translation for the x86 debug target.
+
+Order: ``KVM_TRANSLATE`` on the vCPU that asked (one ioctl, and it knows
+every paging mode; with paging off it answers the identity); if KVM cannot
+answer (the ioctl fails, or the page tables sit in a page vmscope has
+pulled out of the guest's memory slots to back a watchpoint) the shared
+walker :class:`vmscope.vmi.paging.X86_64Paging` (4- and 5-level) over the
+RAM memfd, from that vCPU's CR3; with paging off, the identity.
+
+Why the vmi walker: one x86 page walker for the debug target and for
+introspection (``vmscope inspect``), so a fix to one is a fix to both.
+
+Results are cached per debug stop: the target drops the cache whenever a
+vCPU runs, because the guest may change its page tables.
+"""
+
+from __future__ import annotations
+
+from vmscope.vmi.errors import VmiError
+from vmscope.vmi.paging import TranslationCache, X86_64Paging
+
+PAGE_SHIFT = 12
+PAGE = 1 << PAGE_SHIFT
+CR0_PG = 1 << 31
+EFER_LMA = 1 << 10
+
+
+def software_walk(mem, cr3: int, vaddr: int, cr4: int = 0, cache: TranslationCache | None = None) -> int | None:
+    """The long-mode walk of :class:`~vmscope.vmi.paging.X86_64Paging` over
+    guest RAM ``mem``; None when a level is not present or a table lies
+    outside RAM."""
+    try:
+        return X86_64Paging(mem, cr3, cr4=cr4, cache=cache).translate(vaddr).paddr
+    except (VmiError, ValueError, IndexError, OSError):
+        return None
+
+
+class Translator:
+    """Per-stop cache of vCPU page translations."""
+
+    def __init__(self, mem):
+        self.mem = mem
+        self._cache: dict[tuple[int, int], int | None] = {}
+        self._walks = TranslationCache()
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._walks.invalidate()
+
+    def page(self, vcpu, vpage: int) -> int | None:
+        """Physical address of the page holding virtual page ``vpage``
+        (a page-aligned address) as ``vcpu`` sees it, or None."""
+        key = (vcpu.index, vpage)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        phys = self._lookup(vcpu, vpage)
+        self._cache[key] = phys
+        return phys
+
+    def _lookup(self, vcpu, vpage: int) -> int | None:
+        # KVM_TRANSLATE first; control registers (KVM_GET_SREGS, 3x
+        # dearer) only when it cannot answer.
+        try:
+            phys = vcpu.translate(vpage)
+        except OSError:
+            phys = None
+        if phys is None:
+            sregs = vcpu.sregs()
+            if not sregs.cr0 & CR0_PG:
+                phys = vpage & 0xFFFF_FFFF if not sregs.efer & EFER_LMA else vpage
+            elif sregs.efer & EFER_LMA:
+                phys = software_walk(self.mem, sregs.cr3, vpage, sregs.cr4, self._walks)
+        return None if phys is None else phys & ~(PAGE - 1)
