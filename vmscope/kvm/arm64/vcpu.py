@@ -9,16 +9,16 @@ other ioctls while the vCPU is parked (KVM serialises them per vCPU).
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 
-from vmscope.kvm.abi import KVM_CREATE_VCPU, KVM_EXIT_INTR, KVM_RUN, KvmIoctlError
+from vmscope.kvm.abi import KVM_CREATE_VCPU
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.abi import ioctl
+from vmscope.kvm.vcpu import KvmVcpu
 
 
-class Arm64Vcpu:
+class Arm64Vcpu(KvmVcpu):
     def __init__(self, vm_fd: int, index: int, mmap_size: int, init: abi.KvmVcpuInit):
         self.index = index
         self.fd = ioctl(vm_fd, KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
@@ -97,18 +97,6 @@ class Arm64Vcpu:
 
     # --- running -------------------------------------------------------------------------
 
-    def enter(self) -> bool:
-        """One KVM_RUN. True when the guest exited with a reason to handle,
-        False when interrupted (a kick or ``immediate_exit``)."""
-        self.invalidate()
-        try:
-            ioctl(self.fd, KVM_RUN, 0, "KVM_RUN")
-        except KvmIoctlError as e:
-            if e.errno in (errno.EINTR, errno.EAGAIN):
-                return False
-            raise
-        return self.run.exit_reason != KVM_EXIT_INTR
-
     def summary(self) -> str:
         try:
             return (f"vCPU {self.index}: pc={self.pc:#x} pstate={self.pstate:#x} "
@@ -117,13 +105,3 @@ class Arm64Vcpu:
         except OSError as e:
             return f"vCPU {self.index}: registers unreadable ({e})"
 
-    def close(self) -> None:
-        del self.run
-        try:
-            self._run_map.close()
-        except BufferError:
-            pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass

@@ -10,14 +10,14 @@ parked (KVM serialises vCPU ioctls with a per-vCPU mutex).
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 
 from vmscope.kvm import abi
-from vmscope.kvm.abi import KvmIoctlError, ioctl
+from vmscope.kvm.abi import ioctl
+from vmscope.kvm.vcpu import KvmVcpu
 
 
-class Vcpu:
+class Vcpu(KvmVcpu):
     def __init__(self, vm_fd: int, index: int, mmap_size: int):
         self.index = index
         self.fd = ioctl(vm_fd, abi.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
@@ -158,18 +158,6 @@ class Vcpu:
         finally:
             self.run.immediate_exit = 0
 
-    def enter(self) -> bool:
-        """One KVM_RUN. True when the guest exited with a reason to handle,
-        False when interrupted (a kick or ``immediate_exit``)."""
-        self.invalidate()
-        try:
-            ioctl(self.fd, abi.KVM_RUN, 0, "KVM_RUN")
-        except KvmIoctlError as e:
-            if e.errno in (errno.EINTR, errno.EAGAIN):
-                return False
-            raise
-        return self.run.exit_reason != abi.KVM_EXIT_INTR
-
     def summary(self) -> str:
         """One line with the registers that explain why a guest died."""
         try:
@@ -182,15 +170,3 @@ class Vcpu:
             f"cs={s.cs.selector:#x} cr0={s.cr0:#x} cr3={s.cr3:#x} cr4={s.cr4:#x} efer={s.efer:#x}"
         )
 
-    def close(self) -> None:
-        import os
-
-        del self.run
-        try:
-            self._run_map.close()
-        except BufferError:
-            pass
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
