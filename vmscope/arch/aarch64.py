@@ -13,7 +13,7 @@ The software breakpoint is ``BRK #0`` (``d4200000``), GDB's Z0 kind 4.
 
 from __future__ import annotations
 
-from vmscope.arch.registers import Arch, Feature, Register, regs
+from vmscope.arch.registers import Arch, Feature, Register
 
 CORE = "org.gnu.gdb.aarch64.core"
 FPU = "org.gnu.gdb.aarch64.fpu"
@@ -85,21 +85,45 @@ _FPU_TYPES = """
       <field name="q" type="vnq"/>
     </union>"""
 
-#: EL1 system registers worth seeing while debugging a kernel. Names are the
-#: architectural ones (``p $TTBR1_EL1`` in GDB); ``CurrentEL`` is derived
-#: from PSTATE.EL by targets that cannot read it directly.
-SYSTEM_REGISTERS = (
-    "SCTLR_EL1 TCR_EL1 TTBR0_EL1 TTBR1_EL1 MAIR_EL1 VBAR_EL1 ESR_EL1 FAR_EL1 "
-    "ELR_EL1 SPSR_EL1 SP_EL0 SP_EL1 TPIDR_EL0 TPIDR_EL1 MPIDR_EL1 CurrentEL"
-)
+def _reg(name: str, bits: int, feature: str, type: str = "int", group: str | None = None, **access) -> Register:
+    return Register(name, bits, feature, type, group, **access)
 
-REGISTERS: tuple[Register, ...] = tuple(
-    regs(CORE, " ".join(f"x{i}" for i in range(31)), 64, "int64")
-    + [Register("sp", 64, CORE, "data_ptr"), Register("pc", 64, CORE, "code_ptr")]
-    + [Register("cpsr", 32, CORE, "cpsr_flags")]
-    + regs(FPU, " ".join(f"v{i}" for i in range(32)), 128, "aarch64v")
-    + regs(FPU, "fpsr fpcr", 32, "int")
-    + regs(SYSTEM, SYSTEM_REGISTERS, 64, "uint64", "system")
+
+def _sys(name: str, unicorn: bool = True, **access) -> Register:
+    """An EL1 system register worth seeing while debugging a kernel. Names
+    are the architectural ones (``p $TTBR1_EL1`` in GDB)."""
+    return _reg(name, 64, SYSTEM, "uint64", "system", unicorn=f"UC_ARM64_REG_{name}" if unicorn else None, **access)
+
+
+#: One line per register (families by comprehension): GDB's name, size,
+#: feature, type, group, then where KVM (struct kvm_regs path or system
+#: register encoding) and Unicorn keep it. ``sp`` is the stack pointer in
+#: use (SP_EL0 or SP_EL1, by PSTATE) and ``CurrentEL`` comes from PSTATE.EL:
+#: targets derive both.
+REGISTERS: tuple[Register, ...] = (
+    *(_reg(f"x{i}", 64, CORE, "int64", kvm=f"regs.regs[{i}]", unicorn=f"UC_ARM64_REG_X{i}") for i in range(31)),
+    _reg("sp", 64, CORE, "data_ptr", unicorn="UC_ARM64_REG_SP"),
+    _reg("pc", 64, CORE, "code_ptr", kvm="regs.pc", unicorn="UC_ARM64_REG_PC"),
+    _reg("cpsr", 32, CORE, "cpsr_flags", kvm="regs.pstate", unicorn="UC_ARM64_REG_PSTATE"),
+    *(_reg(f"v{i}", 128, FPU, "aarch64v", kvm=f"fp_regs.vregs[{i}]", unicorn=f"UC_ARM64_REG_Q{i}") for i in range(32)),
+    _reg("fpsr", 32, FPU, kvm="fp_regs.fpsr", unicorn="UC_ARM64_REG_FPSR"),
+    _reg("fpcr", 32, FPU, kvm="fp_regs.fpcr", unicorn="UC_ARM64_REG_FPCR"),
+    _sys("SCTLR_EL1", unicorn=False, sysreg=(3, 0, 1, 0, 0)),
+    _sys("TCR_EL1", unicorn=False, sysreg=(3, 0, 2, 0, 2)),
+    _sys("TTBR0_EL1", sysreg=(3, 0, 2, 0, 0)),
+    _sys("TTBR1_EL1", sysreg=(3, 0, 2, 0, 1)),
+    _sys("MAIR_EL1", sysreg=(3, 0, 10, 2, 0)),
+    _sys("VBAR_EL1", sysreg=(3, 0, 12, 0, 0)),
+    _sys("ESR_EL1", sysreg=(3, 0, 5, 2, 0)),
+    _sys("FAR_EL1", sysreg=(3, 0, 6, 0, 0)),
+    _sys("ELR_EL1", kvm="elr_el1"),
+    _sys("SPSR_EL1", unicorn=False, kvm="spsr[0]", sysreg=(3, 0, 4, 0, 0)),
+    _sys("SP_EL0", kvm="regs.sp"),  # user_pt_regs.sp is SP_EL0
+    _sys("SP_EL1", kvm="sp_el1"),
+    _sys("TPIDR_EL0", sysreg=(3, 3, 13, 0, 2)),
+    _sys("TPIDR_EL1", sysreg=(3, 0, 13, 0, 4)),
+    _sys("MPIDR_EL1", unicorn=False, sysreg=(3, 0, 0, 0, 5)),
+    _sys("CurrentEL", unicorn=False),
 )
 
 AARCH64 = Arch(

@@ -2,7 +2,10 @@
 
 From a table come the ``target.xml`` GDB reads, the ``g``/``G`` packet layout,
 ``p``/``P`` register numbering, the expedited registers in stop replies and
-the software-breakpoint opcode. Adding a register is one line in the table.
+the software-breakpoint opcode. Each line also says how every back end
+reaches the register (``kvm``, ``msr``, ``sysreg``, ``unicorn``), and the
+targets read and write generically from that, so adding a register (an x86
+MSR, an arm64 system register) is one line in the table.
 """
 
 from __future__ import annotations
@@ -26,6 +29,26 @@ class Register:
     ``i387_ext``, ``vec128``, or one defined in the feature's ``types``).
     ``group`` is GDB's register group (``None`` lets GDB decide: integer
     registers then show in ``info registers``).
+
+    How back ends reach it (None: that way does not apply):
+
+    - ``kvm``: a field of KVM's state structures, as a dotted path. x86:
+      ``regs.<kvm_regs field>``, ``sregs.<kvm_sregs field>`` (``sregs.cs.selector``),
+      ``fpu.<kvm_fpu field>`` (``fpu.xmm[3]``; a ``:tag`` suffix converts
+      FXSAVE's abridged x87 tag byte). arm64: a ``struct kvm_regs`` path
+      (``regs.regs[3]``, ``fp_regs.vregs[0]``, ``spsr[0]``), one ONE_REG id.
+      A register narrower than its field is written read-modify-write.
+    - ``msr``: an x86 MSR number (KVM_GET/SET_MSRS; Unicorn's
+      ``UC_X86_REG_MSR``), used where ``kvm`` is None.
+    - ``sysreg``: an arm64 system register's (op0, op1, CRn, CRm, op2)
+      (KVM's ``KVM_REG_ARM64_SYSREG`` id; Unicorn's ``UC_ARM64_REG_CP_REG``),
+      used where ``kvm`` is None.
+    - ``unicorn``: the name of Unicorn's register constant
+      (``UC_X86_REG_RAX``), for the emulated target.
+
+    A register a back end has no way to reach is one it derives (arm64
+    ``sp``: the stack pointer PSTATE selects) or cannot hold (x86 ``fiseg``
+    under KVM: FXSAVE in 64-bit mode keeps no selectors); targets say which.
     """
 
     name: str
@@ -33,6 +56,10 @@ class Register:
     feature: str
     type: str = "int"
     group: str | None = None
+    kvm: str | None = None
+    msr: int | None = None
+    sysreg: tuple[int, int, int, int, int] | None = None
+    unicorn: str | None = None
 
     @property
     def size(self) -> int:

@@ -8,7 +8,7 @@ cr8/efer. GDB shows the integer-typed system registers in ``info registers``.
 
 from __future__ import annotations
 
-from vmscope.arch.registers import Arch, Feature, Register, regs
+from vmscope.arch.registers import Arch, Feature, Register
 
 CORE = "org.gnu.gdb.i386.core"
 SSE = "org.gnu.gdb.i386.sse"
@@ -71,18 +71,48 @@ _SSE_TYPES = """
       <field name="FZ" start="15" end="15"/>
     </flags>"""
 
-REGISTERS: tuple[Register, ...] = tuple(
-    regs(CORE, "rax rbx rcx rdx rsi rdi", 64, "int64")
-    + [Register("rbp", 64, CORE, "data_ptr"), Register("rsp", 64, CORE, "data_ptr")]
-    + regs(CORE, "r8 r9 r10 r11 r12 r13 r14 r15", 64, "int64")
-    + [Register("rip", 64, CORE, "code_ptr"), Register("eflags", 32, CORE, "i386_eflags")]
-    + regs(CORE, "cs ss ds es fs gs", 32, "int32")
-    + regs(CORE, "st0 st1 st2 st3 st4 st5 st6 st7", 80, "i387_ext")
-    + regs(CORE, "fctrl fstat ftag fiseg fioff foseg fooff fop", 32, "int", "float")
-    + regs(SSE, " ".join(f"xmm{i}" for i in range(16)), 128, "vec128")
-    + [Register("mxcsr", 32, SSE, "i386_mxcsr", "vector")]
-    + regs(SEGMENTS, "fs_base gs_base", 64, "int")
-    + regs(SYSTEM, "k_gs_base cr0 cr2 cr3 cr4 cr8 efer", 64, "int")
+def _reg(name: str, bits: int, feature: str, type: str = "int", group: str | None = None, **access) -> Register:
+    return Register(name, bits, feature, type, group, **access)
+
+
+def _gpr(name: str, type: str = "int64") -> Register:
+    return _reg(name, 64, CORE, type, kvm=f"regs.{name}", unicorn=f"UC_X86_REG_{name.upper()}")
+
+
+#: One line per register (families by comprehension): GDB's name, size,
+#: feature, type, group, then where KVM and Unicorn keep it.
+REGISTERS: tuple[Register, ...] = (
+    *(_gpr(n) for n in "rax rbx rcx rdx rsi rdi".split()),
+    _gpr("rbp", "data_ptr"),
+    _gpr("rsp", "data_ptr"),
+    *(_gpr(f"r{i}") for i in range(8, 16)),
+    _gpr("rip", "code_ptr"),
+    _reg("eflags", 32, CORE, "i386_eflags", kvm="regs.rflags", unicorn="UC_X86_REG_EFLAGS"),
+    *(_reg(n, 32, CORE, "int32", kvm=f"sregs.{n}.selector", unicorn=f"UC_X86_REG_{n.upper()}")
+      for n in "cs ss ds es fs gs".split()),
+    # Unicorn keeps the x87 registers physically (FP0-FP7); the emulated CPU
+    # maps GDB's stack-relative st0-st7 onto them itself.
+    *(_reg(f"st{i}", 80, CORE, "i387_ext", kvm=f"fpu.fpr[{i}]") for i in range(8)),
+    _reg("fctrl", 32, CORE, "int", "float", kvm="fpu.fcw", unicorn="UC_X86_REG_FPCW"),
+    _reg("fstat", 32, CORE, "int", "float", kvm="fpu.fsw", unicorn="UC_X86_REG_FPSW"),
+    _reg("ftag", 32, CORE, "int", "float", kvm="fpu.ftwx:tag", unicorn="UC_X86_REG_FPTAG"),
+    # KVM_GET_FPU (FXSAVE in 64-bit mode) keeps no x87 selectors: read as 0 there
+    _reg("fiseg", 32, CORE, "int", "float", unicorn="UC_X86_REG_FCS"),
+    _reg("fioff", 32, CORE, "int", "float", kvm="fpu.last_ip", unicorn="UC_X86_REG_FIP"),
+    _reg("foseg", 32, CORE, "int", "float", unicorn="UC_X86_REG_FDS"),
+    _reg("fooff", 32, CORE, "int", "float", kvm="fpu.last_dp", unicorn="UC_X86_REG_FDP"),
+    _reg("fop", 32, CORE, "int", "float", kvm="fpu.last_opcode", unicorn="UC_X86_REG_FOP"),
+    *(_reg(f"xmm{i}", 128, SSE, "vec128", kvm=f"fpu.xmm[{i}]", unicorn=f"UC_X86_REG_XMM{i}") for i in range(16)),
+    _reg("mxcsr", 32, SSE, "i386_mxcsr", "vector", kvm="fpu.mxcsr", unicorn="UC_X86_REG_MXCSR"),
+    _reg("fs_base", 64, SEGMENTS, kvm="sregs.fs.base", unicorn="UC_X86_REG_FS_BASE"),
+    _reg("gs_base", 64, SEGMENTS, kvm="sregs.gs.base", unicorn="UC_X86_REG_GS_BASE"),
+    _reg("k_gs_base", 64, SYSTEM, msr=0xC000_0102),  # IA32_KERNEL_GS_BASE (swapgs)
+    _reg("cr0", 64, SYSTEM, kvm="sregs.cr0", unicorn="UC_X86_REG_CR0"),
+    _reg("cr2", 64, SYSTEM, kvm="sregs.cr2", unicorn="UC_X86_REG_CR2"),
+    _reg("cr3", 64, SYSTEM, kvm="sregs.cr3", unicorn="UC_X86_REG_CR3"),
+    _reg("cr4", 64, SYSTEM, kvm="sregs.cr4", unicorn="UC_X86_REG_CR4"),
+    _reg("cr8", 64, SYSTEM, kvm="sregs.cr8", unicorn="UC_X86_REG_CR8"),
+    _reg("efer", 64, SYSTEM, kvm="sregs.efer", msr=0xC000_0080),  # IA32_EFER
 )
 
 X86_64 = Arch(

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import ctypes
 
+from vmscope.arch.aarch64 import AARCH64
+from vmscope.arch.registers import Register
 from vmscope.kvm.abi import ExitMmio, ExitSystemEvent, _ioc, ioctl  # noqa: F401  (re-exported)
+from vmscope.kvm.fields import resolve
 
 u8, u32, u64 = ctypes.c_uint8, ctypes.c_uint32, ctypes.c_uint64
 
@@ -61,20 +64,10 @@ def sysreg(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
             | op0 << 14 | op1 << 11 | crn << 7 | crm << 3 | op2)
 
 
-#: system registers through KVM_REG_ARM64_SYSREG (op0, op1, CRn, CRm, op2)
-SYSREGS = {
-    "MPIDR_EL1": (3, 0, 0, 0, 5),
-    "SCTLR_EL1": (3, 0, 1, 0, 0),
-    "TTBR0_EL1": (3, 0, 2, 0, 0),
-    "TTBR1_EL1": (3, 0, 2, 0, 1),
-    "TCR_EL1": (3, 0, 2, 0, 2),
-    "ESR_EL1": (3, 0, 5, 2, 0),
-    "FAR_EL1": (3, 0, 6, 0, 0),
-    "MAIR_EL1": (3, 0, 10, 2, 0),
-    "VBAR_EL1": (3, 0, 12, 0, 0),
-    "TPIDR_EL1": (3, 0, 13, 0, 4),
-    "TPIDR_EL0": (3, 3, 13, 0, 2),
-}
+#: system registers through KVM_REG_ARM64_SYSREG (op0, op1, CRn, CRm, op2),
+#: from the arch table's ``sysreg`` column
+SYSREGS = {r.name: r.sysreg for r in AARCH64.registers if r.sysreg is not None}
+
 
 # --- structures ------------------------------------------------------------------
 
@@ -118,6 +111,36 @@ class KvmRunArm64(ctypes.Structure):
     ]
 
 
+class UserPtRegs(ctypes.Structure):
+    _fields_ = [("regs", u64 * 31), ("sp", u64), ("pc", u64), ("pstate", u64)]
+
+
+class UserFpsimdState(ctypes.Structure):
+    # __uint128_t vregs[32]: two u64 each; the structure is 16-byte aligned in C
+    _fields_ = [("vregs", (u64 * 2) * 32), ("fpsr", u32), ("fpcr", u32), ("reserved", u32 * 2)]
+
+
+class KvmRegsArm64(ctypes.Structure):
+    """arm64 ``struct kvm_regs``: core registers are ONE_REG ids by their
+    offset here (the arch table names them by path, e.g. ``regs.pc``)."""
+
+    _fields_ = [("regs", UserPtRegs), ("sp_el1", u64), ("elr_el1", u64), ("spsr", u64 * 5),
+                ("_align", u64), ("fp_regs", UserFpsimdState)]
+
+
+def register_id(reg: Register) -> int | None:
+    """The ONE_REG id of an arch-table register: its ``struct kvm_regs``
+    field (``Register.kvm``) or its system-register encoding
+    (``Register.sysreg``); None for registers the target derives (sp,
+    CurrentEL)."""
+    if reg.kvm is not None:
+        ref = resolve(KvmRegsArm64, reg.kvm)
+        return core_reg(ref.offset, 8 * ref.size)  # KVM wants the field's own size
+    if reg.sysreg is not None:
+        return sysreg(*reg.sysreg)
+    return None
+
+
 # --- ioctls ------------------------------------------------------------------------
 
 KVM_GET_ONE_REG = _ioc(1, 0xAB, ctypes.sizeof(KvmOneReg))
@@ -150,3 +173,4 @@ PSTATE_EL1H = 0b0101  # M[3:0]: EL1 with SP_EL1
 assert ctypes.sizeof(KvmGuestDebugArm64) == 520
 assert ctypes.sizeof(ExitUnionArm64) == 256
 assert core_reg(CORE_PC) == 0x6030_0000_0010_0040  # QEMU's and kvmtool's value
+assert KvmRegsArm64.fp_regs.offset == CORE_VREGS and resolve(KvmRegsArm64, "fp_regs.fpcr").offset == CORE_FPCR

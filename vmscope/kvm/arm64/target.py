@@ -89,20 +89,14 @@ STEP_MASK = abi.PSTATE_A | abi.PSTATE_I | abi.PSTATE_F
 WATCH_STOP_KIND = {"write": "watch", "read": "rwatch", "access": "awatch"}
 VECTOR_TABLE_SIZE = 0x800
 
-#: GDB register name -> ONE_REG id, for everything but sp and CurrentEL
+#: GDB register name -> ONE_REG id, from the arch table (every register
+#: but sp and CurrentEL, which PSTATE decides)
 REGISTER_IDS: dict[str, int] = {
-    **{f"x{i}": abi.core_reg(abi.CORE_X0 + 8 * i) for i in range(31)},
-    "pc": abi.core_reg(abi.CORE_PC),
-    "cpsr": abi.core_reg(abi.CORE_PSTATE),
-    **{f"v{i}": abi.core_reg(abi.CORE_VREGS + 16 * i, 128) for i in range(32)},
-    "fpsr": abi.core_reg(abi.CORE_FPSR, 32),
-    "fpcr": abi.core_reg(abi.CORE_FPCR, 32),
-    "ELR_EL1": abi.core_reg(abi.CORE_ELR_EL1),
-    "SPSR_EL1": abi.core_reg(abi.CORE_SPSR_EL1),
-    "SP_EL0": abi.core_reg(abi.CORE_SP_EL0),
-    "SP_EL1": abi.core_reg(abi.CORE_SP_EL1),
-    **{name: abi.sysreg(*enc) for name, enc in abi.SYSREGS.items()},
+    r.name: reg_id for r in AARCH64.registers if (reg_id := abi.register_id(r)) is not None
 }
+#: register name -> mask of its bits, where KVM's field is wider (cpsr in the 64-bit pstate)
+_NARROW = {r.name: (1 << r.bitsize) - 1 for r in AARCH64.registers
+           if r.name in REGISTER_IDS and r.bitsize < 8 << (REGISTER_IDS[r.name] >> 52 & 0xF)}
 
 
 def live_sp_offset(pstate: int) -> int:
@@ -117,9 +111,27 @@ def read_register(v: Arm64Vcpu, name: str) -> int:
         return v.core(live_sp_offset(v.pstate))
     if name == "CurrentEL":
         return v.pstate & 0xC
-    if name == "cpsr":
-        return v.pstate & 0xFFFF_FFFF
-    return v.get(REGISTER_IDS[name])
+    value = v.get(REGISTER_IDS[name])
+    return value & _NARROW[name] if name in _NARROW else value
+
+
+def write_register(v: Arm64Vcpu, name: str, value: int) -> None:
+    """One register through its table line; a register narrower than KVM's
+    field (cpsr) keeps the field's other bits."""
+    if name == "CurrentEL":
+        if value != v.pstate & 0xC:
+            raise TargetError("CurrentEL is read-only (write cpsr to change the exception level)", errno.EINVAL)
+        return
+    if name == "sp":
+        v.set_core(live_sp_offset(v.pstate), value)
+        return
+    reg_id = REGISTER_IDS[name]
+    if name in _NARROW:
+        value = (v.get(reg_id) & ~_NARROW[name]) | (value & _NARROW[name])
+    try:
+        v.set(reg_id, value)
+    except OSError as e:
+        raise TargetError(f"KVM refused to write {name}: {e}", errno.EINVAL) from None
 
 
 class _LazyRegisters(Mapping):
@@ -241,19 +253,7 @@ class Arm64KvmTarget(
             raise TargetError(f"no such register(s): {', '.join(sorted(unknown))}", errno.EINVAL)
         # PSTATE first: it decides which stack pointer "sp" is.
         for name in sorted(values, key=lambda n: n != "cpsr"):
-            value = values[name]
-            if name == "CurrentEL":
-                if value != v.pstate & 0xC:
-                    raise TargetError("CurrentEL is read-only (write cpsr to change the exception level)", errno.EINVAL)
-            elif name == "sp":
-                v.set_core(live_sp_offset(v.pstate), value)
-            elif name == "cpsr":
-                v.set_core(abi.CORE_PSTATE, (v.pstate & ~0xFFFF_FFFF) | (value & 0xFFFF_FFFF))
-            else:
-                try:
-                    v.set(REGISTER_IDS[name], value)
-                except OSError as e:
-                    raise TargetError(f"KVM refused to write {name}: {e}", errno.EINVAL) from None
+            write_register(v, name, values[name])
         if set(values) & {"SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1"}:
             self.walks.invalidate()
 

@@ -1,6 +1,15 @@
-"""x86 register access of the KVM debug target: GPRs (KVM_GET/SET_REGS),
-segment and control registers (KVM_GET/SET_SREGS), x87/SSE (KVM_GET/SET_FPU)
-and MSRs (KVM_GET/SET_MSRS), read lazily by group.
+"""x86 register access of the KVM debug target, driven by the arch table.
+
+Each register of :data:`vmscope.arch.x86_64.X86_64` says where KVM keeps it
+(``Register.kvm``: a field of ``kvm_regs``, ``kvm_sregs`` or ``kvm_fpu``;
+else ``Register.msr``: an MSR). Reads fetch a structure once per stop (the
+vCPU caches it) and take every register in it; writes patch the fetched
+structure and set it back in one ioctl per structure, MSRs in one
+KVM_SET_MSRS. Adding a register is its table line; nothing here names one.
+
+A register KVM does not keep (``fiseg``/``foseg``: FXSAVE in 64-bit mode
+stores no x87 selectors) reads as 0 and refuses any other value, rather than
+accept a write and drop it.
 """
 
 from __future__ import annotations
@@ -8,23 +17,60 @@ from __future__ import annotations
 import errno
 from typing import Mapping
 
+from vmscope.arch.registers import Register
+from vmscope.arch.x86_64 import X86_64
 from vmscope.gdbserver.target import TargetError
 from vmscope.kvm import abi
+from vmscope.kvm.fields import FieldRef, read_field, resolve, write_field
 from vmscope.kvm.x86.vcpu import Vcpu
 
-MSR_KERNEL_GS_BASE = 0xC0000102
+#: which ctypes structure each ``Register.kvm`` prefix names
+STRUCTS = {"regs": abi.KvmRegs, "sregs": abi.KvmSregs, "fpu": abi.KvmFpu}
 
-GPRS = ("rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip").split()
-SEGS = ("cs", "ss", "ds", "es", "fs", "gs")
-FPU_NAMES = frozenset(
-    [f"st{i}" for i in range(8)] + [f"xmm{i}" for i in range(16)]
-    + "fctrl fstat ftag fiseg fioff foseg fooff fop mxcsr".split()
-)
-SREG_NAMES = frozenset(SEGS + ("fs_base", "gs_base", "cr0", "cr2", "cr3", "cr4", "cr8", "efer"))
+
+class Access:
+    """How one register is reached: ``group`` ("regs", "sregs", "fpu",
+    "msr" or None: not kept by KVM), the field, and a conversion."""
+
+    __slots__ = ("reg", "group", "ref", "convert", "msr")
+
+    def __init__(self, reg: Register):
+        self.reg = reg
+        self.ref: FieldRef | None = None
+        self.convert = None
+        self.msr = None
+        if reg.kvm is not None:
+            spec, _, self.convert = reg.kvm.partition(":")
+            self.group, _, path = spec.partition(".")
+            self.ref = resolve(STRUCTS[self.group], path)
+        elif reg.msr is not None:
+            self.group, self.msr = "msr", reg.msr
+        else:
+            self.group = None
+
+    def get(self, state) -> int:
+        raw = read_field(state, self.ref, self.reg.size)
+        return _full_tag_word(raw) if self.convert == "tag" else raw
+
+    def put(self, state, value: int) -> None:
+        if self.convert == "tag":
+            value = _abridged_tag_word(value)
+        width = min(self.reg.size, self.ref.size)
+        if value >> (8 * width):
+            raise TargetError(f"{self.reg.name} holds {8 * width} bits under KVM; {value:#x} does not fit", errno.EINVAL)
+        write_field(state, self.ref, self.reg.size, value)
+
+
+ACCESS: dict[str, Access] = {r.name: Access(r) for r in X86_64.registers}
+GROUPS: dict[str | None, tuple[Access, ...]] = {
+    g: tuple(a for a in ACCESS.values() if a.group == g) for g in ("regs", "sregs", "fpu", "msr", None)
+}
+_FETCH = {"regs": Vcpu.regs, "sregs": Vcpu.sregs, "fpu": Vcpu.fpu}
+_STORE = {"regs": Vcpu.set_regs, "sregs": Vcpu.set_sregs, "fpu": Vcpu.set_fpu}
 
 
 class _LazyRegisters(Mapping):
-    """Register values by name, each group read from KVM on first access
+    """Register values by name, each structure read from KVM on first use
     (and then cached by the vCPU until it runs again)."""
 
     def __init__(self, target, v: Vcpu):
@@ -32,20 +78,19 @@ class _LazyRegisters(Mapping):
         self._values: dict[str, int] = {}
         self._names = target.arch.index
 
-    def _group(self, name: str) -> dict[str, int]:
-        if name in FPU_NAMES:
-            return self._t._fpu_values(self._v)
-        if name in SREG_NAMES:
-            return self._t._sreg_values(self._v)
-        if name == "k_gs_base":
-            return {"k_gs_base": self._t._msr(self._v, MSR_KERNEL_GS_BASE)}
-        return self._t._gpr_values(self._v)
+    def _group(self, access: Access) -> dict[str, int]:
+        if access.group in _FETCH:
+            state = _FETCH[access.group](self._v)
+            return {a.reg.name: a.get(state) for a in GROUPS[access.group]}
+        if access.group == "msr":
+            return {access.reg.name: self._t._msr(self._v, access.msr)}
+        return {access.reg.name: 0}
 
     def __getitem__(self, name: str) -> int:
         if name not in self._names:
             raise KeyError(name)
         if name not in self._values:
-            self._values.update(self._group(name))
+            self._values.update(self._group(ACCESS[name]))
         return self._values[name]
 
     def __iter__(self):
@@ -59,39 +104,11 @@ class X86Registers:
     """Mixin of :class:`~vmscope.kvm.x86.target.KvmTarget`: registers by name."""
 
     def read_registers(self, tid: int) -> Mapping[str, int]:
-        """A mapping that fetches each group (GPRs, control/segment state,
-        FPU/SSE, MSRs) on first use: a stop reply needs only rip/rsp/rbp,
-        so stepping costs one KVM_GET_REGS, not four ioctls."""
+        """A mapping that fetches each structure (GPRs, control/segment
+        state, FPU/SSE, MSRs) on first use: a stop reply needs only
+        rip/rsp/rbp, so stepping costs one KVM_GET_REGS, not four ioctls."""
         self._require_stopped()  # a vCPU ioctl would block until KVM_RUN returns
         return _LazyRegisters(self, self._vcpu(tid))
-
-    def _gpr_values(self, v: Vcpu) -> dict[str, int]:
-        r = v.regs()
-        out = {name: getattr(r, name) for name in GPRS}
-        out["eflags"] = r.rflags
-        return out
-
-    def _sreg_values(self, v: Vcpu) -> dict[str, int]:
-        s = v.sregs()
-        out = {name: getattr(s, name).selector for name in SEGS}
-        out["fs_base"], out["gs_base"] = s.fs.base, s.gs.base
-        for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer"):
-            out[name] = getattr(s, name)
-        return out
-
-    def _fpu_values(self, v: Vcpu) -> dict[str, int]:
-        f = v.fpu()
-        out = {}
-        for i in range(8):
-            out[f"st{i}"] = int.from_bytes(bytes(f.fpr[i])[:10], "little")
-        out["fctrl"], out["fstat"] = f.fcw, f.fsw
-        out["ftag"] = _full_tag_word(f.ftwx)
-        out["fioff"], out["fooff"], out["fop"] = f.last_ip & 0xFFFFFFFF, f.last_dp & 0xFFFFFFFF, f.last_opcode
-        out["fiseg"] = out["foseg"] = 0  # FXSAVE in 64-bit mode keeps no selectors
-        for i in range(16):
-            out[f"xmm{i}"] = int.from_bytes(bytes(f.xmm[i]), "little")
-        out["mxcsr"] = f.mxcsr
-        return out
 
     def _msr(self, v: Vcpu, index: int) -> int:
         key = (v.index << 32) | index
@@ -109,55 +126,32 @@ class X86Registers:
     def write_registers(self, tid: int, values: Mapping[str, int]) -> None:
         self._require_stopped()
         v = self._vcpu(tid)
-        names = set(values)
-        unknown = names - set(self.arch.index)
+        unknown = set(values) - set(ACCESS)
         if unknown:
             raise TargetError(f"no such register(s): {', '.join(sorted(unknown))}", errno.EINVAL)
-        if names & (set(GPRS) | {"eflags"}):
-            r = v.regs()
-            for name in names & set(GPRS):
-                setattr(r, name, values[name] & (2**64 - 1))
-            if "eflags" in names:
-                r.rflags = values["eflags"] & 0xFFFFFFFF
-            v.set_regs(r)
-        if names & SREG_NAMES:
-            s = v.sregs()
-            for name in names & set(SEGS):
-                getattr(s, name).selector = values[name] & 0xFFFF
-            if "fs_base" in names:
-                s.fs.base = values["fs_base"]
-            if "gs_base" in names:
-                s.gs.base = values["gs_base"]
-            for name in names & {"cr0", "cr2", "cr3", "cr4", "cr8", "efer"}:
-                setattr(s, name, values[name])
-            v.set_sregs(s)
+        by_group: dict[str | None, list[Access]] = {}
+        for name in values:
+            access = ACCESS[name]
+            by_group.setdefault(access.group, []).append(access)
+        for access in by_group.get(None, ()):
+            if values[access.reg.name] != 0:
+                raise TargetError(f"{access.reg.name} is not kept by KVM (reads as 0) and cannot be set", errno.EINVAL)
+        for group, store in _STORE.items():
+            if group in by_group:
+                state = _FETCH[group](v)
+                for access in by_group[group]:
+                    access.put(state, values[access.reg.name])
+                store(v, state)
+        msrs = {a.msr: values[a.reg.name] for a in by_group.get("msr", ())}
+        if msrs:
+            try:
+                v.set_msrs(msrs)
+            except OSError as e:
+                raise TargetError(str(e), errno.EINVAL) from None
+            for index, value in msrs.items():
+                self._msr_cache[(v.index << 32) | index] = value
+        if "sregs" in by_group:
             self.translator.clear()
-        if names & FPU_NAMES:
-            f = v.fpu()
-            for i in range(8):
-                if f"st{i}" in names:
-                    raw = values[f"st{i}"].to_bytes(10, "little") + bytes(6)
-                    for j, b in enumerate(raw):
-                        f.fpr[i][j] = b
-            for i in range(16):
-                if f"xmm{i}" in names:
-                    for j, b in enumerate(values[f"xmm{i}"].to_bytes(16, "little")):
-                        f.xmm[i][j] = b
-            if "fctrl" in names:
-                f.fcw = values["fctrl"] & 0xFFFF
-            if "fstat" in names:
-                f.fsw = values["fstat"] & 0xFFFF
-            if "ftag" in names:
-                f.ftwx = _abridged_tag_word(values["ftag"])
-            if "fop" in names:
-                f.last_opcode = values["fop"] & 0xFFFF
-            if "fioff" in names:
-                f.last_ip = values["fioff"]
-            if "fooff" in names:
-                f.last_dp = values["fooff"]
-            if "mxcsr" in names:
-                f.mxcsr = values["mxcsr"] & 0xFFFFFFFF
-            v.set_fpu(f)
 
 
 def _full_tag_word(ftwx: int) -> int:
