@@ -223,3 +223,93 @@ class Gdb:
 
     def transcript(self) -> str:
         return "\n".join(self.log[-40:])
+
+
+# --- register round trips -------------------------------------------------------------
+
+#: Values each register can hold on every back end, from the state at a
+#: demo guest's entry (``cur``): control bits that change nothing the write
+#: itself could break (x86 TSD, WP, SCE; arm64 NZCV, EPD0, I), exception
+#: flags rather than the x87 stack top, aligned addresses.
+_REGISTER_TEST_VALUES = {
+    "eflags": lambda cur: cur ^ 0xC5,  # CF PF ZF SF
+    "cs": lambda cur: cur, "ss": lambda cur: cur,  # the code/stack descriptors must stay loadable
+    "ds": lambda cur: 0, "es": lambda cur: 0, "fs": lambda cur: 0, "gs": lambda cur: 0,  # the null selector
+    "cr0": lambda cur: cur ^ (1 << 16),  # WP
+    "cr2": lambda cur: 0x1234_5000,
+    "cr3": lambda cur: cur ^ 0x1000,
+    "cr4": lambda cur: cur ^ (1 << 2),  # TSD
+    "cr8": lambda cur: cur ^ 0x5,
+    "efer": lambda cur: cur ^ 1,  # SCE
+    "fs_base": lambda cur: 0x7FFF_1234_5000, "gs_base": lambda cur: 0x7FFF_2345_6000,
+    "k_gs_base": lambda cur: 0xFFFF_8880_1234_5000,
+    "fctrl": lambda cur: cur ^ 0x0C00,  # rounding control
+    "fstat": lambda cur: cur ^ 0x1,  # invalid-operation flag (masked), not TOP
+    "ftag": lambda cur: 0xFFFC if cur != 0xFFFC else 0xFFF3,
+    "fop": lambda cur: 0x123, "fioff": lambda cur: 0x1234_5678, "fooff": lambda cur: 0x2345_6789,
+    "fiseg": lambda cur: 0x23, "foseg": lambda cur: 0x2B,
+    "mxcsr": lambda cur: cur ^ 0x6000,  # rounding control
+    "cpsr": lambda cur: cur ^ 0xF000_0000,  # NZCV
+    "fpsr": lambda cur: cur ^ 0x1,  # IOC
+    "fpcr": lambda cur: cur ^ (1 << 24),  # FZ
+    "SCTLR_EL1": lambda cur: cur ^ (1 << 12),  # I
+    "TCR_EL1": lambda cur: cur ^ (1 << 7),  # EPD0
+    "VBAR_EL1": lambda cur: 0x4000_0800,
+    "ESR_EL1": lambda cur: 0x5600_0001,
+    "SPSR_EL1": lambda cur: 0x6000_03C5,
+    "MPIDR_EL1": lambda cur: cur, "CurrentEL": lambda cur: cur,  # read-only in the architecture
+}
+
+
+def register_test_value(name: str, bitsize: int, cur: int, n: int) -> int:
+    """A value for register ``name`` (number ``n``) other than ``cur``, that
+    every back end can hold (or ``cur`` where the architecture makes the
+    register read-only)."""
+    special = _REGISTER_TEST_VALUES.get(name)
+    if special is not None:
+        return special(cur)
+    if name.startswith("st"):
+        return 0x4000_8000_0000_0000_0000 | n  # a normal 80-bit value (explicit integer bit)
+    pattern = int.from_bytes(bytes((n * 7 + i * 13) & 0xFF for i in range(bitsize // 8)), "little")
+    return pattern & ~0xF if name in ("sp", "pc", "rsp", "SP_EL0", "SP_EL1", "ELR_EL1") else pattern
+
+
+def _x87_empty(tag: int) -> int:
+    return sum(1 << i for i in range(8) if (tag >> (2 * i)) & 3 == 3)
+
+
+#: registers whose read-back is the written value only in part, by architecture:
+#: the x87 tag word's finer tags (valid/zero/special) follow the registers'
+#: contents (FXSAVE keeps only empty/full), so which registers are empty is
+#: what must round-trip
+_SAME = {"ftag": lambda a, b: _x87_empty(a) == _x87_empty(b)}
+
+
+def register_round_trip(target, tid: int, skip: frozenset = frozenset()) -> tuple[list[str], dict[str, str]]:
+    """Write every register of ``target``'s architecture one at a time,
+    read it back, put the old value back. Returns the registers whose value
+    read back as written, and the refusals (name -> error text). A write
+    that is accepted but reads back otherwise fails at once."""
+    from vmscope.gdbserver.target import TargetError
+
+    arch = target.arch
+    took, refused = [], {}
+    for n, reg in enumerate(arch.registers):
+        if reg.name in skip:
+            continue
+        old = target.read_registers(tid)[reg.name]
+        new = register_test_value(reg.name, reg.bitsize, old, n)
+        try:
+            target.write_registers(tid, {reg.name: new})
+        except TargetError as e:
+            refused[reg.name] = str(e)
+            assert target.read_registers(tid)[reg.name] == old, f"{reg.name}: a refused write changed it"
+            continue
+        same = _SAME.get(reg.name, int.__eq__)
+        got = target.read_registers(tid)[reg.name]
+        assert same(got, new), f"{reg.name}: wrote {new:#x}, read {got:#x}"
+        target.write_registers(tid, {reg.name: old})
+        got = target.read_registers(tid)[reg.name]
+        assert same(got, old), f"{reg.name}: wrote the old value {old:#x} back, read {got:#x}"
+        took.append(reg.name)
+    return took, refused

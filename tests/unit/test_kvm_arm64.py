@@ -77,6 +77,32 @@ def test_ioctl_numbers_match_the_uapi_headers():
     assert abi.KVM_SET_GUEST_DEBUG == 0x4208_AE9B
 
 
+# ids as <uapi/asm/kvm.h> defines them: core registers by their offset in
+# struct kvm_regs / 4, system registers by their MRS encoding
+@pytest.mark.parametrize("name, expected", [
+    ("x0", 0x6030_0000_0010_0000), ("x30", 0x6030_0000_0010_003C), ("SP_EL0", 0x6030_0000_0010_003E),
+    ("pc", 0x6030_0000_0010_0040), ("cpsr", 0x6030_0000_0010_0042), ("SP_EL1", 0x6030_0000_0010_0044),
+    ("ELR_EL1", 0x6030_0000_0010_0046), ("SPSR_EL1", 0x6030_0000_0010_0048),
+    ("v0", 0x6040_0000_0010_0054), ("v31", 0x6040_0000_0010_00D0),
+    ("fpsr", 0x6020_0000_0010_00D4), ("fpcr", 0x6020_0000_0010_00D5),
+    ("MPIDR_EL1", 0x6030_0000_0013_C005), ("SCTLR_EL1", 0x6030_0000_0013_C080),
+    ("TTBR0_EL1", 0x6030_0000_0013_C100), ("TTBR1_EL1", 0x6030_0000_0013_C101), ("TCR_EL1", 0x6030_0000_0013_C102),
+    ("ESR_EL1", 0x6030_0000_0013_C290), ("FAR_EL1", 0x6030_0000_0013_C300), ("MAIR_EL1", 0x6030_0000_0013_C510),
+    ("VBAR_EL1", 0x6030_0000_0013_C600), ("TPIDR_EL1", 0x6030_0000_0013_C684), ("TPIDR_EL0", 0x6030_0000_0013_DE82),
+])
+def test_arch_table_lines_map_to_kvm_one_reg_ids(name, expected):
+    assert abi.register_id(AARCH64.register(name)) == expected
+    assert REGISTER_IDS[name] == expected
+
+
+def test_every_table_register_has_a_kvm_id_or_is_derived_from_pstate():
+    derived = {r.name for r in AARCH64.registers if abi.register_id(r) is None}
+    assert derived == {"sp", "CurrentEL"}
+    for r in AARCH64.registers:  # the id's size holds the whole register
+        if r.name not in derived:
+            assert 8 << (abi.register_id(r) >> 52 & 0xF) >= r.bitsize, r.name
+
+
 def test_every_register_gdb_asks_for_has_a_source():
     served = set(REGISTER_IDS) | {"sp", "CurrentEL"}
     assert set(AARCH64.index) <= served

@@ -77,6 +77,18 @@ class Arm64Cpu(EmuCpu):
             out["SP_EL1"] = self.uc.reg_read(A.UC_ARM64_REG_SP)
         return out
 
+    def write_registers(self, values) -> None:
+        """At EL1h the live sp is SP_EL1 (``read_special`` reports it so);
+        Unicorn keeps a banked SP_EL1 apart from it, so a changed SP_EL1 is
+        written to the live sp, else the write would read back unchanged."""
+        pstate = self.registers()["cpsr"]
+        if "SP_EL1" in values and pstate & 1 and (pstate >> 2) & 3 == 1:
+            values = dict(values)
+            sp_el1 = values.pop("SP_EL1")
+            if sp_el1 != self.registers()["SP_EL1"]:
+                values["sp"] = sp_el1
+        super().write_registers(values)
+
     def write_special(self, name: str, value: int) -> None:
         enc = _ARM64_CP_REGS.get(name)
         if enc is not None:

@@ -14,7 +14,7 @@ import ctypes
 import errno
 from typing import Mapping
 
-from unicorn import UC_PROT_ALL, Uc, UcError
+from unicorn import UC_PROT_ALL, Uc, UcError, arm64_const, x86_const
 
 try:  # the binding's C entry point: one call for ~80 registers, no per-register Python
     from unicorn.unicorn_py3.unicorn import uclib as _uclib
@@ -27,6 +27,17 @@ from vmscope.gdbserver.target import TargetError
 from vmscope.vmi.errors import VmiError
 
 
+def unicorn_registers(arch: Arch) -> dict[str, int]:
+    """Table name -> Unicorn register id, from the arch table's ``unicorn``
+    column (constant names, so the tables need no Unicorn import)."""
+    out = {}
+    for reg in arch.registers:
+        if reg.unicorn is not None:
+            module = x86_const if reg.unicorn.startswith("UC_X86_") else arm64_const
+            out[reg.name] = getattr(module, reg.unicorn)
+    return out
+
+
 class EmuCpu:
     """Common part: the Unicorn instance over the shared RAM and the
     register cache. Subclasses fill in the architecture."""
@@ -34,7 +45,8 @@ class EmuCpu:
     arch: Arch
     uc_arch: int
     uc_mode: int
-    #: table name -> Unicorn register id, for registers read in one batch
+    #: table name -> Unicorn register id, for registers read in one batch:
+    #: the arch table's ``unicorn`` column (see :func:`unicorn_registers`)
     simple_registers: dict[str, int]
     #: registers also read in the batch, as their raw little-endian bytes
     #: (x87's 80-bit mantissa + exponent), but written by ``write_special``
@@ -58,6 +70,9 @@ class EmuCpu:
         #: to deliver one (under KVM it waits the same way)
         self.parked = False
         self._cache: dict[str, int] | None = None
+        # Registers as data: the arch table says which Unicorn id holds each
+        # (an architecture's own dict, where it still has one, says the same).
+        self.simple_registers = unicorn_registers(self.arch)
         batch = {**self.simple_registers, **self.packed_registers}
         self._batch_names = list(batch)
         self._batch_ids = list(batch.values())
@@ -105,6 +120,7 @@ class EmuCpu:
 
     def write_registers(self, values: Mapping[str, int]) -> None:
         current = self.registers()
+        special = []
         for name, value in values.items():
             if current.get(name) == value:
                 continue  # G writes every register: leave the unchanged ones alone
@@ -113,9 +129,16 @@ class EmuCpu:
                 self.uc.reg_write(reg_id, value)
             else:
                 self.write_special(name, value)
+                special.append(name)
             if name == self.arch.pc:
                 self.halted = False
         self.invalidate()
+        # A register the architecture derives or makes read-only (CurrentEL,
+        # MPIDR_EL1) is refused, not accepted and dropped.
+        after = self.registers() if special else {}
+        dropped = [n for n in special if after[n] != values[n]]
+        if dropped:
+            raise TargetError(f"{', '.join(dropped)}: read-only on this CPU (the value did not change)", errno.EINVAL)
 
     @property
     def pc(self) -> int:
