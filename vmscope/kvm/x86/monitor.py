@@ -6,7 +6,7 @@ import os
 
 from vmscope.gdbserver.target import TargetError
 from vmscope.kvm import abi
-from vmscope.kvm.linux_support import MONITOR_HELP as LINUX_MONITOR_HELP
+from vmscope.kvm.x86.linux_support import MONITOR_HELP as LINUX_MONITOR_HELP
 
 
 class X86Monitor:

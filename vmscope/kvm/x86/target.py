@@ -63,7 +63,7 @@ from vmscope.gdbserver.target import (
     Watchpoints,
 )
 from vmscope.kvm import abi
-from vmscope.kvm.linux_support import LinuxSupport
+from vmscope.kvm.x86.linux_support import LinuxSupport
 from vmscope.kvm.x86.breakpoints import SwBreak, Watch, X86Breakpoints
 from vmscope.kvm.x86.mechanisms import DebugMechanisms
 from vmscope.kvm.x86.memaccess import X86Memory

@@ -28,7 +28,7 @@ from signal import SIGTRAP
 
 from vmscope.gdbserver.target import StopEvent, TargetError
 from vmscope.kvm import abi
-from vmscope.kvm.kernel_entry import KernelEntryTrap, KernelEntryUnavailable
+from vmscope.kvm.x86.kernel_entry import KernelEntryTrap, KernelEntryUnavailable
 
 log = logging.getLogger(__name__)
 
