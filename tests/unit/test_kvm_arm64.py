@@ -21,7 +21,7 @@ from vmscope.kvm.arm64.debugarch import (
     watch_covers,
     watch_registers,
 )
-from vmscope.kvm.arm64.target import REGISTER_IDS, live_sp_offset
+from vmscope.kvm.arm64.registers import REGISTER_IDS, live_sp_offset
 
 
 # --- ONE_REG ids ----------------------------------------------------------------------

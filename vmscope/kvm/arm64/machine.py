@@ -33,6 +33,7 @@ from vmscope.devices.ram import GuestRam
 from vmscope.kvm import abi as kvm_abi
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.abi import ioctl
+from vmscope.kvm.arm64.exits import UART_BASE, Arm64Exits
 from vmscope.kvm.arm64.target import Arm64KvmTarget
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
 from vmscope.kvm.runcontrol import RunControl, VcpuSlot
@@ -41,7 +42,6 @@ from vmscope.kvm.system import check_extension, create_vm, open_kvm, require_cap
 from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
 
 RAM_BASE = 0x4000_0000
-UART_BASE = 0x0900_0000
 MAX_CPUS = 64
 
 
@@ -65,7 +65,7 @@ def starts_all_cpus(path: Path) -> bool:
     return False
 
 
-class Arm64KvmMachine(RunControl):
+class Arm64KvmMachine(Arm64Exits, RunControl):
     """An arm64 KVM virtual machine implementing :class:`vmscope.machine.Machine`."""
 
     def __init__(self, config: MachineConfig | None = None):
@@ -142,43 +142,6 @@ class Arm64KvmMachine(RunControl):
     def release_resources(self) -> None:
         if self.ram is not None:
             self.ram.close()
-
-    # --- exits --------------------------------------------------------------------------
-
-    def handle_exit(self, slot: VcpuSlot) -> None:
-        v = slot.vcpu
-        reason = v.run.exit_reason
-        if reason == kvm_abi.KVM_EXIT_MMIO:
-            self._mmio(v)
-        elif reason == kvm_abi.KVM_EXIT_DEBUG:
-            self.target.on_debug_exit(v)
-        elif reason == kvm_abi.KVM_EXIT_SYSTEM_EVENT:
-            kind = v.run.exit.system_event.type
-            if kind in (abi.KVM_SYSTEM_EVENT_SHUTDOWN, abi.KVM_SYSTEM_EVENT_RESET):
-                self.end(0, None)
-            else:
-                self._fatal(v, f"system event {kind}")
-        elif reason == kvm_abi.KVM_EXIT_FAIL_ENTRY:
-            self._fatal(v, "VM entry failed")
-        else:
-            self._fatal(v, f"unhandled exit {kvm_abi.EXIT_NAMES.get(reason, reason)}")
-
-    def _mmio(self, v: Arm64Vcpu) -> None:
-        """The PL011; elsewhere outside RAM reads as 0 and writes are dropped."""
-        mmio = v.run.exit.mmio
-        n = min(mmio.len, 8)
-        offset = mmio.phys_addr - UART_BASE
-        in_uart = 0 <= offset < Pl011.SIZE
-        if mmio.is_write:
-            if in_uart:
-                self.uart.write(offset, int.from_bytes(bytes(mmio.data[:n]), "little"))
-        else:
-            value = self.uart.read(offset) if in_uart else 0
-            for i, b in enumerate(value.to_bytes(8, "little")[:n]):
-                mmio.data[i] = b
-
-    def _fatal(self, v: Arm64Vcpu, why: str) -> None:
-        self.end(1, f"guest stopped: {why}; {v.summary()}")
 
 
 def _demo_guest() -> Path:

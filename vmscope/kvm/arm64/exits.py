@@ -1,0 +1,55 @@
+"""How the arm64 machine serves its vCPUs' exits: the PL011 by MMIO, debug
+exits to the target, PSCI SYSTEM_OFF/RESET (KVM's system events) as the
+end with status 0, anything else as a report. The ``handle_exit`` hook of
+:class:`vmscope.kvm.runcontrol.RunControl`, apart from the machine's
+construction as on x86 (:mod:`vmscope.kvm.x86.exits`).
+"""
+
+from __future__ import annotations
+
+from vmscope.emu.devices import Pl011
+from vmscope.kvm import abi as kvm_abi
+from vmscope.kvm.arm64 import abi
+from vmscope.kvm.arm64.vcpu import Arm64Vcpu
+from vmscope.kvm.runcontrol import VcpuSlot
+
+UART_BASE = 0x0900_0000
+
+
+class Arm64Exits:
+    """Needs ``self.target``, ``self.uart`` and RunControl's ``end``."""
+
+    def handle_exit(self, slot: VcpuSlot) -> None:
+        v = slot.vcpu
+        reason = v.run.exit_reason
+        if reason == kvm_abi.KVM_EXIT_MMIO:
+            self._mmio(v)
+        elif reason == kvm_abi.KVM_EXIT_DEBUG:
+            self.target.on_debug_exit(v)
+        elif reason == kvm_abi.KVM_EXIT_SYSTEM_EVENT:
+            kind = v.run.exit.system_event.type
+            if kind in (abi.KVM_SYSTEM_EVENT_SHUTDOWN, abi.KVM_SYSTEM_EVENT_RESET):
+                self.end(0, None)
+            else:
+                self._fatal(v, f"system event {kind}")
+        elif reason == kvm_abi.KVM_EXIT_FAIL_ENTRY:
+            self._fatal(v, "VM entry failed")
+        else:
+            self._fatal(v, f"unhandled exit {kvm_abi.EXIT_NAMES.get(reason, reason)}")
+
+    def _mmio(self, v: Arm64Vcpu) -> None:
+        """The PL011; elsewhere outside RAM reads as 0 and writes are dropped."""
+        mmio = v.run.exit.mmio
+        n = min(mmio.len, 8)
+        offset = mmio.phys_addr - UART_BASE
+        in_uart = 0 <= offset < Pl011.SIZE
+        if mmio.is_write:
+            if in_uart:
+                self.uart.write(offset, int.from_bytes(bytes(mmio.data[:n]), "little"))
+        else:
+            value = self.uart.read(offset) if in_uart else 0
+            for i, b in enumerate(value.to_bytes(8, "little")[:n]):
+                mmio.data[i] = b
+
+    def _fatal(self, v: Arm64Vcpu, why: str) -> None:
+        self.end(1, f"guest stopped: {why}; {v.summary()}")
