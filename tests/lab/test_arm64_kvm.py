@@ -20,6 +20,7 @@ import pytest
 
 from tests.lab_support import require_arm64
 from tests.support import Gdb, elf_bytes_at, elf_symbols
+from vmscope.arch.aarch64 import AARCH64
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -96,6 +97,17 @@ def test_l1_has_kvm_and_the_back_end_boots_two_vcpus(lab):
     assert report["slots"][0] >= 2 and report["slots"][1] >= 2
     MEASURED["vm_create_s"] = report["create_s"]
     MEASURED["guest_to_both_banners_s"] = report["boot_s"]
+
+
+def test_every_register_reads_back_what_was_written(lab):
+    """The register round trip of the other back ends (tests/support.py), on
+    the arm64 KVM target in L1: every table line reaches its ONE_REG."""
+    r = lab.run("cd /opt/vmscope/src && timeout -k 5 150 python3 tests/lab/arm64_kvm_registers.py", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    for tid in ("1", "2"):
+        assert report[tid]["refused"] == {} and report[tid]["missing"] == [], report
+        assert report[tid]["took"] == len(AARCH64.registers), report
 
 
 class TestGdbScenarioOnArm64Kvm:
