@@ -35,7 +35,7 @@ import sys
 import threading
 from typing import Callable, Protocol
 
-from vmscope.kvm.system import KICK_SIGNAL, install_kick_handler
+from vmscope.kvm.system import KICK_SIGNAL, install_kick_handler, open_kvm
 
 
 class StopSink(Protocol):
@@ -81,6 +81,16 @@ class RunControl:
         self.vcpus: list[VcpuSlot] = []
         self.kvm_fd: int | None = None
         self.vm_fd: int | None = None
+
+    def _open_and_create(self, config, **open_args) -> None:
+        """Open /dev/kvm and run the machine's ``_create(config)``; on any
+        failure close what was made (fds, memory) before the error goes up."""
+        self.kvm_fd = open_kvm(**open_args)
+        try:
+            self._create(config)
+        except BaseException:
+            self._release()
+            raise
 
     # --- hooks ------------------------------------------------------------------------
 

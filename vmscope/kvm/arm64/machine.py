@@ -38,7 +38,7 @@ from vmscope.kvm.arm64.target import Arm64KvmTarget
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
 from vmscope.kvm.runcontrol import RunControl, VcpuSlot
 from vmscope.kvm.slots import MemorySlots
-from vmscope.kvm.system import check_extension, create_vm, open_kvm, require_capabilities
+from vmscope.kvm.system import check_extension, create_vm, require_capabilities
 from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
 
 RAM_BASE = 0x4000_0000
@@ -83,12 +83,7 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
             raise ImageError(f"{config.initrd}: the arm64 KVM back end boots bare-metal ELF guests only (no initrd)")
         self._init_run_control()
         self.ram: GuestRam | None = None
-        self.kvm_fd = open_kvm(missing_hint="boot the kernel at EL2, or use --accel emu")
-        try:
-            self._create(config)
-        except BaseException:
-            self._release()
-            raise
+        self._open_and_create(config, missing_hint="boot the kernel at EL2, or use --accel emu")
         self.target = Arm64KvmTarget(self)
 
     def _create(self, config: MachineConfig) -> None:

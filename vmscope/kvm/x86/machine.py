@@ -52,12 +52,7 @@ class KvmMachine(X86Exits, RunControl):
         self.mem: GuestRam | None = None
         self.coalesced = None
         self._storm = None
-        self.kvm_fd = open_kvm()
-        try:
-            self._create(config)
-        except BaseException:
-            self._release()
-            raise
+        self._open_and_create(config)
         self.target = KvmTarget(self)
 
     # --- construction ---------------------------------------------------------
