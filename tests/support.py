@@ -271,7 +271,7 @@ def register_test_value(name: str, bitsize: int, cur: int, n: int) -> int:
     special = _REGISTER_TEST_VALUES.get(name)
     if special is not None:
         return special(cur)
-    if name.startswith("st"):
+    if re.fullmatch(r"st\d", name):
         return 0x4000_8000_0000_0000_0000 | n  # a normal 80-bit value (explicit integer bit)
     pattern = int.from_bytes(bytes((n * 7 + i * 13) & 0xFF for i in range(bitsize // 8)), "little")
     return pattern & ~0xF if name in ("sp", "pc", "rsp", "SP_EL0", "SP_EL1", "ELR_EL1") else pattern
@@ -316,3 +316,14 @@ def register_round_trip(target, tid: int, skip: frozenset = frozenset()) -> tupl
         assert same(got, old), f"{reg.name}: wrote the old value {old:#x} back, read {got:#x}"
         took.append(reg.name)
     return took, refused
+
+
+def x86_with_an_msr_line():
+    """X86_64's table plus one line, IA32_STAR (0xC0000081): what adding an
+    MSR register to vmscope takes."""
+    import dataclasses
+
+    from vmscope.arch.registers import Register
+    from vmscope.arch.x86_64 import SYSTEM, X86_64
+
+    return dataclasses.replace(X86_64, registers=X86_64.registers + (Register("star", 64, SYSTEM, msr=0xC000_0081),))

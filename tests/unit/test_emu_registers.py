@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from tests.support import register_round_trip
+from tests.support import register_round_trip, x86_with_an_msr_line
 from vmscope.emu import EmuMachine
 from vmscope.machine import MachineConfig
 
@@ -44,5 +44,24 @@ def test_registers_the_architecture_derives_refuse_a_new_value():
             with pytest.raises(TargetError, match="read-only"):
                 t.write_registers(1, {name: before ^ 0x4})
             assert t.read_registers(1)[name] == before
+    finally:
+        m.shutdown()
+
+
+def test_an_msr_register_is_one_table_line(monkeypatch):
+    """The emulated x86_64 CPU serves a table with one more MSR line with
+    no other change (Unicorn's MSR id)."""
+    from vmscope.emu.x86_64 import X86Cpu
+
+    arch = x86_with_an_msr_line()
+    monkeypatch.setattr(X86Cpu, "arch", arch)
+    m = EmuMachine(MachineConfig(arch="x86_64", cpus=1, serial_out=io.BytesIO()))
+    try:
+        m.start(paused=True)
+        t = m.debug_target()
+        t.arch = arch
+        t.initial_stop()
+        took, refused = register_round_trip(t, 1, skip=frozenset(arch.index) - {"star"})
+        assert took == ["star"] and not refused
     finally:
         m.shutdown()

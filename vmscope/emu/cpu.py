@@ -73,6 +73,7 @@ class EmuCpu:
         # Registers as data: the arch table says which Unicorn id holds each
         # (an architecture's own dict, where it still has one, says the same).
         self.simple_registers = unicorn_registers(self.arch)
+        self._encoded_registers: dict | None = None
         batch = {**self.simple_registers, **self.packed_registers}
         self._batch_names = list(batch)
         self._batch_ids = list(batch.values())
@@ -92,6 +93,7 @@ class EmuCpu:
     def registers(self) -> dict[str, int]:
         if self._cache is None:
             values = self._read_batch()
+            values.update({name: self._read_encoded(reg) for name, reg in self._by_encoding.items()})
             values.update(self.read_special())
             self._cache = self.arrange(values)
         return self._cache
@@ -127,6 +129,9 @@ class EmuCpu:
             reg_id = self.simple_registers.get(name)
             if reg_id is not None:
                 self.uc.reg_write(reg_id, value)
+            elif name in self._by_encoding:
+                self._write_encoded(self._by_encoding[name], value)
+                special.append(name)
             else:
                 self.write_special(name, value)
                 special.append(name)
@@ -150,6 +155,34 @@ class EmuCpu:
     def pc(self, value: int) -> None:
         self.uc.reg_write(self.pc_id, value)
         self.invalidate()
+
+    @property
+    def _by_encoding(self) -> dict:
+        """Table lines with only an MSR number or a system-register encoding,
+        reached through Unicorn's MSR / CP_REG ids, unless the architecture
+        derives them itself (``read_special``): so a new MSR or system
+        register is its table line here too. Found on first use (the
+        subclass is fully set up by then)."""
+        if self._encoded_registers is None:
+            derived = set(self.read_special())
+            self._encoded_registers = {
+                r.name: r for r in self.arch.registers
+                if r.name not in self.simple_registers and r.name not in derived
+                and (r.msr is not None or r.sysreg is not None)}
+        return self._encoded_registers
+
+    def _read_encoded(self, reg) -> int:
+        if reg.msr is not None:
+            return self.uc.reg_read(x86_const.UC_X86_REG_MSR, reg.msr)
+        op0, op1, crn, crm, op2 = reg.sysreg
+        return self.uc.reg_read(arm64_const.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2))
+
+    def _write_encoded(self, reg, value: int) -> None:
+        if reg.msr is not None:
+            self.uc.reg_write(x86_const.UC_X86_REG_MSR, (reg.msr, value))
+        else:
+            op0, op1, crn, crm, op2 = reg.sysreg
+            self.uc.reg_write(arm64_const.UC_ARM64_REG_CP_REG, (crn, crm, op0, op1, op2, value))
 
     def read_special(self) -> dict[str, int]:
         return {}
@@ -206,7 +239,11 @@ class EmuCpu:
 
     def _read_one(self, name: str) -> int:
         reg_id = self.simple_registers.get(name)
-        return self.uc.reg_read(reg_id) if reg_id is not None else self.read_special()[name]
+        if reg_id is not None:
+            return self.uc.reg_read(reg_id)
+        if name in self._by_encoding:
+            return self._read_encoded(self._by_encoding[name])
+        return self.read_special()[name]
 
     def is_halted_after_run(self) -> bool:
         """Did the slice end on a halt instruction (pc just past it)?"""

@@ -17,8 +17,7 @@ from __future__ import annotations
 import errno
 from typing import Mapping
 
-from vmscope.arch.registers import Register
-from vmscope.arch.x86_64 import X86_64
+from vmscope.arch.registers import Arch, Register
 from vmscope.gdbserver.target import TargetError
 from vmscope.kvm import abi
 from vmscope.kvm.fields import FieldRef, read_field, resolve, write_field
@@ -61,10 +60,27 @@ class Access:
         write_field(state, self.ref, self.reg.size, value)
 
 
-ACCESS: dict[str, Access] = {r.name: Access(r) for r in X86_64.registers}
-GROUPS: dict[str | None, tuple[Access, ...]] = {
-    g: tuple(a for a in ACCESS.values() if a.group == g) for g in ("regs", "sregs", "fpu", "msr", None)
-}
+class AccessTable:
+    """Every register of an x86 arch table, by name and by structure."""
+
+    def __init__(self, arch: Arch):
+        self.by_name: dict[str, Access] = {r.name: Access(r) for r in arch.registers}
+        self.groups: dict[str | None, tuple[Access, ...]] = {
+            g: tuple(a for a in self.by_name.values() if a.group == g) for g in ("regs", "sregs", "fpu", "msr", None)
+        }
+
+
+_TABLES: dict[int, tuple[Arch, AccessTable]] = {}
+
+
+def access_table(arch: Arch) -> AccessTable:
+    """The (cached) access table of ``arch``: X86_64, or a table with more lines."""
+    entry = _TABLES.get(id(arch))
+    if entry is None or entry[0] is not arch:
+        entry = _TABLES[id(arch)] = (arch, AccessTable(arch))
+    return entry[1]
+
+
 _FETCH = {"regs": Vcpu.regs, "sregs": Vcpu.sregs, "fpu": Vcpu.fpu}
 _STORE = {"regs": Vcpu.set_regs, "sregs": Vcpu.set_sregs, "fpu": Vcpu.set_fpu}
 
@@ -77,11 +93,12 @@ class _LazyRegisters(Mapping):
         self._t, self._v = target, v
         self._values: dict[str, int] = {}
         self._names = target.arch.index
+        self._table = access_table(target.arch)
 
     def _group(self, access: Access) -> dict[str, int]:
         if access.group in _FETCH:
             state = _FETCH[access.group](self._v)
-            return {a.reg.name: a.get(state) for a in GROUPS[access.group]}
+            return {a.reg.name: a.get(state) for a in self._table.groups[access.group]}
         if access.group == "msr":
             return {access.reg.name: self._t._msr(self._v, access.msr)}
         return {access.reg.name: 0}
@@ -90,7 +107,7 @@ class _LazyRegisters(Mapping):
         if name not in self._names:
             raise KeyError(name)
         if name not in self._values:
-            self._values.update(self._group(ACCESS[name]))
+            self._values.update(self._group(self._table.by_name[name]))
         return self._values[name]
 
     def __iter__(self):
@@ -126,12 +143,13 @@ class X86Registers:
     def write_registers(self, tid: int, values: Mapping[str, int]) -> None:
         self._require_stopped()
         v = self._vcpu(tid)
-        unknown = set(values) - set(ACCESS)
+        table = access_table(self.arch).by_name
+        unknown = set(values) - set(table)
         if unknown:
             raise TargetError(f"no such register(s): {', '.join(sorted(unknown))}", errno.EINVAL)
         by_group: dict[str | None, list[Access]] = {}
         for name in values:
-            access = ACCESS[name]
+            access = table[name]
             by_group.setdefault(access.group, []).append(access)
         for access in by_group.get(None, ()):
             if values[access.reg.name] != 0:
@@ -144,12 +162,15 @@ class X86Registers:
                 store(v, state)
         msrs = {a.msr: values[a.reg.name] for a in by_group.get("msr", ())}
         if msrs:
+            too_wide = [a.reg.name for a in by_group["msr"] if values[a.reg.name] >> a.reg.bitsize]
+            if too_wide:
+                raise TargetError(f"value too wide for {', '.join(too_wide)}", errno.EINVAL)
             try:
                 v.set_msrs(msrs)
             except OSError as e:
                 raise TargetError(str(e), errno.EINVAL) from None
-            for index, value in msrs.items():
-                self._msr_cache[(v.index << 32) | index] = value
+            for index in msrs:  # read back from KVM next time: what it holds, not what we sent
+                self._msr_cache.pop((v.index << 32) | index, None)
         if "sregs" in by_group:
             self.translator.clear()
 
