@@ -17,8 +17,6 @@ ROOT = Path(__file__).resolve().parents[2] / "vmscope"
 
 #: known cycles, each with why it stays or who removes it
 ALLOWED = {
-    # being removed by branch emu-pvh (the loaders' shared module)
-    frozenset({"vmscope.kvm.boot.common", "vmscope.kvm.boot.linux", "vmscope.kvm.boot.pvh"}),
     # type-only: drgn-style helpers name the LinuxKernel they are handed
     # (under TYPE_CHECKING); the kernel object imports them to offer them
     frozenset({"vmscope.vmi.linux.clock", "vmscope.vmi.linux.kernel", "vmscope.vmi.linux.modules",

@@ -7,7 +7,7 @@ construction as on x86 (:mod:`vmscope.kvm.x86.exits`).
 
 from __future__ import annotations
 
-from vmscope.emu.devices import Pl011
+from vmscope.devices.pl011 import Pl011
 from vmscope.kvm import abi as kvm_abi
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
