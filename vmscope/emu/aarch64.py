@@ -18,13 +18,9 @@ from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import TargetError
 from vmscope.vmi.paging import Aarch64Paging
 
-#: system registers Unicorn only reaches through UC_ARM64_REG_CP_REG:
-#: name -> (crn, crm, op0, op1, op2)
-_ARM64_CP_REGS = {
-    "SCTLR_EL1": (1, 0, 3, 0, 0),
-    "TCR_EL1": (2, 0, 3, 0, 2),
-    "SPSR_EL1": (4, 0, 3, 0, 0),
-}
+#: SPSR_EL1 as Unicorn's UC_ARM64_REG_CP_REG names it: (crn, crm, op0, op1, op2)
+#: (the registers GDB sees are reached through the arch table's ``sysreg``)
+SPSR_EL1_CP = (4, 0, 3, 0, 0)
 MPIDR_EL1_ENCODING = (3, 0, 0, 0, 5)  # op0, op1, crn, crm, op2
 SCTLR_M = 1  # stage-1 MMU enable
 HVC_0, SMC_0 = 0xD400_0002, 0xD400_0003  # with the imm16 field masked out
@@ -43,19 +39,6 @@ class Arm64Cpu(EmuCpu):
     pc_id = A.UC_ARM64_REG_PC
     halt_opcodes = (bytes.fromhex("7f2003d5"), bytes.fromhex("5f2003d5"))  # wfi, wfe
     undefined_instruction_exception = 1  # EXCP_UDEF
-    simple_registers = {
-        **{f"x{i}": getattr(A, f"UC_ARM64_REG_X{i}") for i in range(31)},
-        "sp": A.UC_ARM64_REG_SP,
-        "pc": A.UC_ARM64_REG_PC,
-        "cpsr": A.UC_ARM64_REG_PSTATE,
-        **{f"v{i}": getattr(A, f"UC_ARM64_REG_Q{i}") for i in range(32)},
-        "fpsr": A.UC_ARM64_REG_FPSR,
-        "fpcr": A.UC_ARM64_REG_FPCR,
-        **{
-            n: getattr(A, f"UC_ARM64_REG_{n}")
-            for n in "TTBR0_EL1 TTBR1_EL1 MAIR_EL1 VBAR_EL1 ESR_EL1 FAR_EL1 ELR_EL1 SP_EL0 SP_EL1 TPIDR_EL0 TPIDR_EL1".split()
-        },
-    }
 
     def __init__(self, index: int, ram: GuestRam) -> None:
         super().__init__(index, ram)
@@ -69,9 +52,8 @@ class Arm64Cpu(EmuCpu):
         self.invalidate()
 
     def read_special(self) -> dict[str, int]:
-        out = {name: self.uc.reg_read(A.UC_ARM64_REG_CP_REG, enc) for name, enc in _ARM64_CP_REGS.items()}
         pstate = self.uc.reg_read(A.UC_ARM64_REG_PSTATE)
-        out["CurrentEL"] = pstate & 0xC
+        out = {"CurrentEL": pstate & 0xC}
         out["MPIDR_EL1"] = self.mpidr
         if pstate & 1 and (pstate >> 2) & 3 == 1:  # EL1h: SP_EL1 is the live sp
             out["SP_EL1"] = self.uc.reg_read(A.UC_ARM64_REG_SP)
@@ -88,11 +70,6 @@ class Arm64Cpu(EmuCpu):
             if sp_el1 != self.registers()["SP_EL1"]:
                 values["sp"] = sp_el1
         super().write_registers(values)
-
-    def write_special(self, name: str, value: int) -> None:
-        enc = _ARM64_CP_REGS.get(name)
-        if enc is not None:
-            self.uc.reg_write(A.UC_ARM64_REG_CP_REG, (*enc, value))
 
     def emulate_mrs(self, reg: int, cp) -> bool:
         """MRS hook: answer MPIDR_EL1 with this CPU's index (every Unicorn
@@ -124,7 +101,7 @@ class Arm64Cpu(EmuCpu):
         vector = vbar + (0x200 if on_sp_el1 else 0x000)
         uc.reg_write(A.UC_ARM64_REG_ESR_EL1, (0x3C << 26) | (1 << 25) | ((insn >> 5) & 0xFFFF))
         uc.reg_write(A.UC_ARM64_REG_ELR_EL1, pc)
-        uc.reg_write(A.UC_ARM64_REG_CP_REG, (*_ARM64_CP_REGS["SPSR_EL1"], pstate))
+        uc.reg_write(A.UC_ARM64_REG_CP_REG, (*SPSR_EL1_CP, pstate))
         if not on_sp_el1:  # EL1t -> EL1h: the handler runs on SP_EL1
             uc.reg_write(A.UC_ARM64_REG_SP_EL0, r["sp"])
             sp_el1 = uc.reg_read(A.UC_ARM64_REG_SP_EL1)

@@ -35,13 +35,11 @@ from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import TargetError
 from vmscope.vmi.paging import X86_64Paging
 
-_X86_GPRS = "rax rbx rcx rdx rsi rdi rbp rsp r8 r9 r10 r11 r12 r13 r14 r15 rip eflags cs ss ds es fs gs".split()
 CR0_PG = 1 << 31
 CR0_PE_ET = 0x11  # protected mode, paging off (ET is hard-wired to 1)
 CR4_PAE = 0x20
 PVH_CODE_SELECTOR, PVH_DATA_SELECTOR = 0x10, 0x18  # as the KVM target loads them
 MSR_EFER = 0xC000_0080
-MSR_KERNEL_GS_BASE = 0xC000_0102
 
 #: guest-physical layout of the boot state the emulated x86 CPUs start in
 GDT_ADDR = 0x500
@@ -70,26 +68,6 @@ class X86Cpu(EmuCpu):
     pc_id = X.UC_X86_REG_RIP
     halt_opcodes = (b"\xf4",)
     undefined_instruction_exception = 6  # #UD
-    simple_registers = {
-        **{n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in _X86_GPRS},
-        **{f"xmm{i}": getattr(X, f"UC_X86_REG_XMM{i}") for i in range(16)},
-        "fctrl": X.UC_X86_REG_FPCW,
-        "fstat": X.UC_X86_REG_FPSW,
-        "ftag": X.UC_X86_REG_FPTAG,
-        "fiseg": X.UC_X86_REG_FCS,
-        "fioff": X.UC_X86_REG_FIP,
-        "foseg": X.UC_X86_REG_FDS,
-        "fooff": X.UC_X86_REG_FDP,
-        "fop": X.UC_X86_REG_FOP,
-        "mxcsr": X.UC_X86_REG_MXCSR,
-        "fs_base": X.UC_X86_REG_FS_BASE,
-        "gs_base": X.UC_X86_REG_GS_BASE,
-        "cr0": X.UC_X86_REG_CR0,
-        "cr2": X.UC_X86_REG_CR2,
-        "cr3": X.UC_X86_REG_CR3,
-        "cr4": X.UC_X86_REG_CR4,
-        "cr8": X.UC_X86_REG_CR8,
-    }
 
     def reset_pvh32(self, entry: int, start_info: int, stack: int) -> None:
         """The PVH entry state: 32-bit protected mode, paging off, flat
@@ -141,21 +119,11 @@ class X86Cpu(EmuCpu):
             values[f"st{i}"] = physical[(top + i) & 7]
         return values
 
-    def read_special(self) -> dict[str, int]:
-        return {
-            "k_gs_base": self.uc.reg_read(X.UC_X86_REG_MSR, MSR_KERNEL_GS_BASE),
-            "efer": self.uc.reg_read(X.UC_X86_REG_MSR, MSR_EFER),
-        }
-
     def write_special(self, name: str, value: int) -> None:
         if name.startswith("st") and name[2:].isdigit():
             mantissa, exponent = value & ((1 << 64) - 1), value >> 64
             top = (self.uc.reg_read(X.UC_X86_REG_FPSW) >> 11) & 7
             self.uc.reg_write(X.UC_X86_REG_FP0 + ((top + int(name[2:])) & 7), (mantissa, exponent))
-        elif name == "k_gs_base":
-            self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_KERNEL_GS_BASE, value))
-        elif name == "efer":
-            self.uc.reg_write(X.UC_X86_REG_MSR, (MSR_EFER, value))
 
     def breakpoint_address(self, intno: int) -> int | None:
         # Unicorn reports #BP with rip already past the one-byte int3
