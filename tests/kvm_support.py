@@ -51,7 +51,7 @@ class SerialSink:
 def make_machine(**config):
     """A KvmMachine, or skip/fail per VMSCOPE_REQUIRE_KVM when KVM is unusable."""
     require_kvm()
-    from vmscope.kvm.vm import KvmMachine
+    from vmscope.kvm.x86.machine import KvmMachine
 
     try:
         return KvmMachine(MachineConfig(**config))

@@ -144,7 +144,7 @@ def test_debugger_kill_ends_with_status_zero():
 
 
 def test_missing_kvm_device_is_explained():
-    from vmscope.kvm.vm import open_kvm
+    from vmscope.kvm.system import open_kvm
 
     with pytest.raises(MachineUnavailable, match="/nonexistent/kvm does not exist"):
         open_kvm("/nonexistent/kvm")
@@ -156,7 +156,7 @@ def test_bad_kernel_is_an_image_error(tmp_path):
     from vmscope.machine import ImageError
 
     require_kvm()
-    from vmscope.kvm.vm import KvmMachine
+    from vmscope.kvm.x86.machine import KvmMachine
 
     with pytest.raises(ImageError, match="missing.elf: no such file"):
         KvmMachine(MachineConfig(kernel=tmp_path / "missing.elf"))
@@ -168,7 +168,7 @@ def test_debug_capability_probe_classifies_this_kvm():
     "emulation-failure"); KVM nested under QEMU TCG SVM (False, False,
     "guest")."""
     require_kvm()
-    from vmscope.kvm.probe import probe
+    from vmscope.kvm.x86.probe import probe
 
     caps = probe()
     print(caps)
