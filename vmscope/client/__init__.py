@@ -3,7 +3,7 @@ that bypass the protocol when the VM's RAM can be mapped directly."""
 
 from vmscope.client.client import (Client, Features, MemoryReadError, StubError,  # noqa: F401
                                    TargetExited, TargetRunning, TargetStopped, Unsupported)
-from vmscope.client.transport import ConnectionLost, NotAGdbStub, StubBusy, StubTimeout  # noqa: F401
+from vmscope.client.transport import BadReply, ConnectionLost, NotAGdbStub, StubBusy, StubTimeout  # noqa: F401
 
-__all__ = ["Client", "ConnectionLost", "Features", "MemoryReadError", "NotAGdbStub", "StubBusy", "StubError",
+__all__ = ["BadReply", "Client", "ConnectionLost", "Features", "MemoryReadError", "NotAGdbStub", "StubBusy", "StubError",
            "StubTimeout", "TargetExited", "TargetRunning", "TargetStopped", "Unsupported"]

@@ -25,6 +25,7 @@ Typical use from a Python prompt::
 from __future__ import annotations
 
 import socket
+import struct
 import xml.etree.ElementTree as ET
 from typing import Callable, Literal
 
@@ -32,7 +33,7 @@ from vmscope.client.connection import Connection, Features, _is_hex  # noqa: F40
 from vmscope.client.errors import (MemoryReadError, StubError, TargetExited, TargetRunning,  # noqa: F401
                                    TargetStopped, Unsupported)
 from vmscope.client.tdesc import RegisterLayout, layout_from_arch, parse_target_xml
-from vmscope.client.transport import ConnectionLost, StubTimeout, open_socket
+from vmscope.client.transport import BadReply, ConnectionLost, StubTimeout, open_socket  # noqa: F401  (BadReply: public here too)
 from vmscope.rsp import packets as P
 from vmscope.rsp.packets import parse_thread_id
 from vmscope.rsp.stops import StopEvent, stop_event
@@ -216,7 +217,10 @@ class Client(Connection):
         """All registers of the selected thread (``g``), cached until resume."""
         if self._reg_cache is None:
             raw = self._checked(P.ReadRegisters())
-            self._reg_cache = self.layout.decode_g(_unhex_regs(raw))
+            try:
+                self._reg_cache = self.layout.decode_g(_unhex_regs(raw))
+            except (ValueError, IndexError, struct.error) as e:
+                raise BadReply(f"the stub's register reply does not parse ({e}); it starts {raw[:40]!r}") from None
         return dict(self._reg_cache)
 
     def register(self, name: str) -> int:

@@ -16,12 +16,19 @@ import socket
 from dataclasses import dataclass
 
 from vmscope.client.errors import TargetRunning
-from vmscope.client.transport import ConnectionLost, NotAGdbStub, StubBusy, StubTimeout
+import time
+
+from vmscope.client.transport import BadReply, ConnectionLost, NotAGdbStub, StubBusy, StubTimeout
 from vmscope.rsp import framing
 from vmscope.rsp import packets as P
 
 #: how much of what a peer sends before its first packet we keep, to name it
 _PREAMBLE = 512
+#: the longest reply taken from a stub: a full 1 MiB read in hex, escaped, with room to spare;
+#: a longer one is a broken or hostile stub and must not grow our memory without bound
+MAX_REPLY = 8 << 20
+#: replies in a row that fail their checksum (ack mode) before we give up on the stub
+MAX_CORRUPT = 3
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,7 @@ class Connection:
     def __init__(self, sock: socket.socket, *, timeout: float = 10.0):
         self.sock = sock
         self.timeout = timeout
-        self.endpoint = framing.Endpoint()
+        self.endpoint = framing.Endpoint(max_packet=MAX_REPLY)
         self._events: list[framing.Event] = []
         self._preamble = bytearray()  # bytes before the first packet (a QMP greeting, say)
         self._seen_packet = False
@@ -77,7 +84,15 @@ class Connection:
 
     def _recv_packet(self, timeout: float | None, waiting_for: str = "a reply") -> bytes:
         """Next packet payload; acks are absorbed and ``O`` console output
-        is collected (it can arrive before any reply while running)."""
+        is collected (it can arrive before any reply while running).
+
+        ``timeout`` bounds the whole wait, not each read: a stub that
+        trickles bytes, or streams a reply that never ends, raises
+        :class:`StubTimeout` as one that is silent does; a reply longer than
+        :data:`MAX_REPLY` or :data:`MAX_CORRUPT` corrupt ones in a row raise
+        :class:`BadReply`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        corrupt = 0
         while True:
             while self._events:
                 ev = self._events.pop(0)
@@ -87,7 +102,18 @@ class Connection:
                     return ev.payload
                 if isinstance(ev, framing.BadPacket):
                     self._flush()  # the '-' asking for a retransmit
-            self.sock.settimeout(timeout)
+                    if ev.oversized:
+                        raise BadReply(f"the stub sent a packet longer than {MAX_REPLY} bytes while we waited for "
+                                       f"{waiting_for}; it starts {ev.raw[:40]!r}")
+                    corrupt += 1
+                    if corrupt >= MAX_CORRUPT:
+                        raise BadReply(f"{corrupt} corrupt packets in a row while we waited for {waiting_for} "
+                                       f"({ev.reason}; the last starts {ev.raw[:40]!r})")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise StubTimeout(f"no complete answer from the stub after {timeout} s while waiting for "
+                                  f"{waiting_for}")
+            self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
             except socket.timeout:

@@ -22,6 +22,12 @@ class StubBusy(StubTimeout):
     does on every connection: attach again (and detach) to let it run."""
 
 
+class BadReply(ConnectionError):
+    """The stub broke the protocol: a reply longer than any we asked for,
+    replies that keep failing their checksum, or one that does not parse;
+    the message says which request and what came back."""
+
+
 class NotAGdbStub(ConnectionError):
     """The peer is not a GDB stub (QEMU's QMP port, say); the message names it."""
 

@@ -4,6 +4,7 @@ always works with QEMU (``Qqemu.PhyMemMode``)."""
 from __future__ import annotations
 
 from vmscope.client.client import Client, MemoryReadError, StubError
+from vmscope.client.transport import BadReply, ConnectionLost, StubTimeout
 from vmscope.vmi.errors import PhysicalMemoryError
 
 
@@ -26,6 +27,9 @@ class RspPhysicalMemory:
             return self.client.read_memory(addr, size, physical=True)
         except MemoryReadError as e:
             raise PhysicalMemoryError(e.addr, e.size, "the stub cannot read it") from e
+        except (BadReply, StubTimeout, ConnectionLost) as e:
+            # which read failed, for the introspection above (a ps names the task it was reading)
+            raise PhysicalMemoryError(addr, size, f"reading it through the stub failed: {e}") from e
 
     def write(self, addr: int, data: bytes) -> None:
         try:
