@@ -10,7 +10,8 @@ dropped whenever it resumes.
 
 from __future__ import annotations
 
-from typing import Callable
+import atexit
+from typing import Callable, Iterable
 
 from vmscope.client.client import Client
 from vmscope.client.helpers.qemu import NoSharedRam, QemuMonitor, QmpError
@@ -39,6 +40,8 @@ class Inspector:
             raise ValueError(f"unknown memory path {memory!r}: use auto, shared, vmscope or rsp")
         self.client: Client | None = None
         self.qmp: QemuMonitor | None = None
+        self.timeout = timeout
+        self._probes = None
         self._resume_qmp = False
         self._closed = False
         try:
@@ -61,6 +64,9 @@ class Inspector:
         self._phys: PhysicalMemory | None = None
         self._memory_path = ""
         self._kernel = None
+        # A script that ends without close() (an exception outside a with,
+        # sys.exit) must still leave the guest running and clean.
+        atexit.register(self.close)
 
     def _connect(self, gdb: str | None, qmp: str | None, timeout: float) -> None:
         self.client = Client.connect(gdb, timeout=timeout) if gdb else None
@@ -111,7 +117,13 @@ class Inspector:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         try:
+            if self._probes is not None and self.client:
+                try:
+                    self._probes._disarm()
+                except Exception:
+                    pass  # detach below removes whatever is left
             if self.client:
                 self.client.detach()
         finally:
@@ -178,6 +190,52 @@ class Inspector:
         return Arm64LinuxKernel(self.phys, regs["ttbr0"], regs["ttbr1"], regs["tcr"], regs["vbar"],
                                 current_task=current, cache=self.cache, progress=self.progress,
                                 system_map=self.system_map, disk_cache=self.disk_cache)
+
+    def address_of(self, name: str) -> int:
+        """A kernel symbol's address (KASLR applied): the one spelling."""
+        return self.kernel().address_of(name)
+
+    # ------------------------------------------------------------ execution and probes
+
+    _DEFAULT = object()
+
+    def cont(self, timeout=_DEFAULT):
+        """Continue until the next stop, waiting at most the Inspector's
+        ``timeout`` (``timeout=None`` waits for ever). On a timeout the
+        guest is still running: :meth:`close` stops and cleans it."""
+        if self.client is None:
+            raise VmiError("continuing needs a GDB stub (--gdb)")
+        return self.client.cont(self.timeout if timeout is self._DEFAULT else timeout)
+
+    @property
+    def probes(self):
+        """This Inspector's :class:`~vmscope.client.probe.ProbeSet`."""
+        if self._probes is None:
+            from vmscope.client.probe import ProbeSet
+
+            self._probes = ProbeSet(self)
+        return self._probes
+
+    def probe(self, symbols: str | Iterable[str], callback=None, *, condition=None, hardware: bool = False):
+        """A probe on one or more kernel functions. With a callback, returns
+        the :class:`~vmscope.client.probe.Probe`; without one, a decorator::
+
+            @vm.probe("__x64_sys_openat", condition=lambda hit: hit.task.comm == "cat")
+            def opened(hit): print(hit.task.pid, hit.user_string(hit.args["filename"]))
+
+        ``hardware`` uses a hardware breakpoint (no byte of kernel text changes)."""
+        if callback is not None:
+            return self.probes.add(symbols, callback, condition=condition, hardware=hardware)
+
+        def decorate(fn):
+            self.probes.add(symbols, fn, condition=condition, hardware=hardware)
+            return fn
+        return decorate
+
+    def run(self, hits: int | None = None, seconds: float | None = None):
+        """Let the guest run, serving the probes, until ``hits`` hits or
+        ``seconds`` seconds; see :meth:`~vmscope.client.probe.ProbeSet.run`."""
+        return self.probes.run(hits=hits, seconds=seconds)
 
     def drgn(self, vmlinux: str | None = None):
         """A ``drgn.Program`` over the same guest memory (needs ``pip install drgn``)."""

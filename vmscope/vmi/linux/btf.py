@@ -28,7 +28,7 @@ _MODIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
 _EXTRA_FIXED = {INT: 4, ARRAY: 12, VAR: 4, DECL_TAG: 4}
 _EXTRA_PER_MEMBER = {STRUCT: 12, UNION: 12, ENUM: 8, FUNC_PROTO: 8, DATASEC: 12, ENUM64: 12}
 KIND_NAMES = {INT: "int", PTR: "ptr", ARRAY: "array", STRUCT: "struct", UNION: "union", ENUM: "enum",
-              FWD: "fwd", TYPEDEF: "typedef", FLOAT: "float", ENUM64: "enum64"}
+              FWD: "fwd", TYPEDEF: "typedef", FLOAT: "float", ENUM64: "enum64", FUNC: "function"}
 
 
 class BtfError(VmiError):
@@ -88,7 +88,7 @@ class Btf:
         for raw in data[self._strings : self._str_end].split(b"\0"):
             self._str_cache[off] = raw.decode("utf-8", "replace")
             off += len(raw) + 1
-        named_kinds = {STRUCT, UNION, ENUM, ENUM64, TYPEDEF, INT, VAR, DATASEC, FLOAT}
+        named_kinds = {STRUCT, UNION, ENUM, ENUM64, TYPEDEF, INT, VAR, DATASEC, FLOAT, FUNC}
         pos = types_start
         unpack = struct.Struct("<III").unpack_from
         while pos < self._types_end:
@@ -223,6 +223,48 @@ class Btf:
                     if self.string(name_off) == enumerator:
                         return val
         raise BtfError(f"no enumerator {enumerator!r} in the kernel's BTF")
+
+    def type_name(self, type_id: int) -> str:
+        """A C spelling of a type (``const char *``, ``struct file *``,
+        ``umode_t``), for argument lists; ``__user`` is kept where the BTF
+        carries it as a type tag (clang-built kernels)."""
+        kind, name_off, _, _, ref, _ = self._t[type_id]
+        name = self.string(name_off) if name_off else ""
+        if kind == 0:
+            return "void"
+        if kind == PTR:
+            inner = self.type_name(ref)
+            return inner + ("*" if inner.endswith("*") else " *")
+        if kind in (CONST, VOLATILE, RESTRICT):
+            qual = {CONST: "const", VOLATILE: "volatile", RESTRICT: "restrict"}[kind]
+            return f"{qual} {self.type_name(ref)}"
+        if kind == TYPE_TAG:
+            return f"{self.type_name(ref)} __{name}" if name == "user" else self.type_name(ref)
+        if kind in (STRUCT, UNION, ENUM, ENUM64, FWD):
+            word = "union" if kind == UNION or (kind == FWD and self._t[type_id][3]) else \
+                "enum" if kind in (ENUM, ENUM64) else "struct"
+            return f"{word} {name or '(anonymous)'}"
+        if kind == ARRAY:
+            elem, _index, count = struct.unpack_from("<III", self._data, self._t[type_id][5])
+            return f"{self.type_name(elem)}[{count}]"
+        if kind == FUNC_PROTO:
+            return "function"
+        return name or KIND_NAMES.get(kind, str(kind))
+
+    def func_params(self, name: str) -> list[tuple[str, str]]:
+        """``(parameter name, C type)`` of the kernel function ``name``, from
+        its BTF ``FUNC`` and ``FUNC_PROTO`` (functions that survived inlining)."""
+        proto = self._t[self.find(name, FUNC)][4]
+        kind, _, vlen, _, _, pos = self._t[proto]
+        if kind != FUNC_PROTO:
+            raise BtfError(f"BTF function {name!r} has no prototype")
+        out = []
+        for i in range(vlen):
+            name_off, ptype = struct.unpack_from("<II", self._data, pos + 8 * i)
+            if ptype == 0 and name_off == 0:
+                break  # a trailing "..." (varargs)
+            out.append((self.string(name_off) if name_off else f"arg{i}", self.type_name(ptype)))
+        return out
 
     def enumerators(self, enum_name: str) -> dict[int, str]:
         tid = self.find(enum_name, ENUM)

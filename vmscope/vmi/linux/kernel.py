@@ -16,7 +16,10 @@ from typing import Callable
 
 from vmscope.vmi.address_space import AddressSpace
 from vmscope.vmi.errors import VmiError
+from vmscope.vmi.errors import TranslationError
 from vmscope.vmi.linux import clock, printk, symcache
+from vmscope.vmi.linux import current as current_mod
+from vmscope.vmi.linux import user as user_mod
 from vmscope.vmi.linux import modules as modules_mod
 from vmscope.vmi.linux import tasks as tasks_mod
 from vmscope.vmi.linux.btf import ARRAY, ENUM, ENUM64, INT, PTR, Btf, BtfError
@@ -187,7 +190,9 @@ class LinuxKernel:
         return self._vmcoreinfo
 
     def address_of(self, name: str) -> int:
-        """A symbol from kallsyms, else from VMCOREINFO's ``SYMBOL(name)``."""
+        """A symbol's address: from kallsyms, else from VMCOREINFO's
+        ``SYMBOL(name)``. The one spelling to use; ``symbol(name)`` and
+        ``symbols[name]`` (kallsyms only) stay as aliases."""
         if name in self.symbols:
             return self.symbols[name]
         value = self.vmcoreinfo().get(f"SYMBOL({name})")
@@ -198,13 +203,25 @@ class LinuxKernel:
     # ------------------------------------------------------------ typed reads
 
     def read(self, addr: int, size: int) -> bytes:
-        return self.aspace.read(addr, size)
+        """Kernel memory at ``addr``. A user address is refused with a hint:
+        it means something only in one process's page tables (see
+        :meth:`user_read`)."""
+        try:
+            return self.aspace.read(addr, size)
+        except TranslationError as e:
+            if addr >> 63:
+                raise
+            raise TranslationError(e.vaddr, e.level, f"{e.reason} in the kernel's page tables; 0x{addr:x} is a "
+                                   "user-space address: read it in its process's address space "
+                                   "(kernel.user_read(task, addr, size), or hit.read() in a probe)",
+                                   e.entry, e.entry_addr) from None
 
     def u64(self, addr: int) -> int:
         return self.aspace.u64(addr)
 
     def symbol(self, name: str) -> int:
-        return self.symbols[name]
+        """Alias of :meth:`address_of` (kept for older scripts)."""
+        return self.address_of(name)
 
     def member(self, obj: int, struct_name: str, path: str, data: bytes | None = None, base: int = 0):
         """Value of ``struct_name.path`` for the object at ``obj``: an int for
@@ -297,6 +314,28 @@ class LinuxKernel:
     def process_address_space(self, task: Task) -> AddressSpace:
         return tasks_mod.process_address_space(self, task)
 
+    # helpers named after the kernel's and drgn's (see current.py, user.py)
+
+    def current_task(self, regs, tid: int | None = None) -> int:
+        """``current`` on the stopped vCPU whose registers are ``regs``."""
+        return current_mod.current_task(self, regs, tid)
+
+    def cpu_from_registers(self, regs, tid: int | None = None) -> int:
+        """The Linux CPU number of the vCPU whose registers are ``regs``."""
+        return current_mod.cpu_from_registers(self, regs, tid)
+
+    def task_from_address(self, address: int) -> Task:
+        return current_mod.task_from_address(self, address)
+
+    def find_task(self, pid: int) -> Task:
+        return current_mod.find_task(self, pid)
+
+    def user_read(self, task: Task, addr: int, size: int) -> bytes:
+        return user_mod.user_read(self, task, addr, size)
+
+    def user_string(self, task: Task, addr: int, limit: int = 4096) -> str:
+        return user_mod.user_string(self, task, addr, limit)
+
     def modules(self) -> list[Module]:
         return modules_mod.modules(self)
 
@@ -339,7 +378,15 @@ class Arm64LinuxKernel(LinuxKernel):
         self._fill_disk_cache(from_cache)
 
     def process_address_space(self, task: Task) -> AddressSpace:
-        raise VmiError("user address spaces of arm64 guests are not supported yet (kernel memory is)")
+        """The process's tables in TTBR0 (``mm->pgd``), the kernel's in TTBR1."""
+        from vmscope.vmi.paging.aarch64 import Aarch64Paging
+
+        mm = self.member(task.address, "task_struct", "mm")
+        if not mm:
+            raise VmiError(f"task {task.pid} ({task.comm}) is a kernel thread: it has no user address space")
+        pgd = self.virt_to_phys(self.member(mm, "mm_struct", "pgd"))
+        walker = self.aspace.walker
+        return AddressSpace(Aarch64Paging(self.phys, pgd, walker.ttbr1, walker.tcr, cache=self.cache))
 
 
 def _search_vmcoreinfo(phys) -> bytes:
