@@ -5,6 +5,7 @@
 ``vmscope inspect`` attach to any gdbstub (or open a core file) and look inside the guest
 ``vmscope dump``    write a live guest's memory as an ELF core
 ``vmscope fleet``   one report over many guests and core files, on Dask
+``vmscope trace``   probe kernel functions: one line per hit with task and arguments
 ``vmscope lab``     the nested KVM lab (real KVM inside QEMU/TCG) for machines without VMX/SVM
 """
 
@@ -262,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     fleet.add_argument("rest", nargs=argparse.REMAINDER)
     fleet.set_defaults(func=lambda a: _delegate("vmscope.fleet.cli", a.rest))
 
+    trace = sub.add_parser("trace", help="probe kernel functions: task and arguments at each hit", add_help=False)
+    trace.add_argument("rest", nargs=argparse.REMAINDER)
+    trace.set_defaults(func=lambda a: _delegate("vmscope.client.trace_cli", a.rest))
+
     lab = sub.add_parser("lab", help="the nested KVM lab (real KVM inside QEMU/TCG)", add_help=False)
     lab.add_argument("rest", nargs=argparse.REMAINDER)
     lab.set_defaults(func=lambda a: _delegate("vmscope.lab", a.rest))
@@ -276,7 +281,7 @@ def _delegate(module: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # inspect and lab have their own parsers: hand them everything after the word
+    # inspect, dump, fleet, trace and lab have their own parsers: hand them everything after the word
     if argv[:1] == ["inspect"]:
         logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
         return _delegate("vmscope.client.inspect_cli", argv[1:])
@@ -286,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["dump"]:
         logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
         return _delegate("vmscope.dump.cli", argv[1:])
+    if argv[:1] == ["trace"]:
+        logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
+        return _delegate("vmscope.client.trace_cli", argv[1:])
     if argv[:1] == ["lab"]:
         logging.basicConfig(level=logging.WARNING, format="vmscope: %(name)s: %(message)s")
         return _delegate("vmscope.lab", argv[1:])

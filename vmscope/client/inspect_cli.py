@@ -34,44 +34,64 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (use 0x... for hex)") from None
 
 
+def add_connection_options(p: argparse.ArgumentParser, *, suppress: bool = False, core: bool = False) -> None:
+    """The options every command shares (``vmscope trace`` takes them too;
+    ``core`` adds ``--core``, for commands that can read a core file). With
+    ``suppress`` (a subcommand's copy) an option left out keeps what was
+    given before the subcommand, so ``vmscope inspect ps --json`` and
+    ``vmscope inspect --json ps`` agree."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument("--gdb", metavar="HOST:PORT", default=default(None),
+                   help="GDB stub address (host:port, unix:/path or /path)")
+    p.add_argument("--qmp", metavar="HOST:PORT", default=default(None),
+                   help="QEMU QMP address: system registers and shared RAM")
+    if core:
+        p.add_argument("--core", metavar="FILE", default=default(None),
+                       help="inspect an ELF core (vmscope dump, QEMU dump-guest-memory) instead of a live guest")
+    p.add_argument("--memory", choices=("auto", "shared", "vmscope", "rsp"), default=default("auto"),
+                   help="how to read guest-physical memory (default: fastest available)")
+    p.add_argument("--system-map", metavar="PATH", default=default(None),
+                   help="use this System.map instead of kallsyms")
+    p.add_argument("--json", action="store_true", default=default(False), help="print JSON instead of tables")
+    p.add_argument("--no-cache", action="store_true", default=default(False),
+                   help="decode kallsyms and BTF afresh instead of using the per-kernel cache")
+    p.add_argument("--timeout", type=float, default=default(10.0),
+                   help="seconds to wait for the stub (default 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmscope inspect", description=__doc__.split("\n\n")[0])
-    p.add_argument("--gdb", metavar="HOST:PORT", help="GDB stub address (host:port, unix:/path or /path)")
-    p.add_argument("--qmp", metavar="HOST:PORT", help="QEMU QMP address: system registers and shared RAM")
-    p.add_argument("--core", metavar="FILE", help="inspect an ELF core (vmscope dump, QEMU dump-guest-memory) "
-                                                  "instead of a live guest")
-    p.add_argument("--memory", choices=("auto", "shared", "vmscope", "rsp"), default="auto",
-                   help="how to read guest-physical memory (default: fastest available)")
-    p.add_argument("--system-map", metavar="PATH", help="use this System.map instead of kallsyms")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--no-cache", action="store_true",
-                   help="decode kallsyms and BTF afresh instead of using the per-kernel cache")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the stub (default 10)")
+    add_connection_options(p, core=True)
+    shared = argparse.ArgumentParser(add_help=False)
+    add_connection_options(shared, suppress=True, core=True)
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    ps = sub.add_parser("ps", help="processes: pid, ppid, state, user/kernel, name")
+    ps = sub.add_parser("ps", parents=[shared], help="processes: pid, ppid, state, user/kernel, name")
     ps.add_argument("-f", "--full", action="store_true", help="also each process's command line (from its memory)")
     ps.add_argument("-T", "--threads", action="store_true", help="list every thread (TID in the PID column)")
-    sub.add_parser("lsmod", help="loaded kernel modules, as /proc/modules")
-    d = sub.add_parser("dmesg", help="the kernel log from the printk ring buffer")
+    sub.add_parser("lsmod", parents=[shared], help="loaded kernel modules, as /proc/modules")
+    d = sub.add_parser("dmesg", parents=[shared], help="the kernel log from the printk ring buffer")
     d.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines")
-    sub.add_parser("regs", help="registers, with control registers and EFER")
-    sub.add_parser("uptime", help="seconds since the guest booted")
-    sub.add_parser("info", help="kernel version, KASLR slide, memory path")
-    r = sub.add_parser("read", help="hex dump of guest memory")
+    sub.add_parser("regs", parents=[shared], help="registers, with control registers and EFER")
+    sub.add_parser("uptime", parents=[shared], help="seconds since the guest booted")
+    sub.add_parser("info", parents=[shared], help="kernel version, KASLR slide, memory path")
+    r = sub.add_parser("read", parents=[shared], help="hex dump of guest memory")
     r.add_argument("addr", type=_int)
     r.add_argument("length", type=_int)
     r.add_argument("--physical", action="store_true", help="ADDR is guest-physical")
     r.add_argument("--pid", type=int, help="ADDR is in this process's user address space")
     r.add_argument("-o", "--output", metavar="FILE", help="write the raw bytes to FILE")
-    t = sub.add_parser("translate", help="virtual -> physical through the guest's page tables")
+    t = sub.add_parser("translate", parents=[shared], help="virtual -> physical through the guest's page tables")
     t.add_argument("addr", type=_int)
     t.add_argument("--cr3", type=_int, help="page-table root to use (default: the kernel's)")
     t.add_argument("--pid", type=int, help="translate through this process's page tables")
-    s = sub.add_parser("symbols", help="kernel symbols matching a regex or glob")
+    s = sub.add_parser("symbols", parents=[shared], help="kernel symbols matching a regex or glob")
     s.add_argument("pattern", nargs="?", default=".", help="regex or glob (default: all)")
     s.add_argument("--elf", metavar="FILE",
                    help="also write the matching symbols as an ELF symbol file for gdb's add-symbol-file")
-    g = sub.add_parser("drgn", help="a Python prompt with a drgn Program over the guest (pip install drgn)")
+    g = sub.add_parser("drgn", parents=[shared], help="a Python prompt with a drgn Program over the guest (pip install drgn)")
     g.add_argument("-c", "--command", help="run this Python code instead of a prompt")
     g.add_argument("--vmlinux", help="vmlinux with DWARF, for types")
     return p

@@ -286,6 +286,10 @@ class ProbeSet:
                 if wait is not None and wait <= 0:
                     reason = "seconds"
                     break
+                if client._phys_mode:
+                    # Back to virtual before the guest runs: a script killed
+                    # while it runs (SIGKILL) then leaves QEMU as it found it.
+                    client.set_physical_mode(False)
                 client.resume()
                 self._waiting = True
                 try:
