@@ -51,13 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class HexText(str):
+    """A value shown in hex: a string in JSON, unquoted on a line."""
+
+
 def _format_value(hit, name: str, value: int, fmt: str | None, decoded) -> str | int:
     if fmt is None:
         return decoded.get(name, value)
     if fmt == "d":
         return value - (1 << 64) if value >> 63 else value
     if fmt == "x":
-        return hex(value)
+        return HexText(hex(value))
     try:
         return hit.user_string(value) if fmt == "u" else hit.string(value)
     except VmiError:
@@ -85,6 +89,8 @@ def hit_record(hit, spec) -> dict:
 
 def _line(rec: dict) -> str:
     def show(v):
+        if isinstance(v, HexText):
+            return str(v)
         return json.dumps(v) if isinstance(v, str) else (hex(v) if isinstance(v, int) and v > 0xFFFF else str(v))
 
     args = ", ".join(f"{k}={show(v)}" for k, v in rec["args"].items())
