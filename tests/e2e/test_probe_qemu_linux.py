@@ -246,3 +246,32 @@ def test_any_ending_of_a_probing_script_leaves_the_guest_clean(guest, ending, me
         assert_guest_runs(guest)
     finally:
         guest.console.run("kill $(cat /tmp/loop.pid)")
+
+
+def doc_examples() -> list[str]:
+    text = (ROOT / "docs" / "python-api.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def test_the_documented_examples_run(guest):
+    """docs/python-api.md's examples, as printed there but for the addresses,
+    while the guest runs cat now and then."""
+    blocks = doc_examples()
+    assert len(blocks) == 4
+    guest.console.run("(while :; do sh -c 'exec cat /etc/passwd' >/dev/null; sleep 0.3; done) & "
+                      "echo $! > /tmp/doc-loop.pid")
+    outputs = []
+    try:
+        for block in blocks:
+            code = block.replace("localhost:1234", guest.gdb).replace("localhost:4444", guest.qmp)
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+            assert run.returncode == 0, f"{block}\n{run.stderr}"
+            outputs.append(run.stdout)
+    finally:
+        guest.console.run("kill $(cat /tmp/doc-loop.pid)")
+    counter, condition, memory, vcpus = outputs
+    assert re.search(r"^\d+ opens in", counter) and re.search(r"\s\d+\s+\d+ cat\s+/etc/passwd$", counter, re.M), counter
+    assert re.search(r"cpu[01] \d+ __x64_sys_openat \{'dfd': -100, 'filename': '/etc/passwd'", condition), condition
+    assert re.search(r"cpu[01] \d+ do_sys_openat2 ", condition) and "reason='stopped'" in condition, condition
+    assert "init [b'/bin/sh', b'/init', b'']" in memory and "pid 1 (init): 0x1000 (+8) is not mapped" in memory
+    assert sorted(re.findall(r"Linux CPU (\d+)", vcpus)) == ["0", "1"], vcpus
