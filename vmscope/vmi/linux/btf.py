@@ -72,6 +72,7 @@ class Btf:
         if version != 1:
             raise BtfError(f"unsupported BTF version {version}")
         self._data = data
+        self._fields: dict[tuple[str, str], Field] = {}
         self._str_cache: dict[int, str] = {}
         self._strings = hdr_len + str_off
         self._str_end = self._strings + str_len
@@ -185,7 +186,16 @@ class Btf:
         return None
 
     def field(self, struct_name: str, path: str) -> Field:
-        """Resolve ``"se.sum_exec_runtime"`` or ``"tasks.next"`` in a struct."""
+        """Resolve ``"se.sum_exec_runtime"`` or ``"tasks.next"`` in a struct
+        (memoized: a probe resolves the same few fields at every hit, and
+        ``task_struct`` has hundreds of members to scan)."""
+        key = (struct_name, path)
+        found = self._fields.get(key)
+        if found is None:
+            found = self._fields[key] = self._field(struct_name, path)
+        return found
+
+    def _field(self, struct_name: str, path: str) -> Field:
         type_id = self.find(struct_name, STRUCT) if self.has(struct_name, STRUCT) else self.find(struct_name, UNION)
         offset = 0
         member = None
