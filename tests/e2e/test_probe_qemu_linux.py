@@ -275,3 +275,15 @@ def test_the_documented_examples_run(guest):
     assert re.search(r"cpu[01] \d+ do_sys_openat2 ", condition) and "reason='stopped'" in condition, condition
     assert "init [b'/bin/sh', b'/init', b'']" in memory and "pid 1 (init): 0x1000 (+8) is not mapped" in memory
     assert sorted(re.findall(r"Linux CPU (\d+)", vcpus)) == ["0", "1"], vcpus
+
+
+def test_cont_waits_the_inspectors_timeout_by_default(guest):
+    from vmscope.client.transport import StubTimeout
+
+    vm = Inspector(guest.gdb, guest.qmp, timeout=2)
+    started = time.monotonic()
+    with pytest.raises(StubTimeout):
+        vm.cont()  # no breakpoint: nothing stops the guest
+    assert 1.5 < time.monotonic() - started < 10
+    vm.close()  # stops the running guest, cleans up, detaches
+    assert "alive" in guest.console.run("echo alive", timeout=60)

@@ -59,6 +59,35 @@ class Args(list):
         return dict(zip(self.names, self))
 
 
+class Registers(dict):
+    """The stopped vCPU's registers (one ``g``), completed on demand with
+    ``p`` for those outside it (arm64's SP_EL0 and TPIDR_EL1 on QEMU)."""
+
+    def __init__(self, client):
+        super().__init__(client.registers())
+        self._client = client
+
+    def _fetch(self, name: str) -> int | None:
+        value = dict.get(self, name)
+        if value is None and name in self._client.layout:
+            try:
+                value = self._client.register(name)
+            except StubError:
+                value = None
+            self[name] = value
+        return value
+
+    def get(self, name, default=None):  # type: ignore[override]
+        value = self._fetch(name)
+        return default if value is None else value
+
+    def __getitem__(self, name):
+        value = self._fetch(name)
+        if value is None:
+            raise KeyError(f"the stub reports no register {name!r}")
+        return value
+
+
 class Hit:
     """What a probe sees at one hit. Everything is read lazily and at most
     once: a callback that looks only at ``task.pid`` costs one read.
@@ -71,15 +100,15 @@ class Hit:
         self.tid = stop.tid
         self.time = time.monotonic() - started
         self.kernel = vm.kernel()
-        self._regs: dict[str, int | None] | None = None
+        self._regs: Registers | None = None
         self._task: Task | None = None
         self._args: Args | None = None
         self._cpu: int | None = None
 
     @property
-    def regs(self) -> dict[str, int | None]:
+    def regs(self) -> Registers:
         if self._regs is None:
-            self._regs = self.vm.client.registers()
+            self._regs = Registers(self.vm.client)
         return self._regs
 
     @property

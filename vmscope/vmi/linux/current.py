@@ -40,8 +40,12 @@ def cpu_of_offsets(kernel: LinuxKernel) -> dict[int, int]:
 
 
 def _per_cpu_base(kernel: LinuxKernel, regs: Mapping[str, int | None]) -> int | None:
-    """This vCPU's per-CPU offset from its registers, or None if they lack it."""
-    known = cpu_of_offsets(kernel)
+    """This vCPU's per-CPU offset from its registers, or None if they (or
+    kallsyms, without data symbols) lack it."""
+    try:
+        known = cpu_of_offsets(kernel)
+    except (KeyError, VmiError):
+        return None
     if kernel.arch == "aarch64":
         names = ("TPIDR_EL1", "tpidr_el1", "TPIDR_EL2", "tpidr_el2")
     else:
@@ -63,10 +67,25 @@ def cpu_from_registers(kernel: LinuxKernel, regs: Mapping[str, int | None], tid:
     base = _per_cpu_base(kernel, regs)
     if base is not None:
         return cpu_of_offsets(kernel)[base]
+    sp_el0 = _arm64_current(kernel, regs)
+    if sp_el0 is not None:  # arm64 without per-CPU symbols: where current says it runs
+        cpu = task_cpu(kernel, sp_el0)
+        if cpu is not None:
+            return cpu
     if tid is None:
         raise VmiError("the stub reports no per-CPU base register (gs_base / TPIDR_EL1) and no thread was given: "
                        "cannot tell which Linux CPU this vCPU is")
     return tid - 1
+
+
+def _arm64_current(kernel: LinuxKernel, regs: Mapping[str, int | None]) -> int | None:
+    """SP_EL0 when an arm64 vCPU is in the kernel (EL1, or EL2 under VHE),
+    where the kernel keeps ``current``; else None."""
+    if kernel.arch != "aarch64":
+        return None
+    cpsr = regs.get("cpsr") or 0
+    sp_el0 = regs.get("SP_EL0") or regs.get("sp_el0")
+    return sp_el0 if (cpsr >> 2) & 3 >= 1 and sp_el0 else None
 
 
 def _percpu_current_var(kernel: LinuxKernel) -> int:
@@ -80,11 +99,9 @@ def _percpu_current_var(kernel: LinuxKernel) -> int:
 def current_task(kernel: LinuxKernel, regs: Mapping[str, int | None], tid: int | None = None) -> int:
     """Address of the ``task_struct`` running on the stopped vCPU whose
     registers are ``regs`` (the kernel's ``current``)."""
-    if kernel.arch == "aarch64":
-        cpsr = regs.get("cpsr") or 0
-        sp_el0 = regs.get("SP_EL0", regs.get("sp_el0"))
-        if (cpsr >> 2) & 3 >= 1 and sp_el0:  # at EL1 (or EL2 under VHE) the kernel keeps current in SP_EL0
-            return sp_el0
+    current = _arm64_current(kernel, regs)
+    if current is not None:
+        return current
     var = _percpu_current_var(kernel)
     base = _per_cpu_base(kernel, regs)
     if base is None:

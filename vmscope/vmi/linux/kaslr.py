@@ -99,10 +99,27 @@ def find_arm64_kernel_image(boot, text_address: int, walker, max_image: int = 51
         if header[0x38:0x3C] == ARM64_IMAGE_MAGIC:
             break
     else:
-        raise KernelNotFound(f"no arm64 Image header at or 64 KiB below physical 0x{phys:x} (virtual 0x{pos:x}, "
-                             f"where the mapping around 0x{text_address:x} starts); is this a Linux kernel?")
+        return _arm64_image_without_header(boot, walker, pos, phys, text_address, max_image)
     text = pos - head
     size = int.from_bytes(header[0x10:0x18], "little")
     if not 0 < size <= max_image:
         raise KernelNotFound(f"arm64 Image header at 0x{text:x} gives an image size of {size} bytes")
     return KernelLocation(text, text + size, text - arm64_kimage_vaddr(walker), phys - head, walker.ttbr1)
+
+
+def _arm64_image_without_header(boot, walker, stext: int, phys: int, text_address: int,
+                                max_image: int) -> KernelLocation:
+    """A running kernel whose Image header is gone from memory (Debian's 6.1
+    booted with QEMU's ``-kernel`` on ``virt`` reuses that page): ``_text``
+    is then taken 64 KiB below ``_stext`` (the arm64 linker script's
+    ``.head.text``) and the image to end where its mapping does, which
+    covers text and rodata (kallsyms, BTF); init is unmapped after boot."""
+    granule = 1 << walker.granule1
+    end = stext
+    while end - stext < max_image and boot.is_mapped(end):
+        end += granule
+    if end - stext < 1 << 20:
+        raise KernelNotFound(f"no arm64 Image header below physical 0x{phys:x} and only {end - stext} bytes mapped "
+                             f"from 0x{stext:x} (around 0x{text_address:x}); is this a Linux kernel?")
+    text = stext - HEAD_TEXT_SIZE
+    return KernelLocation(text, end, text - arm64_kimage_vaddr(walker), phys - HEAD_TEXT_SIZE, walker.ttbr1)
