@@ -287,3 +287,14 @@ def test_cont_waits_the_inspectors_timeout_by_default(guest):
     assert 1.5 < time.monotonic() - started < 10
     vm.close()  # stops the running guest, cleans up, detaches
     assert "alive" in guest.console.run("echo alive", timeout=60)
+
+
+def test_stops_that_are_not_hits_are_counted_apart(guest):
+    with Inspector(guest.gdb, guest.qmp, timeout=30) as vm:
+        calls = []
+        vm.probe("__x64_sys_reboot", calls.append)  # never called while the test runs
+        threading.Timer(1.0, vm.client.interrupt).start()  # another stop: a debugger's Ctrl-C
+        result = vm.run(seconds=4)
+    assert (result.hits, result.reason, calls) == (0, "seconds", [])
+    assert result.other_stops == 1
+    assert "alive" in guest.console.run("echo alive", timeout=60)

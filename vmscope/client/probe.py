@@ -275,8 +275,11 @@ class ProbeSet:
 
     # ------------------------------------------------------------ the loop
 
-    def _hit_address(self, stop: StopEvent) -> int | None:
-        """Our probe's address if ``stop`` is a hit of one, else None."""
+    def hit_address(self, stop: StopEvent) -> int | None:
+        """Our probe's address if ``stop`` is a hit of one, else None.
+        QEMU reports every stop as signal 5 (a breakpoint, a step, a
+        debugger's Ctrl-C alike, without ``swbreak``), so the stopped
+        thread's pc is compared with the breakpoints set."""
         if stop.kind not in ("swbreak", "hwbreak") and not (stop.kind == "signal" and stop.signal == SIGTRAP):
             return None
         # After a stop, QEMU, gdbserver and vmscope's stub all make the
@@ -333,7 +336,7 @@ class ProbeSet:
                 if stop.kind in ("exited", "terminated"):
                     reason = "exited"
                     break
-                address = self._hit_address(stop)
+                address = self.hit_address(stop)
                 if address is None:
                     others += 1
                     continue
