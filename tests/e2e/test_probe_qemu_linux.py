@@ -298,3 +298,20 @@ def test_stops_that_are_not_hits_are_counted_apart(guest):
     assert (result.hits, result.reason, calls) == (0, "seconds", [])
     assert result.other_stops == 1
     assert "alive" in guest.console.run("echo alive", timeout=60)
+
+
+def test_vmscope_trace_ends_on_ctrl_c_with_its_summary(guest):
+    guest.console.run("(while :; do head -c1 /etc/passwd >/dev/null; sleep 0.3; done) & echo $! > /tmp/loop.pid")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vmscope", "trace", OPENAT, "--gdb", guest.gdb, "--qmp",
+                                 guest.qmp], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()
+        assert f" {OPENAT}(dfd=-100, filename=" in first, (first, proc.stderr.read() if proc.poll() else "")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        summary = out.splitlines()[-1]
+        assert re.match(r"\d+ hits \(signal\)", summary), out
+        assert_guest_runs(guest)
+    finally:
+        guest.console.run("kill $(cat /tmp/loop.pid)")
