@@ -354,11 +354,15 @@ class ProbeSet:
                     reason = "exited"
                     break
         finally:
-            self._restore_signal_handlers(old_handlers)
+            # Clean up with our handlers still in place: a second Ctrl-C or
+            # SIGTERM now is held (nothing waits), not let loose mid-request.
             try:
                 self._disarm()
             except (StubError, ConnectionLost, StubTimeout, OSError):
                 pass  # the stub is gone or deaf; close() still closes the socket
+            finally:
+                self._restore_signal_handlers(old_handlers)
+        self._raise_pending()  # a signal that came during the last hit or the clean-up
         return RunResult(count, others, time.monotonic() - started, reason)
 
     # ------------------------------------------------------------ signals
