@@ -293,6 +293,8 @@ def test_stops_that_are_not_hits_are_counted_apart(guest):
     with Inspector(guest.gdb, guest.qmp, timeout=30) as vm:
         calls = []
         vm.probe("__x64_sys_reboot", calls.append)  # never called while the test runs
+        with pytest.raises(ValueError, match="__x64_sys_reboot .* already has a probe"):
+            vm.probe(["__x64_sys_sync", "__x64_sys_reboot"], calls.append)
         threading.Timer(1.0, vm.client.interrupt).start()  # another stop: a debugger's Ctrl-C
         result = vm.run(seconds=4)
     assert (result.hits, result.reason, calls) == (0, "seconds", [])

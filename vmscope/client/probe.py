@@ -199,10 +199,6 @@ class RunResult:
     reason: str  # "hits", "seconds", "stopped", "exited"
 
 
-class _Signalled(BaseException):
-    pass
-
-
 class ProbeSet:
     """The probes of one Inspector and the loop that serves them."""
 
@@ -222,7 +218,7 @@ class ProbeSet:
         probe = Probe(names, callback, condition, hardware)
         for name in names:
             address = kernel.address_of(name)  # KeyError names the symbol
-            if address in self.armed or address in probe.addresses:
+            if address in probe.addresses or any(address in p.addresses for p in self.probes):
                 raise ValueError(f"{name} (0x{address:x}) already has a probe")
             probe.addresses[address] = name
         self.probes.append(probe)
