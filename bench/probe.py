@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -92,15 +91,25 @@ def stock_gdb(vm: QemuGuest, commands: list[str]) -> dict:
     path = f"/tmp/vmscope-bench-probe-{os.getpid()}.gdb"
     with open(path, "w") as f:
         f.write(script)
-    proc = subprocess.Popen(["gdb", "-nx", "-batch", "-ex", "set confirm off", "-ex", "set pagination off",
-                             "-ex", f"target remote {vm.gdb}", "-x", path, "-ex", "continue"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    import pexpect
+
+    # On a pty, as a user runs it: through a pipe gdb buffers its output and
+    # the lines (our clock) would arrive in bursts.
+    gdb = pexpect.spawn("gdb", ["-nx", "-batch", "-ex", "set confirm off", "-ex", "set pagination off",
+                                "-ex", f"target remote {vm.gdb}", "-x", path, "-ex", "continue"],
+                        encoding="utf-8", timeout=180)
     times, last = [], ""
-    for line in proc.stdout:
+    while True:
+        try:
+            line = gdb.readline()
+        except pexpect.TIMEOUT:
+            break
+        if not line:
+            break
         if line.startswith("hit "):
             times.append(time.perf_counter())
             last = line.strip()
-    proc.wait(timeout=120)
+    gdb.close()
     os.unlink(path)
     n = len(times)
     rate = (n - 1) / (times[-1] - times[0]) if n > 1 else 0.0
