@@ -66,7 +66,7 @@ class Inspector:
         self._kernel = None
         # A script that ends without close() (an exception outside a with,
         # sys.exit) must still leave the guest running and clean.
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     def _connect(self, gdb: str | None, qmp: str | None, timeout: float) -> None:
         self.client = Client.connect(gdb, timeout=timeout) if gdb else None
@@ -117,7 +117,7 @@ class Inspector:
         if self._closed:
             return
         self._closed = True
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
         try:
             if self._probes is not None and self.client:
                 try:
@@ -133,6 +133,12 @@ class Inspector:
                         self.qmp.command("cont")
                 finally:
                     self.qmp.close()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception:  # the stub may be gone by now; nothing left to clean
+            pass
 
     def __enter__(self):
         return self
