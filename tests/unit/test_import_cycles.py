@@ -19,8 +19,12 @@ ROOT = Path(__file__).resolve().parents[2] / "vmscope"
 ALLOWED = {
     # type-only: drgn-style helpers name the LinuxKernel they are handed
     # (under TYPE_CHECKING); the kernel object imports them to offer them
-    frozenset({"vmscope.vmi.linux.clock", "vmscope.vmi.linux.kernel", "vmscope.vmi.linux.modules",
-               "vmscope.vmi.linux.printk", "vmscope.vmi.linux.tasks"}),
+    frozenset({"vmscope.vmi.linux.clock", "vmscope.vmi.linux.current", "vmscope.vmi.linux.kernel",
+               "vmscope.vmi.linux.modules", "vmscope.vmi.linux.printk", "vmscope.vmi.linux.tasks",
+               "vmscope.vmi.linux.user"}),
+    # type-only: a ProbeSet names the Inspector it serves (under TYPE_CHECKING);
+    # the Inspector makes its ProbeSet on first use
+    frozenset({"vmscope.client.probe", "vmscope.client.session"}),
 }
 
 
