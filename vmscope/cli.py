@@ -130,7 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = MachineConfig(
             arch=args.arch, kernel=args.kernel, initrd=args.initrd, append=args.append or "",
             mem_mib=args.mem, cpus=args.cpus,
-            serial_in=_console_input_fd(),
+            serial_in=_console_input_fd(), boot=args.boot,
         )
         server = None
         try:
@@ -230,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--append", help="kernel command line")
     run.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
+    run.add_argument("--boot", choices=["direct", "decompressor"], default="direct",
+                     help="x86 KVM, bzImage: 'direct' (default) decompresses the kernel on the host (cached), "
+                          "places it with KASLR and enters startup_64; 'decompressor' runs the kernel's own")
     run.add_argument("--gdb", metavar="[HOST:]PORT|unix:PATH",
                      help="serve GDB here and wait for it before the first instruction (host defaults to 127.0.0.1; "
                           "unix:PATH: a Unix socket only its owner can use)")

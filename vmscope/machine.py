@@ -40,6 +40,9 @@ class MachineConfig:
     serial_out: BinaryIO | None = None
     #: file descriptor for serial input (the console), None = no input
     serial_in: int | None = None
+    #: how the x86 KVM back end boots a bzImage: "direct" (decompressed on
+    #: the host, entered at startup_64) or "decompressor" (the kernel's own)
+    boot: str = "direct"
     extra: dict = field(default_factory=dict)
 
 

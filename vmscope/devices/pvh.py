@@ -49,8 +49,11 @@ class BootPlan:
     ``mode`` is ``"pvh32"``: 32-bit protected mode, flat segments, paging
     off, ``ebx = start_info``; or ``"linux32"``: the same, but ``esi =
     start_info`` (the Linux boot protocol's boot_params) and a PC platform
-    around the vCPUs (``vmscope.kvm.boot.linux.attach_platform``).
-    ``all_cpus_at_entry``: every vCPU starts at ``entry`` (vmscope's SMP
+    around the vCPUs (``vmscope.kvm.boot.linux.attach_platform``); or
+    ``"linux64"``: the 64-bit boot protocol, long mode on the identity
+    page tables and GDT at ``long_mode`` (``vmscope.kvm.boot.vmlinux``),
+    ``rsi = start_info``, the same platform; ``kernel`` then says where
+    the VMM placed the decompressed Linux kernel. ``all_cpus_at_entry``: every vCPU starts at ``entry`` (vmscope's SMP
     convention for its demo guests); otherwise only vCPU 0 does and the
     others wait for INIT/SIPI.
     """
@@ -63,6 +66,15 @@ class BootPlan:
     #: initial rsp. PVH defines none, but guests often push before setting
     #: their own stack; Firecracker gives them 0x8ff0 too.
     boot_stack: int = 0x8FF0
+    #: vmscope.kvm.boot.vmlinux.KernelPlacement for "linux64"
+    kernel: object | None = None
+    #: vmscope.kvm.boot.vmlinux.LongMode (page tables, GDT) for "linux64"
+    long_mode: object | None = None
+
+    @property
+    def linux(self) -> bool:
+        """A Linux guest on the PC platform (either entry)."""
+        return self.mode.startswith("linux")
 
 
 def has_pvh_entry(path: Path) -> bool:

@@ -41,7 +41,7 @@ SITE_DIR = "/opt/vmscope/site"
 GUESTS_DIR = "/opt/vmscope/guests"
 DEFAULT_PYTHON = "/usr/bin/python3.11"
 # Distributions the lab carries by default (their requirements come along).
-RUNTIME_DISTS = ("rich", "pyelftools", "capstone", "unicorn", "qemu.qmp")
+RUNTIME_DISTS = ("rich", "pyelftools", "capstone", "unicorn", "qemu.qmp", "lz4")
 L1_MODULES = {
     "amd64": ("irqbypass", "kvm", "kvm_amd", "virtio_pci", "virtio_net"),
     "arm64": ("virtio_pci", "virtio_net"),  # KVM is built into Debian's arm64 kernel

@@ -21,8 +21,19 @@ def _is_bzimage(head: bytes) -> bool:
     return len(head) >= 0x206 and head[0x202:0x206] == b"HdrS"
 
 
-def load_kernel(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None) -> BootPlan:
+#: how a bzImage boots: "direct" (the VMM decompresses, places and relocates
+#: the kernel and enters startup_64: vmscope.kvm.boot.vmlinux) or
+#: "decompressor" (the kernel's own, from its 32-bit entry)
+BOOT_METHODS = ("direct", "decompressor")
+
+
+def load_kernel(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None,
+                boot: str = "direct") -> BootPlan:
     """Load ``path`` into ``mem`` with the loader its format needs.
+
+    ``boot`` chooses how a bzImage boots (:data:`BOOT_METHODS`); "direct"
+    falls back to the decompressor, with a log line, for a payload the host
+    cannot decompress.
 
     Raises :class:`ImageError` naming the file and the problem.
     """
@@ -41,6 +52,14 @@ def load_kernel(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | Non
     if head[:4] == b"\x7fELF":
         return load_pvh(path, mem, cmdline, initrd)
     if _is_bzimage(head):
+        if boot not in BOOT_METHODS:
+            raise ValueError(f"boot must be one of {', '.join(BOOT_METHODS)}, not {boot!r}")
+        if boot == "direct":
+            from vmscope.kvm.boot.vmlinux import load_bzimage_direct
+
+            plan = load_bzimage_direct(path, mem, cmdline, initrd)
+            if plan is not None:
+                return plan
         return load_bzimage(path, mem, cmdline, initrd)
     raise ImageError(
         f"{path}: not an ELF file (starts with {head[:4].hex()}) nor a Linux bzImage; "

@@ -167,23 +167,38 @@ def load_bzimage(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | No
             f"{path}: the kernel needs {need >> 20} MiB above 1 MiB to decompress; "
             f"guest RAM is {mem.size >> 20} MiB: give the VM more memory (--mem)"
         )
+    mem.write(KERNEL_LOAD_ADDR, kernel)
+    write_boot_params(data, hdr, mem, cmdline, initrd, KERNEL_LOAD_ADDR + need, code32_start=KERNEL_LOAD_ADDR)
+    return BootPlan(
+        entry=KERNEL_LOAD_ADDR,
+        start_info=BOOT_PARAMS_ADDR,
+        mode="linux32",
+        segments=[(KERNEL_LOAD_ADDR, len(kernel))],
+    )
+
+
+def write_boot_params(data: bytes, hdr: BzImageHeader, mem: GuestRam, cmdline: str, initrd: Path | None,
+                      kernel_end: int, code32_start: int = 0, loadflags: int = 0) -> tuple[int, int] | None:
+    """Write the command line, the initrd and ``boot_params`` (the setup
+    header copied from the image, an e820 map) into ``mem``; the initrd
+    goes at the top of RAM, above ``kernel_end``. ``loadflags`` are added
+    to the image's. Returns the initrd's (address, size), None without one."""
     cmdline = cmdline.strip() or DEFAULT_CMDLINE
     raw_cmdline = cmdline.encode() + b"\0"
     limit = min(CMDLINE_MAX, hdr.cmdline_size + 1 if hdr.cmdline_size else CMDLINE_MAX)
     if len(raw_cmdline) > limit:
         raise ImageError(f"command line is {len(raw_cmdline) - 1} bytes; this kernel takes at most {limit - 1}")
-
-    mem.write(KERNEL_LOAD_ADDR, kernel)
     mem.write(CMDLINE_ADDR, raw_cmdline)
 
     bp = bytearray(PAGE)
     bp[BP_SETUP_HEADER : hdr.header_end] = data[BP_SETUP_HEADER : hdr.header_end]
     bp[HDR_TYPE_OF_LOADER] = LOADER_UNDEFINED
-    bp[HDR_LOADFLAGS] = (hdr.loadflags | CAN_USE_HEAP) & 0xFF
+    bp[HDR_LOADFLAGS] = (hdr.loadflags | CAN_USE_HEAP | loadflags) & 0xFF
     struct.pack_into("<H", bp, HDR_HEAP_END_PTR, 0xFE00)
-    struct.pack_into("<I", bp, HDR_CODE32_START, KERNEL_LOAD_ADDR)
+    struct.pack_into("<I", bp, HDR_CODE32_START, code32_start)
     struct.pack_into("<I", bp, HDR_CMD_LINE_PTR, CMDLINE_ADDR)
 
+    placed = None
     if initrd is not None:
         try:
             blob = Path(initrd).read_bytes()
@@ -191,23 +206,18 @@ def load_bzimage(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | No
             raise ImageError(f"{initrd}: cannot read initrd: {e.strerror}") from None
         ceiling = min(mem.size, (hdr.initrd_addr_max or 0x37FFFFFF) + 1)
         addr = (ceiling - len(blob)) & ~(PAGE - 1)
-        if addr < KERNEL_LOAD_ADDR + need:
+        if addr < kernel_end:
             raise ImageError(f"{initrd}: initrd of {len(blob) >> 20} MiB does not fit above the kernel in {mem.size >> 20} MiB of guest RAM (--mem)")
         mem.write(addr, blob)
         struct.pack_into("<II", bp, HDR_RAMDISK_IMAGE, addr, len(blob))
+        placed = (addr, len(blob))
 
     entries = e820_map(mem.size)
     bp[BP_E820_ENTRIES] = len(entries)
-    for i, (addr, size, kind) in enumerate(entries):
-        struct.pack_into("<QQI", bp, BP_E820_TABLE + 20 * i, addr, size, kind)
-
+    for i, (start, size, kind) in enumerate(entries):
+        struct.pack_into("<QQI", bp, BP_E820_TABLE + 20 * i, start, size, kind)
     mem.write(BOOT_PARAMS_ADDR, bytes(bp))
-    return BootPlan(
-        entry=KERNEL_LOAD_ADDR,
-        start_info=BOOT_PARAMS_ADDR,
-        mode="linux32",
-        segments=[(KERNEL_LOAD_ADDR, len(kernel))],
-    )
+    return placed
 
 
 KVM_CAP_TSC_DEADLINE_TIMER = 72

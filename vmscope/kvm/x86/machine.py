@@ -37,6 +37,9 @@ from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
 __all__ = ["KICK_SIGNAL", "KVM_DEVICE", "KvmMachine", "open_kvm"]
 
 TSS_ADDR = 0xFFFBD000
+CR0_PE, CR0_ET, CR0_NE, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 31
+CR4_PAE = 1 << 5
+EFER_LME, EFER_LMA = 1 << 8, 1 << 10
 
 
 class KvmMachine(X86Exits, RunControl):
@@ -100,11 +103,11 @@ class KvmMachine(X86Exits, RunControl):
         if kernel is None:
             kernel = _demo_guest()
         self.kernel_path = kernel
-        self.plan: BootPlan = load_kernel(kernel, self.mem, config.append, config.initrd)
+        self.plan: BootPlan = load_kernel(kernel, self.mem, config.append, config.initrd, config.boot)
 
         self.bus = PortBus()
         out = config.serial_out if config.serial_out is not None else sys.stdout.buffer
-        if self.plan.mode == "linux32":
+        if self.plan.linux:
             from vmscope.kvm.boot.linux import attach_platform
 
             attach_platform(self, out)  # irqchip + PIT (before the vCPUs), COM1 on IRQ 4, RTC, ACPI
@@ -116,7 +119,7 @@ class KvmMachine(X86Exits, RunControl):
 
         mmap_size = ioctl(kvm, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         cpuid = self._supported_cpuid()
-        if cpuid is not None and self.plan.mode == "linux32":
+        if cpuid is not None and self.plan.linux:
             from vmscope.kvm.boot.linux import tune_cpuid
 
             tune_cpuid(self.kvm_fd, cpuid)  # hypervisor bit (kvmclock, PV features), TSC-deadline timer
@@ -130,7 +133,7 @@ class KvmMachine(X86Exits, RunControl):
                 except OSError:
                     pass
         self._coalesce_console(mmap_size)
-        if self.plan.mode == "linux32":  # test guests may loop on a port on purpose (exit benchmarks)
+        if self.plan.linux:  # test guests may loop on a port on purpose (exit benchmarks)
             from vmscope.kvm.devices.storm import ExitStormDetector
 
             self._storm = ExitStormDetector(config.cpus)
@@ -161,9 +164,16 @@ class KvmMachine(X86Exits, RunControl):
         _set_seg(s.tr, dict(base=0, limit=0x67, selector=0x20, type=0xB, present=1, dpl=0, db=0, s=0, l=0, g=0))
         s.cr0 = 0x11  # PE | ET: protected mode, paging off
         s.cr3 = s.cr4 = s.efer = 0
+        if plan.mode == "linux64":  # long mode on the VMM's identity map (vmscope.kvm.boot.vmlinux)
+            lm = plan.long_mode
+            _set_seg(s.cs, dict(flat_code, db=0, l=1))
+            s.gdt.base, s.gdt.limit = lm.gdt_base, lm.gdt_limit
+            s.cr3, s.cr4 = lm.cr3, CR4_PAE
+            s.efer = EFER_LME | EFER_LMA
+            s.cr0 = CR0_PE | CR0_ET | CR0_NE | CR0_PG
         v.set_sregs(s)
         r = abi.KvmRegs(rip=plan.entry, rbx=plan.start_info, rsp=plan.boot_stack, rflags=0x2)
-        if plan.mode == "linux32":  # the Linux boot protocol: esi = boot_params, ebx = 0
+        if plan.linux:  # the Linux boot protocol: esi = boot_params, ebx = 0
             r.rsi, r.rbx = plan.start_info, 0
         v.set_regs(r)
 
@@ -175,7 +185,7 @@ class KvmMachine(X86Exits, RunControl):
             if v.index == 0 or self.plan.all_cpus_at_entry:
                 self._setup_vcpu_state(v, self.plan)
                 slot.online = True
-            elif self.plan.mode == "linux32":
+            elif self.plan.linux:
                 slot.online = True  # in KVM_RUN, waiting in the kernel for the guest's INIT/SIPI
         if self.config.serial_in is not None:
             from vmscope.devices.console import ConsoleInput
