@@ -30,15 +30,16 @@ from __future__ import annotations
 
 import logging
 import mmap
+import os
 import random
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmscope.devices.pvh import BootPlan
-from vmscope.devices.ram import GuestRam
+from vmscope.kvm.boot.common import BootPlan
 from vmscope.kvm.boot.linux import BOOT_PARAMS_ADDR, parse_header, write_boot_params
+from vmscope.kvm.memory import GuestMemory
 from vmscope.machine import ImageError
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ ALIGN = 0x20_0000  # CONFIG_PHYSICAL_ALIGN: KASLR's slots, startup_64's requirem
 KERNEL_IMAGE_SIZE = 1 << 30  # the kernel image area with KASLR (arch/x86/include/asm/page_64_types.h)
 KASLR_FLAG = 1 << 1  # boot_params.hdr.loadflags: the loader randomized the kernel
 PT_LOAD = 1
+HEAD_BYTES = 64 << 10  # the setup header and more: what the loader reads of the bzImage at each boot
 
 # long-mode set-up, where Firecracker puts it (below boot_params' 0x7000 and the 0x8ff0 stack)
 GDT_ADDR = 0x500
@@ -132,7 +134,7 @@ def choose_placement(rng: random.Random, mem_size: int, needed: int, load_phys: 
     return rng.choice(slots), load_phys + rng.randrange(max(1, virt_slots)) * ALIGN
 
 
-def write_long_mode(mem: GuestRam) -> LongMode:
+def write_long_mode(mem: GuestMemory) -> LongMode:
     """Identity-mapped page tables for the first 4 GiB (2 MiB pages) and a
     GDT with the boot protocol's segments."""
     present_rw, huge = 0x3, 0x80
@@ -145,20 +147,21 @@ def write_long_mode(mem: GuestRam) -> LongMode:
     return LongMode()
 
 
-def load_vmlinux(path: Path, image: bytes, mem: GuestRam, cmdline: str = "", initrd: Path | None = None,
+def load_vmlinux(path: Path, head: bytes, mem: GuestMemory, cmdline: str = "", initrd: Path | None = None,
                  rng: random.Random | None = None) -> BootPlan:
-    """Boot ``image`` (a bzImage's bytes) by its decompressed kernel: see
-    the module's docstring. Raises :class:`~vmscope.kvm.boot.payload.PayloadUnsupported`
-    when the payload cannot be decompressed here."""
+    """Boot the bzImage at ``path`` (``head``: its first bytes, the setup
+    header) by its decompressed kernel: see the module's docstring. Raises
+    :class:`~vmscope.kvm.boot.payload.PayloadUnsupported` when the payload
+    cannot be decompressed here."""
     from vmscope.kvm.boot.payload import cached_vmlinux
     from vmscope.kvm.boot.relocs import apply_relocs, parse_relocs
 
     t0 = time.monotonic()
-    hdr = parse_header(image, path)
-    elf_path, relocs_path, cached = cached_vmlinux(path, image)
+    hdr = parse_header(head, path)
+    elf_path, relocs_path, cached = cached_vmlinux(path)
     t1 = time.monotonic()
-    with open(elf_path, "rb") as f:
-        elf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    elf_file = open(elf_path, "rb")
+    elf = mmap.mmap(elf_file.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         entry, segs = parse_elf(elf)
         load_phys = min(s.paddr for s in segs)
@@ -171,28 +174,28 @@ def load_vmlinux(path: Path, image: bytes, mem: GuestRam, cmdline: str = "", ini
             raise ImageError(f"{path}: the kernel needs {(load_phys + needed) >> 20} MiB of guest RAM; "
                              f"there are {mem.size >> 20} MiB (--mem)")
         flags = KASLR_FLAG if randomize and len(table) else 0
-        initrd_at = write_boot_params(image, hdr, mem, cmdline, initrd, load_phys + needed, loadflags=flags)
+        initrd_at = write_boot_params(head, hdr, mem, cmdline, initrd, load_phys + needed, loadflags=flags)
         phys, virt = choose_placement(rng or random.SystemRandom(), mem.size, needed, load_phys,
                                       [initrd_at] if initrd_at else [], randomize)
         if not len(table) or not hdr.relocatable:
             virt = load_phys  # no relocation table: the virtual address is the linked one
         if not hdr.relocatable:
             phys = load_phys
-        with memoryview(elf) as src:
-            for s in segs:
-                at = phys + (s.paddr - load_phys)
-                mem.write(at, src[s.offset : s.offset + s.filesz])
+        for s in segs:
+            copy_to_ram(mem, phys + (s.paddr - load_phys), elf_file.fileno(), elf, s.offset, s.filesz)
         text_vaddr = _text_vaddr(elf, segs, load_phys)
         start_map = text_vaddr - load_phys  # __START_KERNEL_map
         delta = virt - load_phys
+        populate(mem, phys, total)
         t2 = time.monotonic()
-        image_view = mem.view[phys - mem.base : phys - mem.base + (total & ~7)]
+        image_view = mem.view[phys : phys + (total & ~7)]
         try:
-            apply_relocs(image_view, table, text_vaddr, delta)
+            apply_relocs(image_view, table, text_vaddr, delta, mem.host_addr + phys)
         finally:
             image_view.release()
     finally:
         elf.close()
+        elf_file.close()
     t3 = time.monotonic()
     if entry >= start_map:  # a virtual e_entry: make it physical
         entry -= start_map
@@ -211,6 +214,45 @@ def load_vmlinux(path: Path, image: bytes, mem: GuestRam, cmdline: str = "", ini
     )
 
 
+def copy_to_ram(mem: GuestMemory, at: int, fd: int, src: mmap.mmap, offset: int, size: int) -> None:
+    """Copy ``size`` bytes of the file ``fd`` (mapped at ``src``) into guest RAM at
+    ``at``: by ``sendfile`` into the RAM's memfd, where the kernel copies
+    page-cache pages without a page fault per page in this process (in the
+    nested lab the faults of a 48 MB copy cost seconds); through the
+    mapping where that is refused."""
+    mem._check(at, size)
+    done = 0
+    try:
+        os.lseek(mem.fd, at, os.SEEK_SET)
+        while done < size:
+            n = os.sendfile(mem.fd, fd, offset + done, size - done)
+            if n <= 0:
+                break
+            done += n
+    except OSError:
+        pass
+    if done < size:
+        with memoryview(src) as view:
+            mem.write(at + done, view[offset + done : offset + size])
+
+
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
+
+
+def populate(mem: GuestMemory, at: int, size: int) -> None:
+    """Map guest RAM ``[at, at+size)`` into this process in one system call
+    before the relocations write all over it: in the nested lab each page
+    fault is an emulated exception, and the image is 12,000 pages."""
+    mapping = getattr(mem, "_map", None)
+    if mapping is None:
+        return
+    start = at & ~(mmap.PAGESIZE - 1)
+    try:
+        mapping.madvise(MADV_POPULATE_WRITE, start, min(mem.size, at + size) - start)
+    except (OSError, ValueError):
+        pass  # an older kernel: the writes fault the pages in
+
+
 def _text_vaddr(elf, segs: list[Segment], load_phys: int) -> int:
     """The linked virtual address of the first segment (_text)."""
     entry_off = struct.unpack_from("<Q", elf, 0x20)[0]
@@ -222,18 +264,19 @@ def _text_vaddr(elf, segs: list[Segment], load_phys: int) -> int:
     raise ImageError("the decompressed kernel has no segment at its lowest physical address")
 
 
-def load_bzimage_direct(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None) -> BootPlan | None:
+def load_bzimage_direct(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | None = None) -> BootPlan | None:
     """The fast path for :func:`vmscope.kvm.boot.load_kernel`: the plan, or
     None (with a log line saying why) when the kernel's own decompressor
     has to run instead."""
     from vmscope.kvm.boot.payload import PayloadUnsupported
 
     try:
-        image = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
     except OSError as e:
         raise ImageError(f"{path}: cannot read: {e.strerror}") from None
     try:
-        return load_vmlinux(path, image, mem, cmdline, initrd)
+        return load_vmlinux(path, head, mem, cmdline, initrd)
     except PayloadUnsupported as e:
         log.info("%s: booting through the kernel's own decompressor: %s", path, e)
         return None
