@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import platform
+import os
 
 _HEAD = bytes.fromhex(
     "4885d2"  # test rdx, rdx          ; n == 0?
@@ -82,7 +82,7 @@ def native_loops() -> dict[str, object] | None:
     if _loops is not None:
         return _loops or None
     _loops = {}
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if os.uname().machine != "x86_64":
         return None
     try:
         page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import random
 import struct
 import time
 from dataclasses import dataclass
@@ -114,7 +113,13 @@ def nokaslr(cmdline: str) -> bool:
     return "nokaslr" in cmdline.split()
 
 
-def choose_placement(rng: random.Random, mem_size: int, needed: int, load_phys: int, avoid: list[tuple[int, int]],
+def random_below(n: int) -> int:
+    """A random integer in [0, n) from the kernel's entropy pool (the
+    decompressor takes RDRAND/RDTSC; ``random`` costs an import)."""
+    return int.from_bytes(os.urandom(8), "little") % n
+
+
+def choose_placement(randbelow, mem_size: int, needed: int, load_phys: int, avoid: list[tuple[int, int]],
                      randomize: bool) -> tuple[int, int]:
     """(physical address, virtual offset) for the kernel, as kaslr.c's
     ``find_random_phys_addr`` and ``find_random_virt_addr`` pick them: a
@@ -131,7 +136,7 @@ def choose_placement(rng: random.Random, mem_size: int, needed: int, load_phys: 
     if not slots:
         raise ImageError(f"no room for the {needed >> 20} MiB kernel in {mem_size >> 20} MiB of guest RAM (--mem)")
     virt_slots = (KERNEL_IMAGE_SIZE - load_phys - needed) // ALIGN + 1
-    return rng.choice(slots), load_phys + rng.randrange(max(1, virt_slots)) * ALIGN
+    return slots[randbelow(len(slots))], load_phys + randbelow(max(1, virt_slots)) * ALIGN
 
 
 def write_long_mode(mem: GuestMemory) -> LongMode:
@@ -148,7 +153,7 @@ def write_long_mode(mem: GuestMemory) -> LongMode:
 
 
 def load_vmlinux(path: Path, head: bytes, mem: GuestMemory, cmdline: str = "", initrd: Path | None = None,
-                 rng: random.Random | None = None) -> BootPlan:
+                 randbelow=random_below) -> BootPlan:
     """Boot the bzImage at ``path`` (``head``: its first bytes, the setup
     header) by its decompressed kernel: see the module's docstring. Raises
     :class:`~vmscope.kvm.boot.payload.PayloadUnsupported` when the payload
@@ -175,7 +180,7 @@ def load_vmlinux(path: Path, head: bytes, mem: GuestMemory, cmdline: str = "", i
                              f"there are {mem.size >> 20} MiB (--mem)")
         flags = KASLR_FLAG if randomize and len(table) else 0
         initrd_at = write_boot_params(head, hdr, mem, cmdline, initrd, load_phys + needed, loadflags=flags)
-        phys, virt = choose_placement(rng or random.SystemRandom(), mem.size, needed, load_phys,
+        phys, virt = choose_placement(randbelow, mem.size, needed, load_phys,
                                       [initrd_at] if initrd_at else [], randomize)
         if not len(table) or not hdr.relocatable:
             virt = load_phys  # no relocation table: the virtual address is the linked one

@@ -153,6 +153,24 @@ class LinuxSupport:
                 self._symbol_build = SymbolBuild(self.mem.read, loc)
         return True
 
+    def _placement(self):
+        """Where the VMM put the kernel (direct boot: vmscope.kvm.boot.vmlinux), or None."""
+        plan = getattr(self.m, "plan", None)
+        return getattr(plan, "kernel", None)
+
+    def start_known_kernel_symbols(self) -> bool:
+        """With a directly booted kernel the VMM placed and relocated it, so
+        its kallsyms are final before its first instruction: start the
+        symbol build at once (at the debugger's first stop), and
+        ``add-symbol-file target:/vmscope/kallsyms.elf`` works there."""
+        loc = self._placement()
+        if loc is None:
+            return False
+        with self._lock:
+            if self._symbol_build is None and self._kernel_image is None:
+                self._symbol_build = SymbolBuild(self.mem.read, loc)
+        return True
+
     # --- the kernel-entry stop ---------------------------------------------------------------
 
     def arm_kernel_entry(self) -> str:
@@ -192,6 +210,8 @@ class LinuxSupport:
         other vCPUs' registers would wait for their KVM_RUN to return (an AP
         waiting for its SIPI never does)."""
         if not self._entry_stop_pending:
+            if self.watching_for_kernel and self.start_known_kernel_symbols():
+                return
             if self.watching_for_kernel:  # attached while the kernel already ran: start the build now
                 for slot in self.m.vcpus:
                     if slot.online and slot.vcpu.regs().rip >= KERNEL_HALF and self._start_symbol_build(slot.vcpu):
@@ -220,6 +240,17 @@ class LinuxSupport:
     def _find_kernel_image(self) -> KernelImage:
         from vmscope.vmi.errors import VmiError
 
+        loc = self._placement()
+        if loc is not None:  # placed by the VMM: decode from physical memory
+            from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
+            from vmscope.vmi.linux.symcache import BUILD_CACHE
+
+            try:
+                syms = scan_for_kallsyms(self.mem.read, loc.phys_text, loc.phys_text + (loc.end - loc.text),
+                                         cache=BUILD_CACHE)
+            except (VmiError, IndexError) as e:
+                raise TargetError(f"no kallsyms in the kernel placed at physical {loc.phys_text:#x}: {e}") from None
+            return self._image_from(syms, loc.phys_text, loc.text)
         trap = self._entry_trap
         if trap is not None and trap.caught is not None and not self._kernel_paging_on():
             from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
@@ -292,7 +323,11 @@ class LinuxSupport:
 
     def kernel_image_page(self, vpage: int) -> int | None:
         """Physical page of a kernel-image address while no vCPU maps it
-        yet (stopped at the kernel's entry): the image is contiguous."""
+        yet (stopped at the kernel's entry): the image is contiguous. A
+        kernel the VMM placed is known from its first instruction."""
+        loc = self._placement()
+        if loc is not None and vpage >= KERNEL_HALF:
+            return loc.phys_text + (vpage - loc.text) if loc.text <= vpage < loc.end else None
         trap = self._entry_trap
         if vpage < KERNEL_HALF or trap is None or trap.caught is None:
             return None

@@ -213,6 +213,7 @@ class KvmTarget(
 
     def initial_stop(self) -> StopEvent:
         self.attached = True
+        self.start_known_kernel_symbols()  # a directly booted kernel: symbols from the first stop
         return StopEvent("signal", tid=1, signal=SIGTRAP)
 
     def stop(self, timeout: float = 10.0) -> StopEvent | None:
