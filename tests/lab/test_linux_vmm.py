@@ -306,8 +306,10 @@ def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
     """gdb attaches at the first instruction (the bzImage's decompressor,
     KASLR not yet decided), asks to stop where the decompressed kernel
     starts, loads the kernel's symbols from the stub (kallsyms as an ELF on
-    a target: path), and `hbreak start_kernel` then hits with KASLR on."""
-    with lab.spawn(vm_command(cpus=2, extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
+    a target: path), and `hbreak start_kernel` then hits with KASLR on.
+    (The kernel's own decompressor: `--boot decompressor`; the direct boot
+    has its symbols at the first instruction, tested below.)"""
+    with lab.spawn(vm_command(cpus=2, extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT} --boot decompressor")) as vm:
         expect(vm, "waiting for gdb", 120)
         with host_gdb(vm) as gdb:
             connect(gdb, lab)
@@ -342,6 +344,60 @@ def test_hbreak_start_kernel_before_boot_with_kaslr(lab):
             assert "start_kernel" in gdb.cmd("info symbol $pc")
             late = gdb.cmd("monitor kernel-entry")
             assert "already runs" in late, late  # not armed for an entry that will not come again
+            gdb.cmd("delete")
+            gdb.cmd("detach")
+        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        vm.write("poweroff -f\n")
+        result = vm.wait(120)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("boot", ["direct", "decompressor"])
+def test_both_boot_methods_boot_the_shell(lab, boot):
+    """The direct boot (the default: kernel decompressed on the host,
+    placed with KASLR, entered at startup_64) and the kernel's own
+    decompressor both reach the shell; -v says which ran."""
+    with lab.spawn(vm_command(extra=f"--boot {boot} -v", pty=False)) as vm:
+        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        vm.write("echo sum-$((40+2))\n")
+        expect(vm, "sum-42", 60)
+        vm.write("poweroff -f\n")
+        result = vm.wait(120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    placed = re.search(r"vmlinux: \S+ \((cached|decompressed now).*_text at physical (0x[0-9a-f]+), "
+                       r"virtual (0x[0-9a-f]+)", result.stderr)
+    if boot == "direct":
+        assert placed, result.stderr[-3000:]
+        assert int(placed.group(3), 16) != 0xFFFFFFFF81000000, "KASLR should move the kernel"
+    else:
+        assert placed is None, result.stderr[-3000:]
+
+
+def test_direct_boot_has_kernel_symbols_at_the_first_instruction(lab):
+    """With the direct boot the VMM placed and relocated the kernel, so at
+    the very first stop gdb is at startup_64 (physical, KASLR applied), the
+    stub serves kallsyms at their slid addresses, and `hbreak start_kernel`
+    set there hits: no `monitor kernel-entry` needed."""
+    with lab.spawn(vm_command(cpus=2, extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
+        expect(vm, "waiting for gdb", 120)
+        with host_gdb(vm) as gdb:
+            connect(gdb, lab)
+            info = gdb.cmd("monitor symbols", timeout=120)
+            m = re.search(r"(\d+) kernel symbols .*_text (0x[0-9a-f]+) \(KASLR slide (-?0x[0-9a-f]+)\), "
+                          r"physical (0x[0-9a-f]+)", info)
+            assert m and int(m.group(1)) > 50_000, info
+            text, phys_text = int(m.group(2), 16), int(m.group(4), 16)
+            assert text != 0xFFFFFFFF81000000, "KASLR should move the kernel"
+            assert gdb.value("$pc") == phys_text, "the first instruction is startup_64, at _text, physical"
+            loaded = gdb.cmd("add-symbol-file target:/vmscope/kallsyms.elf", timeout=120)
+            assert "Reading symbols" in loaded and "rror" not in loaded, loaded
+            assert gdb.value("(long)&startup_64") & (2**64 - 1) == text
+            banner = gdb.cmd("x/s &linux_banner")
+            assert "Linux version 6." in banner, banner
+            gdb.cmd("hbreak start_kernel")
+            resume(gdb)
+            stop = gdb.wait_prompt(300)
+            assert re.search(r"[Bb]reakpoint 1, 0x[0-9a-f]+ in start_kernel \(\)", stop), gdb.transcript()
             gdb.cmd("delete")
             gdb.cmd("detach")
         expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)

@@ -179,6 +179,14 @@ class KvmMachine(X86Exits, RunControl):
 
     # --- Machine protocol -------------------------------------------------------
 
+    def debug_target(self) -> KvmTarget:
+        """The stub's target. A debugger will attach: when the VMM placed the
+        kernel itself (direct boot), its symbols are built from now on, in
+        the background, so they are ready by gdb's first request (GDB gives
+        a reply 2 s)."""
+        self.target.start_known_kernel_symbols()
+        return self.target
+
     def start(self, paused: bool = False) -> None:
         for slot in self.vcpus:
             v = slot.vcpu
