@@ -19,7 +19,7 @@ from vmscope.kvm.boot import payload as pl
 from vmscope.kvm.boot import vmlinux as vl
 from vmscope.kvm.boot.linux import BOOT_PARAMS_ADDR, HDR_LOADFLAGS, HDR_RAMDISK_IMAGE
 from vmscope.kvm.boot.relocs import RelocTable, apply_relocs, elf_extent, parse_relocs, split_relocs
-from vmscope.kvm.memory import GuestMemory
+from vmscope.devices.ram import GuestRam
 
 MiB = 1 << 20
 LINK_TEXT = 0xFFFFFFFF81000000
@@ -164,7 +164,7 @@ def test_machine_code_is_the_documented_loops():
 def _boot(bzimage, tmp_path, cmdline="console=ttyS0", pick=None, mem_mib=512):
     initrd = tmp_path / "initrd"
     initrd.write_bytes(b"\x07" * (3 * MiB))
-    mem = GuestMemory(mem_mib * MiB)
+    mem = GuestRam(0, mem_mib * MiB)
     plan = vl.load_vmlinux(bzimage, bzimage.read_bytes()[: vl.HEAD_BYTES], mem, cmdline, initrd,
                            randbelow=pick or vl.random_below)
     return mem, plan
@@ -230,7 +230,7 @@ def test_unknown_compression_falls_back_to_the_decompressor_and_says_why(bzimage
     data[setup + off : setup + off + 4] = b"\x89LZO"
     odd = tmp_path / "vmlinuz-lzo"
     odd.write_bytes(bytes(data))
-    mem = GuestMemory(512 * MiB)
+    mem = GuestRam(0, 512 * MiB)
     try:
         with caplog.at_level(logging.INFO, logger="vmscope.kvm.boot.vmlinux"):
             plan = load_kernel(odd, mem, "console=ttyS0")

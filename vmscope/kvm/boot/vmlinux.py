@@ -36,9 +36,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmscope.kvm.boot.common import BootPlan
+from vmscope.devices.pvh import BootPlan
+from vmscope.devices.ram import GuestRam
 from vmscope.kvm.boot.linux import BOOT_PARAMS_ADDR, parse_header, write_boot_params
-from vmscope.kvm.memory import GuestMemory
 from vmscope.machine import ImageError
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def choose_placement(randbelow, mem_size: int, needed: int, load_phys: int, avoi
     return slots[randbelow(len(slots))], load_phys + randbelow(max(1, virt_slots)) * ALIGN
 
 
-def write_long_mode(mem: GuestMemory) -> LongMode:
+def write_long_mode(mem: GuestRam) -> LongMode:
     """Identity-mapped page tables for the first 4 GiB (2 MiB pages) and a
     GDT with the boot protocol's segments."""
     present_rw, huge = 0x3, 0x80
@@ -152,7 +152,7 @@ def write_long_mode(mem: GuestMemory) -> LongMode:
     return LongMode()
 
 
-def load_vmlinux(path: Path, head: bytes, mem: GuestMemory, cmdline: str = "", initrd: Path | None = None,
+def load_vmlinux(path: Path, head: bytes, mem: GuestRam, cmdline: str = "", initrd: Path | None = None,
                  randbelow=random_below) -> BootPlan:
     """Boot the bzImage at ``path`` (``head``: its first bytes, the setup
     header) by its decompressed kernel: see the module's docstring. Raises
@@ -193,9 +193,9 @@ def load_vmlinux(path: Path, head: bytes, mem: GuestMemory, cmdline: str = "", i
         delta = virt - load_phys
         populate(mem, phys, total)
         t2 = time.monotonic()
-        image_view = mem.view[phys : phys + (total & ~7)]
+        image_view = mem.view[phys - mem.base : phys - mem.base + (total & ~7)]
         try:
-            apply_relocs(image_view, table, text_vaddr, delta, mem.host_addr + phys)
+            apply_relocs(image_view, table, text_vaddr, delta, mem.host_address + phys - mem.base)
         finally:
             image_view.release()
     finally:
@@ -219,7 +219,7 @@ def load_vmlinux(path: Path, head: bytes, mem: GuestMemory, cmdline: str = "", i
     )
 
 
-def copy_to_ram(mem: GuestMemory, at: int, fd: int, src: mmap.mmap, offset: int, size: int) -> None:
+def copy_to_ram(mem: GuestRam, at: int, fd: int, src: mmap.mmap, offset: int, size: int) -> None:
     """Copy ``size`` bytes of the file ``fd`` (mapped at ``src``) into guest RAM at
     ``at``: by ``sendfile`` into the RAM's memfd, where the kernel copies
     page-cache pages without a page fault per page in this process (in the
@@ -228,7 +228,7 @@ def copy_to_ram(mem: GuestMemory, at: int, fd: int, src: mmap.mmap, offset: int,
     mem._check(at, size)
     done = 0
     try:
-        os.lseek(mem.fd, at, os.SEEK_SET)
+        os.lseek(mem.fd, at - mem.base, os.SEEK_SET)
         while done < size:
             n = os.sendfile(mem.fd, fd, offset + done, size - done)
             if n <= 0:
@@ -244,16 +244,16 @@ def copy_to_ram(mem: GuestMemory, at: int, fd: int, src: mmap.mmap, offset: int,
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux 5.14
 
 
-def populate(mem: GuestMemory, at: int, size: int) -> None:
+def populate(mem: GuestRam, at: int, size: int) -> None:
     """Map guest RAM ``[at, at+size)`` into this process in one system call
     before the relocations write all over it: in the nested lab each page
     fault is an emulated exception, and the image is 12,000 pages."""
     mapping = getattr(mem, "_map", None)
     if mapping is None:
         return
-    start = at & ~(mmap.PAGESIZE - 1)
+    start = (at - mem.base) & ~(mmap.PAGESIZE - 1)
     try:
-        mapping.madvise(MADV_POPULATE_WRITE, start, min(mem.size, at + size) - start)
+        mapping.madvise(MADV_POPULATE_WRITE, start, min(mem.size, at - mem.base + size) - start)
     except (OSError, ValueError):
         pass  # an older kernel: the writes fault the pages in
 
@@ -269,7 +269,7 @@ def _text_vaddr(elf, segs: list[Segment], load_phys: int) -> int:
     raise ImageError("the decompressed kernel has no segment at its lowest physical address")
 
 
-def load_bzimage_direct(path: Path, mem: GuestMemory, cmdline: str = "", initrd: Path | None = None) -> BootPlan | None:
+def load_bzimage_direct(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None) -> BootPlan | None:
     """The fast path for :func:`vmscope.kvm.boot.load_kernel`: the plan, or
     None (with a log line saying why) when the kernel's own decompressor
     has to run instead."""
