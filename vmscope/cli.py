@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import logging
 import os
-import platform
 import sys
 import threading
 from pathlib import Path
@@ -70,7 +69,7 @@ def _err(message: str) -> None:
 
 
 def _host_arch() -> str:
-    m = platform.machine()
+    m = os.uname().machine  # not platform.machine(): the platform module costs an import at every start
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 

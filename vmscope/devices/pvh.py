@@ -22,9 +22,6 @@ import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.common.exceptions import ELFError
-
-from vmscope.devices.elf import check_file_ranges, load_segments, notes, open_elf
 from vmscope.devices.ram import PAGE, GuestRam
 from vmscope.machine import ImageError
 
@@ -80,6 +77,10 @@ class BootPlan:
 def has_pvh_entry(path: Path) -> bool:
     """Whether ``path`` is an ELF with a PVH entry note (a cheap look at
     the notes; an unreadable or malformed file answers False)."""
+    from elftools.common.exceptions import ELFError  # pyelftools only when an ELF is read: 0.1 s of start-up
+
+    from vmscope.devices.elf import notes, open_elf
+
     try:
         _, elf = open_elf(path)
         return any(name == "Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY for name, ntype, _ in notes(elf))
@@ -109,6 +110,10 @@ class HvmModlistEntry(ctypes.Structure):
 
 def load_pvh(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None) -> BootPlan:
     """Load a PVH ELF into ``mem`` (based at 0) and write its start info."""
+    from elftools.common.exceptions import ELFError  # imported here: a bzImage boot never needs pyelftools
+
+    from vmscope.devices.elf import check_file_ranges, load_segments, notes, open_elf
+
     data, elf = open_elf(path)
     try:
         if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
