@@ -159,7 +159,12 @@ class X86Registers:
                 state = _FETCH[group](v)
                 for access in by_group[group]:
                     access.put(state, values[access.reg.name])
-                store(v, state)
+                try:
+                    store(v, state)
+                except OSError as e:  # KVM refuses a state no CPU can be in (e.g. CR0.PG without PE)
+                    names = ", ".join(a.reg.name for a in by_group[group])
+                    raise TargetError(f"KVM refused these values of {names}: {e.strerror or e}", errno.EINVAL) \
+                        from None
         msrs = {a.msr: values[a.reg.name] for a in by_group.get("msr", ())}
         if msrs:
             too_wide = [a.reg.name for a in by_group["msr"] if values[a.reg.name] >> a.reg.bitsize]
