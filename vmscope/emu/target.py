@@ -19,27 +19,8 @@ after the halt in the next one, as if woken (spurious wake-ups are
 architectural for wfi/wfe; with no interrupt controller nothing else would
 ever wake it). When every CPU is halted the runner sleeps between rounds.
 
-Breakpoints and watchpoints:
-
-- software breakpoints patch ``BRK #0`` / ``INT3`` into guest RAM (memory
-  reads show the original bytes, as gdbserver does). A breakpoint
-  instruction that is not ours is the guest's own: it is delivered to the
-  guest's handler (x86 IDT vector 3, arm64 VBAR_EL1 synchronous vector),
-  which Unicorn does not do itself, or, when the guest has no handler,
-  reported to GDB as SIGTRAP. Other guest exceptions are reported as SIGILL
-  (undefined instruction) or SIGSEGV, not delivered.
-- hardware breakpoints are Unicorn code hooks on one address; they stop
-  before the instruction runs. Resuming from one runs its instruction once
-  (like x86's RF flag). There is no slot limit.
-- watchpoints are memory hooks on the physical pages the watched range maps
-  to when set (Unicorn hooks see physical addresses); any number, any
-  length. Unicorn calls a
-  write hook before the store, and stopping from the hook leaves the store
-  done but the instruction unfinished (pc on it, register write-back not
-  done: measured). So the target puts the old bytes back and re-executes
-  that one instruction with hooks muted: the instruction then completes
-  exactly once (also for read-modify-write ones like ``lock inc``) and the
-  stop is reported after it with the new value in memory, as GDB expects.
+Breakpoints, watchpoints and guest exceptions are Unicorn hooks
+(:mod:`vmscope.emu.debughooks`); ``monitor`` is :mod:`vmscope.emu.monitor`.
 
 Stepping one thread leaves the others stopped (as QEMU and kvmtool do); a
 step runs in the caller's thread, a continue starts with one short round
@@ -55,11 +36,13 @@ import threading
 import time
 from typing import Mapping
 
-from unicorn import UC_HOOK_CODE, UC_HOOK_INTR, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE, UC_MEM_WRITE, UcError
+from unicorn import UC_HOOK_INTR, UcError
 
 from vmscope.arch.registers import Arch
 from vmscope.emu.breakpoints import PatchedBreakpoints
 from vmscope.emu.cpu import EmuCpu
+from vmscope.emu.debughooks import CpuRunState, EmuDebugHooks
+from vmscope.emu.monitor import EmuMonitor
 from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import (
     SIGINT,
@@ -71,18 +54,16 @@ from vmscope.gdbserver.target import (
     PhysicalMemory,
     ResumeActions,
     StopEvent,
-    StopNotifier,
     SwBreakpoints,
     Target,
     TargetError,
     ThreadNames,
-    WatchKind,
     Watchpoints,
 )
+from vmscope.gdbserver.toolkit import StopNotifying, physical_pieces, refuse_while_running, thread_ids, vcpu_index
 
 log = logging.getLogger("vmscope.emu")
 
-SIGILL = 4
 #: a slice aims at this much wall time: the latency of ``interrupt``. Its
 #: instruction count adapts (code full of device accesses, each a Python
 #: hook, runs a hundred times slower than plain code).
@@ -100,34 +81,12 @@ IDLE_WAIT = 0.01
 #: lets a "count=1" step run on for many instructions (measured). Keeping
 #: the hook installed costs about 2.7x on a tight loop (90 M instructions/s).
 PAGE = 0x1000
-_WATCH_STOP = {"write": "watch", "read": "rwatch", "access": "awatch"}
-_WATCH_HOOKS = {"write": UC_HOOK_MEM_WRITE, "read": UC_HOOK_MEM_READ, "access": UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE}
-#: widen a watch hook's range by this much below its start: Unicorn matches a
-#: hook on the access's first byte, and an 8-byte store may start before the
-#: watched byte; the callback checks the exact overlap
-_WIDEST_ACCESS = 64
-
-
-class _CpuRunState:
-    """What the hooks of one CPU noticed during a slice."""
-
-    __slots__ = ("event", "event_pc", "watch_hit", "muted", "skip_hw_at", "guest_breakpoint", "firmware_call")
-
-    def __init__(self) -> None:
-        self.event: StopEvent | None = None
-        #: where pc must point once stopped (x86 reports int3 past the 0xcc)
-        self.event_pc: int | None = None
-        #: (reported address, stop kind, physical address, bytes before the store or None)
-        self.watch_hit: tuple[int, str, int | None, bytes | None] | None = None
-        self.muted = False
-        self.skip_hw_at: int | None = None
-        #: the guest executed a breakpoint instruction of its own
-        self.guest_breakpoint = False
-        #: the guest called firmware (arm64 PSCI through hvc/smc)
-        self.firmware_call = False
 
 
 class EmuTarget(
+    EmuDebugHooks,
+    EmuMonitor,
+    StopNotifying,
     Target,
     SwBreakpoints,
     HwBreakpoints,
@@ -143,8 +102,8 @@ class EmuTarget(
         self.arch = arch
         self.cpus = cpus
         self.ram = ram
-        self._state = {cpu.tid: _CpuRunState() for cpu in cpus}
-        self._notifier = StopNotifier()
+        self._state = {cpu.tid: CpuRunState() for cpu in cpus}
+        self._init_stop_notifier()
         self._cond = threading.Condition()
         self._pending: ResumeActions | None = None
         self._running = False
@@ -168,16 +127,13 @@ class EmuTarget(
     # --- required core -----------------------------------------------------
 
     def threads(self) -> list[int]:
-        return [cpu.tid for cpu in self.cpus]
+        return thread_ids(len(self.cpus))
 
     def _cpu(self, tid: int) -> EmuCpu:
-        if not 1 <= tid <= len(self.cpus):
-            raise TargetError(f"no thread {tid}: threads are 1..{len(self.cpus)}", errno.ESRCH)
-        return self.cpus[tid - 1]
+        return self.cpus[vcpu_index(tid, len(self.cpus), any_thread_ok=False)]
 
     def _check_stopped(self) -> None:
-        if self._running:
-            raise TargetError("the guest is running; stop it first", errno.EBUSY)
+        refuse_while_running(self._running)
 
     def read_registers(self, tid: int) -> Mapping[str, int]:
         self._check_stopped()
@@ -193,35 +149,30 @@ class EmuTarget(
     def read_memory(self, addr: int, length: int, tid: int) -> bytes:
         self._check_stopped()  # translation reads the CPU's registers
         cpu = self._cpu(tid)
+        pieces, bad, error = physical_pieces(addr, length, cpu.translate, self.ram.contains)
+        if not pieces and bad is not None:  # nothing readable: say why
+            if error is not None:
+                raise error
+            self.ram.read(cpu.translate(bad), min(length, PAGE - (bad & (PAGE - 1))))  # raises OutsideRam
         out = bytearray()
-        while len(out) < length:
-            vaddr = addr + len(out)
-            chunk = min(length - len(out), PAGE - (vaddr & (PAGE - 1)))
-            try:
-                phys = cpu.translate(vaddr)
-                out += self.ram.read(phys, chunk)
-            except TargetError:
-                if not out:
-                    raise
-                break
+        for phys, n in pieces:
+            out += self.ram.read(phys, n)
         self._sw.hide(addr, out)
         return bytes(out)
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
         self._check_stopped()
         cpu = self._cpu(tid)
-        pieces = []  # translate everything first: all or nothing
-        done = 0
-        while done < len(data):
-            vaddr = addr + done
-            chunk = min(len(data) - done, PAGE - (vaddr & (PAGE - 1)))
-            phys = cpu.translate(vaddr)
-            if not self.ram.contains(phys, chunk):
-                raise TargetError(f"{vaddr:#x} (physical {phys:#x}) is not RAM", errno.EFAULT)
-            pieces.append((vaddr, phys, data[done : done + chunk]))
-            done += chunk
-        for vaddr, phys, piece in pieces:
-            self.ram.write(phys, self._sw.write_through(vaddr, piece))
+        # translate everything first: all or nothing
+        pieces, bad, error = physical_pieces(addr, len(data), cpu.translate, self.ram.contains)
+        if error is not None:
+            raise error
+        if bad is not None:
+            raise TargetError(f"{bad:#x} (physical {cpu.translate(bad):#x}) is not RAM", errno.EFAULT)
+        stored, off = self._sw.write_through(addr, data), 0
+        for phys, n in pieces:
+            self.ram.write(phys, stored[off : off + n])
+            off += n
         self._flush_code(addr, len(data))
 
     def resume(self, actions: ResumeActions) -> None:
@@ -268,7 +219,7 @@ class EmuTarget(
                 self._closed = True  # the guest is gone: nothing runs again
                 self._cond.notify_all()
         if not closed:
-            self._notifier.post(event)
+            self.notifier.post(event)
         if event.kind in ("exited", "terminated") and self.exit_status is None:
             self.exit_status = event.code
             self.exited.set()
@@ -286,12 +237,6 @@ class EmuTarget(
             if self._running:
                 self._stop_requested = True  # seen between slices (see the module doc)
                 self._cond.notify_all()
-
-    def stop_fd(self) -> int:
-        return self._notifier.fd
-
-    def take_stop(self) -> StopEvent | None:
-        return self._notifier.take()
 
     def is_running(self) -> bool:
         return self._running
@@ -315,138 +260,6 @@ class EmuTarget(
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=5)
         atexit.unregister(self.close)
-
-    # --- software breakpoints ------------------------------------------------
-
-    def add_sw_breakpoint(self, addr: int, kind: int) -> None:
-        self._check_stopped()
-        if kind != self.arch.breakpoint_kind:
-            raise TargetError(f"breakpoint kind {kind} unsupported on {self.arch.name} (use {self.arch.breakpoint_kind})", errno.EINVAL)
-        if addr not in self._sw:
-            self._sw.insert(addr, self.cpus[0].translate(addr))
-            self._flush_code(addr, len(self.arch.breakpoint))
-
-    def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
-        self._check_stopped()
-        if self._sw.remove(addr):
-            self._flush_code(addr, len(self.arch.breakpoint))
-
-    def _flush_code(self, addr: int, length: int) -> None:
-        """Drop translated code over a patched range in every CPU (Unicorn
-        does not notice writes to the shared RAM made from outside)."""
-        for cpu in self.cpus:
-            cpu.uc.ctl_remove_cache(addr, addr + max(length, 1))
-
-    # --- hardware breakpoints ------------------------------------------------
-
-    def add_hw_breakpoint(self, addr: int, kind: int) -> None:
-        self._check_stopped()  # Unicorn hooks change only while no CPU runs
-        if addr in self._hw:
-            return
-        self._hw[addr] = [cpu.uc.hook_add(UC_HOOK_CODE, self._on_hw_breakpoint, cpu, addr, addr) for cpu in self.cpus]
-        self._flush_code(addr, 1)
-
-    def remove_hw_breakpoint(self, addr: int, kind: int) -> None:
-        self._check_stopped()
-        handles = self._hw.pop(addr, None)
-        if handles is None:
-            return
-        for cpu, handle in zip(self.cpus, handles):
-            cpu.uc.hook_del(handle)
-        self._flush_code(addr, 1)
-
-    def _on_hw_breakpoint(self, uc, address: int, size: int, cpu: EmuCpu) -> None:
-        state = self._state[cpu.tid]
-        if state.muted:
-            return
-        if state.skip_hw_at == address:
-            state.skip_hw_at = None  # resuming from it: run it once
-            return
-        if state.event is None:
-            state.event = StopEvent("hwbreak", cpu.tid, SIGTRAP)
-        uc.emu_stop()
-
-    # --- watchpoints -----------------------------------------------------------
-
-    def add_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
-        self._check_stopped()
-        if kind not in _WATCH_HOOKS:
-            raise TargetError(f"unknown watchpoint kind {kind!r}", errno.EINVAL)
-        if length <= 0:
-            raise TargetError(f"watchpoint length must be positive, got {length}", errno.EINVAL)
-        key = (addr, length, kind)
-        if key in self._watch:
-            return
-        handles: list[tuple[EmuCpu, int]] = []
-        try:
-            for cpu in self.cpus:
-                for vaddr, phys, size in self._physical_pieces(cpu, addr, length):
-                    begin = max(0, phys - _WIDEST_ACCESS + 1)
-                    piece = (cpu, vaddr, phys, size, kind)
-                    handles.append((cpu, cpu.uc.hook_add(_WATCH_HOOKS[kind], self._on_memory_access, piece, begin, phys + size - 1)))
-        except TargetError:
-            for cpu, handle in handles:
-                cpu.uc.hook_del(handle)
-            raise
-        self._watch[key] = handles
-
-    @staticmethod
-    def _physical_pieces(cpu: EmuCpu, addr: int, length: int) -> list[tuple[int, int, int]]:
-        """(virtual, physical, length) per page of a watched range: Unicorn
-        hands memory hooks physical addresses (measured on both arches with
-        paging on), so watchpoints hook where the guest's page tables put
-        the range when it is set (a later remap is not followed)."""
-        pieces, done = [], 0
-        while done < length:
-            vaddr = addr + done
-            size = min(length - done, PAGE - (vaddr & (PAGE - 1)))
-            pieces.append((vaddr, cpu.translate(vaddr), size))
-            done += size
-        return pieces
-
-    def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
-        self._check_stopped()
-        for cpu, handle in self._watch.pop((addr, length, kind), ()):
-            cpu.uc.hook_del(handle)
-
-    def _on_memory_access(self, uc, access: int, address: int, size: int, value: int, piece) -> None:
-        cpu, wvaddr, wphys, wlen, kind = piece
-        state = self._state[cpu.tid]
-        if state.muted or state.watch_hit is not None:
-            return
-        if address + size <= wphys or address >= wphys + wlen:
-            return  # inside the widened hook range only
-        old = self.ram.read(address, size) if access == UC_MEM_WRITE and self.ram.contains(address, size) else None
-        state.watch_hit = (wvaddr + max(address - wphys, 0), _WATCH_STOP[kind], address, old)
-        uc.emu_stop()
-
-    # --- exceptions ------------------------------------------------------------
-
-    def _on_exception(self, uc, intno: int, cpu: EmuCpu) -> None:
-        state = self._state[cpu.tid]
-        bp_addr = cpu.breakpoint_address(intno)
-        if bp_addr is not None and bp_addr in self._sw:
-            # report the breakpoint's own address; set once Unicorn has
-            # returned (it moves x86's rip past the int3 after this hook)
-            state.event_pc = bp_addr
-            event = StopEvent("swbreak", cpu.tid, SIGTRAP)
-        elif bp_addr is not None:
-            # the guest's own: into its handler once Unicorn has returned,
-            # or to the debugger as SIGTRAP if it has none
-            state.guest_breakpoint = True
-            uc.emu_stop()
-            return
-        elif cpu.is_firmware_call(intno):
-            state.firmware_call = True  # carried out once Unicorn has returned
-            uc.emu_stop()
-            return
-        else:
-            signal = SIGILL if intno == cpu.undefined_instruction_exception else SIGSEGV
-            log.info("cpu %d: exception %d at %#x reported as signal %d", cpu.index, intno, cpu.pc, signal)
-            event = StopEvent("signal", cpu.tid, signal)
-        if state.event is None:
-            state.event = event
-        uc.emu_stop()
 
     # --- the runner ------------------------------------------------------------
 
@@ -554,21 +367,6 @@ class EmuTarget(
         cpu.halted = count > 1 and cpu.is_halted_after_run()
         return None
 
-    def _finish_watched_instruction(self, cpu: EmuCpu, state: _CpuRunState) -> StopEvent:
-        addr, kind, phys, old = state.watch_hit
-        state.watch_hit = None
-        if old is not None:
-            self.ram.write(phys, old)
-        state.muted = True
-        try:
-            cpu.uc.emu_start(cpu.pc, 0, count=1)
-        except UcError as e:
-            log.info("cpu %d: re-running the watched instruction failed: %s", cpu.index, e)
-        finally:
-            state.muted = False
-            cpu.invalidate()
-        return StopEvent(kind, cpu.tid, SIGTRAP, addr=addr)
-
     # --- optional extras --------------------------------------------------------
 
     def thread_name(self, tid: int) -> str:
@@ -586,31 +384,3 @@ class EmuTarget(
         self._check_stopped()
         return self._cpu(tid).translate(addr)
 
-    _HELP = (
-        "vmscope emulated target (Unicorn), monitor commands:\n"
-        "  help             this text\n"
-        "  cpus             each vCPU: thread id, pc, state\n"
-        "  translate ADDR   guest-virtual to guest-physical (current thread 1)\n"
-    )
-
-    def monitor(self, command: str) -> str:
-        words = command.split()
-        if not words or words[0] == "help":
-            return self._HELP
-        if words[0] == "cpus":
-            lines = []
-            for cpu in self.cpus:
-                state = "running" if self._running else ("halted" if cpu.halted else "stopped")
-                pc = "?" if self._running else f"{cpu.pc:#x}"
-                lines.append(f"  thread {cpu.tid}: vcpu {cpu.index} pc={pc} {state}")
-            return f"{len(self.cpus)} vCPU(s), {self.arch.name}, emulated by Unicorn\n" + "\n".join(lines) + "\n"
-        if words[0] == "translate" and len(words) == 2:
-            try:
-                addr = int(words[1], 0)
-            except ValueError:
-                return f"translate: {words[1]!r} is not a number\n"
-            try:
-                return f"{addr:#x} -> physical {self.translate(addr, 1):#x}\n"
-            except TargetError as e:
-                return f"translate: {e}\n"
-        return f"unknown monitor command {command!r}; try 'monitor help'\n"

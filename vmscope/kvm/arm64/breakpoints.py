@@ -9,18 +9,11 @@ import errno
 from dataclasses import dataclass
 
 from vmscope.gdbserver.target import TargetError, WatchKind
+from vmscope.gdbserver.toolkit import WATCH_STOP_KIND, InsertedBreakpoint
 from vmscope.kvm import abi as kvm_abi
 from vmscope.kvm.arm64.debugarch import bcr_value, bvr_value, watch_registers
 from vmscope.kvm.arm64.memaccess import BRK0
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
-
-WATCH_STOP_KIND = {"write": "watch", "read": "rwatch", "access": "awatch"}
-
-
-@dataclass
-class SwBreak:
-    phys: int
-    orig: bytes
 
 
 @dataclass
@@ -42,7 +35,7 @@ class Arm64Breakpoints:
             phys = self._phys(addr, self._vcpu(1))
             if not self.ram.contains(phys, 4):
                 raise TargetError(f"breakpoint address {addr:#x} (physical {phys:#x}) is not in guest RAM")
-            self.sw[addr] = SwBreak(phys, self.ram.read(phys, 4))
+            self.sw[addr] = InsertedBreakpoint(phys, self.ram.read(phys, 4))
             self.ram.write(phys, BRK0)
             self._code_changed(phys, 4)
 

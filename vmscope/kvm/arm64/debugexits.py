@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from vmscope.gdbserver.target import SIGTRAP, StopEvent
 from vmscope.kvm import abi as kvm_abi
 from vmscope.kvm.arm64 import abi
-from vmscope.kvm.arm64.breakpoints import WATCH_STOP_KIND
+from vmscope.gdbserver.toolkit import WATCH_STOP_KIND
 from vmscope.kvm.arm64.debugarch import (
     bcr_value,
     brk_esr,

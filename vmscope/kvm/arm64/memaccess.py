@@ -12,12 +12,12 @@ import struct
 
 from vmscope.arch.aarch64 import AARCH64
 from vmscope.gdbserver.target import TargetError
+from vmscope.gdbserver.toolkit import hide_breakpoints, keep_breakpoints, physical_pieces
 from vmscope.kvm.arm64.icache import clear_cache
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
 from vmscope.vmi.errors import VmiError
 from vmscope.vmi.paging import Aarch64Paging
 
-PAGE = 4096
 BRK0 = AARCH64.breakpoint  # d4200000, little-endian
 SCTLR_M = 1
 
@@ -42,22 +42,8 @@ class Arm64Memory:
         """Physical (start, length) pieces of a virtual range inside RAM, up
         to the first page that is unmapped or not RAM (returned too)."""
         v = self._vcpu(tid)
-        pieces: list[tuple[int, int]] = []
-        cur, end = addr, addr + length
-        while cur < end:
-            n = min(end, (cur & ~(PAGE - 1)) + PAGE) - cur
-            try:
-                start = self._phys(cur, v)
-            except TargetError:
-                return pieces, cur
-            if not self.ram.contains(start, n):
-                return pieces, cur
-            if pieces and pieces[-1][0] + pieces[-1][1] == start:
-                pieces[-1] = (pieces[-1][0], pieces[-1][1] + n)
-            else:
-                pieces.append((start, n))
-            cur += n
-        return pieces, None
+        pieces, bad, _ = physical_pieces(addr, length, lambda vaddr: self._phys(vaddr, v), self.ram.contains)
+        return pieces, bad
 
     def read_memory(self, addr: int, length: int, tid: int) -> bytes:
         if length <= 0:
@@ -71,10 +57,7 @@ class Arm64Memory:
         for start, n in pieces:
             data += self.ram.read(start, n)
         with self._lock:
-            for vaddr, bp in self.sw.items():
-                for i in range(4):
-                    if addr <= vaddr + i < addr + len(data):
-                        data[vaddr + i - addr] = bp.orig[i]
+            hide_breakpoints(addr, data, self.sw)
         return bytes(data)
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
@@ -83,18 +66,11 @@ class Arm64Memory:
         pieces, bad = self._pieces(addr, len(data), tid)
         if bad is not None:
             raise TargetError(f"cannot write {addr:#x}+{len(data)}: {bad:#x} is not mapped to guest RAM")
-        buf = bytearray(data)
         with self._lock:
-            for vaddr, bp in self.sw.items():  # keep our BRK, remember the new bytes under it
-                orig = bytearray(bp.orig)
-                for i in range(4):
-                    if addr <= vaddr + i < addr + len(buf):
-                        orig[i] = buf[vaddr + i - addr]
-                        buf[vaddr + i - addr] = BRK0[i]
-                bp.orig = bytes(orig)
+            buf = keep_breakpoints(addr, data, self.sw, BRK0)  # our BRKs stay
             off = 0
             for start, n in pieces:
-                self.ram.write(start, bytes(buf[off: off + n]))
+                self.ram.write(start, buf[off: off + n])
                 self._code_changed(start, n)
                 off += n
 

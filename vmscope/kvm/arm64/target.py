@@ -45,39 +45,35 @@ this module ties them together with threads and run control.
 
 from __future__ import annotations
 
-import errno
 import threading
 
 from vmscope.arch.aarch64 import AARCH64
 from vmscope.gdbserver.target import (
-    SIGINT,
-    SIGTRAP,
     AddressTranslation,
     HwBreakpoints,
     MonitorCommands,
     PhysicalMemory,
     ResumeActions,
     StopEvent,
-    StopNotifier,
     SwBreakpoints,
     Target,
-    TargetError,
     ThreadNames,
     Watchpoints,
 )
+from vmscope.gdbserver.toolkit import InsertedBreakpoint
 from vmscope.kvm.arm64 import abi
-from vmscope.kvm.arm64.breakpoints import Arm64Breakpoints, SwBreak, Watch
+from vmscope.kvm.arm64.breakpoints import Arm64Breakpoints, Watch
 from vmscope.kvm.arm64.debugexits import Arm64DebugExits, AtomicRun, StepState
 from vmscope.kvm.arm64.memaccess import Arm64Memory
 from vmscope.kvm.arm64.monitor import Arm64Monitor
 from vmscope.kvm.arm64.registers import Arm64Registers
-from vmscope.kvm.arm64.vcpu import Arm64Vcpu
+from vmscope.kvm.targetbase import KvmTargetBase
 from vmscope.vmi.paging import TranslationCache
 
 
 class Arm64KvmTarget(
     Arm64Registers, Arm64Memory, Arm64Breakpoints, Arm64DebugExits, Arm64Monitor,
-    Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
+    KvmTargetBase, Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
     AddressTranslation, PhysicalMemory, ThreadNames,
 ):
     arch = AARCH64
@@ -87,10 +83,10 @@ class Arm64KvmTarget(
         (its run control, vCPU slots, RAM and debug slot counts)."""
         self.m = machine
         self.ram = machine.ram
-        self.notifier = StopNotifier()
+        self._init_stop_notifier()
         self.walks = TranslationCache()
         self._lock = threading.RLock()
-        self.sw: dict[int, SwBreak] = {}
+        self.sw: dict[int, InsertedBreakpoint] = {}
         self.hw: list[int] = []  # execution breakpoint addresses, one slot each
         self.watches: list[Watch] = []
         self.attached = False
@@ -103,23 +99,8 @@ class Arm64KvmTarget(
         #: the stepping thread then)
         self._pending: dict[int, StopEvent] = {}
 
-    def _vcpu(self, tid: int) -> Arm64Vcpu:
-        if tid <= 0:
-            tid = 1
-        if tid > len(self.m.vcpus):
-            raise TargetError(f"no thread {tid}: the VM has {len(self.m.vcpus)} vCPUs "
-                              f"(threads 1..{len(self.m.vcpus)})", errno.ESRCH)
-        return self.m.vcpus[tid - 1].vcpu
-
-    def threads(self) -> list[int]:
-        return [i + 1 for i in range(len(self.m.vcpus))]
-
     def thread_name(self, tid: int) -> str:
         return f"vCPU {tid - 1}"
-
-    def _require_stopped(self) -> None:
-        if not self.m.stopped:
-            raise TargetError("the guest is running; stop it first", errno.EBUSY)
 
     def resume(self, actions: ResumeActions) -> None:
         self.attached = True
@@ -151,36 +132,6 @@ class Arm64KvmTarget(
                     run[slot.vcpu.index] = True
         self.m.run_vcpus(run)
 
-    def post_stop(self, event: StopEvent) -> None:
-        self.notifier.post(event)
-
-    def guest_ended(self, status: int) -> None:
-        self.notifier.post(StopEvent("exited", code=status))
-
-    def interrupt(self) -> None:
-        self.m.request_stop(StopEvent("signal", tid=1, signal=SIGINT))
-
-    def stop_fd(self) -> int:
-        return self.notifier.fd
-
-    def take_stop(self) -> StopEvent | None:
-        return self.notifier.take()
-
-    def is_running(self) -> bool:
-        return not self.m.stopped and not self.m.ending
-
-    def initial_stop(self) -> StopEvent:
-        self.attached = True
-        return StopEvent("signal", tid=1, signal=SIGTRAP)
-
-    def stop(self, timeout: float = 10.0) -> StopEvent | None:
-        """Stop a running guest and wait for the stop (tests, helpers)."""
-        import select
-
-        self.interrupt()
-        ready, _, _ = select.select([self.notifier.fd], [], [], timeout)
-        return self.take_stop() if ready else None
-
     def detach(self) -> None:
         """Put every patched instruction back, drop all debug state and let
         every vCPU run (a running guest is parked for the clean-up)."""
@@ -198,6 +149,3 @@ class Arm64KvmTarget(
                 slot.vcpu.set_guest_debug(0)
         self.walks.invalidate()
         self.m.run_vcpus({s.vcpu.index: True for s in self.m.vcpus})
-
-    def kill(self) -> None:
-        self.m.end(0, None)

@@ -12,6 +12,7 @@ import errno
 from dataclasses import dataclass
 
 from vmscope.gdbserver.target import SIGTRAP, StopEvent, TargetError, WatchKind
+from vmscope.gdbserver.toolkit import WATCH_STOP_KIND, InsertedBreakpoint
 from vmscope.kvm import abi
 from vmscope.kvm.x86.memaccess import INT3
 from vmscope.kvm.x86.translate import PAGE
@@ -21,7 +22,6 @@ BP_VECTOR, DB_VECTOR, UD_VECTOR = 3, 1, 6
 DR6_BS = 1 << 14
 DR7_RW = {"exec": 0b00, "write": 0b01, "access": 0b11}
 DR7_LEN = {1: 0b00, 2: 0b01, 4: 0b11, 8: 0b10}
-WATCH_STOP_KIND = {"write": "watch", "read": "rwatch", "access": "awatch"}
 
 
 @dataclass
@@ -31,12 +31,6 @@ class Watch:
     kind: WatchKind
     phys: list[tuple[int, int]]  # (guest-physical start, length) pieces
     dr_slot: int | None = None  # debug register, or None: page protection
-
-
-@dataclass
-class SwBreak:
-    phys: int
-    orig: int
 
 
 class X86Breakpoints:
@@ -52,8 +46,7 @@ class X86Breakpoints:
             if phys is None:
                 raise TargetError(f"cannot set a breakpoint at {addr:#x}: address not mapped")
             phys |= addr & (PAGE - 1)
-            orig = self.mem.view[phys]
-            self.sw[addr] = SwBreak(phys, orig)
+            self.sw[addr] = InsertedBreakpoint(phys, bytes(self.mem.view[phys : phys + 1]))
             self.mem.view[phys] = INT3
 
     def remove_sw_breakpoint(self, addr: int, kind: int) -> None:
@@ -64,7 +57,7 @@ class X86Breakpoints:
             if bp is None:
                 return
             if self.mem.view[bp.phys] == INT3:
-                self.mem.view[bp.phys] = bp.orig
+                self.mem.view[bp.phys] = bp.orig[0]
 
     def _dr_slots_used(self) -> set[int]:
         return set(self.hw.values()) | {w.dr_slot for w in self.watches if w.dr_slot is not None}

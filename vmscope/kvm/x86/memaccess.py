@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 
 from vmscope.gdbserver.target import TargetError
+from vmscope.gdbserver.toolkit import hide_breakpoints, keep_breakpoints, physical_pieces
 from vmscope.kvm.x86.translate import PAGE
 from vmscope.kvm.x86.vcpu import Vcpu
 
@@ -46,21 +47,12 @@ class X86Memory:
     def _pieces(self, addr: int, length: int, tid: int) -> tuple[list[tuple[int, int]], int | None]:
         """Physical (start, length) pieces of a virtual range, stopping at
         the first unmapped page (whose address is returned too)."""
-        pieces: list[tuple[int, int]] = []
-        cur, end = addr, addr + length
-        while cur < end:
-            vpage = cur & ~(PAGE - 1)
-            n = min(end, vpage + PAGE) - cur
-            phys = self._phys_page(vpage, tid)
-            if phys is None:
-                return pieces, cur
-            start = phys | (cur & (PAGE - 1))
-            if pieces and pieces[-1][0] + pieces[-1][1] == start:
-                pieces[-1] = (pieces[-1][0], pieces[-1][1] + n)
-            else:
-                pieces.append((start, n))
-            cur += n
-        return pieces, None
+        def phys_of(vaddr: int) -> int | None:
+            page = self._phys_page(vaddr & ~(PAGE - 1), tid)
+            return None if page is None else page | (vaddr & (PAGE - 1))
+
+        pieces, bad, _ = physical_pieces(addr, length, phys_of)
+        return pieces, bad
 
     def read_memory(self, addr: int, length: int, tid: int) -> bytes:
         if length <= 0:
@@ -76,9 +68,7 @@ class X86Memory:
             data += view[start : start + n]
         with self._lock:
             if self.sw:
-                for vaddr, bp in self.sw.items():
-                    if addr <= vaddr < addr + len(data):
-                        data[vaddr - addr] = bp.orig
+                hide_breakpoints(addr, data, self.sw)
         return bytes(data)
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
@@ -87,12 +77,8 @@ class X86Memory:
         pieces, bad = self._pieces(addr, len(data), tid)
         if bad is not None:
             raise TargetError(f"cannot write {addr:#x}+{len(data)}: address {bad:#x} not mapped")
-        buf = bytearray(data)
         with self._lock:
-            for vaddr, bp in self.sw.items():  # keep our 0xCC, remember the new byte
-                if addr <= vaddr < addr + len(buf):
-                    bp.orig = buf[vaddr - addr]
-                    buf[vaddr - addr] = INT3
+            buf = keep_breakpoints(addr, data, self.sw, bytes([INT3]))  # our 0xCC stays
             off = 0
             for start, n in pieces:
                 self.mem.view[start : start + n] = buf[off : off + n]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from vmscope.gdbserver.target import SIGTRAP, StopEvent, TargetError
 from vmscope.kvm import abi
-from vmscope.kvm.x86.breakpoints import WATCH_STOP_KIND
+from vmscope.gdbserver.toolkit import WATCH_STOP_KIND
 from vmscope.kvm.x86.translate import PAGE
 from vmscope.kvm.x86.vcpu import Vcpu
 

@@ -41,30 +41,27 @@ and run control.
 
 from __future__ import annotations
 
-import errno
 import threading
 
 from vmscope.arch.x86_64 import X86_64
 from vmscope.gdbserver.target import (
-    SIGINT,
-    SIGTRAP,
     AddressTranslation,
     HwBreakpoints,
     MonitorCommands,
     PhysicalMemory,
     ResumeActions,
     StopEvent,
-    StopNotifier,
     SwBreakpoints,
     Target,
-    TargetError,
     TargetFiles,
     ThreadNames,
     Watchpoints,
 )
+from vmscope.gdbserver.toolkit import InsertedBreakpoint
 from vmscope.kvm import abi
+from vmscope.kvm.targetbase import KvmTargetBase
 from vmscope.kvm.x86.linux_support import LinuxSupport
-from vmscope.kvm.x86.breakpoints import SwBreak, Watch, X86Breakpoints
+from vmscope.kvm.x86.breakpoints import Watch, X86Breakpoints
 from vmscope.kvm.x86.mechanisms import DebugMechanisms
 from vmscope.kvm.x86.memaccess import X86Memory
 from vmscope.kvm.x86.monitor import X86Monitor
@@ -79,7 +76,7 @@ RFLAGS_TF = 1 << 8
 
 class KvmTarget(
     LinuxSupport, X86Registers, X86Memory, X86Breakpoints, X86PageProtection, X86PageStepping, X86Monitor,
-    DebugMechanisms, Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
+    DebugMechanisms, KvmTargetBase, Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
     AddressTranslation, PhysicalMemory, ThreadNames, TargetFiles,
 ):
     """The debug target of a :class:`~vmscope.kvm.x86.machine.KvmMachine`
@@ -90,11 +87,11 @@ class KvmTarget(
     def __init__(self, machine):
         self.m = machine
         self.mem = machine.mem
-        self.notifier = StopNotifier()
+        self._init_stop_notifier()
         self.translator = Translator(machine.mem)
         self._lock = threading.RLock()  # breakpoint tables (vCPU threads read them)
         self._absent_pages: frozenset[int] = frozenset()
-        self.sw: dict[int, SwBreak] = {}
+        self.sw: dict[int, InsertedBreakpoint] = {}
         self.hw: dict[int, int] = {}  # exec address -> DR slot
         self.watches: list[Watch] = []
         self.attached = False
@@ -114,29 +111,9 @@ class KvmTarget(
         self._exec_kind: dict[int, str] = {}  # ... -> "swbreak" | "hwbreak"
         self._skip_exec: dict[int, int] = {}  # vCPU index -> breakpoint it resumes on
 
-    def _vcpu(self, tid: int) -> Vcpu:
-        if tid <= 0:  # 0/-1: any thread
-            tid = 1
-        if tid > len(self.m.vcpus):
-            raise TargetError(f"no thread {tid}: the VM has {len(self.m.vcpus)} vCPUs (threads 1..{len(self.m.vcpus)})", errno.ESRCH)
-        return self.m.vcpus[tid - 1].vcpu
-
-    def _require_stopped(self) -> None:
-        if not self.m.stopped:
-            raise TargetError("the guest is running; stop it first", errno.EBUSY)
-
-    def threads(self) -> list[int]:
-        return [i + 1 for i in range(len(self.m.vcpus))]
-
     def thread_name(self, tid: int) -> str:
         slot = self.m.vcpus[tid - 1]
         return f"vCPU {tid - 1}" + ("" if slot.online else " (waiting for SIPI)")
-
-    def post_stop(self, event: StopEvent) -> None:
-        self.notifier.post(event)
-
-    def guest_ended(self, status: int) -> None:
-        self.notifier.post(StopEvent("exited", code=status))
 
     def _apply_debug(self, v: Vcpu, step: bool) -> None:
         """Debug state for a vCPU about to run. A vCPU sitting on an enabled
@@ -196,34 +173,13 @@ class KvmTarget(
         self.notifier.post(ev)
         return True
 
-    def interrupt(self) -> None:
-        self.m.request_stop(StopEvent("signal", tid=1, signal=SIGINT))
-
-    def stop_fd(self) -> int:
-        return self.notifier.fd
-
-    def take_stop(self) -> StopEvent | None:
-        event = self.notifier.take()
-        if event is not None:
-            self.prepare_stop()
-        return event
-
-    def is_running(self) -> bool:
-        return not self.m.stopped and not self.m.ending
+    def _stop_taken(self) -> None:
+        self.prepare_stop()
 
     def initial_stop(self) -> StopEvent:
-        self.attached = True
+        event = super().initial_stop()
         self.start_known_kernel_symbols()  # a directly booted kernel: symbols from the first stop
-        return StopEvent("signal", tid=1, signal=SIGTRAP)
-
-    def stop(self, timeout: float = 10.0) -> StopEvent | None:
-        """Stop a running guest and wait for the stop (for tests and
-        helpers that do not use the stub)."""
-        import select
-
-        self.interrupt()
-        ready, _, _ = select.select([self.notifier.fd], [], [], timeout)
-        return self.take_stop() if ready else None
+        return event
 
     def detach(self) -> None:
         """Drop every breakpoint, watchpoint and debug flag, then let all
@@ -251,6 +207,3 @@ class KvmTarget(
     def resume_all_undebugged(self) -> None:
         self.translator.clear()
         self.m.run_vcpus({s.vcpu.index: True for s in self.m.vcpus if s.online})
-
-    def kill(self) -> None:
-        self.m.end(0, None)
