@@ -90,6 +90,32 @@ def thread_ids(count: int) -> list[int]:
     return [i + 1 for i in range(count)]
 
 
+# --- registers --------------------------------------------------------------
+
+
+class LazyRegisters(Mapping):
+    """Register values by name (``names``: the arch table's), each fetched
+    by :meth:`_fetch` only when asked for: a stop reply needs three or four
+    registers, and reading every one costs several ioctls or Unicorn calls."""
+
+    def __init__(self, names: Mapping[str, object]) -> None:
+        self._names = names
+
+    def _fetch(self, name: str) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> int:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._fetch(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 # --- inserted breakpoints ---------------------------------------------------
 
 

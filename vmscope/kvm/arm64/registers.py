@@ -13,6 +13,7 @@ from typing import Mapping
 
 from vmscope.arch.aarch64 import AARCH64
 from vmscope.gdbserver.target import TargetError
+from vmscope.gdbserver.toolkit import LazyRegisters
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
 
@@ -63,27 +64,20 @@ def write_register(v: Arm64Vcpu, name: str, value: int) -> None:
         raise TargetError(f"KVM refused to write {name}: {e}", errno.EINVAL) from None
 
 
-class _LazyRegisters(Mapping):
+class _LazyRegisters(LazyRegisters):
     """Register values by name, each fetched (and cached by the vCPU) on first
     use: a stop reply needs pc, sp and x29 only."""
 
     def __init__(self, v: Arm64Vcpu):
+        super().__init__(AARCH64.index)
         self._v = v
-        self._names = AARCH64.index
 
-    def __getitem__(self, name: str) -> int:
-        if name not in self._names:
-            raise KeyError(name)
+    def _fetch(self, name: str) -> int:
         try:
             return read_register(self._v, name)
         except OSError as e:
             raise TargetError(f"cannot read {name} of vCPU {self._v.index}: {e}", errno.EIO) from None
 
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 class Arm64Registers:
     """Mixin of :class:`~vmscope.kvm.arm64.target.Arm64KvmTarget`: registers by name."""

@@ -19,6 +19,7 @@ from typing import Mapping
 
 from vmscope.arch.registers import Arch, Register
 from vmscope.gdbserver.target import TargetError
+from vmscope.gdbserver.toolkit import LazyRegisters
 from vmscope.kvm import abi
 from vmscope.kvm.fields import FieldRef, read_field, resolve, write_field
 from vmscope.kvm.x86.vcpu import Vcpu
@@ -85,14 +86,14 @@ _FETCH = {"regs": Vcpu.regs, "sregs": Vcpu.sregs, "fpu": Vcpu.fpu}
 _STORE = {"regs": Vcpu.set_regs, "sregs": Vcpu.set_sregs, "fpu": Vcpu.set_fpu}
 
 
-class _LazyRegisters(Mapping):
+class _LazyRegisters(LazyRegisters):
     """Register values by name, each structure read from KVM on first use
     (and then cached by the vCPU until it runs again)."""
 
     def __init__(self, target, v: Vcpu):
+        super().__init__(target.arch.index)
         self._t, self._v = target, v
         self._values: dict[str, int] = {}
-        self._names = target.arch.index
         self._table = access_table(target.arch)
 
     def _group(self, access: Access) -> dict[str, int]:
@@ -103,18 +104,10 @@ class _LazyRegisters(Mapping):
             return {access.reg.name: self._t._msr(self._v, access.msr)}
         return {access.reg.name: 0}
 
-    def __getitem__(self, name: str) -> int:
-        if name not in self._names:
-            raise KeyError(name)
+    def _fetch(self, name: str) -> int:
         if name not in self._values:
             self._values.update(self._group(self._table.by_name[name]))
         return self._values[name]
-
-    def __iter__(self):
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 class X86Registers:
