@@ -29,9 +29,10 @@ BASE = 0x4000_0000
 def test_breakpoint_bytes_are_hidden_and_kept_also_when_they_overlap():
     opcode = b"\xaa\xbb\xcc\xdd"
     table = {0x100: InsertedBreakpoint(0, b"1234"), 0x102: InsertedBreakpoint(0, b"5678")}
-    data = bytearray(b"..\xaa\xbb\xcc\xdd\xcc\xdd..")  # read at 0xFE: both patches in
-    hide_breakpoints(0xFE, data, table)
-    assert bytes(data) == b"..12" + b"5678" + b".."
+    data = b"..\xaa\xbb\xcc\xdd\xcc\xdd.."  # read at 0xFE: both patches in
+    assert hide_breakpoints(0xFE, data, table) == b"..12" + b"5678" + b".."
+    far = b"guest code"
+    assert hide_breakpoints(0x200, far, table) is far  # nothing to hide: no copy
     stored = keep_breakpoints(0x101, b"xyz", table, opcode)
     assert stored == b"\xbb\xaa\xbb"  # the instructions stay in RAM
     assert table[0x100].orig == b"1xyz" and table[0x102].orig == b"yz78"
@@ -50,6 +51,11 @@ def test_a_virtual_range_splits_into_merged_physical_pieces_up_to_the_first_hole
 
     def raising(vaddr):
         raise TargetError(f"{vaddr:#x} is not mapped")
+
+    def large_pages(vaddr):  # 2 MiB pages mapped back to back from 0x200000
+        return 0x200000 + vaddr, 0x200000 - vaddr % 0x200000
+
+    assert physical_pieces(0x1FF000, 0x3000, large_pages) == ([(0x3FF000, 0x3000)], None, None)
 
     pieces, bad, error = physical_pieces(0x5000, 8, raising)
     assert (pieces, bad) == ([], 0x5000) and "0x5000 is not mapped" in str(error)

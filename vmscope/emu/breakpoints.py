@@ -26,8 +26,7 @@ class PatchedBreakpoints:
         return addr in self._by_addr
 
     def insert(self, addr: int, phys: int) -> None:
-        original = bytearray(self.ram.read(phys, len(self.opcode)))
-        self.hide(addr, original)  # an overlapping breakpoint's bytes are not guest code
+        original = self.hide(addr, self.ram.read(phys, len(self.opcode)))  # an overlapping breakpoint's bytes are not guest code
         self.ram.write(phys, self.opcode)
         self._by_addr[addr] = InsertedBreakpoint(phys, bytes(original))
 
@@ -41,9 +40,9 @@ class PatchedBreakpoints:
             self.ram.write(other_bp.phys + (lo - other), self.opcode[lo - other : hi - other])  # they stay in
         return True
 
-    def hide(self, addr: int, data: bytearray) -> None:
-        """Replace breakpoint bytes in ``data`` (read at ``addr``) by the originals."""
-        hide_breakpoints(addr, data, self._by_addr)
+    def hide(self, addr: int, data: bytes | bytearray) -> bytes | bytearray:
+        """``data`` (read at ``addr``) with breakpoint bytes replaced by the originals."""
+        return hide_breakpoints(addr, data, self._by_addr)
 
     def write_through(self, addr: int, data: bytes) -> bytes:
         """What to store in RAM for a debugger write of ``data`` at ``addr``:

@@ -157,8 +157,7 @@ class EmuTarget(
         out = bytearray()
         for phys, n in pieces:
             out += self.ram.read(phys, n)
-        self._sw.hide(addr, out)
-        return bytes(out)
+        return bytes(self._sw.hide(addr, out))
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
         self._check_stopped()

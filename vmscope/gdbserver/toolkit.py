@@ -138,12 +138,18 @@ def overlapping(addr: int, length: int, inserted: Mapping[int, InsertedBreakpoin
             yield bp_addr, lo, hi, bp
 
 
-def hide_breakpoints(addr: int, data: bytearray, inserted: Mapping[int, InsertedBreakpoint]) -> None:
-    """Put the guest's bytes under every inserted breakpoint back into
-    ``data``, read at ``addr``: the debugger sees guest code, never our
-    breakpoint instructions (as gdbserver does)."""
-    for bp_addr, lo, hi, bp in overlapping(addr, len(data), inserted):
-        data[lo - addr : hi - addr] = bp.orig[lo - bp_addr : hi - bp_addr]
+def hide_breakpoints(addr: int, data: bytes | bytearray, inserted: Mapping[int, InsertedBreakpoint]) -> bytes | bytearray:
+    """``data``, read at ``addr``, with the guest's bytes back under every
+    inserted breakpoint: the debugger sees guest code, never our breakpoint
+    instructions (as gdbserver does). ``data`` itself (no copy) when no
+    breakpoint overlaps it, the usual case of a large read."""
+    hits = list(overlapping(addr, len(data), inserted))
+    if not hits:
+        return data
+    buf = bytearray(data)
+    for bp_addr, lo, hi, bp in hits:
+        buf[lo - addr : hi - addr] = bp.orig[lo - bp_addr : hi - bp_addr]
+    return bytes(buf)
 
 
 def keep_breakpoints(addr: int, data: bytes, inserted: Mapping[int, InsertedBreakpoint], opcode: bytes) -> bytes:
@@ -171,31 +177,39 @@ def pages(addr: int, length: int, page: int = PAGE) -> Iterator[tuple[int, int]]
         cur += n
 
 
-def physical_pieces(addr: int, length: int, translate: Callable[[int], int | None],
+def physical_pieces(addr: int, length: int, translate: Callable[[int], int | tuple[int, int] | None],
                     contains: Callable[[int, int], bool] | None = None,
                     ) -> tuple[list[tuple[int, int]], int | None, TargetError | None]:
     """Guest-physical (start, length) pieces of the virtual range
-    ``[addr, addr + length)``, physically contiguous pages merged.
+    ``[addr, addr + length)``, physically contiguous parts merged.
 
     ``translate(vaddr)`` gives the physical address of ``vaddr`` (a page
-    walk: :mod:`vmscope.vmi.paging`, KVM_TRANSLATE, Unicorn's MMU) or None
-    or :class:`TargetError` when it is unmapped; ``contains(phys, n)``, if
-    given, says whether a piece is backed by RAM. The split stops at the
-    first page that fails; returned with the pieces before it are its
-    virtual address and the translation error (None when all is mapped).
+    walk: :mod:`vmscope.vmi.paging`, KVM_TRANSLATE, Unicorn's MMU), or
+    (physical address, bytes mapped contiguously from there) when it knows
+    a larger run (a large page), or None or :class:`TargetError` when it is
+    unmapped; ``contains(phys, n)``, if given, says whether a piece is
+    backed by RAM. The split stops at the first part that fails; returned
+    with the pieces before it are its virtual address and the translation
+    error (None when all is mapped).
     """
     pieces: list[tuple[int, int]] = []
-    for cur, n in pages(addr, length):
+    cur, end = addr, addr + length
+    while cur < end:
         try:
             start = translate(cur)
         except TargetError as e:
             return pieces, cur, e
-        if start is None or (contains is not None and not contains(start, n)):
+        if isinstance(start, tuple):
+            start, n = start[0], min(start[1], end - cur)
+        else:
+            n = min(end, (cur & ~(PAGE - 1)) + PAGE) - cur
+        if start is None or n <= 0 or (contains is not None and not contains(start, n)):
             return pieces, cur, None
         if pieces and pieces[-1][0] + pieces[-1][1] == start:
             pieces[-1] = (pieces[-1][0], pieces[-1][1] + n)
         else:
             pieces.append((start, n))
+        cur += n
     return pieces, None, None
 
 

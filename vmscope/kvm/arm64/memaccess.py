@@ -57,7 +57,7 @@ class Arm64Memory:
         for start, n in pieces:
             data += self.ram.read(start, n)
         with self._lock:
-            hide_breakpoints(addr, data, self.sw)
+            data = hide_breakpoints(addr, data, self.sw)
         return bytes(data)
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:

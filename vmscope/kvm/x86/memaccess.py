@@ -68,7 +68,7 @@ class X86Memory:
             data += view[start : start + n]
         with self._lock:
             if self.sw:
-                hide_breakpoints(addr, data, self.sw)
+                data = hide_breakpoints(addr, data, self.sw)
         return bytes(data)
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
