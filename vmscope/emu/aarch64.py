@@ -16,13 +16,12 @@ from vmscope.arch.aarch64 import AARCH64
 from vmscope.emu.cpu import EmuCpu
 from vmscope.devices.ram import GuestRam
 from vmscope.gdbserver.target import TargetError
-from vmscope.vmi.paging import Aarch64Paging
+from vmscope.vmi.paging import stage1_address
 
 #: SPSR_EL1 as Unicorn's UC_ARM64_REG_CP_REG names it: (crn, crm, op0, op1, op2)
 #: (the registers GDB sees are reached through the arch table's ``sysreg``)
 SPSR_EL1_CP = (4, 0, 3, 0, 0)
 MPIDR_EL1_ENCODING = (3, 0, 0, 0, 5)  # op0, op1, crn, crm, op2
-SCTLR_M = 1  # stage-1 MMU enable
 HVC_0, SMC_0 = 0xD400_0002, 0xD400_0003  # with the imm16 field masked out
 PSCI_VERSION, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET = 0x8400_0000, 0x8400_0008, 0x8400_0009
 PSCI_VERSION_1_0 = 0x1_0000
@@ -144,6 +143,4 @@ class Arm64Cpu(EmuCpu):
 
     def _translate(self, addr: int) -> int:
         sctlr, tcr, ttbr0, ttbr1 = self._live("SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1")
-        if not sctlr & SCTLR_M:
-            return addr
-        return Aarch64Paging(self.ram, ttbr0, ttbr1, tcr).translate(addr).paddr
+        return stage1_address(self.ram, addr, sctlr, tcr, ttbr0, ttbr1)

@@ -16,10 +16,9 @@ from vmscope.gdbserver.toolkit import hide_breakpoints, keep_breakpoints, physic
 from vmscope.kvm.arm64.icache import clear_cache
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
 from vmscope.vmi.errors import VmiError
-from vmscope.vmi.paging import Aarch64Paging
+from vmscope.vmi.paging import stage1_address
 
 BRK0 = AARCH64.breakpoint  # d4200000, little-endian
-SCTLR_M = 1
 
 
 class Arm64Memory:
@@ -28,10 +27,8 @@ class Arm64Memory:
     def _phys(self, vaddr: int, v: Arm64Vcpu) -> int:
         """Guest-physical address of ``vaddr`` for vCPU ``v`` (TargetError if unmapped)."""
         try:
-            if not v.sys("SCTLR_EL1") & SCTLR_M:
-                return vaddr
-            walker = Aarch64Paging(self.ram, v.sys("TTBR0_EL1"), v.sys("TTBR1_EL1"), v.sys("TCR_EL1"), self.walks)
-            return walker.translate(vaddr).paddr
+            regs = (v.sys(name) for name in ("SCTLR_EL1", "TCR_EL1", "TTBR0_EL1", "TTBR1_EL1"))  # cached per stop
+            return stage1_address(self.ram, vaddr, *regs, cache=self.walks)
         except (VmiError, TargetError, ValueError) as e:
             raise TargetError(f"virtual address {vaddr:#x} is not mapped: {e}") from None
 

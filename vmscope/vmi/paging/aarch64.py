@@ -25,6 +25,7 @@ _TG0 = {0b00: 12, 0b01: 16, 0b10: 14}  # TCR.TG0 -> granule shift
 _TG1 = {0b10: 12, 0b11: 16, 0b01: 14}  # TCR.TG1 -> granule shift
 # Which levels may hold a block descriptor, per granule (48-bit OA).
 _BLOCK_LEVELS = {12: {1, 2}, 14: {2}, 16: {2}}
+SCTLR_M = 1  # SCTLR_EL1.M: stage-1 MMU enable
 
 
 def _field(value: int, lo: int, width: int) -> int:
@@ -98,3 +99,14 @@ class Aarch64Paging(Walker):
             pxn |= bool(entry >> 59 & 1)
             table = entry & OA_MASK & ~((1 << g) - 1)
         raise AssertionError("unreachable")
+
+
+def stage1_address(phys: PhysicalMemory, vaddr: int, sctlr: int, tcr: int, ttbr0: int, ttbr1: int,
+                   cache: TranslationCache | None = None) -> int:
+    """Guest-physical address of ``vaddr`` for a CPU with these EL1 system
+    registers: ``vaddr`` itself while SCTLR_EL1.M is clear (MMU off), else
+    the stage-1 walk. One rule for every arm64 back end (KVM and the
+    emulated CPU). Raises what the walk raises (VmiError, ValueError)."""
+    if not sctlr & SCTLR_M:
+        return vaddr
+    return Aarch64Paging(phys, ttbr0, ttbr1, tcr, cache).translate(vaddr).paddr
