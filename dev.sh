@@ -11,7 +11,7 @@ APT_PACKAGES=(
   gdb gdb-multiarch lldb gdbserver
   qemu-system-x86 qemu-system-arm qemu-utils
   busybox-static binutils-aarch64-linux-gnu
-  cpio xz-utils zstd kmod
+  cpio xz-utils zstd kmod device-tree-compiler
 )
 VENV=.venv
 
