@@ -224,5 +224,23 @@ def wheel_dir(dist: importlib.metadata.Distribution, arch: str) -> Path:
     return dest
 
 
+#: distributions with native code but no wheel for other platforms (an
+#: sdist only, built on install), taken from Debian's build of the same
+#: binding for the target architecture instead: same API, built for its python3.11
+DEBIAN_BUILDS = {"pylibfdt": "python3-libfdt"}
+
+
+def debian_build_dir(dist: importlib.metadata.Distribution, arch: str) -> Path | None:
+    """The ``dist-packages`` directory of Debian's build of ``dist`` for
+    ``arch``, or None when Debian has none listed here."""
+    package = DEBIAN_BUILDS.get(dist.metadata["Name"])
+    if package is None:
+        return None
+    roots = fetch_packages((package,), arch)
+    if not roots:
+        raise ForeignError(f"{dist.metadata['Name']} has no {arch} wheel and apt knows no {package}:{arch}")
+    return roots[0] / "usr/lib/python3/dist-packages"
+
+
 def has_native_code(dist: importlib.metadata.Distribution) -> bool:
     return any(str(f).endswith((".so",)) or ".so." in str(f) for f in dist.files or [])

@@ -41,7 +41,7 @@ SITE_DIR = "/opt/vmscope/site"
 GUESTS_DIR = "/opt/vmscope/guests"
 DEFAULT_PYTHON = "/usr/bin/python3.11"
 # Distributions the lab carries by default (their requirements come along).
-RUNTIME_DISTS = ("rich", "pyelftools", "capstone", "unicorn", "qemu.qmp", "lz4")
+RUNTIME_DISTS = ("rich", "pyelftools", "capstone", "unicorn", "qemu.qmp", "lz4", "pylibfdt")
 L1_MODULES = {
     "amd64": ("irqbypass", "kvm", "kvm_amd", "virtio_pci", "virtio_net"),
     "arm64": ("virtio_pci", "virtio_net"),  # KVM is built into Debian's arm64 kernel
@@ -247,6 +247,8 @@ def base_image(kernel: KernelPackage, python: str = DEFAULT_PYTHON,
     for dist in distributions_closure(dists):
         if native or not foreign.has_native_code(dist):
             add_distribution(image, dist, SITE_DIR)
+        elif (built := foreign.debian_build_dir(dist, arch)) is not None:
+            image.add_tree(SITE_DIR, built)  # self-contained (libfdt compiled in)
         else:
             add_foreign_wheel(image, dist, arch)
     guest = build_linux_guest(kernel=kernel, quiet=quiet, busybox=busybox)

@@ -1,6 +1,8 @@
-"""How the arm64 machine serves its vCPUs' exits: the PL011 by MMIO, debug
-exits to the target, PSCI SYSTEM_OFF/RESET (KVM's system events) as the
-end with status 0, anything else as a report. The ``handle_exit`` hook of
+"""How the arm64 machine serves its vCPUs' exits: the PL011 by MMIO (or,
+for a Linux guest, the platform's devices: :mod:`.platform`), debug exits
+to the target, PSCI SYSTEM_OFF/RESET (KVM's system events) as the end with
+status 0 (1 after a Linux panic), anything else as a report with the
+console's last lines. The ``handle_exit`` hook of
 :class:`vmscope.kvm.runcontrol.RunControl`, apart from the machine's
 construction as on x86 (:mod:`vmscope.kvm.x86.exits`).
 """
@@ -11,13 +13,14 @@ from vmscope.devices.pl011 import Pl011
 from vmscope.kvm import abi as kvm_abi
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
+from vmscope.kvm.devices.acpi_pm import end_after_reset
 from vmscope.kvm.runcontrol import VcpuSlot
 
 UART_BASE = 0x0900_0000
 
 
 class Arm64Exits:
-    """Needs ``self.target``, ``self.uart`` and RunControl's ``end``."""
+    """Needs ``self.target``, ``self.uart``, ``self.linux`` and RunControl's ``end``."""
 
     def handle_exit(self, slot: VcpuSlot) -> None:
         v = slot.vcpu
@@ -28,7 +31,9 @@ class Arm64Exits:
             self.target.on_debug_exit(v)
         elif reason == kvm_abi.KVM_EXIT_SYSTEM_EVENT:
             kind = v.run.exit.system_event.type
-            if kind in (abi.KVM_SYSTEM_EVENT_SHUTDOWN, abi.KVM_SYSTEM_EVENT_RESET):
+            if kind == abi.KVM_SYSTEM_EVENT_RESET and self.linux is not None:
+                end_after_reset(self, "PSCI SYSTEM_RESET")  # status 1 after a panic
+            elif kind in (abi.KVM_SYSTEM_EVENT_SHUTDOWN, abi.KVM_SYSTEM_EVENT_RESET):
                 self.end(0, None)
             else:
                 self._fatal(v, f"system event {kind}")
@@ -38,8 +43,14 @@ class Arm64Exits:
             self._fatal(v, f"unhandled exit {kvm_abi.EXIT_NAMES.get(reason, reason)}")
 
     def _mmio(self, v: Arm64Vcpu) -> None:
-        """The PL011; elsewhere outside RAM reads as 0 and writes are dropped."""
+        """The PL011 (or the Linux platform's devices); elsewhere outside RAM
+        reads as 0 and writes are dropped."""
         mmio = v.run.exit.mmio
+        if self.linux is not None:
+            storm = self.linux.mmio(v.index, mmio.phys_addr, mmio.data, min(mmio.len, 8), bool(mmio.is_write))
+            if storm:
+                self._fatal(v, f"{storm} (MMIO)")
+            return
         n = min(mmio.len, 8)
         offset = mmio.phys_addr - UART_BASE
         in_uart = 0 <= offset < Pl011.SIZE
@@ -52,4 +63,8 @@ class Arm64Exits:
                 mmio.data[i] = b
 
     def _fatal(self, v: Arm64Vcpu, why: str) -> None:
-        self.end(1, f"guest stopped: {why}; {v.summary()}")
+        report = f"guest stopped: {why}; {v.summary()}"
+        tail = self.linux.console_tail() if self.linux is not None else []
+        if tail:
+            report += "\nlast console lines:\n  " + "\n  ".join(tail[-20:])
+        self.end(1, report)

@@ -1,10 +1,15 @@
 """``Arm64KvmMachine``: vmscope's micro-VMM on an arm64 host's KVM.
 
-The guest-visible machine follows QEMU's ``virt`` board so the same ELF runs
-under both: RAM from 0x40000000, a PL011 at 0x09000000 (an MMIO exit per
-access; only DR and FR matter to a polling driver), PSCI 0.2 served by KVM
-itself through ``hvc`` (SYSTEM_OFF ends the VM with status 0). No GIC: the
-bare-metal guests vmscope boots poll.
+Two kinds of guest, told apart by the file:
+
+- an ELF is a bare-metal guest (the demo): the guest-visible machine follows
+  QEMU's ``virt`` board so the same ELF runs under both: RAM from
+  0x40000000, a PL011 at 0x09000000 (an MMIO exit per access; only DR and
+  FR matter to a polling driver), PSCI 0.2 served by KVM itself through
+  ``hvc`` (SYSTEM_OFF ends the VM with status 0). No GIC: those guests poll.
+- anything else is a Linux ``Image`` (gzip'd or not): the platform of
+  :mod:`vmscope.kvm.arm64.platform` (in-kernel GIC and timer, a 16550 with
+  its interrupt, a device tree in x0; loader in :mod:`.image`).
 
 Every vCPU is set up with ``KVM_ARM_PREFERRED_TARGET`` then
 ``KVM_ARM_VCPU_INIT``, which resets it to EL1h with DAIF masked and the MMU
@@ -22,6 +27,7 @@ and its ``handle_exit`` hook.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import sys
 from pathlib import Path
@@ -34,6 +40,7 @@ from vmscope.kvm import abi as kvm_abi
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.abi import ioctl
 from vmscope.kvm.arm64.exits import UART_BASE, Arm64Exits
+from vmscope.kvm.arm64.platform import LinuxPlatform, is_linux_image
 from vmscope.kvm.arm64.target import Arm64KvmTarget
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
 from vmscope.kvm.runcontrol import RunControl, VcpuSlot
@@ -79,10 +86,9 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
             raise ValueError(f"--cpus must be 1..{MAX_CPUS}, got {config.cpus}")
         if config.mem_mib < 2:
             raise ValueError(f"guest memory must be at least 2 MiB, got {config.mem_mib} MiB")
-        if config.initrd is not None:
-            raise ImageError(f"{config.initrd}: the arm64 KVM back end boots bare-metal ELF guests only (no initrd)")
         self._init_run_control()
         self.ram: GuestRam | None = None
+        self.linux: LinuxPlatform | None = None
         self._open_and_create(config, missing_hint="boot the kernel at EL2, or use --accel emu")
         self.target = Arm64KvmTarget(self)
 
@@ -101,11 +107,22 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
 
         kernel = Path(config.kernel) if config.kernel is not None else _demo_guest()
         self.kernel_path = kernel
-        self.image = load_elf(kernel, "aarch64", self.ram)
-        all_at_entry = starts_all_cpus(kernel)
-
-        self.serial = SerialSink(config.serial_out if config.serial_out is not None else sys.stdout.buffer)
-        self.uart = Pl011(self.serial, UART_BASE)
+        out = config.serial_out if config.serial_out is not None else sys.stdout.buffer
+        if is_linux_image(kernel):
+            self.linux = LinuxPlatform(self.vm_fd, self.ram, kernel, config.initrd, config.append,
+                                       config.cpus, out)
+            self.serial = self.linux.serial
+            self.uart = None
+            entry, all_at_entry, x0 = self.linux.layout.entry, False, self.linux.layout.fdt_addr
+        else:
+            if config.initrd is not None:
+                raise ImageError(f"{config.initrd}: an initrd goes with a Linux Image; {kernel} is an ELF "
+                                 "(a bare-metal guest)")
+            self.image = load_elf(kernel, "aarch64", self.ram)
+            all_at_entry = starts_all_cpus(kernel)
+            entry, x0 = self.image.entry, 0  # no device tree
+            self.serial = SerialSink(out)
+            self.uart = Pl011(self.serial, UART_BASE)
 
         preferred = abi.KvmVcpuInit()
         ioctl(self.vm_fd, abi.KVM_ARM_PREFERRED_TARGET, preferred, "KVM_ARM_PREFERRED_TARGET")
@@ -118,11 +135,14 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
             # Online for run control even when powered off: KVM blocks its
             # KVM_RUN until PSCI CPU_ON, and a stop must kick it out.
             self.vcpus.append(VcpuSlot(v, online=True))
-            v.set_core(abi.CORE_PC, self.image.entry)
-            v.set_core(abi.CORE_X0, 0)  # no device tree
+            v.set_core(abi.CORE_PC, entry)
+            v.set_core(abi.CORE_X0, x0)
             mpidr = v.sys("MPIDR_EL1")
             with contextlib.suppress(OSError):  # older KVMs keep their own value
                 v.set_sys("MPIDR_EL1", (mpidr & ~0xFF_00FF_FFFF) | (i & 0xFF))
+        if self.linux is not None:
+            # the cpu nodes' reg must be each vCPU's MPIDR affinity, whichever value KVM kept
+            self.linux.finish([s.vcpu.sys("MPIDR_EL1") & 0xFF_00FF_FFFF for s in self.vcpus])
 
     # --- Machine protocol ----------------------------------------------------------------
 
@@ -130,11 +150,15 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
         if self.config.serial_in is not None:
             from vmscope.devices.console import ConsoleInput
 
-            self._input = ConsoleInput(self.config.serial_in, self.uart.feed, lambda: self.end(0, None))
+            self._input = ConsoleInput(self.config.serial_in, (self.uart or self.serial).feed,
+                                       lambda: self.end(0, None))
             self._input.start()
         self.start_vcpu_threads(paused)
 
     def release_resources(self) -> None:
+        if self.linux is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.linux.vgic.fd)
         if self.ram is not None:
             self.ram.close()
 

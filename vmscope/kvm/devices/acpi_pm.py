@@ -50,11 +50,18 @@ class ResetPorts:
             self.reset(f"reset control register ({RESET_CONTROL:#x} <- {value:#04x})")
 
     def reset(self, how: str) -> None:
-        serial = getattr(self.machine, "serial", None)
-        tail = serial.console_tail() if hasattr(serial, "console_tail") else []
-        panic = next((i for i, line in enumerate(tail) if PANIC_MARKER in line), None)
-        if panic is None:
-            self.machine.end(0, None)
-            return
-        shown = "\n  ".join(tail[max(0, panic - 20):])
-        self.machine.end(1, f"guest kernel panicked (then rebooted by {how}); last console lines:\n  {shown}")
+        end_after_reset(self.machine, how)
+
+
+def end_after_reset(machine, how: str) -> None:
+    """A guest reboot: end ``machine`` with status 0, or 1 with the console
+    lines when a kernel panic precedes it (shared by the x86 reset ports
+    and arm64's PSCI SYSTEM_RESET)."""
+    serial = getattr(machine, "serial", None)
+    tail = serial.console_tail() if hasattr(serial, "console_tail") else []
+    panic = next((i for i, line in enumerate(tail) if PANIC_MARKER in line), None)
+    if panic is None:
+        machine.end(0, None)
+        return
+    shown = "\n  ".join(tail[max(0, panic - 20):])
+    machine.end(1, f"guest kernel panicked (then rebooted by {how}); last console lines:\n  {shown}")
