@@ -20,11 +20,22 @@ UART_BASE = 0x0900_0000
 
 
 class Arm64Exits:
-    """Needs ``self.target``, ``self.uart``, ``self.linux`` and RunControl's ``end``."""
+    """Needs ``self.target``, ``self.uart``, ``self.linux``, ``self.coalesced`` and RunControl's
+    ``end`` and ``flush_console``."""
 
     def handle_exit(self, slot: VcpuSlot) -> None:
         v = slot.vcpu
         reason = v.run.exit_reason
+        coalesced = self.coalesced
+        if coalesced is not None and coalesced.active:
+            # queued UART writes come first; an MMIO exit is served under
+            # the ring's lock so the drain thread cannot reorder it
+            with coalesced.lock:
+                if coalesced.drain():
+                    self.linux.storm.reset()
+                if reason == kvm_abi.KVM_EXIT_MMIO:
+                    self._mmio(v)
+                    return
         if reason == kvm_abi.KVM_EXIT_MMIO:
             self._mmio(v)
         elif reason == kvm_abi.KVM_EXIT_DEBUG:
@@ -63,6 +74,7 @@ class Arm64Exits:
                 mmio.data[i] = b
 
     def _fatal(self, v: Arm64Vcpu, why: str) -> None:
+        self.flush_console()
         report = f"guest stopped: {why}; {v.summary()}"
         tail = self.linux.console_tail() if self.linux is not None else []
         if tail:

@@ -89,6 +89,7 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
         self._init_run_control()
         self.ram: GuestRam | None = None
         self.linux: LinuxPlatform | None = None
+        self.coalesced = None  # the UART's character writes queued in KVM (Linux guests)
         self._open_and_create(config, missing_hint="boot the kernel at EL2, or use --accel emu")
         self.target = Arm64KvmTarget(self)
 
@@ -143,6 +144,26 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
         if self.linux is not None:
             # the cpu nodes' reg must be each vCPU's MPIDR affinity, whichever value KVM kept
             self.linux.finish([s.vcpu.sys("MPIDR_EL1") & 0xFF_00FF_FFFF for s in self.vcpus])
+            self._coalesce_console(mmap_size)
+
+    def _coalesce_console(self, mmap_size: int) -> None:
+        """Queue the UART's character writes in KVM's coalesced-MMIO ring
+        (as the x86 machine does for COM1's port): each console character
+        then costs one exit (the status read), not two. Without the
+        capability every write exits."""
+        from vmscope.kvm.devices.coalesced import CoalescedPorts
+
+        try:
+            self.coalesced = CoalescedPorts(self.kvm_fd, self.vm_fd, self.vcpus[0].vcpu.fd, mmap_size,
+                                            self.serial.write, pio=False)
+        except OSError:
+            return
+        self.serial.use_coalescing(self.coalesced)
+
+    def flush_console(self) -> None:
+        if self.coalesced is not None and self.coalesced.active:
+            with contextlib.suppress(ValueError, OSError):
+                self.coalesced.drain()
 
     # --- Machine protocol ----------------------------------------------------------------
 
@@ -154,6 +175,11 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
                                        lambda: self.end(0, None))
             self._input.start()
         self.start_vcpu_threads(paused)
+
+    def stop_devices(self) -> None:
+        super().stop_devices()
+        if self.coalesced is not None:
+            self.coalesced.close()
 
     def release_resources(self) -> None:
         if self.linux is not None:

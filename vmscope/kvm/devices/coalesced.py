@@ -46,17 +46,21 @@ KVM_CAP_COALESCED_PIO = 162
 
 class CoalescedPorts:
     """The ring and the zones of one VM. ``handler(port, size, value)``
-    replays each queued write, in guest order."""
+    replays each queued write, in guest order. ``pio``: the zones are I/O
+    ports (x86's COM1); False: MMIO addresses (the arm64 machine's UART,
+    the same ring and the same device model)."""
 
     def __init__(self, kvm_fd: int, vm_fd: int, vcpu_fd: int, mmap_size: int,
-                 handler: Callable[[int, int, int], None]):
+                 handler: Callable[[int, int, int], None], pio: bool = True):
         offset = ioctl(kvm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_MMIO, "KVM_CHECK_EXTENSION")
-        if offset <= 0 or ioctl(kvm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_PIO, "KVM_CHECK_EXTENSION") <= 0:
+        if offset <= 0 or (pio and ioctl(kvm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_PIO,
+                                         "KVM_CHECK_EXTENSION") <= 0):
             raise OSError("this KVM does not coalesce port writes")
         if (offset + 1) * PAGE > mmap_size:
             raise OSError("the coalescing ring is not in the vCPU mapping")
         self.vm_fd = vm_fd
         self.handler = handler
+        self.pio = int(pio)
         self._map = mmap.mmap(vcpu_fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._base = offset * PAGE
         self._max = (PAGE - RING_HEADER) // ENTRY.size
@@ -75,7 +79,7 @@ class CoalescedPorts:
                 return
             if not on:
                 self.drain()
-            zone = KvmCoalescedMmioZone(addr=port, size=size, pio=1)
+            zone = KvmCoalescedMmioZone(addr=port, size=size, pio=self.pio)
             request = KVM_REGISTER_COALESCED_MMIO if on else KVM_UNREGISTER_COALESCED_MMIO
             ioctl(self.vm_fd, request, zone, "KVM_(UN)REGISTER_COALESCED_MMIO")
             (self.zones.add if on else self.zones.discard)((port, size))
