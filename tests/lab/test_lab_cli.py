@@ -43,3 +43,31 @@ def test_lab_shell_puts_the_console_on_the_terminal():
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_lab_run_put_carries_host_files_into_l1(tmp_path):
+    """--put HOST:L1 (repeatable): a user's own files (a kernel, an
+    initramfs, a directory of scripts) are in L1 when the command runs."""
+    kernel = tmp_path / "my-kernel"
+    kernel.write_bytes(bytes(range(256)) * 40)
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "hello.sh").write_text("echo hello-from-$((6 * 7))\n")
+    proc = subprocess.run([sys.executable, "-m", "vmscope", "lab", "run", "--ports", PORTS,
+                           "--put", f"{kernel}:/root/guest/vmlinuz", "--put", f"{scripts}:/root/scripts", "--",
+                           "md5sum /root/guest/vmlinuz; sh /root/scripts/hello.sh"],
+                          capture_output=True, text=True, timeout=900)
+    import hashlib
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == hashlib.md5(kernel.read_bytes()).hexdigest()
+    assert "hello-from-42" in proc.stdout
+
+
+def test_lab_run_put_refuses_a_missing_file_or_a_relative_l1_path(tmp_path):
+    for arg, message in ((f"{tmp_path}/absent:/root/x", "no such file or directory"),
+                         (f"{tmp_path}:relative", "the L1 path absolute")):
+        proc = subprocess.run([sys.executable, "-m", "vmscope.lab", "run", "--put", arg, "--", "true"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr

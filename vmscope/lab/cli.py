@@ -1,7 +1,8 @@
 """``vmscope lab``: the nested KVM lab from the command line.
 
 - ``vmscope lab run [options] -- CMD...``: boot L1, run CMD there, stream its
-  output, exit with its exit code.
+  output, exit with its exit code. ``--put HOST_PATH:L1_PATH`` (repeatable)
+  carries the user's own files in (a kernel, an initramfs).
 - ``vmscope lab shell``: boot L1 with its console on this terminal (Ctrl-A X
   quits).
 - ``vmscope lab build``: build (or find in the cache) the lab image and say
@@ -14,6 +15,7 @@ Also ``python -m vmscope.lab ...``. ``main(argv)`` takes the arguments after
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -32,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--with", dest="extra_dists", action="append", default=[],
                         metavar="DIST", help="also carry this installed Python distribution "
                         "(and its requirements) into L1, e.g. pytest; repeatable")
+    common.add_argument("--put", action="append", default=[], metavar="HOST_PATH:L1_PATH",
+                        help="carry a file or directory of this machine into L1 at L1_PATH "
+                        "(your own kernel, initramfs, scripts); repeatable")
     common.add_argument("--arch", choices=("x86_64", "aarch64"), default=None,
                         help="L1 architecture (default: the host's); aarch64 needs "
                         "dpkg --add-architecture arm64 && apt-get update")
@@ -46,6 +51,22 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build or locate the lab image")
     build.add_argument("--arch", choices=("x86_64", "aarch64"), default=None)
     return p
+
+
+def parse_puts(puts: list[str]) -> dict[str, str]:
+    """``HOST_PATH:L1_PATH`` pairs -> ``{l1_path: host_path}`` (the
+    :class:`~vmscope.lab.Lab` ``extra_files`` mapping); raises ValueError
+    with a message for the user. The L1 path is what follows the last
+    colon, and must be absolute."""
+    files: dict[str, str] = {}
+    for item in puts:
+        host, sep, l1 = item.rpartition(":")
+        if not sep or not host or not l1.startswith("/"):
+            raise ValueError(f"--put {item!r}: give HOST_PATH:L1_PATH, the L1 path absolute")
+        if not os.path.exists(host):
+            raise ValueError(f"--put {item!r}: {host}: no such file or directory")
+        files[l1] = os.path.abspath(host)
+    return files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"modules {' '.join(image.modules)}")
             print(f"took    {time.monotonic() - t0:.1f} s")
             return 0
+        try:
+            extra_files = parse_puts(args.put)
+        except ValueError as exc:
+            print(f"vmscope lab: {exc}", file=sys.stderr)
+            return 2
         lab = Lab(cpus=args.cpus, mem_mib=args.mem, forward=args.forward, port_range=args.ports,
-                  quiet=False, arch=args.arch, extra_dists=args.extra_dists,
+                  quiet=False, arch=args.arch, extra_dists=args.extra_dists, extra_files=extra_files or None,
                   console=(lambda line: print(f"[L1] {line}", file=sys.stderr, flush=True))
                   if getattr(args, "console", False) else None)
         if args.action == "shell":
