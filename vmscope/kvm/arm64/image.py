@@ -22,6 +22,7 @@ Errors name the field that is wrong (``ImageError``), as the x86 loader's do.
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -83,9 +84,11 @@ def read_image(path: Path) -> bytes:
     return data
 
 
-def parse_header(data: bytes, path: str | Path = "image") -> ImageHeader:
-    """Check that ``data`` is an arm64 Image this loader can boot; the
-    error names the field that is wrong."""
+def parse_header(data: bytes, path: str | Path = "image", file_size: int | None = None) -> ImageHeader:
+    """Check that ``data`` (the Image, or its start when ``file_size`` gives
+    the whole size) is an arm64 Image this loader can boot; the error names
+    the field that is wrong."""
+    size = len(data) if file_size is None else file_size
     if len(data) < HEADER_SIZE:
         raise ImageError(f"{path}: {len(data)} bytes is too short for an arm64 Image (the header is 64 bytes)")
     if data[MAGIC_OFFSET:MAGIC_OFFSET + 4] != MAGIC:
@@ -97,21 +100,27 @@ def parse_header(data: bytes, path: str | Path = "image") -> ImageHeader:
         raise ImageError(f"{path}: header flags {flags:#x}: a big-endian kernel (bit 0); vmscope boots little-endian ones")
     if image_size == 0:
         text_offset = OLD_TEXT_OFFSET
-    elif image_size < len(data) - 4096:
-        raise ImageError(f"{path}: header image_size {image_size:#x} is smaller than the file ({len(data):#x} bytes)")
+    elif image_size < size - 4096:
+        raise ImageError(f"{path}: header image_size {image_size:#x} is smaller than the file ({size:#x} bytes)")
     if text_offset % PAGE or text_offset >= ALIGN_2M:
         raise ImageError(f"{path}: header text_offset {text_offset:#x} is not a page-aligned offset below 2 MiB")
-    return ImageHeader(text_offset, image_size or len(data) + (16 << 20), flags)
+    return ImageHeader(text_offset, image_size or size + (16 << 20), flags)
 
 
 def load_image(path: Path, ram, initrd: Path | None = None) -> LinuxLayout:
     """Put the Image and the initrd into ``ram`` (a
-    :class:`vmscope.emu.memory.GuestRam` whose base is 2 MiB aligned) and
+    :class:`vmscope.devices.ram.GuestRam` whose base is 2 MiB aligned) and
     reserve the device tree's place; the device tree itself is written by
     the caller at ``fdt_addr``."""
     path = Path(path)
-    data = read_image(path)
-    hdr = parse_header(data, path)
+    raw = _raw_size(path)
+    if raw is None:  # gzip'd: inflate in memory
+        data = read_image(path)
+        hdr, size = parse_header(data, path), len(data)
+    else:
+        data, size = None, raw
+        with open(path, "rb") as f:
+            hdr = parse_header(f.read(HEADER_SIZE), path, file_size=size)
     if ram.base % ALIGN_2M:
         raise ValueError(f"RAM base {ram.base:#x} is not 2 MiB aligned")
     base = ram.base + hdr.text_offset
@@ -120,23 +129,58 @@ def load_image(path: Path, ram, initrd: Path | None = None) -> LinuxLayout:
     if kernel_end + (32 << 20) > fdt_addr:
         raise ImageError(f"{path}: the kernel needs {hdr.image_size >> 20} MiB (header image_size) plus room "
                          f"to run; guest RAM is {ram.size >> 20} MiB: give the VM more memory (--mem)")
-    ram.write(base, data)
+    if data is not None:
+        ram.write(base, data)
+    else:
+        _read_into(path, ram, base, size)
     placed = None
     if initrd is not None:
         try:
-            blob = Path(initrd).read_bytes()
+            length = Path(initrd).stat().st_size
         except OSError as e:
             raise ImageError(f"{initrd}: cannot read initrd: {e.strerror}") from None
         # just below the device tree, page aligned: far from the kernel,
         # which grows into memory after image_size as it boots
-        start = (fdt_addr - len(blob)) & ~(PAGE - 1)
+        start = (fdt_addr - length) & ~(PAGE - 1)
         if start < kernel_end + (16 << 20):
-            raise ImageError(f"{initrd}: initrd of {len(blob) >> 20} MiB does not fit above the kernel in "
+            raise ImageError(f"{initrd}: initrd of {length >> 20} MiB does not fit above the kernel in "
                              f"{ram.size >> 20} MiB of guest RAM (--mem)")
-        ram.write(start, blob)
-        placed = (start, start + len(blob))
+        _read_into(Path(initrd), ram, start, length)
+        placed = (start, start + length)
     return LinuxLayout(entry=base, kernel_end=kernel_end, fdt_addr=fdt_addr, fdt_max=ram.end - fdt_addr,
                        initrd=placed)
+
+
+def _raw_size(path: Path) -> int | None:
+    """The file's size when it is not gzip'd, None when it is."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) == b"\x1f\x8b":
+                return None
+            return os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not a kernel image") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _read_into(path: Path, ram, addr: int, length: int) -> None:
+    """Read the file straight into guest RAM (no intermediate copy: in the
+    nested lab, where L1 runs under TCG, each copy of a 30 MiB kernel costs
+    seconds)."""
+    off = addr - ram.base
+    view = ram.view[off:off + length]
+    try:
+        with open(path, "rb") as f:
+            got = f.readinto(view)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        view.release()
+    if got != length:
+        raise ImageError(f"{path}: read {got} of {length} bytes")
 
 
 def is_arm64_image(head: bytes) -> bool:
