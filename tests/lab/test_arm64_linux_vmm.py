@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.lab.conftest import require_arm64
+from tests.lab_support import require_arm64
 from vmscope.lab import LabTimeout
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -71,7 +71,7 @@ def interrupt_counts(text: str) -> dict[str, int]:
 
 def read_interrupts(vm, tag: str) -> dict[str, int]:
     vm.write(f"echo {tag}-begin; cat /proc/interrupts; echo {tag}-end\n")
-    m = expect(vm, rf"\n{tag}-begin\r?\n(.*?)\n{tag}-end")
+    m = expect(vm, rf"(?s)\n{tag}-begin\r*\n(.*?)\n{tag}-end")
     return interrupt_counts(m.group(1))
 
 
@@ -119,3 +119,138 @@ def test_kernel_panic_is_reported_with_console_lines_and_a_nonzero_status(lab):
     assert r.returncode == 1, f"stdout:\n{r.stdout[-2000:]}\nstderr:\n{r.stderr[-2000:]}"
     assert "guest kernel panicked" in r.stderr
     assert "Attempted to kill init" in r.stderr
+
+
+# --- debugging the live kernel with the host's gdb-multiarch -------------------------------
+
+
+def connect(gdb, lab) -> str:
+    return gdb.cmd(f"target remote 127.0.0.1:{lab.host_port(GDB_GUEST_PORT)}", timeout=120)
+
+
+def resume(gdb) -> None:
+    """`continue`, returning once gdb says so."""
+    gdb.start("continue")
+    gdb.child.expect("Continuing", timeout=60)
+
+
+def els(gdb) -> list[int]:
+    """Each vCPU's exception level at the stop."""
+    out = []
+    for tid in (1, 2):
+        gdb.cmd(f"thread {tid}")
+        out.append(gdb.value("$CurrentEL") >> 2 & 3)
+    gdb.cmd("thread 1")
+    return out
+
+
+def banner_offset() -> int:
+    """Where ``linux_banner`` lies in the Image, from the file itself: the
+    Image is the kernel's memory image from ``_text`` (Debian's arm64
+    kallsyms has text symbols only, no CONFIG_KALLSYMS_ALL)."""
+    from vmscope.images.kernel import cloud_kernel
+    from vmscope.kvm.arm64.image import read_image
+
+    data = read_image(cloud_kernel("arm64", quiet=True).vmlinuz)
+    return data.index(b"Linux version 6.")
+
+
+def test_gdb_multiarch_debugs_the_live_kernel_with_kaslr(lab):
+    """gdb-multiarch on the host, vmscope's arm64 stub in L1, KASLR on: two
+    vCPU threads; the kernel's symbols from the stub (target:/vmscope/kallsyms.elf);
+    linux_banner and init_task read while both vCPUs are stopped in EL0
+    (a TTBR1 walk: KVM has no KVM_TRANSLATE on arm64); a breakpoint on
+    the openat syscall hit ten times in a row with both vCPUs in a
+    syscall loop; stepi in kernel code; a watchpoint on jiffies."""
+    from tests.support import Gdb
+
+    with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT} -v")) as vm:
+        expect(vm, "waiting for gdb", 300)
+        gdb = Gdb(None, binary="gdb-multiarch", timeout=180)
+        try:
+            gdb.cmd("set architecture aarch64")
+            connect(gdb, lab)
+            threads = gdb.cmd("info threads")
+            assert len(re.findall(r"Thread \d+", threads)) == 2, threads
+            resume(gdb)
+            t0 = time.monotonic()
+            expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+            MEASURED["boot_to_ready_under_gdb_s"] = time.monotonic() - t0
+            gdb.interrupt(120)
+            deadline = time.monotonic() + 300
+            while not re.search(r"\d+ kernel symbols", info := gdb.cmd("monitor symbols")):
+                assert time.monotonic() < deadline and "still being decoded" in info, info
+                time.sleep(2)
+            text = int(re.search(r"_text (0x[0-9a-f]+)", info).group(1), 16)
+            assert text >> 48 == 0xFFFF and text != 0xFFFF_8000_0800_0000, f"KASLR should move _text: {info}"
+            loaded = gdb.cmd("add-symbol-file target:/vmscope/kallsyms.elf", timeout=180)
+            assert "Reading symbols" in loaded and "rror" not in loaded, loaded
+            assert gdb.value("(long)&_text") & (2**64 - 1) == text
+
+            # init_task: the idle task of CPU 0 (SP_EL0 holds `current` in the kernel)
+            init_task = None
+            for _ in range(20):
+                gdb.cmd("thread 1")
+                sp_el0 = gdb.value("$SP_EL0") & (2**64 - 1)
+                in_kernel = gdb.value("$CurrentEL") >> 2 & 3 == 1 and sp_el0 >> 48 == 0xFFFF
+                found = gdb.cmd(f"python print(bytes(gdb.selected_inferior().read_memory({sp_el0:#x}, 0x1800))"
+                                ".find(b'swapper/0\\0'))") if in_kernel else "-1"
+                if int(found.strip().splitlines()[-1]) > 0:
+                    init_task = sp_el0
+                    break
+                resume(gdb)
+                time.sleep(0.5)
+                gdb.interrupt(120)
+            assert init_task is not None, "vCPU 0 never stopped in its idle task"
+            gdb.cmd("detach")
+
+            # both vCPUs busy in user mode (two shell loops), then stopped there
+            vm.write("while :; do :; done &\nwhile :; do :; done &\necho loops-$((1 + 1))\n")
+            expect(vm, "loops-2")
+            connect(gdb, lab)
+            for _ in range(20):
+                if els(gdb) == [0, 0]:
+                    break
+                resume(gdb)
+                gdb.interrupt(120)
+            assert els(gdb) == [0, 0], gdb.transcript()
+            banner = gdb.cmd(f"x/s {text + banner_offset():#x}")
+            assert "Linux version 6." in banner, banner
+            found = gdb.cmd(f"python print(bytes(gdb.selected_inferior().read_memory({init_task:#x}, 0x1800))"
+                            ".find(b'swapper/0\\0'))")
+            assert int(found.strip().splitlines()[-1]) > 0, found
+
+            # a breakpoint on the openat syscall, hit after hit with both vCPUs in a syscall loop
+            vm.write("kill %1 %2\n")
+            out = gdb.cmd("break __arm64_sys_openat")
+            assert "Breakpoint 1 at" in out, out
+            loop = "while :; do cat /proc/version >/dev/null; done &"
+            vm.write(f"{loop} p1=$!\n{loop} p2=$!\n")
+            for _ in range(10):
+                resume(gdb)
+                stop = gdb.wait_prompt(300)
+                assert re.search(r"Breakpoint 1, 0x[0-9a-f]+ in __arm64_sys_openat", stop), gdb.transcript()
+            pc = gdb.value("$pc") & (2**64 - 1)
+            vm.write("kill $p1 $p2\n")
+            gdb.cmd("delete")
+            gdb.cmd("stepi")
+            assert gdb.value("$pc") & (2**64 - 1) != pc, "stepi did not move"
+            assert gdb.value("$CurrentEL") >> 2 & 3 == 1
+
+            jiffies = gdb.cmd("info symbol jiffies")
+            if "No symbol" not in jiffies:  # only with CONFIG_KALLSYMS_ALL
+                gdb.cmd("watch *(long *)&jiffies")
+                resume(gdb)
+                stop = gdb.wait_prompt(300)
+                assert re.search(r"[Ww]atchpoint 2.*\n+Old value = \d+\nNew value = \d+", stop), gdb.transcript()
+                gdb.cmd("delete")
+            gdb.cmd("detach")
+        except BaseException:
+            print("\n".join(gdb.log))
+            print("vmscope:", vm.stdout[-2000:], vm.stderr[-3000:])
+            raise
+        finally:
+            gdb.close()
+        vm.write("poweroff -f\n")
+        result = vm.wait(180)
+    assert result.returncode == 0, result.stderr[-2000:]
