@@ -26,6 +26,8 @@ class Arm64Exits:
     def handle_exit(self, slot: VcpuSlot) -> None:
         v = slot.vcpu
         reason = v.run.exit_reason
+        if self.target.watching_for_kernel:  # kernel symbols are built as soon as the kernel runs
+            self.target.on_exit_watch(v)
         coalesced = self.coalesced
         if coalesced is not None and coalesced.active:
             # queued UART writes come first; an MMIO exit is served under

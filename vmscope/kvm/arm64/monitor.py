@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vmscope.gdbserver.toolkit import MonitorDispatch
+from vmscope.kvm.arm64.linux_symbols import MONITOR_HELP as LINUX_MONITOR_HELP
 
 
 class Arm64Monitor(MonitorDispatch):
@@ -16,7 +17,11 @@ class Arm64Monitor(MonitorDispatch):
                 "  help             this text\n"
                 "  cpus             exception level, pc, SCTLR_EL1 and TTBRs of every vCPU\n"
                 "  translate ADDR   guest-virtual ADDR -> guest-physical (vCPU 0's tables)\n"
+                + (LINUX_MONITOR_HELP if self.m.linux is not None else "") +
                 f"debug slots: {self.m.hw_bp_slots} breakpoints, {self.m.hw_wp_slots} watchpoints\n")
+
+    def _monitor_other(self, cmd: str, args: list[str]) -> str | None:
+        return self.linux_monitor(cmd, args)  # the Linux commands (symbols), None for others
 
     def _monitor_cpus(self, args: list[str]) -> str:
         lines = []

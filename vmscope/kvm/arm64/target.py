@@ -57,6 +57,7 @@ from vmscope.gdbserver.target import (
     StopEvent,
     SwBreakpoints,
     Target,
+    TargetFiles,
     ThreadNames,
     Watchpoints,
 )
@@ -64,6 +65,7 @@ from vmscope.gdbserver.toolkit import InsertedBreakpoint
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.breakpoints import Arm64Breakpoints, Watch
 from vmscope.kvm.arm64.debugexits import Arm64DebugExits, AtomicRun, StepState
+from vmscope.kvm.arm64.linux_symbols import Arm64LinuxSymbols
 from vmscope.kvm.arm64.memaccess import Arm64Memory
 from vmscope.kvm.arm64.monitor import Arm64Monitor
 from vmscope.kvm.arm64.registers import Arm64Registers
@@ -72,9 +74,9 @@ from vmscope.vmi.paging import TranslationCache
 
 
 class Arm64KvmTarget(
-    Arm64Registers, Arm64Memory, Arm64Breakpoints, Arm64DebugExits, Arm64Monitor,
+    Arm64Registers, Arm64Memory, Arm64Breakpoints, Arm64DebugExits, Arm64Monitor, Arm64LinuxSymbols,
     KvmTargetBase, Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
-    AddressTranslation, PhysicalMemory, ThreadNames,
+    AddressTranslation, PhysicalMemory, ThreadNames, TargetFiles,
 ):
     arch = AARCH64
 
@@ -131,6 +133,9 @@ class Arm64KvmTarget(
                     self._apply_debug(slot.vcpu, step=False)
                     run[slot.vcpu.index] = True
         self.m.run_vcpus(run)
+
+    def _stop_taken(self) -> None:
+        self.prepare_stop()  # the kernel's symbol file starts building at a stop (Arm64LinuxSymbols)
 
     def detach(self) -> None:
         """Put every patched instruction back, drop all debug state and let

@@ -21,22 +21,25 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from signal import SIGTRAP
 
 from vmscope.gdbserver.target import StopEvent, TargetError
 from vmscope.kvm import abi
+from vmscope.kvm.kernel_symbols import (  # noqa: F401  (KALLSYMS_FILE, KernelImage: re-exported)
+    KALLSYMS_FILE,
+    MAX_IMAGE,
+    KernelImage,
+    SymbolBuild,
+    image_from,
+)
 from vmscope.kvm.x86.kernel_entry import KernelEntryTrap, KernelEntryUnavailable
 
 log = logging.getLogger(__name__)
 
-KALLSYMS_FILE = "/vmscope/kallsyms.elf"
 #: how often a vCPU thread looks whether the kernel runs yet (one KVM_GET_REGS)
 KERNEL_WATCH_PERIOD = 0.25
 KERNEL_HALF = 1 << 63
-MAX_IMAGE = 1 << 30  # KERNEL_IMAGE_SIZE with KASLR
 
 MONITOR_HELP = (
     "  kernel-entry     stop where the decompressed Linux kernel starts (before start_kernel)\n"
@@ -47,67 +50,6 @@ NO_KERNEL_YET = (
     "no decompressed Linux kernel in memory yet (at the first instruction it is still compressed); "
     "run `monitor kernel-entry`, then `continue`"
 )
-
-
-@dataclass(frozen=True)
-class KernelImage:
-    symbols: object  # vmscope.vmi.linux.kallsyms.Kallsyms
-    text: int  # virtual _text
-    end: int  # virtual end of the image (last symbol, rounded up)
-    phys_text: int
-
-    @property
-    def slide(self) -> int:
-        from vmscope.vmi.linux.kaslr import DEFAULT_TEXT
-
-        return self.text - DEFAULT_TEXT
-
-
-class SymbolBuild:
-    """The kernel's symbols and GDB symbol file, made in a thread of their own.
-
-    Why: GDB gives a ``vFile:open`` 2 s (``remotetimeout``); decoding ~90,000
-    kallsyms names and writing the ELF is Python work that took 4 s in the
-    nested lab (0.5 s on a host). Started as soon as a running kernel is
-    seen, it is done long before anyone types ``add-symbol-file``, and a stop
-    reported meanwhile does not wait for it. The image is read from physical
-    memory (it is contiguous there), so the guest may run on, and its page
-    tables may change, while the thread works.
-    """
-
-    def __init__(self, read, loc, machine: str = "x86_64") -> None:
-        self._read, self._loc, self._machine = read, loc, machine
-        self.image: KernelImage | None = None
-        self.symbol_file: bytes | None = None
-        self.error: str | None = None
-        self.seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="kernel-symbols", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from vmscope.vmi.errors import VmiError
-        from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
-        from vmscope.vmi.linux.symcache import BUILD_CACHE
-
-        t0 = time.monotonic()
-        loc = self._loc
-        try:
-            syms = scan_for_kallsyms(self._read, loc.phys_text, loc.phys_text + (loc.end - loc.text),
-                                     cache=BUILD_CACHE)
-            self.image = LinuxSupport._image_from(syms, loc.phys_text, loc.text)
-            self.symbol_file = BUILD_CACHE.symbol_file(syms, self._machine)
-        except (VmiError, TargetError, ValueError, IndexError) as e:
-            self.error = f"no kallsyms in the kernel image at {loc.text:#x}: {e}"
-        self.seconds = time.monotonic() - t0
-        if self.image is None:
-            log.info("kernel symbols: %s (after %.2f s in the background)", self.error, self.seconds)
-        else:
-            log.info("kernel symbols: %d symbols in %.2f s (background, %s)", len(self.image.symbols), self.seconds,
-                     "a known kernel build: from the cache" if self.image.symbols.cached else "decoded")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
 
 class LinuxSupport:
@@ -309,17 +251,7 @@ class LinuxSupport:
             return self._image_from(syms, loc.phys_text, loc.text)
         raise TargetError(NO_KERNEL_YET)
 
-    @staticmethod
-    def _image_from(syms, phys_text: int, text: int | None = None) -> KernelImage:
-        if "_text" in syms:
-            text = syms["_text"]
-        if text is None:
-            raise TargetError("kallsyms has no _text symbol: cannot place the kernel image")
-        in_image = [s.address for s in syms.symbols if text <= s.address < text + MAX_IMAGE]
-        end = (max(in_image) + 0x1000) & ~0xFFF if in_image else text + 0x200000
-        if "_end" in syms and text < syms["_end"] <= text + MAX_IMAGE:
-            end = syms["_end"]
-        return KernelImage(syms, text, end, phys_text)
+    _image_from = staticmethod(image_from)
 
     def kernel_image_page(self, vpage: int) -> int | None:
         """Physical page of a kernel-image address while no vCPU maps it
