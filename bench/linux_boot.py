@@ -3,11 +3,15 @@
 Both run inside the nested lab's L1 (real KVM) on the same kernel,
 initramfs, memory and vCPU count; the clock runs inside L1, from starting
 the process to the guest's `vmscope-linux-ready` line on the console, so the
-lab's command channel is not measured. QEMU is the host's own
+lab's command channel is not measured. On x86_64 QEMU is the host's own
 `qemu-system-x86_64`, carried into L1 with the shared libraries `ldd` lists
-and its firmware (SeaBIOS, the Linux option ROMs).
+and its firmware (SeaBIOS, the Linux option ROMs). With ``--arch aarch64``
+the lab is the arm64 one and QEMU is Debian's arm64 `qemu-system-aarch64`
+(``-M virt -enable-kvm``, from the qemu-system-arm package and its library
+packages, found by DT_NEEDED as the lab finds Python's), against
+`vmscope run --arch aarch64`.
 
-    python3 bench/linux_boot.py [--runs 5] [--cpus 2] [--mem 512] [--decompressor]
+    python3 bench/linux_boot.py [--arch aarch64] [--runs 5] [--cpus 2] [--mem 512] [--decompressor]
 
 Prints each run, the medians and the ratio vmscope / QEMU (the target is
 0.5 or less). vmscope boots the bzImage directly (decompressed on the host,
@@ -94,8 +98,51 @@ def qemu_files() -> dict[str, str]:
     return files
 
 
-def commands(cpus: int, mem: int, guests: str, decompressor: bool = False) -> dict[str, list[str]]:
+def qemu_files_arm64() -> dict[str, str]:
+    """Debian's arm64 qemu-system-aarch64 and every library it loads, from
+    the packages it depends on (transitively, libraries only)."""
+    from vmscope.images import debian
+    from vmscope.lab import foreign
+
+    triplet, _ = foreign.ARCHES["arm64"]
+    todo, seen = ["qemu-system-arm"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += [d for d in debian.depends(name, "arm64") if d.startswith("lib") or d == "zlib1g"]
+    roots = foreign.RootSet(foreign.fetch_packages(sorted(seen), "arm64", quiet=False))
+    binary = roots.find("/usr/bin/qemu-system-aarch64")
+    if binary is None:
+        sys.exit("qemu-system-arm:arm64 holds no /usr/bin/qemu-system-aarch64")
+    files = {f"{QEMU_DIR}/bin/qemu-system-aarch64": str(binary)}
+    pending, done = list(foreign.elf_needed(binary)[0]), set()
+    while pending:
+        soname = pending.pop()
+        if soname in done:
+            continue
+        done.add(soname)
+        lib = roots.find(f"/lib/{triplet}/{soname}") or roots.find(f"/usr/lib/{triplet}/{soname}")
+        if lib is None:
+            sys.exit(f"qemu-system-aarch64 needs {soname}, which no package provided")
+        files[f"{QEMU_DIR}/lib/{soname}"] = str(lib)
+        pending += foreign.elf_needed(lib)[0]
+    return files
+
+
+def commands(cpus: int, mem: int, guests: str, decompressor: bool = False,
+             arch: str = "x86_64") -> dict[str, list[str]]:
     kernel, initrd = f"{guests}/vmlinuz", f"{guests}/initramfs.cpio.gz"
+    if arch == "aarch64":
+        return {
+            "vmscope": ["python3", "-m", "vmscope", "run", "--arch", "aarch64", "--accel", "kvm", "--kernel", kernel,
+                        "--initrd", initrd, "--cpus", str(cpus), "--mem", str(mem), "--append", CMDLINE],
+            "qemu": ["env", f"LD_LIBRARY_PATH={QEMU_DIR}/lib", f"{QEMU_DIR}/bin/qemu-system-aarch64",
+                     "-M", "virt,gic-version=3", "-cpu", "host", "-enable-kvm", "-nodefaults", "-no-user-config",
+                     "-nographic", "-serial", "stdio", "-m", str(mem), "-smp", str(cpus),
+                     "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE.replace("ttyS0", "ttyAMA0")],
+        }
     vmscope = ["python3", "-m", "vmscope", "run", "--accel", "kvm", "--kernel", kernel, "--initrd", initrd,
                "--cpus", str(cpus), "--mem", str(mem), "--append", CMDLINE]
     extra = {"vmscope-decompressor": [*vmscope, "--boot", "decompressor"]} if decompressor else {}
@@ -111,6 +158,8 @@ def commands(cpus: int, mem: int, guests: str, decompressor: bool = False) -> di
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64",
+                    help="the lab and guest architecture (aarch64: the arm64 nested lab)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--mem", type=int, default=512, help="guest MiB")
@@ -122,12 +171,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from vmscope.lab import Lab
 
-    with Lab(cpus=2, mem_mib=2048, port_range=(19100, 19199), extra_files=qemu_files()) as lab:
+    files = qemu_files_arm64() if args.arch == "aarch64" else qemu_files()
+    with Lab(arch=args.arch, cpus=2, mem_mib=2048, port_range=(19100, 19199), extra_files=files,
+             boot_timeout=900) as lab:
         guests = lab.run("echo $VMSCOPE_LAB_GUESTS/linux", check=True).stdout.strip()
         lab.run("echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled", check=True)
-        prime = lab.run(["python3", "-c", PRIME, f"{guests}/vmlinuz"], timeout=args.limit, check=True)
-        print(f"decompressing the bzImage into L1's cache, once: {prime.stdout.strip()}", flush=True)
-        cmds = commands(args.cpus, args.mem, guests, args.decompressor)
+        if args.arch == "x86_64":  # an arm64 Image has no decompressor: nothing to prime
+            prime = lab.run(["python3", "-c", PRIME, f"{guests}/vmlinuz"], timeout=args.limit, check=True)
+            print(f"decompressing the bzImage into L1's cache, once: {prime.stdout.strip()}", flush=True)
+        cmds = commands(args.cpus, args.mem, guests, args.decompressor, args.arch)
         times: dict[str, list[float]] = {name: [] for name in cmds}
         for i in range(args.runs):
             for name, argv_ in cmds.items():
@@ -141,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {i + 1}: {name:20s} {res['seconds']:7.2f} s", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["vmscope"] / med["qemu"]
-    print(f"median boot-to-ready ({args.runs} runs, {args.cpus} vCPUs, {args.mem} MiB): "
+    print(f"median boot-to-ready ({args.arch}, {args.runs} runs, {args.cpus} vCPUs, {args.mem} MiB): "
           f"vmscope {med['vmscope']:.2f} s, qemu -enable-kvm {med['qemu']:.2f} s, ratio {ratio:.2f}x "
           f"(target <= 0.5x)")
     if "vmscope-decompressor" in med:
