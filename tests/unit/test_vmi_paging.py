@@ -353,3 +353,23 @@ def test_arm64_random_page_mappings_match_model(shape, pages, kernel_half):
         if vpn not in mapped:
             with pytest.raises(TranslationError):
                 w.translate(base + vpn * gsize)
+
+
+def test_arm64_kernel_image_placed_by_a_loader_needs_no_header():
+    """Once arm64 Linux runs, only ``_stext`` onwards is mapped (and
+    reserved: the 64 KiB head page below it may be reused, as under
+    vmscope's VMM). A VMM that loaded the Image knows where ``_text`` is
+    physically; the walk from a text address to ``_stext`` then gives the
+    virtual ``_text`` without reading a header."""
+    from vmscope.vmi.linux.kaslr import KernelNotFound, find_arm64_kernel_image
+
+    t = ArmTables(12)
+    phys_text, text = 0x40_0000, 0xFFFF_A859_BD20_0000
+    for i in range(8):  # _stext .. 8 pages on; nothing maps _text itself
+        t.map("ttbr1", 48, text + 0x1_0000 + i * 4 * KB, phys_text + 0x1_0000 + i * 4 * KB)
+    w = Aarch64Paging(BytesMemory(t.mem), 0, t.root("ttbr1"), tcr(16, 16, 12, 12))
+    vbar = text + 0x1_0000 + 5 * 4 * KB + 0x800
+    loc = find_arm64_kernel_image(AddressSpace(w), vbar, w, loaded=(phys_text, 0x200_0000))
+    assert (loc.text, loc.end, loc.phys_text) == (text, text + 0x200_0000, phys_text)
+    with pytest.raises(KernelNotFound, match="no arm64 Image header"):  # the header page was reused
+        find_arm64_kernel_image(AddressSpace(w), vbar, w)

@@ -10,9 +10,11 @@ runs at a kernel-half address (``pc`` >= 2^63), kallsyms in the physical
 image hold their final, randomized addresses: the symbol file is built
 then, in a background thread (:class:`vmscope.kvm.kernel_symbols.SymbolBuild`,
 shared with x86), or at the latest at the first stop after that. Where
-``_text`` lies (Debian's arm64 kallsyms start at ``_stext``) comes from a
-TTBR1 walk down from a kernel text address to the Image header
-(:func:`vmscope.vmi.linux.kaslr.find_arm64_kernel_image`).
+``_text`` lies virtually (Debian's arm64 kallsyms start at ``_stext``)
+comes from a TTBR1 walk down from a kernel text address to the start of
+the mapping (``_stext``), whose physical offset from where the loader put
+``_text`` gives the slide (:func:`vmscope.vmi.linux.kaslr.find_arm64_kernel_image`;
+the Image header itself may be gone by then: the kernel does not reserve it).
 """
 
 from __future__ import annotations
@@ -71,7 +73,9 @@ class Arm64LinuxSymbols:
             if address < KERNEL_HALF:
                 continue
             try:
-                loc = find_arm64_kernel_image(AddressSpace(walker), address, walker)
+                layout = self.m.linux.layout
+                loc = find_arm64_kernel_image(AddressSpace(walker), address, walker,
+                                              loaded=(layout.entry, layout.kernel_end - layout.entry))
             except VmiError:
                 continue
             with self._lock:

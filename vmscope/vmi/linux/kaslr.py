@@ -77,12 +77,18 @@ def arm64_kimage_vaddr(walker) -> int:
     return (1 << 64) - (1 << (va_bits - 1)) + MODULES_VSIZE
 
 
-def find_arm64_kernel_image(boot, text_address: int, walker, max_image: int = 512 << 20) -> KernelLocation:
+def find_arm64_kernel_image(boot, text_address: int, walker, max_image: int = 512 << 20,
+                            loaded: tuple[int, int] | None = None) -> KernelLocation:
     """Walk down from a kernel text address to the first unmapped page:
     that is where ``_stext`` starts. The 64 KiB before it (``_text``, the
     Image header) is not mapped once the kernel runs, but the image is
     physically contiguous, so the header is read from physical memory; its
-    size field gives the end of the image."""
+    size field gives the end of the image.
+
+    ``loaded``: (physical ``_text``, image size) when the caller put the
+    Image there itself (a VMM's loader). Then no header is read: the kernel
+    reserves only ``_stext`` onwards, so once it runs the page allocator
+    may reuse the 64 KiB header page (it did under vmscope's arm64 VMM)."""
     granule = 1 << walker.granule1
     pos = text_address & ~(granule - 1)
     if not boot.is_mapped(pos):
@@ -91,6 +97,10 @@ def find_arm64_kernel_image(boot, text_address: int, walker, max_image: int = 51
     while pos - granule >= lowest and boot.is_mapped(pos - granule):
         pos -= granule
     phys = walker.translate(pos).paddr
+    if loaded is not None:
+        phys_text, size = loaded
+        text = pos - (phys - phys_text)
+        return KernelLocation(text, text + size, text - arm64_kimage_vaddr(walker), phys_text, walker.ttbr1)
     for head in (0, HEAD_TEXT_SIZE):  # _text itself mapped, or 64 KiB below _stext
         try:
             header = boot.phys.read(phys - head, 64)
