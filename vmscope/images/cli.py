@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {guest.initramfs}")
     print("boot it with: " + " ".join(
         a if " " not in a else repr(a) for a in guest.qemu_argv()))
+    arch = "aarch64" if guest.arch == "arm64" else "x86_64"
+    print(f"or with vmscope's VMM (on an {arch} host with /dev/kvm, or in `vmscope lab run --arch {arch}`): "
+          f"vmscope run --arch {arch} --kernel {guest.vmlinuz} --initrd {guest.initramfs} --cpus 2 --mem 512")
     return 0
 
 
