@@ -214,7 +214,10 @@ def test_gdb_multiarch_debugs_the_live_kernel_with_kaslr(lab):
                     break
                 resume(gdb)
                 gdb.interrupt(120)
-            assert els(gdb) == [0, 0], gdb.transcript()
+            if els(gdb) != [0, 0]:
+                stacks = gdb.cmd("thread apply all bt 8")
+                pytest.fail(f"both vCPUs never stopped in EL0 together; where they were:\n{stacks}\n"
+                            f"console:\n{vm.stdout[-1500:]}")
             banner = gdb.cmd(f"x/s {text + banner_offset():#x}")
             assert "Linux version 6." in banner, banner
             found = gdb.cmd(f"python print(bytes(gdb.selected_inferior().read_memory({init_task:#x}, 0x1800))"
