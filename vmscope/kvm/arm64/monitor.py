@@ -17,7 +17,7 @@ class Arm64Monitor(MonitorDispatch):
                 "  help             this text\n"
                 "  cpus             exception level, pc, SCTLR_EL1 and TTBRs of every vCPU\n"
                 "  translate ADDR   guest-virtual ADDR -> guest-physical (vCPU 0's tables)\n"
-                + (LINUX_MONITOR_HELP if self.m.linux is not None else "") +
+                + (LINUX_MONITOR_HELP if getattr(self.m, "linux", None) is not None else "") +
                 f"debug slots: {self.m.hw_bp_slots} breakpoints, {self.m.hw_wp_slots} watchpoints\n")
 
     def _monitor_other(self, cmd: str, args: list[str]) -> str | None:
