@@ -38,7 +38,7 @@ def campaign(target: str, seconds: int, work: str) -> dict:
 def coverage_of(corpus_dir: str, target: str) -> str:
     data = os.path.join(corpus_dir, ".coverage")
     subprocess.run([sys.executable, "-m", "coverage", "run", f"--data-file={data}", "--source=vmscope.rsp,vmscope.gdbserver",
-                    HARNESS, "--target", target, "-runs=0", corpus_dir], capture_output=True, text=True, cwd=ROOT)
+                    HARNESS, "--target", target, "--replay", corpus_dir], capture_output=True, text=True, cwd=ROOT)
     rep = subprocess.run([sys.executable, "-m", "coverage", "report", f"--data-file={data}"], capture_output=True,
                          text=True, cwd=ROOT)
     total = [ln for ln in rep.stdout.splitlines() if ln.startswith("TOTAL")]
