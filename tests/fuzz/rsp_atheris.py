@@ -55,6 +55,16 @@ class ErrorLog(logging.Handler):
         self.records.append(self.format(record))
 
 
+def writes_files(payload: bytes) -> bool:
+    """``monitor dump PATH`` writes a file where the VMM runs: not from fuzzed bytes."""
+    if not payload.startswith(b"qRcmd,"):
+        return False
+    try:
+        return bytes.fromhex(payload[6:].decode()).lstrip().startswith(b"dump")
+    except ValueError:
+        return False
+
+
 def moves_pc(payload: bytes) -> bool:
     """``c ADDR``, ``s ADDR``, ``C sig;ADDR``, ``S sig;ADDR``: resume at an address."""
     head = payload[:1]
@@ -139,7 +149,7 @@ class Harness:
             for ev in stub.receive(data):
                 if isinstance(ev, Packet):
                     self.packets += 1
-                    if ev.payload.startswith(SKIPPED) or moves_pc(ev.payload):
+                    if ev.payload.startswith(SKIPPED) or moves_pc(ev.payload) or writes_files(ev.payload):
                         continue
                     reply = session.handle(ev.payload)
                     if reply is not None:
