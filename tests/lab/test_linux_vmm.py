@@ -446,3 +446,40 @@ def test_inspect_ps_through_vmscopes_own_stub(lab):
         vm.write("poweroff -f\n")
         result = vm.wait(120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_vmscope_trace_through_vmscopes_own_stub(lab):
+    """`vmscope trace` in L1, attached to vmscope's own stub on a live Debian
+    kernel (KASLR on, no vmlinux), reports the pid, comm and file name of a
+    `cat` the guest starts, as the guest itself prints them; the guest runs
+    on afterwards."""
+    import json
+
+    from tests.support import Gdb
+
+    marker = "/tmp/vmscope-trace-marker"
+    with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
+        expect(vm, "waiting for gdb", 120)
+        gdb = Gdb(None, timeout=120)
+        try:
+            gdb.cmd("set architecture i386:x86-64")
+            connect(gdb, lab)
+            gdb.cmd("detach")  # the guest boots on, undebugged
+        finally:
+            gdb.close()
+        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        # the cat starts once the tracer has attached and set its probe (it takes L1's Python a while)
+        vm.write(f"(sleep 60; sh -c 'echo traced-pid=$$; exec cat {marker}') &\n")
+        r = lab.run(["python3", "-m", "vmscope", "trace", "__x64_sys_openat", "--gdb",
+                     f"127.0.0.1:{GDB_GUEST_PORT}", "--timeout", "60", "--comm", "cat", "--count", "1",
+                     "--seconds", "400", "--json"], timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        pid = int(expect(vm, r"traced-pid=(\d+)", 120).group(1))
+        *hits, summary = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+        assert [(h["pid"], h["comm"], h["args"]["filename"]) for h in hits] == [(pid, "cat", marker)], r.stdout
+        assert summary["summary"]["hits"] == 1
+        vm.write("echo still-$((20 + 1))\n")
+        expect(vm, "still-21", 120)
+        vm.write("poweroff -f\n")
+        result = vm.wait(120)
+    assert result.returncode == 0, result.stderr[-2000:]
