@@ -38,6 +38,7 @@ def main() -> None:
     while out.data != want and time.monotonic() < deadline and m.wait(0.05) is None:
         pass
     t2 = time.monotonic()
+    m.wait(0.3)  # let the last CPU up tick a few times after its banner (it may not have yet: a race, not a fault)
     stop = m.target.stop(10)
     regs = m.target.read_registers(1)
     counter_addr = m.image.symbols["counter"]
