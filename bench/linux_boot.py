@@ -144,7 +144,7 @@ def commands(cpus: int, mem: int, guests: str, decompressor: bool = False,
                      "-kernel", kernel, "-initrd", initrd, "-append", CMDLINE.replace("ttyS0", "ttyAMA0")],
         }
     vmscope = ["python3", "-m", "vmscope", "run", "--accel", "kvm", "--kernel", kernel, "--initrd", initrd,
-               "--cpus", str(cpus), "--mem", str(mem), "--append", CMDLINE]
+               "--cpus", str(cpus), "--mem", str(mem), "--append", CMDLINE, "--boot", "direct"]
     extra = {"vmscope-decompressor": [*vmscope, "--boot", "decompressor"]} if decompressor else {}
     return {
         "vmscope": vmscope,

@@ -229,9 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--append", help="kernel command line")
     run.add_argument("--mem", type=int, default=256, metavar="MIB", help="guest RAM in MiB (default 256)")
     run.add_argument("--cpus", type=int, default=1, metavar="N", help="vCPUs (default 1)")
-    run.add_argument("--boot", choices=["direct", "decompressor"], default="direct",
-                     help="x86 KVM, bzImage: 'direct' (default) decompresses the kernel on the host (cached), "
-                          "places it with KASLR and enters startup_64; 'decompressor' runs the kernel's own")
+    run.add_argument("--boot", choices=["direct", "decompressor"], default="decompressor",
+                     help="x86 KVM, bzImage: 'decompressor' (default) runs the kernel's own; 'direct' "
+                          "decompresses the kernel on the host (cached), places it with KASLR and enters "
+                          "startup_64 (faster; it still triple-faults at some KASLR placements)")
     run.add_argument("--gdb", metavar="[HOST:]PORT|unix:PATH",
                      help="serve GDB here and wait for it before the first instruction (host defaults to 127.0.0.1; "
                           "unix:PATH: a Unix socket only its owner can use)")

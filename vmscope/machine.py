@@ -40,9 +40,10 @@ class MachineConfig:
     serial_out: BinaryIO | None = None
     #: file descriptor for serial input (the console), None = no input
     serial_in: int | None = None
-    #: how the x86 KVM back end boots a bzImage: "direct" (decompressed on
-    #: the host, entered at startup_64) or "decompressor" (the kernel's own)
-    boot: str = "direct"
+    #: how the x86 KVM back end boots a bzImage: "decompressor" (the kernel's
+    #: own) or "direct" (decompressed on the host, entered at startup_64; not
+    #: the default while it triple-faults at some KASLR placements)
+    boot: str = "decompressor"
     extra: dict = field(default_factory=dict)
 
 

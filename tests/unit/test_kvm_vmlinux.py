@@ -233,7 +233,7 @@ def test_unknown_compression_falls_back_to_the_decompressor_and_says_why(bzimage
     mem = GuestRam(0, 512 * MiB)
     try:
         with caplog.at_level(logging.INFO, logger="vmscope.kvm.boot.vmlinux"):
-            plan = load_kernel(odd, mem, "console=ttyS0")
+            plan = load_kernel(odd, mem, "console=ttyS0", boot="direct")
         assert plan.mode == "linux32" and plan.kernel is None
         assert "own decompressor" in caplog.text and "lzo" in caplog.text
         assert load_kernel(bzimage, mem, "console=ttyS0", boot="decompressor").mode == "linux32"

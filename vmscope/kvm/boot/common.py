@@ -28,7 +28,7 @@ BOOT_METHODS = ("direct", "decompressor")
 
 
 def load_kernel(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | None = None,
-                boot: str = "direct") -> BootPlan:
+                boot: str = "decompressor") -> BootPlan:
     """Load ``path`` into ``mem`` with the loader its format needs.
 
     ``boot`` chooses how a bzImage boots (:data:`BOOT_METHODS`); "direct"
