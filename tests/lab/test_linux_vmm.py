@@ -55,6 +55,22 @@ def expect(vm, pattern: str, timeout: float = 120) -> re.Match:
         pytest.fail(f"no {pattern!r} on the console; it said:\n{vm.stdout[-3000:]}\nstderr:\n{vm.stderr[-3000:]}")
 
 
+def boot_undebugged(vm, lab) -> None:
+    """A `vmscope run --gdb` holds the guest for a debugger: attach stock gdb
+    once and detach, so the guest boots on undebugged, then wait for its shell."""
+    from tests.support import Gdb
+
+    expect(vm, "waiting for gdb", 120)
+    gdb = Gdb(None, timeout=120)
+    try:
+        gdb.cmd("set architecture i386:x86-64")
+        connect(gdb, lab)
+        gdb.cmd("detach")
+    finally:
+        gdb.close()
+    expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+
+
 def test_shell_session_over_the_console_and_poweroff(lab):
     """Boot with 2 vCPUs to the ready marker, type commands at the shell,
     read their output back, then `poweroff -f` ends vmscope with status 0."""
@@ -419,18 +435,10 @@ def test_inspect_ps_through_vmscopes_own_stub(lab):
     that the guest's own `ps` prints on its console."""
     import json
 
-    from tests.support import Gdb, guest_ps
+    from tests.support import guest_ps
 
     with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
-        expect(vm, "waiting for gdb", 120)
-        gdb = Gdb(None, timeout=120)
-        try:
-            gdb.cmd("set architecture i386:x86-64")
-            connect(gdb, lab)
-            gdb.cmd("detach")  # the guest boots on, undebugged
-        finally:
-            gdb.close()
-        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        boot_undebugged(vm, lab)
         # `sleep 1` first: a child ps catches between fork and exec shows as "exe" (busybox), later "sleep"
         vm.write("sleep 600 &\nsleep 1; ps -o pid,ppid,comm; echo ps-$((40 + 2))\n")
         expect(vm, "ps-42")
@@ -459,19 +467,9 @@ def test_vmscope_trace_through_vmscopes_own_stub(lab):
     on afterwards."""
     import json
 
-    from tests.support import Gdb
-
     marker = "/tmp/vmscope-trace-marker"
     with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
-        expect(vm, "waiting for gdb", 120)
-        gdb = Gdb(None, timeout=120)
-        try:
-            gdb.cmd("set architecture i386:x86-64")
-            connect(gdb, lab)
-            gdb.cmd("detach")  # the guest boots on, undebugged
-        finally:
-            gdb.close()
-        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        boot_undebugged(vm, lab)
         # the cat starts once the tracer has attached and set its probe (it takes L1's Python a while)
         vm.write(f"(sleep 60; sh -c 'echo traced-pid=$$; exec cat {marker}') &\n")
         r = lab.run(["python3", "-m", "vmscope", "trace", "__x64_sys_openat", "--gdb",
