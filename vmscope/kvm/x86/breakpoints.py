@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from vmscope.gdbserver.target import SIGTRAP, StopEvent, TargetError, WatchKind
 from vmscope.gdbserver.toolkit import WATCH_STOP_KIND, InsertedBreakpoint
 from vmscope.kvm import abi
+from vmscope.kvm.x86.delivery import deliver_by_hand
 from vmscope.kvm.x86.memaccess import INT3
 from vmscope.kvm.x86.translate import PAGE
 from vmscope.kvm.x86.vcpu import Vcpu
@@ -129,7 +130,10 @@ class X86Breakpoints:
             return
         if current != INT3:
             return  # our breakpoint, removed meanwhile: just run the original instruction
-        # The guest's own INT3: deliver #BP to the guest.
+        # The guest's own INT3: deliver #BP to the guest (by hand when
+        # KVM's delivery would touch a page-protected page: delivery.py).
+        if deliver_by_hand(self, v, BP_VECTOR, rip + 1):
+            return
         if after_emulation_failure:
             r = v.regs()
             r.rip = rip + 1
