@@ -261,3 +261,109 @@ def test_gdb_multiarch_debugs_the_live_kernel_with_kaslr(lab):
         vm.write("poweroff -f\n")
         result = vm.wait(180)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_kernel_entry_then_hbreak_start_kernel_and_watch_jiffies(lab):
+    """gdb-multiarch attaches before the kernel's first instruction (KASLR
+    not yet decided), `monitor kernel-entry` stops where the kernel first
+    runs at its randomized address with its symbols ready, `hbreak
+    start_kernel` set there hits, and a watchpoint on `jiffies` (a data
+    symbol Debian's arm64 kallsyms lacks: read off do_timer's code)
+    triggers once the timer ticks."""
+    from tests.support import Gdb
+
+    with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
+        expect(vm, "waiting for gdb", 300)
+        gdb = Gdb(None, binary="gdb-multiarch", timeout=180)
+        try:
+            gdb.cmd("set architecture aarch64")
+            connect(gdb, lab)
+            early = gdb.cmd("monitor symbols")
+            assert "kernel-entry" in early, early  # nothing relocated yet: says what to do
+            armed = gdb.cmd("monitor kernel-entry")
+            assert "armed" in armed, armed
+            resume(gdb)
+            stop = gdb.wait_prompt(600)
+            assert "SIGTRAP" in stop, gdb.transcript()
+            pc = gdb.value("$pc") & (2**64 - 1)
+            assert pc >> 48 == 0xFFFF, f"the kernel-entry stop is at a kernel virtual address, got {pc:#x}"
+            info = gdb.cmd("monitor symbols")
+            m = re.search(r"(\d+) kernel symbols from kallsyms: _text (0x[0-9a-f]+)", info)
+            assert m and int(m.group(1)) > 30_000, info
+            assert int(m.group(2), 16) != 0xFFFF_8000_0800_0000, f"KASLR should move _text: {info}"
+            loaded = gdb.cmd("add-symbol-file target:/vmscope/kallsyms.elf", timeout=300)
+            assert "Reading symbols" in loaded and "rror" not in loaded, loaded
+            assert "__primary_switched" in gdb.cmd("info symbol $pc")
+            late = gdb.cmd("monitor kernel-entry")
+            assert "behind us" in late, late
+            gdb.cmd("hbreak start_kernel")
+            resume(gdb)
+            stop = gdb.wait_prompt(600)
+            assert re.search(r"[Bb]reakpoint \d+, 0x[0-9a-f]+ in start_kernel \(\)", stop), gdb.transcript()
+            banner = gdb.cmd(f"x/s {int(m.group(2), 16) + banner_offset():#x}")
+            assert "Linux version 6." in banner, banner
+            gdb.cmd("delete")
+            jiffies = gdb.value("(long)&jiffies") & (2**64 - 1)
+            assert jiffies >> 48 == 0xFFFF, f"jiffies at {jiffies:#x}"
+            gdb.cmd("watch *(long *)&jiffies")
+            resume(gdb)
+            stop = gdb.wait_prompt(600)
+            assert re.search(r"[Ww]atchpoint \d+: \*\(long \*\)&jiffies\s*\n+Old value = (-?\d+)\nNew value = (-?\d+)",
+                             stop), gdb.transcript()
+            old, new = map(int, re.search(r"Old value = (-?\d+)\nNew value = (-?\d+)", stop).groups())
+            assert new > old, stop
+            gdb.cmd("delete")
+            gdb.cmd("detach")
+        except BaseException:
+            print("\n".join(gdb.log))
+            print("vmscope:", vm.stdout[-2000:], vm.stderr[-3000:])
+            raise
+        finally:
+            gdb.close()
+        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        vm.write("poweroff -f\n")
+        result = vm.wait(180)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_inspect_ps_through_vmscopes_own_arm64_stub(lab):
+    """`vmscope inspect ps` on the host, through the lab's port forward to
+    vmscope's own arm64 stub on a live Debian kernel (KASLR on, no vmlinux),
+    lists the pids, parents and names the guest's own `ps` prints."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import ROOT, Gdb, guest_ps
+
+    with lab.spawn(vm_command(extra=f"--gdb 0.0.0.0:{GDB_GUEST_PORT}")) as vm:
+        expect(vm, "waiting for gdb", 300)
+        gdb = Gdb(None, binary="gdb-multiarch", timeout=180)
+        try:  # a `run --gdb` holds the guest for a debugger: attach once and detach
+            gdb.cmd("set architecture aarch64")
+            connect(gdb, lab)
+            gdb.cmd("detach")
+        finally:
+            gdb.close()
+        expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
+        vm.write("sleep 600 &\nsleep 1; ps -o pid,ppid,comm; echo ps-$((40 + 2))\n")
+        expect(vm, "ps-42")
+        console = vm.stdout
+        theirs = guest_ps(console[console.rfind("PID") : console.rfind("ps-42")])
+        assert len(theirs) > 10, console[-3000:]
+        r = subprocess.run([sys.executable, "-m", "vmscope", "inspect", "--gdb",
+                            f"127.0.0.1:{lab.host_port(GDB_GUEST_PORT)}", "--timeout", "120", "--json", "ps"],
+                           capture_output=True, text=True, timeout=900, cwd=ROOT)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        ours = {row["pid"]: row for row in json.loads(r.stdout)}
+        for pid, (ppid, comm) in theirs.items():
+            if comm == "ps" or comm.startswith("kworker"):
+                continue  # ps has exited since; kworkers come and go
+            assert pid in ours, f"the guest has pid {pid} ({comm}), vmscope inspect does not"
+            assert (ours[pid]["comm"], ours[pid]["ppid"]) == (comm, ppid)
+        assert any(row["comm"] == "sleep" and row["kind"] == "user" for row in ours.values())
+        vm.write("echo still-$((6 * 7))\n")
+        expect(vm, "still-42")  # the guest runs on after the inspection
+        vm.write("poweroff -f\n")
+        result = vm.wait(180)
+    assert result.returncode == 0, result.stderr[-2000:]

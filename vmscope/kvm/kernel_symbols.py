@@ -82,6 +82,7 @@ class SymbolBuild:
 
     def _run(self) -> None:
         from vmscope.vmi.errors import VmiError
+        from vmscope.vmi.linux.derived_symbols import with_derived_symbols
         from vmscope.vmi.linux.kallsyms import scan_for_kallsyms
         from vmscope.vmi.linux.symcache import BUILD_CACHE
 
@@ -90,6 +91,9 @@ class SymbolBuild:
         try:
             syms = scan_for_kallsyms(self._read, loc.phys_text, loc.phys_text + (loc.end - loc.text),
                                      cache=BUILD_CACHE)
+            # data symbols kallsyms lacks (Debian arm64: no KALLSYMS_ALL), from the code that uses them
+            syms = with_derived_symbols(syms, lambda va, n: self._read(loc.phys_text + va - loc.text, n),
+                                        self._machine)
             self.image = image_from(syms, loc.phys_text, loc.text)
             self.symbol_file = BUILD_CACHE.symbol_file(syms, self._machine)
         except (VmiError, TargetError, ValueError, IndexError) as e:

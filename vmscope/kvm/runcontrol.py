@@ -78,6 +78,7 @@ class RunControl:
         self._stops_posted = 0
         self._closed = False
         self._input = None  # a console input thread, stopped at shutdown
+        self.coalesced = None  # a coalesced-MMIO/PIO ring (kvm.devices.coalesced), closed at shutdown
         self.vcpus: list[VcpuSlot] = []
         self.kvm_fd: int | None = None
         self.vm_fd: int | None = None
@@ -106,6 +107,17 @@ class RunControl:
         close: stop the console input thread (machines add their devices)."""
         if self._input is not None:
             self._input.stop()
+        if self.coalesced is not None:
+            self.coalesced.close()
+
+    def start_console_input(self, serial_in, feed) -> None:
+        """Feed the host's console input (``serial_in``, a file; None: none)
+        to the guest's UART; its end (Ctrl-A x, EOF) ends the VM with 0."""
+        if serial_in is not None:
+            from vmscope.devices.console import ConsoleInput
+
+            self._input = ConsoleInput(serial_in, feed, lambda: self.end(0, None))
+            self._input.start()
 
     def release_resources(self) -> None:
         """Close guest memory (after the vCPU and VM fds)."""

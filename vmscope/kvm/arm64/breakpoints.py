@@ -94,6 +94,9 @@ class Arm64Breakpoints:
     def _debug_regs(self, with_exec: bool):
         with self._lock:
             bps = tuple((bvr_value(a), bcr_value()) for a in self.hw) if with_exec else ()
+            entry = self.entry_break  # monitor kernel-entry (kernel_entry.py)
+            if entry is not None:
+                bps += ((bvr_value(entry), bcr_value()),)
             wps = tuple(r for w in self.watches for r in w.regs)
         return bps, wps
 

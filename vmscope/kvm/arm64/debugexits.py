@@ -69,6 +69,8 @@ class Arm64DebugExits:
             else:
                 self._apply_debug(v, step=False)
         elif ex.cause == "hw-breakpoint":
+            if self.on_entry_break(v):
+                return
             run = self._atomic.get(v.index)
             if run is not None and not run.done and v.pc == run.end:
                 self._atomic_done(v)

@@ -86,7 +86,9 @@ class Arm64LinuxSymbols:
 
     def prepare_stop(self) -> None:
         """In the stub's thread, every vCPU parked: a debugger that attached
-        after the kernel started gets its symbols built from here."""
+        after the kernel started gets its symbols built from here; the
+        kernel-entry stop waits for them (:mod:`.kernel_entry`)."""
+        self.finish_entry_stop()
         if self.watching_for_kernel:
             for slot in self.m.vcpus:
                 if slot.vcpu.pc >= KERNEL_HALF and self._start_symbol_build(slot.vcpu):
@@ -98,7 +100,8 @@ class Arm64LinuxSymbols:
             if self.m.linux is None:
                 raise TargetError("not a Linux guest: no kernel symbols")
             raise TargetError("the kernel has not run at its virtual address yet (KASLR not applied): "
-                              "continue until it has, then ask again")
+                              "run `monitor kernel-entry`, then `continue`; or continue until it has run, "
+                              "then ask again")
         if not build.wait(timeout):
             raise TargetError("kernel symbols are still being decoded; ask again shortly")
         if build.image is None:
@@ -112,6 +115,8 @@ class Arm64LinuxSymbols:
         return self._symbol_build.symbol_file
 
     def linux_monitor(self, cmd: str, args: list[str]) -> str | None:
+        if cmd == "kernel-entry":
+            return self.arm_kernel_entry()
         if cmd != "symbols":
             return None
         try:

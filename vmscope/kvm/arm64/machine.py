@@ -89,7 +89,6 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
         self._init_run_control()
         self.ram: GuestRam | None = None
         self.linux: LinuxPlatform | None = None
-        self.coalesced = None  # the UART's character writes queued in KVM (Linux guests)
         self._open_and_create(config, missing_hint="boot the kernel at EL2, or use --accel emu")
         self.target = Arm64KvmTarget(self)
 
@@ -168,18 +167,8 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
     # --- Machine protocol ----------------------------------------------------------------
 
     def start(self, paused: bool = False) -> None:
-        if self.config.serial_in is not None:
-            from vmscope.devices.console import ConsoleInput
-
-            self._input = ConsoleInput(self.config.serial_in, (self.uart or self.serial).feed,
-                                       lambda: self.end(0, None))
-            self._input.start()
+        self.start_console_input(self.config.serial_in, (self.uart or self.serial).feed)
         self.start_vcpu_threads(paused)
-
-    def stop_devices(self) -> None:
-        super().stop_devices()
-        if self.coalesced is not None:
-            self.coalesced.close()
 
     def release_resources(self) -> None:
         if self.linux is not None:

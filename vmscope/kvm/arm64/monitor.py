@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vmscope.gdbserver.toolkit import MonitorDispatch
+from vmscope.kvm.arm64.kernel_entry import MONITOR_HELP as ENTRY_MONITOR_HELP
 from vmscope.kvm.arm64.linux_symbols import MONITOR_HELP as LINUX_MONITOR_HELP
 
 
@@ -11,13 +12,14 @@ class Arm64Monitor(MonitorDispatch):
     commands (the dispatch and ``translate`` are the targets' shared ones)."""
 
     monitor_commands = ("cpus", "translate")
+    monitor_needs_stop = frozenset({"kernel-entry"})  # reads every vCPU's pc
 
     def _monitor_help(self) -> str:
         return ("vmscope arm64 KVM monitor commands:\n"
                 "  help             this text\n"
                 "  cpus             exception level, pc, SCTLR_EL1 and TTBRs of every vCPU\n"
                 "  translate ADDR   guest-virtual ADDR -> guest-physical (vCPU 0's tables)\n"
-                + (LINUX_MONITOR_HELP if getattr(self.m, "linux", None) is not None else "") +
+                + (LINUX_MONITOR_HELP + ENTRY_MONITOR_HELP if getattr(self.m, "linux", None) is not None else "") +
                 f"debug slots: {self.m.hw_bp_slots} breakpoints, {self.m.hw_wp_slots} watchpoints\n")
 
     def _monitor_other(self, cmd: str, args: list[str]) -> str | None:

@@ -65,6 +65,7 @@ from vmscope.gdbserver.toolkit import InsertedBreakpoint
 from vmscope.kvm.arm64 import abi
 from vmscope.kvm.arm64.breakpoints import Arm64Breakpoints, Watch
 from vmscope.kvm.arm64.debugexits import Arm64DebugExits, AtomicRun, StepState
+from vmscope.kvm.arm64.kernel_entry import Arm64KernelEntry
 from vmscope.kvm.arm64.linux_symbols import Arm64LinuxSymbols
 from vmscope.kvm.arm64.memaccess import Arm64Memory
 from vmscope.kvm.arm64.monitor import Arm64Monitor
@@ -75,7 +76,7 @@ from vmscope.vmi.paging import TranslationCache
 
 class Arm64KvmTarget(
     Arm64Registers, Arm64Memory, Arm64Breakpoints, Arm64DebugExits, Arm64Monitor, Arm64LinuxSymbols,
-    KvmTargetBase, Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
+    Arm64KernelEntry, KvmTargetBase, Target, SwBreakpoints, HwBreakpoints, Watchpoints, MonitorCommands,
     AddressTranslation, PhysicalMemory, ThreadNames, TargetFiles,
 ):
     arch = AARCH64
@@ -147,6 +148,7 @@ class Arm64KvmTarget(
                 self.hw.clear()
                 self.watches.clear()
             self.attached = False
+            self.disarm_kernel_entry()
             self._pending.clear()
             self._stepping = None
             for slot in self.m.vcpus:

@@ -53,7 +53,6 @@ class KvmMachine(X86Exits, RunControl):
             raise ValueError(f"--cpus must be 1..64, got {config.cpus}")
         self._init_run_control()
         self.mem: GuestRam | None = None
-        self.coalesced = None
         self._storm = None
         self._open_and_create(config)
         self.target = KvmTarget(self)
@@ -195,17 +194,8 @@ class KvmMachine(X86Exits, RunControl):
                 slot.online = True
             elif self.plan.linux:
                 slot.online = True  # in KVM_RUN, waiting in the kernel for the guest's INIT/SIPI
-        if self.config.serial_in is not None:
-            from vmscope.devices.console import ConsoleInput
-
-            self._input = ConsoleInput(self.config.serial_in, self.serial.feed, lambda: self.end(0, None))
-            self._input.start()
+        self.start_console_input(self.config.serial_in, self.serial.feed)
         self.start_vcpu_threads(paused)
-
-    def stop_devices(self) -> None:
-        super().stop_devices()
-        if self.coalesced is not None:
-            self.coalesced.close()
 
     def release_resources(self) -> None:
         if self.mem is not None:
