@@ -7,7 +7,11 @@ transmitter-holding-register empty (IER bit 1). Transmission is instant, so
 THRE becomes pending on every THR write and whenever the guest enables the
 THRE interrupt; reading IIR while THRE is the reported source clears it.
 The line's level follows ``pending & enabled``; a new rising edge is a new
-interrupt.
+interrupt. Each register access, with the level it leaves, is one atomic
+step under a device lock: two vCPUs (one in the interrupt handler reading
+IIR, one printing) and the console input thread use the port at once, and
+an IIR read that cleared a THRE set by the other vCPU's write in between
+would lose that interrupt for good.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class InterruptingSerial(Serial16550):
         self._sink = out if callable(out) else (lambda b, o=out: (o.write(b), o.flush()))
         self.line = line
         self._thre_pending = False
-        self._irq_lock = threading.Lock()
+        self._device_lock = threading.RLock()  # register access + line level, atomically
         self._partial = bytearray()
         #: the last console lines, for fault reports
         self.tail: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
@@ -58,14 +62,22 @@ class InterruptingSerial(Serial16550):
         return IIR_NONE
 
     def _update(self) -> None:
-        with self._irq_lock:
-            self.line.set(self._iir() != IIR_NONE)
+        self.line.set(self._iir() != IIR_NONE)
 
     def feed(self, data: bytes) -> None:
-        super().feed(data)
-        self._update()
+        with self._device_lock:
+            super().feed(data)
+            self._update()
 
     def read(self, port: int, size: int) -> int:
+        with self._device_lock:
+            return self._read(port, size)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        with self._device_lock:
+            self._write(port, size, value)
+
+    def _read(self, port: int, size: int) -> int:
         reg = port - self.base
         if reg == IIR_FCR:
             iir = self._iir()
@@ -78,7 +90,7 @@ class InterruptingSerial(Serial16550):
             self._update()
         return value
 
-    def write(self, port: int, size: int, value: int) -> None:
+    def _write(self, port: int, size: int, value: int) -> None:
         reg = port - self.base
         dlab = self.lcr & LCR_DLAB
         thri_before = self.ier & IER_THRI
