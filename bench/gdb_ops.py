@@ -42,8 +42,13 @@ from vmscope.guests import guest_elf  # noqa: E402
 
 console = Console(stderr=True)
 
-# Phase 1 (hardware breakpoint to reach the loop: it works on every peer).
-GDB_SCRIPT = r"""
+# Each phase is its own gdb connection with its own time limit: QEMU with
+# this machine's software KVM reports an INT3 as an emulation failure and
+# hangs, and its data watchpoints never fire. A phase first reaches the loop
+# with a hardware breakpoint (it works on every peer). `maint packet` sends
+# a marker the stub answers with an empty reply: the recorder splits the
+# packet log at them to count packets per operation.
+_PRELUDE = r"""
 set pagination off
 set confirm off
 target remote 127.0.0.1:{port}
@@ -52,41 +57,57 @@ continue
 delete
 python
 import gdb, time
+def mark(name):
+    gdb.execute("maint packet qvmscope.bench:" + name, to_string=True)
 def timed(n, cmd):
     t = time.perf_counter()
     for _ in range(n):
         gdb.execute(cmd, to_string=True)
     return n / (time.perf_counter() - t)
+"""
+PHASES = {
+    # name: (script body, result keys)
+    "main": (r"""
+mark("stepi")
 steps = timed({steps}, "stepi")
+mark("dump")
 t = time.perf_counter()
 gdb.execute("dump binary memory {dump} {mem_lo:#x} {mem_hi:#x}", to_string=True)
 mbps = ({mem_hi} - {mem_lo}) / (time.perf_counter() - t) / 1e6
 gdb.execute("hbreak tick", to_string=True)
+mark("hbreak")
 hits = timed({hits}, "continue")
+mark("end")
 gdb.execute("delete", to_string=True)
 print("RESULT stepi_per_s=%.1f mem_MBps=%.2f hbreak_hits_per_s=%.1f" % (steps, mbps, hits))
-end
-detach
-"""
-
-# Phase 2, a second connection: software breakpoints (QEMU with this
-# machine's software KVM reports an INT3 as an emulation failure and hangs,
-# so this phase has its own time limit).
-GDB_SWBREAK_SCRIPT = r"""
-set pagination off
-set confirm off
-target remote 127.0.0.1:{port}
-python
-import gdb, time
-gdb.execute("break tick", to_string=True)
-t = time.perf_counter()
-for _ in range({hits}):
-    gdb.execute("continue", to_string=True)
-print("RESULT bp_hits_per_s=%.1f" % ({hits} / (time.perf_counter() - t)))
+""", ("stepi_per_s", "mem_MBps", "hbreak_hits_per_s")),
+    "watch": (r"""
+gdb.execute("watch counter", to_string=True)
+mark("watch")
+hits = timed({watch_hits}, "continue")
+mark("end")
 gdb.execute("delete", to_string=True)
-end
-kill
-"""
+print("RESULT watch_hits_per_s=%.1f" % hits)
+""", ("watch_hits_per_s",)),
+    "break": (r"""
+gdb.execute("break tick", to_string=True)
+mark("break")
+hits = timed({hits}, "continue")
+mark("end")
+gdb.execute("delete", to_string=True)
+print("RESULT bp_hits_per_s=%.1f" % hits)
+""", ("bp_hits_per_s",)),
+}
+#: which marker phase measures which result, and how many operations it ran
+OPS = {"stepi": ("stepi_per_s", "steps"), "dump": ("mem_MBps", None), "hbreak": ("hbreak_hits_per_s", "hits"),
+       "watch": ("watch_hits_per_s", "watch_hits"), "break": ("bp_hits_per_s", "hits")}
+
+
+def phase_script(phase: str, port: int, args, tmp: Path, mem_lo: int, mem_hi: int, scale: float = 1.0) -> str:
+    body, _ = PHASES[phase]
+    n = {k: max(1, int(getattr(args, k) * scale)) for k in ("steps", "hits", "watch_hits")}
+    text = _PRELUDE + body + "end\n" + ("kill\n" if phase == "break" else "detach\n")
+    return text.format(port=port, dump=tmp / "mem.bin", mem_lo=mem_lo, mem_hi=mem_hi, **n)
 
 
 def free_port() -> int:
@@ -113,59 +134,136 @@ def peers(arch: str, elf: Path, mem_mib: int) -> dict[str, list[str]]:
     if arch == "x86_64":
         qemu = ["qemu-system-x86_64", "-kernel", str(elf), "-m", str(mem_mib), "-nodefaults", "-display", "none",
                 "-serial", "null", "-S", "-gdb", "tcp:127.0.0.1:{port}"]
-        out = {"vmscope (kvm)": [sys.executable, "-m", "vmscope", "run", "--accel", "kvm", "--mem", str(mem_mib),
-                                 "--gdb", "127.0.0.1:{port}"]}
+        ours = [sys.executable, "-m", "vmscope", "run", "--kernel", str(elf), "--mem", str(mem_mib),
+                "--gdb", "127.0.0.1:{port}", "--accel"]
+        out = {"vmscope (kvm)": ours + ["kvm"], "vmscope (emu)": ours + ["emu"]}
         if os.access("/dev/kvm", os.R_OK | os.W_OK):
             out["qemu -enable-kvm"] = qemu + ["-enable-kvm"]
+        else:
+            console.print("[yellow]vmscope (kvm) and qemu -enable-kvm skipped: /dev/kvm is not usable here[/]")
+            del out["vmscope (kvm)"]
         out["qemu -accel tcg"] = qemu + ["-accel", "tcg"]
         return out
     qemu = ["qemu-system-aarch64", "-M", "virt", "-cpu", "max", "-kernel", str(elf), "-m", str(mem_mib),
             "-nodefaults", "-display", "none", "-serial", "null", "-S", "-gdb", "tcp:127.0.0.1:{port}"]
     return {
         "vmscope (emu)": [sys.executable, "-m", "vmscope", "run", "--accel", "emu", "--arch", "aarch64",
-                          "--mem", str(mem_mib), "--gdb", "127.0.0.1:{port}"],
+                          "--kernel", str(elf), "--mem", str(mem_mib), "--gdb", "127.0.0.1:{port}"],
         "qemu -accel tcg": qemu + ["-accel", "tcg"],
     }
 
 
-def run_peer(name: str, cmd: list[str], gdb: str, elf: Path, args, mem_lo: int, mem_hi: int) -> dict:
-    port = free_port()
-    cmd = [c.format(port=port) for c in cmd]
-    console.print(f"[bold]{name}[/]: {' '.join(cmd)}")
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+def _gdb(gdb: str, script: Path, elf: Path, timeout: float) -> str:
     try:
-        wait_port(port, proc)
+        res = subprocess.run([gdb, "-q", "-nx", "-batch", "-x", str(script), str(elf)],
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return ""
+    return res.stdout + res.stderr
+
+
+def _results(out: str, keys: tuple[str, ...]) -> dict[str, float] | None:
+    m = re.search(r"^RESULT (.*)$", out, re.M)
+    if not m:
+        return None
+    found = dict(item.split("=") for item in m[1].split())
+    return {k: float(found[k]) for k in keys}
+
+
+def run_peer(name: str, cmd: list[str] | None, gdb: str, elf: Path, args, mem_lo: int, mem_hi: int,
+             record: float = 0.0, phases=tuple(PHASES), replay_logs: dict | None = None) -> tuple[dict, dict]:
+    """Run every phase against one peer process (or, with ``replay_logs``,
+    against the replay stub, one per phase). ``record`` > 0: go through a
+    :class:`Recorder` with the counts scaled by it, for packet logs.
+    Returns (results, packet logs by phase)."""
+    from bench.rsp_replay import Recorder
+
+    port = free_port()
+    proc = None
+    if cmd is not None:
+        cmd = [c.format(port=port) for c in cmd]
+        console.print(f"[bold]{name}[/]{' (recording packets)' if record else ''}: {' '.join(cmd)}")
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                cwd=ROOT)
+    out: dict[str, float] = {}
+    logs: dict[str, list] = {}
+    try:
+        if proc is not None:
+            wait_port(port, proc)
         with tempfile.TemporaryDirectory() as tmp:
-            script = Path(tmp) / "bench.gdb"
-            script.write_text(GDB_SCRIPT.format(port=port, steps=args.steps, hits=args.hits, dump=Path(tmp) / "mem.bin",
-                                                mem_lo=mem_lo, mem_hi=mem_hi))
-            res = subprocess.run([gdb, "-q", "-nx", "-batch", "-x", str(script), str(elf)],
-                                 capture_output=True, text=True, timeout=args.timeout)
-            m = re.search(r"RESULT stepi_per_s=([\d.]+) mem_MBps=([\d.]+) hbreak_hits_per_s=([\d.]+)", res.stdout)
-            if not m:
-                raise RuntimeError(f"{name}: gdb did not finish:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-            out = {"stepi_per_s": float(m[1]), "mem_MBps": float(m[2]), "hbreak_hits_per_s": float(m[3])}
-            script.write_text(GDB_SWBREAK_SCRIPT.format(port=port, hits=args.hits))
-            try:
-                res = subprocess.run([gdb, "-q", "-nx", "-batch", "-x", str(script), str(elf)],
-                                     capture_output=True, text=True, timeout=args.swbreak_timeout)
-                m = re.search(r"RESULT bp_hits_per_s=([\d.]+)", res.stdout)
-                out["bp_hits_per_s"] = float(m[1]) if m else 0.0
-            except subprocess.TimeoutExpired:
-                out["bp_hits_per_s"] = 0.0
-            if not out["bp_hits_per_s"]:
-                console.print(f"[yellow]{name}: software breakpoints did not work (counted as 0)[/]")
-            return out
+            for i, phase in enumerate(phases):
+                keys = PHASES[phase][1]
+                gdb_port, recorder, replay = port, None, None
+                if replay_logs is not None:
+                    replay, gdb_port = _start_replay(replay_logs[phase], Path(tmp) / f"{phase}.log")
+                elif record:
+                    recorder = Recorder(port)
+                    gdb_port = recorder.port
+                script = Path(tmp) / f"{phase}.gdb"
+                text = phase_script(phase, gdb_port, args, Path(tmp), mem_lo, mem_hi, scale=record or 1.0)
+                if i == len(phases) - 1:
+                    text = text.replace("\ndetach\n", "\nkill\n")
+                script.write_text(text)
+                res = _results(_gdb(gdb, script, elf, args.timeout if phase == "main" else args.phase_timeout), keys)
+                if replay is not None:
+                    replay.wait(10)
+                    err = replay.stderr.read()
+                    if "mismatches=0" not in err:
+                        console.print(f"[yellow]floor {phase}: the replay diverged from the recording: {err.strip()}[/]")
+                if res is None:
+                    console.print(f"[yellow]{name}: phase {phase} did not finish in time (its figures count as 0)[/]")
+                    out.update({k: 0.0 for k in keys})
+                else:
+                    out.update(res)
+                    if recorder is not None:
+                        logs[phase] = recorder.log()
+                if proc is not None and proc.poll() is not None:
+                    console.print(f"[yellow]{name} exited after phase {phase}[/]")
+                    break
+        return out, logs
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+
+
+def _start_replay(log: list, path: Path) -> tuple[subprocess.Popen, int]:
+    """The replay stub in its own process (no GIL shared with this one)."""
+    import pickle
+
+    path.write_bytes(pickle.dumps(log))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "rsp_replay.py"), "serve", str(port), str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()  # "ready"
+    return proc, port
+
+
+def packets_per_op(logs: dict[str, list], args, scale: float) -> dict[str, float]:
+    """Requests gdb sent between the markers of each operation, per
+    operation (per dump for the memory dump)."""
+    out = {}
+    for log in logs.values():
+        current, count = None, 0
+        for req, _ in log:
+            if req.startswith(b"qvmscope.bench:"):
+                if current in OPS:
+                    key, n_attr = OPS[current]
+                    n = max(1, int(getattr(args, n_attr) * scale)) if n_attr else 1
+                    out[key] = count / n
+                current, count = req.split(b":", 1)[1].decode(), 0
+            else:
+                count += 1
+    return out
 
 
 # (label, result key, target ratio vmscope / best QEMU)
-METRICS = [("stepi/s", "stepi_per_s", 2.0), ("memory MB/s", "mem_MBps", 10.0),
+METRICS = [("stepi/s", "stepi_per_s", 1.5), ("memory MB/s", "mem_MBps", 10.0),
            ("breakpoint hits/s (break)", "bp_hits_per_s", 1.5),
-           ("breakpoint hits/s (hbreak)", "hbreak_hits_per_s", 1.5)]
+           ("breakpoint hits/s (hbreak)", "hbreak_hits_per_s", 1.5),
+           ("watchpoint hits/s", "watch_hits_per_s", 1.0)]
+FLOOR = "floor (replay)"
 
 
 def _figure(value: float) -> str:
@@ -201,41 +299,116 @@ def print_table(title: str, results: dict[str, dict], metrics=METRICS) -> dict[s
     return ratios
 
 
+def print_guest_table(title: str, results: dict[str, dict], packets: dict[str, dict]) -> dict[str, dict]:
+    """Rates per peer and the floor, then each vmscope peer over QEMU TCG,
+    over the best QEMU and over the floor; then gdb's packets per operation
+    per peer. Returns the ratios by vmscope peer, then "<key>/<other>"."""
+    ours = [k for k in results if k.startswith("vmscope")]
+    qemus = [k for k in results if k.startswith("qemu")]
+    others = [("TCG", ["qemu -accel tcg"]), ("best QEMU", qemus), ("floor", [FLOOR])]
+    table = Table(title=title)
+    table.add_column("metric")
+    for name in results:
+        table.add_column(name, justify="right")
+    for name in ours:
+        for label, _ in others:
+            table.add_column(f"{name.split()[1]}/{label}", justify="right")
+    table.add_column("target", justify="right")
+    ratios: dict[str, dict] = {name: {} for name in ours}
+    for label, key, target in METRICS:
+        row = [label] + [_figure(results[n].get(key, 0.0)) for n in results]
+        for name in ours:
+            for other, peers_ in others:
+                best = max((results[p].get(key, 0.0) for p in peers_ if p in results), default=0.0)
+                if best:
+                    ratios[name][f"{key}/{other}"] = results[name].get(key, 0.0) / best
+                    row.append(f"{ratios[name][f'{key}/{other}']:.2f}x")
+                else:
+                    row.append("-")
+        table.add_row(*row, f"{target:.1f}x QEMU")
+    Console(width=250).print(table)
+    counts = Table(title="packets gdb sent per operation (the dump: per whole dump)")
+    counts.add_column("operation")
+    for name in packets:
+        counts.add_column(name, justify="right")
+    for label, key, _ in METRICS:
+        counts.add_row(label, *[f"{packets[n][key]:.1f}" if key in packets[n] else "-" for n in packets])
+    Console(width=250).print(counts)
+    return ratios
+
+
+def guest_path(guest: str, arch: str) -> Path:
+    """A packaged guest by name, or a PVH ELF by path (it needs ``tick``
+    and ``counter`` symbols)."""
+    path = Path(guest)
+    return path if path.suffix == ".elf" or path.exists() else guest_elf(guest, arch)
+
+
+def bench_guest(guest: str, args, gdb: str) -> dict:
+    elf = guest_path(guest, args.arch)
+    base = 0x100000 if args.arch == "x86_64" else 0x40000000
+    mem_lo, mem_hi = base, base + args.dump_mib * 1024 * 1024
+    mem_mib = max(64, args.dump_mib + 16)
+    results: dict[str, dict] = {}
+    packets: dict[str, dict] = {}
+    floor_logs = None
+    for name, cmd in peers(args.arch, elf, mem_mib).items():
+        if args.peers and not any(p in name for p in args.peers):
+            continue
+        try:
+            results[name], _ = run_peer(name, cmd, gdb, elf, args, mem_lo, mem_hi)
+            # A second run through the recorder: packet counts, and for the
+            # first vmscope peer the log the floor replays (same counts).
+            done = tuple(p for p in PHASES if any(results[name].get(k) for k in PHASES[p][1]))
+            full = floor_logs is None and name.startswith("vmscope")
+            scale = 1.0 if full else args.count_scale
+            _, logs = run_peer(name, cmd, gdb, elf, args, mem_lo, mem_hi, record=scale, phases=done)
+            packets[name] = packets_per_op(logs, args, scale)
+            if full:
+                floor_logs, floor_from = logs, name
+        except Exception as e:  # one failed peer should not hide the others
+            console.print(f"[red]{name} failed:[/] {e}")
+    if floor_logs:
+        console.print(f"[bold]{FLOOR}[/]: the replies recorded from {floor_from}")
+        results[FLOOR], _ = run_peer(FLOOR, None, gdb, elf, args, mem_lo, mem_hi, phases=tuple(floor_logs),
+                                     replay_logs=floor_logs)
+        packets[FLOOR] = packets[floor_from]
+    title = (f"gdb operations, {args.arch} guest {elf.name} ({args.steps} stepi, {args.dump_mib} MiB dump, "
+             f"{args.hits} breakpoint hits, {args.watch_hits} watchpoint hits)")
+    ratios = print_guest_table(title, results, packets)
+    return {"elf": str(elf), "results": results, "packets_per_op": packets, "ratios": ratios}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--guest", choices=["demo", "linux"], default="demo",
-                    help="demo: the bare-metal demo ELF on this host; linux: Debian's kernel in the nested lab")
+    ap.add_argument("--guest", action="append",
+                    help="a packaged guest (demo, idt), a PVH ELF path, or linux (Debian's kernel in the nested "
+                         "lab); repeat for several; default: demo and idt (x86_64), demo (aarch64)")
     ap.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64")
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--hits", type=int, default=200)
+    ap.add_argument("--peers", action="append", help="only peers whose name contains this (repeatable)")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--hits", type=int, default=400)
+    ap.add_argument("--watch-hits", type=int, default=200)
     ap.add_argument("--dump-mib", type=int, default=16)
-    ap.add_argument("--timeout", type=float, default=600, help="seconds for a peer's main gdb run")
-    ap.add_argument("--swbreak-timeout", type=float, default=120, help="seconds for the software-breakpoint run")
+    ap.add_argument("--count-scale", type=float, default=0.1,
+                    help="operations of the packet-counting run, as a fraction of the timed run's")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds for a peer's stepi/dump/hbreak phase")
+    ap.add_argument("--phase-timeout", type=float, default=45, help="seconds for the watch and break phases")
     ap.add_argument("--json", type=Path)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--guest")
-    if pre.parse_known_args(argv)[0].guest == "linux":  # its own options and defaults (a lab, slower peers)
+    pre.add_argument("--guest", action="append")
+    if "linux" in (pre.parse_known_args(argv)[0].guest or []):  # its own options and defaults (a lab, slower peers)
         from bench import gdb_linux
 
         return gdb_linux.main(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-
-    elf = guest_elf("demo", args.arch)
+    guests = args.guest or (["demo", "idt"] if args.arch == "x86_64" else ["demo"])
     gdb = shutil.which("gdb" if args.arch == "x86_64" else "gdb-multiarch")
-    base = 0x100000 if args.arch == "x86_64" else 0x40000000
-    mem_mib = max(64, args.dump_mib + 16)
-    results = {}
-    for name, cmd in peers(args.arch, elf, mem_mib).items():
-        try:
-            results[name] = run_peer(name, cmd, gdb, elf, args, base, base + args.dump_mib * 1024 * 1024)
-        except Exception as e:  # one failed peer should not hide the others
-            console.print(f"[red]{name} failed:[/] {e}")
-    title = (f"gdb operations, {args.arch} demo guest ({args.steps} stepi, {args.dump_mib} MiB dump, "
-             f"{args.hits} breakpoint hits)")
-    ratios = print_table(title, results, METRICS)
+    console.print(f"load before the run: {os.getloadavg()[0]:.2f} (1-minute average, {os.cpu_count()} CPUs)")
+    report = {"arch": args.arch, "guests": {g: bench_guest(g, args, gdb) for g in guests}}
     if args.json:
-        args.json.write_text(json.dumps({"arch": args.arch, "results": results, "ratios": ratios}, indent=2))
-    return 0 if any(k.startswith("vmscope") for k in results) else 1
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0 if all(any(k.startswith("vmscope") for k in r["results"]) for r in report["guests"].values()) else 1
 
 
 if __name__ == "__main__":
