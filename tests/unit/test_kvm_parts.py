@@ -15,7 +15,7 @@ from vmscope.kvm.x86.registers import _abridged_tag_word, _full_tag_word
 from vmscope.kvm.devices.bus import PortBus
 from vmscope.devices.uart16550 import COM1, Serial16550
 from vmscope.devices.ram import GuestRam
-from vmscope.kvm.x86.translate import software_walk
+from vmscope.kvm.x86.translate import software_walk, walk_leaf
 
 
 def test_ioctl_numbers_match_linux_headers():
@@ -144,6 +144,11 @@ def test_software_walk_4k_2m_and_1g_pages():
         assert software_walk(mem, pml4, base + (1 << 30) + 0x5678) == 0x40005678
         assert software_walk(mem, pml4, base + 6 * 4096) is None  # PTE not present
         assert software_walk(mem, pml4, 0) is None  # PML4E not present
+        # the leaf walk says how far the mapping page reaches (long reads take it in one piece)
+        assert walk_leaf(mem, pml4, base + 5 * 4096 + 0x10) == (0x123010, 4096 - 0x10)
+        assert walk_leaf(mem, pml4, base + 0x200000 + 0x1234) == (0x201234, 0x200000 - 0x1234)
+        assert walk_leaf(mem, pml4, base + (1 << 30) + 0x5678) == (0x40005678, (1 << 30) - 0x5678)
+        assert walk_leaf(mem, pml4, base + 6 * 4096) is None
     finally:
         mem.close()
 

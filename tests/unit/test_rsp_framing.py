@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from vmscope.rsp.framing import (
-    Ack, BadPacket, Endpoint, Interrupt, Nack, Notification, Packet, checksum, decode, escape, frame, rle_encode,
+    Ack, BadPacket, Endpoint, Interrupt, Nack, Notification, Packet, checksum, decode, escape, frame, hex_rle, rle_encode,
 )
 
 
@@ -99,6 +99,25 @@ def test_rle_never_expands_and_roundtrips(payload):
     assert len(enc) <= len(body)
     assert decode(enc) == payload
     assert b"$" not in enc and b"#" not in enc
+
+
+_PAGES = st.sampled_from([bytes(4096), b"\xff" * 4096, bytes(4095) + b"\x01", b"\x00\xff" * 2048])
+
+
+@given(st.binary(max_size=40), st.lists(_PAGES | st.binary(max_size=5000), max_size=6), st.binary(max_size=40))
+def test_hex_rle_memory_reply_decodes_to_the_hex_of_the_memory(head, middle, tail):
+    # memory replies are encoded in one pass (zero and 0xff pages precomputed);
+    # what the debugger decodes must be exactly the hex of the bytes read
+    data = head + b"".join(middle) + tail
+    enc = hex_rle(data)
+    assert decode(enc) == data.hex().encode()
+    assert b"$" not in enc and b"#" not in enc and b"}" not in enc
+    assert Endpoint().receive(frame(enc)) == [Packet(data.hex().encode())]
+
+
+def test_hex_rle_shrinks_zero_pages_like_rle_encode():
+    data = bytes(64 * 4096)
+    assert len(hex_rle(data)) <= len(rle_encode(data.hex().encode())) * 1.01
 
 
 @given(st.lists(st.binary(max_size=80), max_size=5), st.integers(1, 7))

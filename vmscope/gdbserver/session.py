@@ -38,6 +38,7 @@ from vmscope.gdbserver.target import (
     Watchpoints,
 )
 from vmscope.rsp import packets as P
+from vmscope.rsp.framing import hex_rle
 
 log = logging.getLogger("vmscope.gdbserver")
 
@@ -222,7 +223,7 @@ class Session:
         data = self.target.read_memory(req.addr, length, self._tid(self.g_thread))
         if req.binary:
             return (b"b" + data) if self.binary_upload else data
-        return P.hexbytes(data)
+        return hex_rle(data)  # framed as is: hex and run-length encoded in one pass
 
     def _resume(self, req: P.Resume) -> bytes | None:
         threads = self.target.threads()

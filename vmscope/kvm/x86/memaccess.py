@@ -7,6 +7,7 @@ straight through the RAM memfd.
 from __future__ import annotations
 
 import errno
+import os
 
 from vmscope.gdbserver.target import TargetError
 from vmscope.gdbserver.toolkit import hide_breakpoints, keep_breakpoints, physical_pieces
@@ -47,7 +48,17 @@ class X86Memory:
     def _pieces(self, addr: int, length: int, tid: int) -> tuple[list[tuple[int, int]], int | None]:
         """Physical (start, length) pieces of a virtual range, stopping at
         the first unmapped page (whose address is returned too)."""
-        def phys_of(vaddr: int) -> int | None:
+        # Long ranges (memory dumps) walk the page tables once per large
+        # page (Translator.leaf); not while a caught kernel's image is
+        # mapped by hand.
+        big = length > 2 * PAGE and getattr(self, "_entry_trap", None) is None
+        end = addr + length
+
+        def phys_of(vaddr: int) -> int | tuple[int, int] | None:
+            if big:
+                leaf = self.translator.leaf(self._vcpu(tid), vaddr)
+                if leaf is not None and self.mem.contains(leaf[0], min(leaf[1], end - vaddr)):
+                    return leaf
             page = self._phys_page(vaddr & ~(PAGE - 1), tid)
             return None if page is None else page | (vaddr & (PAGE - 1))
 
@@ -62,14 +73,18 @@ class X86Memory:
         pieces, bad = self._pieces(addr, length, tid)
         if not pieces:
             raise TargetError(f"cannot read {addr:#x}: address not mapped")
-        data = bytearray()
-        view = self.mem.view
-        for start, n in pieces:
-            data += view[start : start + n]
+        # pread, not the mapping: a never-touched page of the memfd then
+        # reads as zeros without being allocated (first dumps of fresh RAM
+        # spent half their time in page faults), and it is one copy.
+        mem = self.mem
+        if mem.fd >= 0:
+            data = b"".join(os.pread(mem.fd, n, start - mem.base) for start, n in pieces)
+        else:
+            data = b"".join(mem.read(start, n) for start, n in pieces)
         with self._lock:
             if self.sw:
                 data = hide_breakpoints(addr, data, self.sw)
-        return bytes(data)
+        return data
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
         if not data:

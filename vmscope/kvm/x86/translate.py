@@ -35,6 +35,18 @@ def software_walk(mem, cr3: int, vaddr: int, cr4: int = 0, cache: TranslationCac
         return None
 
 
+def walk_leaf(mem, cr3: int, vaddr: int, cr4: int = 0, cache: TranslationCache | None = None) -> tuple[int, int] | None:
+    """The same walk: (physical address of ``vaddr``, bytes from ``vaddr``
+    to the end of the page, large or not, that maps it); None where
+    :func:`software_walk` says None. Long reads take a whole 2 MiB or 1 GiB
+    page in one piece this way."""
+    try:
+        t = X86_64Paging(mem, cr3, cr4=cr4, cache=cache).translate(vaddr)
+    except (VmiError, ValueError, IndexError, OSError):
+        return None
+    return t.paddr, t.page.vbase + t.page.size - vaddr
+
+
 class Translator:
     """Per-stop cache of vCPU page translations."""
 
@@ -46,6 +58,20 @@ class Translator:
     def clear(self) -> None:
         self._cache.clear()
         self._walks.invalidate()
+
+    def leaf(self, vcpu, vaddr: int) -> tuple[int, int] | None:
+        """(physical address, bytes to the end of the mapping page) for
+        long reads: one walk per 2 MiB or 1 GiB page instead of one
+        KVM_TRANSLATE (8-20 us) per 4 KiB. None where this walk does not
+        apply (32-bit paging): use :meth:`page`. Costs one KVM_GET_SREGS
+        per stop, so short reads should not."""
+        s = vcpu.sregs()
+        if not s.cr0 & CR0_PG and not s.efer & EFER_LMA:  # paging off: identity, below 4 GiB
+            low = vaddr & 0xFFFF_FFFF
+            return low, (1 << 32) - low
+        if not s.cr0 & CR0_PG or not s.efer & EFER_LMA:
+            return None
+        return walk_leaf(self.mem, s.cr3, vaddr, s.cr4, self._walks)
 
     def page(self, vcpu, vpage: int) -> int | None:
         """Physical address of the page holding virtual page ``vpage``
