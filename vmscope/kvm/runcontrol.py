@@ -70,6 +70,10 @@ class RunControl:
     def _init_run_control(self) -> None:
         self._cond = threading.Condition()
         self._status: int | None = None
+        # Set once the VM ended: wait() sleeps on it, not on _cond, which
+        # every park and resume notifies (the main thread would wake, and
+        # take the GIL, twice per debugger step).
+        self._ended = threading.Event()
         self._ending = False
         self._stop_event = None  # event waiting for every vCPU to park
         self._stopped = True
@@ -139,8 +143,8 @@ class RunControl:
         return self.target
 
     def wait(self, timeout: float | None = None) -> int | None:
+        self._ended.wait(timeout)
         with self._cond:
-            self._cond.wait_for(lambda: self._status is not None, timeout)
             return self._status
 
     @property
@@ -187,6 +191,7 @@ class RunControl:
                 self._status = status
             elif self._status is None:
                 self._status = 0
+            self._ended.set()
             for slot in self.vcpus:
                 slot.runnable = False
             self._kick_locked(self.vcpus)
@@ -213,10 +218,11 @@ class RunControl:
     # --- stops --------------------------------------------------------------------------
 
     def _kick_locked(self, slots) -> None:
+        me = threading.current_thread()  # a vCPU stopping the machine is not in KVM_RUN: no signal to itself
         for slot in slots:
             slot.vcpu.run.immediate_exit = 1
             t = slot.thread
-            if not slot.parked and t is not None and t.ident is not None and t.is_alive():
+            if not slot.parked and t is not None and t is not me and t.ident is not None and t.is_alive():
                 with contextlib.suppress(ProcessLookupError, OSError):
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
 

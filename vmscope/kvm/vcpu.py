@@ -23,6 +23,10 @@ class KvmVcpu:
     def invalidate(self) -> None:
         pass
 
+    def exited(self) -> None:
+        """Called once KVM_RUN returned (not interrupted by a signal): state
+        KVM stores in ``kvm_run`` at every exit is fresh from here on."""
+
     def enter(self) -> bool:
         """One KVM_RUN. True when the guest exited with a reason to handle,
         False when interrupted (a kick or ``immediate_exit``)."""
@@ -31,8 +35,9 @@ class KvmVcpu:
             ioctl(self.fd, KVM_RUN, 0, "KVM_RUN")
         except KvmIoctlError as e:
             if e.errno in (errno.EINTR, errno.EAGAIN):
-                return False
+                return False  # (no exited(): not every KVM stores synced state on this path)
             raise
+        self.exited()
         return self.run.exit_reason != KVM_EXIT_INTR
 
     def close(self) -> None:

@@ -181,6 +181,12 @@ class X86Breakpoints:
         rip = v.regs().rip
         ef = run.exit.emulation_failure
         insn_is_int3 = run.exit.internal.ndata >= 2 and ef.flags & 1 and ef.insn_size >= 1 and ef.insn_bytes[0] == INT3
+        if insn_is_int3:
+            with self._lock:
+                ours = rip in self.sw
+            if ours:  # the common case, a hit: no translation and memory read needed
+                self.m.request_stop(StopEvent("swbreak", tid=v.index + 1, signal=SIGTRAP))
+                return True
         try:
             current = self.read_memory_raw(rip, v)
         except TargetError:

@@ -16,6 +16,16 @@ from vmscope.kvm import abi
 from vmscope.kvm.abi import ioctl
 from vmscope.kvm.vcpu import KvmVcpu
 
+# KVM_CAP_SYNC_REGS: KVM copies the registers into the kvm_run page at every
+# exit (kvm_valid_regs, kvm_dirty_regs, then struct kvm_sync_regs after the
+# 256-byte exit union), so a debug stop reads them without KVM_GET_REGS
+# (17 us) or KVM_GET_SREGS (64 us): see docs/performance.md.
+KVM_CAP_SYNC_REGS = 74
+KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS = 1, 2
+_VALID_REGS_OFFSET = ctypes.sizeof(abi.KvmRun)  # 288
+_SYNC_REGS_OFFSET = _VALID_REGS_OFFSET + 16
+_SYNC_SREGS_OFFSET = _SYNC_REGS_OFFSET + ctypes.sizeof(abi.KvmRegs)
+
 
 class Vcpu(KvmVcpu):
     def __init__(self, vm_fd: int, index: int, mmap_size: int):
@@ -28,17 +38,34 @@ class Vcpu(KvmVcpu):
         self._fpu: abi.KvmFpu | None = None
         self._debug: tuple | None = None
         self.thread_id: int | None = None  # native id of the owning thread, for kicks
+        self._sync = 0  # KVM_SYNC_X86_* groups KVM refreshes in kvm_run at every exit
+        self._synced = False  # True once a KVM_RUN filled them
+        try:
+            caps = ioctl(vm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS, "KVM_CHECK_EXTENSION")
+        except OSError:
+            caps = 0
+        wanted = max(caps, 0) & (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)
+        if wanted and mmap_size >= _SYNC_SREGS_OFFSET + ctypes.sizeof(abi.KvmSregs):
+            ctypes.c_uint64.from_buffer(self._run_map, _VALID_REGS_OFFSET).value = wanted
+            self._sync = wanted
 
     # --- cached state --------------------------------------------------------
 
     def invalidate(self) -> None:
         self._regs = self._sregs = self._fpu = None
+        self._synced = False  # until the KVM_RUN about to come returns
+
+    def exited(self) -> None:
+        self._synced = True
 
     def regs(self) -> abi.KvmRegs:
         if self._regs is None:
-            r = abi.KvmRegs()
-            ioctl(self.fd, abi.KVM_GET_REGS, r, "KVM_GET_REGS")
-            self._regs = r
+            if self._synced and self._sync & KVM_SYNC_X86_REGS:
+                self._regs = abi.KvmRegs.from_buffer_copy(self._run_map, _SYNC_REGS_OFFSET)
+            else:
+                r = abi.KvmRegs()
+                ioctl(self.fd, abi.KVM_GET_REGS, r, "KVM_GET_REGS")
+                self._regs = r
         return self._regs
 
     def set_regs(self, regs: abi.KvmRegs) -> None:
@@ -46,6 +73,8 @@ class Vcpu(KvmVcpu):
         self._regs = regs
 
     def sregs(self) -> abi.KvmSregs:
+        if self._sregs is None and self._synced and self._sync & KVM_SYNC_X86_SREGS:
+            self._sregs = abi.KvmSregs.from_buffer_copy(self._run_map, _SYNC_SREGS_OFFSET)
         if self._sregs is None:
             s = abi.KvmSregs()
             ioctl(self.fd, abi.KVM_GET_SREGS, s, "KVM_GET_SREGS")
