@@ -139,6 +139,13 @@ class EmuTarget(
         self._check_stopped()
         return self._cpu(tid).registers()
 
+    def stop_registers(self, tid: int, names: tuple[str, ...]) -> Mapping[str, int]:
+        """pc, sp and fp one by one: the full read (every register in a
+        batch, then decoded) is most of a step's cost when gdb never asks
+        for the rest (docs/performance.md)."""
+        self._check_stopped()
+        return dict(zip(names, self._cpu(tid)._live(*names)))
+
     def write_registers(self, tid: int, values: Mapping[str, int]) -> None:
         self._check_stopped()
         unknown = set(values) - set(self.arch.index)

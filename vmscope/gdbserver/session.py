@@ -67,7 +67,18 @@ class Session:
         self.binary_upload = False  # GDB >= 16 "x" replies start with 'b'
         self.g_thread = 0
         self.c_thread = 0
-        self.current = target.threads()[0]
+        # Thread ids and the qXfer:threads document, cached: gdb asks for the
+        # thread list at every stop (update_thread_list in normal_stop), and
+        # every packet naming a thread checks it. vCPUs only appear or come
+        # online while the guest runs, so the cache is refreshed per stop.
+        self._threads: tuple[int, ...] = tuple(target.threads())
+        self._threads_doc: tuple[tuple, bytes] | None = None
+        self.current = self._threads[0]
+        # (register number, name, bit mask, size) of the stop reply's registers
+        self._expedited = [
+            (self.arch.index[name], name, (1 << self.arch.register(name).bitsize) - 1, self.arch.register(name).size)
+            for name in self.arch.expedited
+        ]
         self.inserted: set[tuple[int, int, int]] = set()  # (Z type, addr, kind)
         self.last_stop: StopEvent | None = None
         self._on_output = on_output
@@ -110,6 +121,7 @@ class Session:
         if event.kind == "terminated":
             self.closed = True
             return P.terminated_reply(event.signal)
+        self._threads = tuple(self.target.threads())
         self.current = event.tid
         self.last_stop = event
         self.g_thread = self.c_thread = 0
@@ -128,7 +140,7 @@ class Session:
     # --- helpers -----------------------------------------------------------
 
     def _tid(self, selected: int) -> int:
-        threads = self.target.threads()
+        threads = self._threads
         if selected in (P.ANY_THREAD, P.ALL_THREADS):
             return self.current if self.current in threads else threads[0]
         if selected not in threads:
@@ -136,10 +148,11 @@ class Session:
         return selected
 
     def _stop_reply(self, event: StopEvent) -> bytes:
-        regs = self.target.read_registers(event.tid)
+        # The registers gdb reads next (pc, sp, fp) ride in the reply, so a
+        # stop costs gdb no 'g' or 'p' round trip.
+        regs = self.target.stop_registers(event.tid, self.arch.expedited)
         expedited = [
-            (self.arch.index[name], self.arch.encode_register(name, regs.get(name, 0)))
-            for name in self.arch.expedited
+            (num, (regs.get(name, 0) & mask).to_bytes(size, "little")) for num, name, mask, size in self._expedited
         ]
         reason = event.kind if event.kind in ("swbreak", "hwbreak", "watch", "rwatch", "awatch") else None
         return P.stop_reply(event.signal, event.tid, expedited, reason, event.addr)
@@ -226,7 +239,7 @@ class Session:
         return hex_rle(data)  # framed as is: hex and run-length encoded in one pass
 
     def _resume(self, req: P.Resume) -> bytes | None:
-        threads = self.target.threads()
+        threads = self._threads
         actions = ResumeActions()
         if req.legacy:
             kind, sig, _ = req.actions[0]
@@ -386,7 +399,7 @@ class Session:
         if name == "C" and not q.args:
             return b"QC" + P.format_thread_id(self._tid(P.ANY_THREAD)).encode()
         if name == "fThreadInfo":
-            return b"m" + ",".join(P.format_thread_id(x) for x in t.threads()).encode()
+            return b"m" + ",".join(P.format_thread_id(x) for x in self._threads).encode()
         if name == "sThreadInfo":
             return b"l"
         if name == "ThreadExtraInfo":
@@ -418,20 +431,23 @@ class Session:
                 return P.error(errno.ENOENT)
             data = self.arch.target_xml.encode()
         elif obj == b"threads":
-            data = self._threads_xml().encode()
+            data = self._threads_xml()
         else:
             return P.EMPTY
         chunk = data[offset : offset + min(length, PACKET_SIZE - 16)]
         return (b"l" if offset + len(chunk) >= len(data) else b"m") + chunk
 
-    def _threads_xml(self) -> str:
+    def _threads_xml(self) -> bytes:
+        """The document, rebuilt only when a thread or its name changed."""
         from vmscope.arch.registers import quoteattr
 
-        rows = [
-            f'  <thread id="{P.format_thread_id(tid)}" core="{tid - 1}" name={quoteattr(self._thread_name(tid))}/>'
-            for tid in self.target.threads()
-        ]
-        return '<?xml version="1.0"?>\n<threads>\n' + "\n".join(rows) + "\n</threads>\n"
+        key = tuple((tid, self._thread_name(tid)) for tid in self._threads)
+        if self._threads_doc is None or self._threads_doc[0] != key:
+            rows = [f'  <thread id="{P.format_thread_id(tid)}" core="{tid - 1}" name={quoteattr(name)}/>'
+                    for tid, name in key]
+            doc = '<?xml version="1.0"?>\n<threads>\n' + "\n".join(rows) + "\n</threads>\n"
+            self._threads_doc = (key, doc.encode())
+        return self._threads_doc[1]
 
     def _monitor(self, args: bytes) -> bytes:
         try:

@@ -172,6 +172,13 @@ class Target(abc.ABC):
     def take_stop(self) -> StopEvent | None:
         """The pending stop, if any (clears it)."""
 
+    def stop_registers(self, tid: int, names: tuple[str, ...]) -> Mapping[str, int]:
+        """The registers a stop reply carries (the arch's expedited ones:
+        pc, sp, fp), read at every stop. The default reads them through
+        :meth:`read_registers`; a target whose full read is dear (every
+        register at once) can read just these."""
+        return self.read_registers(tid)
+
     def initial_stop(self) -> StopEvent:
         """The answer to ``?`` right after attaching."""
         return StopEvent("signal", tid=self.threads()[0], signal=SIGTRAP)
