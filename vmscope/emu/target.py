@@ -116,6 +116,10 @@ class EmuTarget(
         self._watch: dict[tuple[int, int, str], list[tuple[EmuCpu, int]]] = {}
         self.exit_status: int | None = None
         self.exited = threading.Event()
+        # (tid, virtual page) -> physical page, for the debugger's reads while
+        # stopped (gdb reads at pc twice per stop); cleared when anything runs
+        # or the debugger writes registers or memory (page tables may change)
+        self._translations: dict[tuple[int, int], int] = {}
         for cpu in cpus:
             cpu.uc.hook_add(UC_HOOK_INTR, self._on_exception, cpu)
         self._thread = threading.Thread(target=self._runner, name="vmscope-emu-cpus", daemon=True)
@@ -148,6 +152,7 @@ class EmuTarget(
 
     def write_registers(self, tid: int, values: Mapping[str, int]) -> None:
         self._check_stopped()
+        self._translations.clear()
         unknown = set(values) - set(self.arch.index)
         if unknown:
             raise TargetError(f"no register {sorted(unknown)[0]!r} on {self.arch.name}", errno.EINVAL)
@@ -156,7 +161,16 @@ class EmuTarget(
     def read_memory(self, addr: int, length: int, tid: int) -> bytes:
         self._check_stopped()  # translation reads the CPU's registers
         cpu = self._cpu(tid)
-        pieces, bad, error = physical_pieces(addr, length, cpu.translate, self.ram.contains)
+        translations = self._translations
+
+        def translate(vaddr: int) -> int:
+            key = (tid, vaddr & ~(PAGE - 1))
+            page = translations.get(key)
+            if page is None:
+                page = translations[key] = cpu.translate(key[1])
+            return page | (vaddr & (PAGE - 1))
+
+        pieces, bad, error = physical_pieces(addr, length, translate, self.ram.contains)
         if not pieces and bad is not None:  # nothing readable: say why
             if error is not None:
                 raise error
@@ -168,6 +182,7 @@ class EmuTarget(
 
     def write_memory(self, addr: int, data: bytes, tid: int) -> None:
         self._check_stopped()
+        self._translations.clear()
         cpu = self._cpu(tid)
         # translate everything first: all or nothing
         pieces, bad, error = physical_pieces(addr, len(data), cpu.translate, self.ram.contains)
@@ -182,6 +197,7 @@ class EmuTarget(
         self._flush_code(addr, len(data))
 
     def resume(self, actions: ResumeActions) -> None:
+        self._translations.clear()
         with self._cond:
             if self._closed:
                 raise TargetError("the machine has been shut down", errno.ESRCH)
@@ -383,6 +399,7 @@ class EmuTarget(
         return self.ram.read(addr, length)
 
     def write_physical(self, addr: int, data: bytes) -> None:
+        self._translations.clear()  # the write may change page tables
         self.ram.write(addr, data)
         self._flush_code(addr, len(data))  # identity-mapped guests run code at its physical address
 

@@ -81,6 +81,11 @@ class Vcpu(KvmVcpu):
             self._sregs = s
         return self._sregs
 
+    def sregs_at_hand(self) -> bool:
+        """True when :meth:`sregs` costs no ioctl (cached, or synced by KVM
+        at the last exit)."""
+        return self._sregs is not None or (self._synced and bool(self._sync & KVM_SYNC_X86_SREGS))
+
     def set_sregs(self, sregs: abi.KvmSregs) -> None:
         ioctl(self.fd, abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
         self._sregs = sregs
