@@ -113,14 +113,12 @@ class X86Breakpoints:
             if self.dr_watch and kind != "read" and length in DR7_LEN and addr % length == 0:
                 w.dr_slot = self._free_dr_slot()
             self.watches.append(w)
-            with self.m.quiesced():
-                self._apply_protection()
+            self._protection_changed()
 
     def remove_watchpoint(self, addr: int, length: int, kind: WatchKind) -> None:
         with self._lock:
             self.watches = [w for w in self.watches if not (w.addr == addr and w.length == length and w.kind == kind)]
-            with self.m.quiesced():
-                self._apply_protection()
+            self._protection_changed()
 
     def _int3(self, v: Vcpu, rip: int, current: int | None, after_emulation_failure: bool) -> None:
         with self._lock:

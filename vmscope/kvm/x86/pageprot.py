@@ -29,16 +29,28 @@ class X86PageProtection:
                 raise TargetError(f"cannot set a breakpoint at {addr:#x}: address not mapped")
             self._exec_pages[addr] = phys | (addr & (PAGE - 1))
             self._exec_kind[addr] = kind
-            with self.m.quiesced():
-                self._apply_protection()
+            self._protection_changed()
 
     def _remove_exec_page_breakpoint(self, addr: int) -> None:
         with self._lock:
             self._exec_kind.pop(addr, None)
             if self._exec_pages.pop(addr, None) is None:
                 return
-            with self.m.quiesced():
-                self._apply_protection()
+            self._protection_changed()
+
+    def _protection_changed(self) -> None:
+        """The memory slots must follow the watchpoint and exec-page tables.
+        While the machine is stopped that waits for the next resume: gdb
+        removes every watchpoint at each stop and inserts it again before
+        it resumes, and each change rebuilt the slots (4 ioctls, about 5 ms
+        per hit together on this KVM; docs/performance.md). Rebuilding at
+        resume finds the same protection and changes nothing. Caller holds
+        ``_lock``."""
+        if self.m.stopped and not self.m.ending:
+            self._protection_dirty = True
+            return
+        with self.m.quiesced():
+            self._apply_protection()
 
     def _apply_protection(self) -> None:
         """Memory slots for the page-backed watchpoints: read-only pages for

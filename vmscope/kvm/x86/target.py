@@ -110,6 +110,7 @@ class KvmTarget(
         self._exec_pages: dict[int, int] = {}  # page-backed exec breakpoint -> guest-physical
         self._exec_kind: dict[int, str] = {}  # ... -> "swbreak" | "hwbreak"
         self._skip_exec: dict[int, int] = {}  # vCPU index -> breakpoint it resumes on
+        self._protection_dirty = False  # memory slots to rebuild at the next resume (pageprot.py)
 
     def thread_name(self, tid: int) -> str:
         slot = self.m.vcpus[tid - 1]
@@ -136,6 +137,10 @@ class KvmTarget(
 
     def resume(self, actions: ResumeActions) -> None:
         self.attached = True
+        if self._protection_dirty:
+            with self._lock:
+                self._protection_dirty = False
+                self._apply_protection()
         if self._post_pending():
             return
         self.translator.clear()
@@ -194,6 +199,7 @@ class KvmTarget(
                 self.watches.clear()
                 self._exec_pages.clear()
                 self._exec_kind.clear()
+                self._protection_dirty = False
                 self._apply_protection()
             self.attached = False
             self.disarm_kernel_entry()
