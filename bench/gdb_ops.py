@@ -1,17 +1,31 @@
 #!/usr/bin/env python3
-"""Side-by-side: the same GDB workload against vmscope's stub and QEMU's.
+"""Side-by-side: the same GDB workload against vmscope's stubs, QEMU's, and the floor.
 
-Each peer boots the same demo ELF and waits for GDB; one stock ``gdb`` per
-peer then, once the guest sits in its ``tick`` loop:
+For each guest (default: the demo guest and ``walk``, a standard PVH guest
+with another loop, stack and data layout; or any PVH ELF path), every peer
+boots the same ELF and waits for GDB: vmscope on KVM, vmscope's emulated
+CPU, QEMU ``-enable-kvm`` (skipped with a printed reason where /dev/kvm is
+unusable) and QEMU TCG. Stock ``gdb`` then, once the guest sits in its loop
+(``tick``, or ``visit`` for walk), in one connection per phase (each with
+its own time limit: QEMU's KVM hangs on an INT3 on this software KVM):
 
-- single-steps N times (one ``stepi`` per GDB command): **stepi/s**
-- ``dump binary memory`` of 16 MiB of guest RAM: **memory MB/s**
-- continues N times to ``break tick``: **breakpoint hits/s**
+- single-steps N times (one ``stepi`` per gdb command): **stepi/s**
+- ``dump binary memory`` of 16 MiB of guest RAM (3 MiB on walk, which
+  maps 4): **memory MB/s**
+- continues N times to ``hbreak``, to a ``watch`` on the loop's counter,
+  and to ``break``: **hits/s** of each.
 
-and the table shows vmscope's figure over the faster QEMU mode. Numbers are
-from one run on a noisy shared machine: compare within a run, not across.
+A second run of each peer goes through a recording proxy and counts the
+packets gdb sends per operation. The replies recorded from vmscope KVM are
+then replayed as fast as possible by ``bench/rsp_replay.py`` for the very
+same script: gdb's own cost plus the minimum round trip, **the floor**.
+The table shows each rate, then each vmscope peer over QEMU TCG, over the
+best QEMU and over the floor. Numbers are from one run on a noisy shared
+machine: compare within a run, not across (the 1-minute load average is
+printed first).
 
-    python bench/gdb_ops.py                       # x86_64: vmscope KVM vs QEMU KVM and TCG
+    python bench/gdb_ops.py                       # x86_64, demo and walk guests
+    python bench/gdb_ops.py --guest idt --peers vmscope --peers tcg
     python bench/gdb_ops.py --arch aarch64        # vmscope emu vs qemu-system-aarch64 TCG
     python bench/gdb_ops.py --json out.json
     python bench/gdb_ops.py --guest linux         # Debian kernel in the nested lab: vmscope vs QEMU -enable-kvm
@@ -52,7 +66,7 @@ _PRELUDE = r"""
 set pagination off
 set confirm off
 target remote 127.0.0.1:{port}
-hbreak tick
+hbreak {fn}
 continue
 delete
 python
@@ -74,7 +88,7 @@ mark("dump")
 t = time.perf_counter()
 gdb.execute("dump binary memory {dump} {mem_lo:#x} {mem_hi:#x}", to_string=True)
 mbps = ({mem_hi} - {mem_lo}) / (time.perf_counter() - t) / 1e6
-gdb.execute("hbreak tick", to_string=True)
+gdb.execute("hbreak {fn}", to_string=True)
 mark("hbreak")
 hits = timed({hits}, "continue")
 mark("end")
@@ -82,7 +96,7 @@ gdb.execute("delete", to_string=True)
 print("RESULT stepi_per_s=%.1f mem_MBps=%.2f hbreak_hits_per_s=%.1f" % (steps, mbps, hits))
 """, ("stepi_per_s", "mem_MBps", "hbreak_hits_per_s")),
     "watch": (r"""
-gdb.execute("watch counter", to_string=True)
+gdb.execute("watch {var}", to_string=True)
 mark("watch")
 hits = timed({watch_hits}, "continue")
 mark("end")
@@ -90,7 +104,7 @@ gdb.execute("delete", to_string=True)
 print("RESULT watch_hits_per_s=%.1f" % hits)
 """, ("watch_hits_per_s",)),
     "break": (r"""
-gdb.execute("break tick", to_string=True)
+gdb.execute("break {fn}", to_string=True)
 mark("break")
 hits = timed({hits}, "continue")
 mark("end")
@@ -103,11 +117,32 @@ OPS = {"stepi": ("stepi_per_s", "steps"), "dump": ("mem_MBps", None), "hbreak": 
        "watch": ("watch_hits_per_s", "watch_hits"), "break": ("bp_hits_per_s", "hits")}
 
 
+#: per guest: the function its loop calls (breakpoints), the variable it
+#: increments there (watchpoints), and how much RAM from 1 MiB it maps (dump)
+GUEST_LOOPS = {"tick": ("tick", "counter", 16), "visit": ("visit", "visits", 3)}
+
+
+def guest_loop(elf: Path) -> tuple[str, str, int]:
+    """(function, variable, mapped MiB from 1 MiB) for a guest ELF: demo
+    and idt loop on tick/counter; walk (a standard PVH guest, 4 MiB
+    identity-mapped) on visit/visits."""
+    from elftools.elf.elffile import ELFFile
+
+    with open(elf, "rb") as f:
+        symtab = ELFFile(f).get_section_by_name(".symtab")
+        names = {sym.name for sym in symtab.iter_symbols()} if symtab else set()
+    for fn, loop in GUEST_LOOPS.items():
+        if fn in names:
+            return loop
+    raise SystemExit(f"{elf}: no tick or visit function to break on")
+
+
 def phase_script(phase: str, port: int, args, tmp: Path, mem_lo: int, mem_hi: int, scale: float = 1.0) -> str:
     body, _ = PHASES[phase]
     n = {k: max(1, int(getattr(args, k) * scale)) for k in ("steps", "hits", "watch_hits")}
     text = _PRELUDE + body + "end\n" + ("kill\n" if phase == "break" else "detach\n")
-    return text.format(port=port, dump=tmp / "mem.bin", mem_lo=mem_lo, mem_hi=mem_hi, **n)
+    return text.format(port=port, dump=tmp / "mem.bin", mem_lo=mem_lo, mem_hi=mem_hi, fn=args.loop[0],
+                       var=args.loop[1], **n)
 
 
 def free_port() -> int:
@@ -346,8 +381,10 @@ def guest_path(guest: str, arch: str) -> Path:
 
 def bench_guest(guest: str, args, gdb: str) -> dict:
     elf = guest_path(guest, args.arch)
+    args.loop = guest_loop(elf)
+    dump_mib = min(args.dump_mib, args.loop[2])
     base = 0x100000 if args.arch == "x86_64" else 0x40000000
-    mem_lo, mem_hi = base, base + args.dump_mib * 1024 * 1024
+    mem_lo, mem_hi = base, base + dump_mib * 1024 * 1024
     mem_mib = max(64, args.dump_mib + 16)
     results: dict[str, dict] = {}
     packets: dict[str, dict] = {}
@@ -373,7 +410,7 @@ def bench_guest(guest: str, args, gdb: str) -> dict:
         results[FLOOR], _ = run_peer(FLOOR, None, gdb, elf, args, mem_lo, mem_hi, phases=tuple(floor_logs),
                                      replay_logs=floor_logs)
         packets[FLOOR] = packets[floor_from]
-    title = (f"gdb operations, {args.arch} guest {elf.name} ({args.steps} stepi, {args.dump_mib} MiB dump, "
+    title = (f"gdb operations, {args.arch} guest {elf.name} ({args.steps} stepi, {dump_mib} MiB dump, "
              f"{args.hits} breakpoint hits, {args.watch_hits} watchpoint hits)")
     ratios = print_guest_table(title, results, packets)
     return {"elf": str(elf), "results": results, "packets_per_op": packets, "ratios": ratios}
@@ -382,8 +419,8 @@ def bench_guest(guest: str, args, gdb: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--guest", action="append",
-                    help="a packaged guest (demo, idt), a PVH ELF path, or linux (Debian's kernel in the nested "
-                         "lab); repeat for several; default: demo and idt (x86_64), demo (aarch64)")
+                    help="a packaged guest (demo, idt, walk), a PVH ELF path, or linux (Debian's kernel in the nested "
+                         "lab); repeat for several; default: demo and walk (x86_64), demo (aarch64)")
     ap.add_argument("--arch", choices=["x86_64", "aarch64"], default="x86_64")
     ap.add_argument("--peers", action="append", help="only peers whose name contains this (repeatable)")
     ap.add_argument("--steps", type=int, default=2000)
@@ -402,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return gdb_linux.main(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
-    guests = args.guest or (["demo", "idt"] if args.arch == "x86_64" else ["demo"])
+    guests = args.guest or (["demo", "walk"] if args.arch == "x86_64" else ["demo"])
     gdb = shutil.which("gdb" if args.arch == "x86_64" else "gdb-multiarch")
     console.print(f"load before the run: {os.getloadavg()[0]:.2f} (1-minute average, {os.cpu_count()} CPUs)")
     report = {"arch": args.arch, "guests": {g: bench_guest(g, args, gdb) for g in guests}}
