@@ -55,6 +55,22 @@ def test_breakpoints_are_removed_by_cleanup(session):
     assert session.inserted == set()
 
 
+def test_stop_reply_carries_pc_sp_fp_and_thread_list_follows_names(session, monkeypatch):
+    # the registers gdb needs at a stop ride in the reply (no 'g' round trip),
+    # and the cached thread list changes when a thread's name does
+    assert session.handle(b"vCont;s:1") is None
+    reply = P.parse_stop_reply(_stop(session))
+    regs = session.target.read_registers(1)
+    arch = session.arch
+    for name in (arch.pc, arch.sp, arch.fp):
+        assert int.from_bytes(reply.registers[arch.index[name]], "little") == regs[name]
+    doc = session.handle(b"qXfer:threads:read::0,1000")
+    assert doc.startswith(b"l") and doc.count(b"<thread ") == 2
+    assert session.handle(b"qXfer:threads:read::0,1000") == doc
+    monkeypatch.setattr(type(session.target), "thread_name", lambda self, tid: f"renamed {tid}")
+    assert b'name="renamed 2"' in session.handle(b"qXfer:threads:read::0,1000")
+
+
 def test_monitor_help_and_unknown_packets(session):
     out = bytes.fromhex(session.handle(b"qRcmd," + b"help".hex().encode()).decode()).decode()
     assert "help" in out
