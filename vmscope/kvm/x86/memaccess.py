@@ -50,16 +50,18 @@ class X86Memory:
         the first unmapped page (whose address is returned too)."""
         # Long ranges (memory dumps) walk the page tables once per large
         # page (Translator.leaf); not while a caught kernel's image is
-        # mapped by hand.
+        # mapped by hand, nor for the pages of a kernel image the VMM placed
+        # (kernel_image_page: the boot page tables may not map it yet).
         big = length > 2 * PAGE and getattr(self, "_entry_trap", None) is None
         end = addr + length
 
         def phys_of(vaddr: int) -> int | tuple[int, int] | None:
-            if big:
+            vpage = vaddr & ~(PAGE - 1)
+            if big and self.kernel_image_page(vpage) is None:
                 leaf = self.translator.leaf(self._vcpu(tid), vaddr)
                 if leaf is not None and self.mem.contains(leaf[0], min(leaf[1], end - vaddr)):
                     return leaf
-            page = self._phys_page(vaddr & ~(PAGE - 1), tid)
+            page = self._phys_page(vpage, tid)
             return None if page is None else page | (vaddr & (PAGE - 1))
 
         pieces, bad, _ = physical_pieces(addr, length, phys_of)
