@@ -6,6 +6,8 @@ data symbols)."""
 
 from __future__ import annotations
 
+import struct
+
 import capstone
 import pytest
 
@@ -56,3 +58,24 @@ def test_jiffies_is_derived_from_do_timer_where_kallsyms_has_no_data_symbols(ima
     assert any(op.startswith("ldr ") and f"#{lo12:#x}]" in op for op in ops), ops
     assert any(op.startswith("str ") and f"#{lo12:#x}]" in op for op in ops), ops
     assert with_derived_symbols(derived, lambda va, n: b"", "aarch64") is derived  # nothing left to add
+
+
+def test_an_unrelocated_image_does_not_poison_the_build_cache(image):
+    """`monitor kernel-entry` decodes kallsyms before the kernel relocated
+    itself (their base reads 0); a later decode of the relocated kernel
+    must still get the relocated addresses, not the cached offsets."""
+    from vmscope.vmi.linux.symcache import BuildCache
+
+    cache = BuildCache(disk=False)
+    before = scan_for_kallsyms(lambda a, n: image[a : a + n], 0, len(image), cache=cache)
+    assert before["_stext"] == 0  # offsets: the base is not relocated yet
+    # kallsyms_relative_base (0 here) sits just before kallsyms_num_syms
+    pos = image.index(struct.pack("<QQ", 0, len(before.symbols)))
+    relocated = bytearray(image)
+    stext = 0xFFFF_C3FE_D261_0000
+    struct.pack_into("<Q", relocated, pos, stext)
+    for _ in range(2):  # decoded, then from the cache
+        after = scan_for_kallsyms(lambda a, n: bytes(relocated[a : a + n]), 0, len(relocated), cache=cache)
+        assert after["_stext"] == stext, hex(after["_stext"])
+        assert after["start_kernel"] == stext + before["start_kernel"]
+    assert after.cached

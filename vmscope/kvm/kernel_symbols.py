@@ -94,8 +94,9 @@ class SymbolBuild:
             # data symbols kallsyms lacks (Debian arm64: no KALLSYMS_ALL), from the code that uses them
             syms = with_derived_symbols(syms, lambda va, n: self._read(loc.phys_text + va - loc.text, n),
                                         self._machine)
-            self.image = image_from(syms, loc.phys_text, loc.text)
+            image = image_from(syms, loc.phys_text, loc.text)
             self.symbol_file = BUILD_CACHE.symbol_file(syms, self._machine)
+            self.image = image  # last: an image is only ever seen with its symbol file
         except (VmiError, TargetError, ValueError, IndexError) as e:
             self.error = f"no kallsyms in the kernel image at physical {loc.phys_text:#x}: {e}"
         self.seconds = time.monotonic() - t0

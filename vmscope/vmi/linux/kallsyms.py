@@ -285,11 +285,14 @@ def parse_kallsyms(img: bytes, base: int, cache: KallsymsCache | None = None) ->
             decoded = _decode_at(img, base, tokens, *markers)
             if decoded is not None:
                 syms, names_start = decoded
-                if cache is None:
+                rel_base = struct.unpack_from("<Q", img, names_start - 16)[0]
+                if cache is None or rel_base == 0:
+                    # rel_base 0: an arm64 Image before it relocated itself (linked with
+                    # --no-apply-dynamic-relocs); its addresses are offsets, which the cache
+                    # could not tell from absolute (per-CPU) ones when sliding them later
                     return Kallsyms(syms)
                 entry = CachedKallsyms(names_start - table_start, _digest(memoryview(img)[names_start:table_start]),
-                                       names_start - 16 - table_start,
-                                       struct.unpack_from("<Q", img, names_start - 16)[0], [tuple(s) for s in syms])
+                                       names_start - 16 - table_start, rel_base, [tuple(s) for s in syms])
                 cache.put(key, entry)
                 return Kallsyms(syms, f"{key}-{entry.names_digest[:16]}")
         reasons.append(f"token table at +0x{table_start:x}: " + ("no names/num_syms consistent with the markers"
