@@ -27,6 +27,7 @@ from typing import Callable
 from vmscope.gdbserver.target import (
     HwBreakpoints,
     MonitorCommands,
+    PhysicalMemory,
     ResumeAction,
     ResumeActions,
     StopEvent,
@@ -83,6 +84,11 @@ class Session:
         self.last_stop: StopEvent | None = None
         self._on_output = on_output
         self._files: dict[int, bytes] = {}  # vFile descriptors -> contents
+        # QEMU's physical-memory mode (Qqemu.PhyMemMode:1): m/M address
+        # guest-physical memory. Clients written for QEMU's stub (vmscope
+        # inspect over RSP, Stackdb-style tools) read the guest this way;
+        # per connection here, so no later debugger inherits it (QEMU keeps it).
+        self.phys_mode = False
 
     # --- entry points ------------------------------------------------------
 
@@ -191,7 +197,9 @@ class Session:
         if isinstance(req, P.ReadMemory):
             return self._read_memory(req)
         if isinstance(req, P.WriteMemory):
-            if req.data:
+            if req.data and self.phys_mode:
+                t.write_physical(req.addr, req.data)
+            elif req.data:
                 t.write_memory(req.addr, req.data, self._tid(self.g_thread))
             return P.OK
         if isinstance(req, P.Resume):
@@ -233,7 +241,10 @@ class Session:
         length = min(req.length, _MAX_MEMORY)
         if length == 0:
             return (b"b" if self.binary_upload else P.OK) if req.binary else P.EMPTY
-        data = self.target.read_memory(req.addr, length, self._tid(self.g_thread))
+        if self.phys_mode:
+            data = self.target.read_physical(req.addr, length)
+        else:
+            data = self.target.read_memory(req.addr, length, self._tid(self.g_thread))
         if req.binary:
             return (b"b" + data) if self.binary_upload else data
         return hex_rle(data)  # framed as is: hex and run-length encoded in one pass
@@ -413,6 +424,13 @@ class Session:
             return self._monitor(q.args)
         if name == "HostInfo":
             return self._host_info()
+        if name == "qemu.PhyMemMode" and isinstance(t, PhysicalMemory):
+            if not q.set:
+                return b"1" if self.phys_mode else b"0"
+            if q.args not in (b"0", b"1"):
+                return P.error(errno.EINVAL)
+            self.phys_mode = q.args == b"1"
+            return P.OK
         return P.EMPTY
 
     def _thread_name(self, tid: int) -> str:
