@@ -258,3 +258,15 @@ def test_other_formats_decode_as_the_kernels_build_writes_them(fmt):
     assert pl.decompress(p) == blob
     with pytest.raises(pl.PayloadUnsupported):
         pl.decompress(pl.Payload(fmt, data[: len(data) // 2] + size))
+
+
+def test_a_logged_placement_can_be_forced_to_boot_it_again(bzimage, cached, tmp_path, monkeypatch):
+    monkeypatch.setenv("VMSCOPE_KASLR_PLACEMENT", "b000000:1600000")
+    mem, plan = _boot(bzimage, tmp_path)
+    try:
+        assert plan.kernel.phys_text == 0xB000000 and plan.kernel.slide == 0x600000
+    finally:
+        mem.close()
+    monkeypatch.setenv("VMSCOPE_KASLR_PLACEMENT", "b000001:1600000")
+    with pytest.raises(vl.ImageError, match="2 MiB aligned"):
+        _boot(bzimage, tmp_path)

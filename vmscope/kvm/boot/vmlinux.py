@@ -139,6 +139,23 @@ def choose_placement(randbelow, mem_size: int, needed: int, load_phys: int, avoi
     return slots[randbelow(len(slots))], load_phys + randbelow(max(1, virt_slots)) * ALIGN
 
 
+def forced_placement(phys: int, virt: int) -> tuple[int, int]:
+    """``VMSCOPE_KASLR_PLACEMENT=PHYS:VIRT`` (hex: physical address, virtual
+    offset as :func:`choose_placement` returns them) replaces the random
+    choice: to boot again the placement a failing boot logged with ``-v``."""
+    forced = os.environ.get("VMSCOPE_KASLR_PLACEMENT")
+    if not forced:
+        return phys, virt
+    try:
+        p, v = (int(x, 16) for x in forced.split(":"))
+    except ValueError:
+        raise ImageError(f"VMSCOPE_KASLR_PLACEMENT={forced!r}: expected PHYS:VIRT in hex") from None
+    if p % ALIGN or v % ALIGN:
+        raise ImageError(f"VMSCOPE_KASLR_PLACEMENT={forced!r}: both must be 2 MiB aligned")
+    log.warning("kernel placement forced by VMSCOPE_KASLR_PLACEMENT: physical %#x, virtual offset %#x", p, v)
+    return p, v
+
+
 def write_long_mode(mem: GuestRam) -> LongMode:
     """Identity-mapped page tables for the first 4 GiB (2 MiB pages) and a
     GDT with the boot protocol's segments."""
@@ -182,6 +199,7 @@ def load_vmlinux(path: Path, head: bytes, mem: GuestRam, cmdline: str = "", init
         initrd_at = write_boot_params(head, hdr, mem, cmdline, initrd, load_phys + needed, loadflags=flags)
         phys, virt = choose_placement(randbelow, mem.size, needed, load_phys,
                                       [initrd_at] if initrd_at else [], randomize)
+        phys, virt = forced_placement(phys, virt)
         if not len(table) or not hdr.relocatable:
             virt = load_phys  # no relocation table: the virtual address is the linked one
         if not hdr.relocatable:
