@@ -7,11 +7,14 @@ transmitter-holding-register empty (IER bit 1). Transmission is instant, so
 THRE becomes pending on every THR write and whenever the guest enables the
 THRE interrupt; reading IIR while THRE is the reported source clears it.
 The line's level follows ``pending & enabled``; a new rising edge is a new
-interrupt. Each register access, with the level it leaves, is one atomic
-step under a device lock: two vCPUs (one in the interrupt handler reading
-IIR, one printing) and the console input thread use the port at once, and
-an IIR read that cleared a THRE set by the other vCPU's write in between
-would lose that interrupt for good.
+interrupt. The interrupt state (THRE pending, the line's level) changes
+under one leaf lock: two vCPUs (one in the interrupt handler reading IIR,
+one printing) and the console input thread use the port at once, and an
+IIR read that cleared a THRE set by the other vCPU's write in between
+would lose that interrupt for good. Leaf: nothing else is taken under it
+but the line's own lock. The register access itself stays outside it,
+since a write may replay into KVM's coalesced ring, whose drain thread
+comes back into this device (a lock held across both would invert).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class InterruptingSerial(Serial16550):
         self._sink = out if callable(out) else (lambda b, o=out: (o.write(b), o.flush()))
         self.line = line
         self._thre_pending = False
-        self._device_lock = threading.RLock()  # register access + line level, atomically
+        self._irq_lock = threading.Lock()  # THRE pending + line level (a leaf lock)
         self._partial = bytearray()
         #: the last console lines, for fault reports
         self.tail: collections.deque[str] = collections.deque(maxlen=CONSOLE_TAIL_LINES)
@@ -62,45 +65,39 @@ class InterruptingSerial(Serial16550):
         return IIR_NONE
 
     def _update(self) -> None:
-        self.line.set(self._iir() != IIR_NONE)
+        with self._irq_lock:
+            self.line.set(self._iir() != IIR_NONE)
 
     def feed(self, data: bytes) -> None:
-        with self._device_lock:
-            super().feed(data)
-            self._update()
+        super().feed(data)
+        self._update()
 
     def read(self, port: int, size: int) -> int:
-        with self._device_lock:
-            return self._read(port, size)
-
-    def write(self, port: int, size: int, value: int) -> None:
-        with self._device_lock:
-            self._write(port, size, value)
-
-    def _read(self, port: int, size: int) -> int:
         reg = port - self.base
         if reg == IIR_FCR:
-            iir = self._iir()
-            if iir == IIR_THRI:
-                self._thre_pending = False
-            self._update()
+            with self._irq_lock:  # report and clear THRE, with no write slipping in between
+                iir = self._iir()
+                if iir == IIR_THRI:
+                    self._thre_pending = False
+                self.line.set(self._iir() != IIR_NONE)
             return iir | (0xC0 if self.fcr & 1 else 0)
         value = super().read(port, size)
         if reg == RBR_THR and not self.lcr & LCR_DLAB:
             self._update()
         return value
 
-    def _write(self, port: int, size: int, value: int) -> None:
+    def write(self, port: int, size: int, value: int) -> None:
         reg = port - self.base
         dlab = self.lcr & LCR_DLAB
         thri_before = self.ier & IER_THRI
         super().write(port, size, value)
-        if not dlab:
-            if reg == RBR_THR:
-                self._thre_pending = True
-            elif reg == IER and self.ier & IER_THRI and not thri_before:
-                self._thre_pending = True
-        self._update()
+        with self._irq_lock:
+            if not dlab:
+                if reg == RBR_THR:
+                    self._thre_pending = True
+                elif reg == IER and self.ier & IER_THRI and not thri_before:
+                    self._thre_pending = True
+            self.line.set(self._iir() != IIR_NONE)
 
     def _polled(self) -> bool:
         """Character writes are queued in KVM only while the guest polls the
