@@ -15,10 +15,10 @@ GICv3 to guests (a GICv2 host) gets a GICv2.
 from __future__ import annotations
 
 import ctypes
-import threading
 from dataclasses import dataclass
 
 from vmscope.kvm.abi import KvmIoctlError, _iow, _iowr, ioctl
+from vmscope.kvm.devices.irq import IrqLine
 
 u32, u64 = ctypes.c_uint32, ctypes.c_uint64
 
@@ -31,13 +31,8 @@ class KvmDeviceAttr(ctypes.Structure):
     _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
 
 
-class KvmIrqLevel(ctypes.Structure):
-    _fields_ = [("irq", u32), ("level", u32)]
-
-
 KVM_CREATE_DEVICE = _iowr(0xE0, KvmCreateDevice)
 KVM_SET_DEVICE_ATTR = _iow(0xE1, KvmDeviceAttr)
-KVM_IRQ_LINE = _iow(0x61, KvmIrqLevel)
 
 KVM_DEV_TYPE_ARM_VGIC_V2 = 5
 KVM_DEV_TYPE_ARM_VGIC_V3 = 7
@@ -108,24 +103,11 @@ def create_vgic(vm_fd: int, cpus: int, prefer: int = 3) -> Vgic:
     raise KvmIoctlError(19, "KVM offers no in-kernel GIC (" + "; ".join(errors) + ")")
 
 
-class SpiLine:
-    """A level-triggered SPI into the vGIC; the ioctl goes out only when the
-    level changes (same contract as :class:`vmscope.kvm.devices.irq.IrqLine`,
-    which the UART model drives)."""
+class SpiLine(IrqLine):
+    """A level-triggered SPI into the vGIC: the ISA line's ``KVM_IRQ_LINE``
+    contract (the ioctl only when the level changes), with arm64's encoding
+    of the line number."""
 
     def __init__(self, vm_fd: int, spi: int):
-        self.vm_fd = vm_fd
+        super().__init__(vm_fd, KVM_ARM_IRQ_TYPE_SPI << 24 | (SPI_BASE + spi))
         self.spi = spi
-        self.level = False
-        self.raised = 0
-        self._lock = threading.Lock()
-        self._irq = KVM_ARM_IRQ_TYPE_SPI << 24 | (SPI_BASE + spi)
-
-    def set(self, level: bool) -> None:
-        with self._lock:
-            if level == self.level:
-                return
-            self.level = level
-            if level:
-                self.raised += 1
-            ioctl(self.vm_fd, KVM_IRQ_LINE, KvmIrqLevel(self._irq, int(level)), "KVM_IRQ_LINE")

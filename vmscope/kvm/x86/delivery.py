@@ -25,6 +25,7 @@ from __future__ import annotations
 import struct
 
 from vmscope.gdbserver.target import StopEvent
+from vmscope.gdbserver.toolkit import physical_pieces
 from vmscope.kvm.x86.translate import PAGE
 from vmscope.kvm.x86.vcpu import Vcpu
 
@@ -37,30 +38,34 @@ class GateFrame:
     """What delivering one vector through a 64-bit IDT gate needs."""
 
     def __init__(self, handler: int, selector: int, gate_type: int, code_type: int, code_dpl: int,
-                 touched: list[int]):
+                 touched: list[int], stack: list[tuple[int, int]], rsp: int):
         self.handler = handler
         self.selector = selector
         self.gate_type = gate_type
         self.code_type = code_type
         self.code_dpl = code_dpl
         self.touched = touched  # guest-physical pages of the gate, descriptor and stack slots
+        self.stack = stack  # guest-physical pieces of the 40-byte frame, lowest address first
+        self.rsp = rsp  # the stack pointer after the pushes
 
 
-def _read_virtual(target, v: Vcpu, vaddr: int, length: int) -> tuple[bytes, list[int]] | None:
-    """Bytes at a guest-virtual address of ``v``, and the physical pages
-    they came from (None when a page is not mapped)."""
-    out, pages = bytearray(), []
-    while length > 0:
-        page = target.translator.page(v, vaddr & ~(PAGE - 1))
-        if page is None or not target.mem.contains(page, PAGE):
-            return None
-        off = vaddr & (PAGE - 1)
-        n = min(length, PAGE - off)
-        out += target.mem.view[page + off : page + off + n]
-        pages.append(page // PAGE)
-        vaddr += n
-        length -= n
-    return bytes(out), pages
+def _pieces(target, v: Vcpu, vaddr: int, length: int) -> list[tuple[int, int]] | None:
+    """Guest-physical pieces of a virtual range of ``v`` (its own page
+    tables, not another vCPU's), or None when part of it is not in RAM."""
+    def phys_of(addr: int) -> int | None:
+        page = target.translator.page(v, addr & ~(PAGE - 1))
+        return None if page is None else page | (addr & (PAGE - 1))
+
+    pieces, bad, _ = physical_pieces(vaddr, length, phys_of, target.mem.contains)
+    return None if bad is not None else pieces
+
+
+def _pages(pieces: list[tuple[int, int]]) -> list[int]:
+    return [page for start, n in pieces for page in range(start // PAGE, (start + n - 1) // PAGE + 1)]
+
+
+def _read(target, pieces: list[tuple[int, int]]) -> bytes:
+    return b"".join(bytes(target.mem.view[start : start + n]) for start, n in pieces)
 
 
 def gate_frame(target, v: Vcpu, vector: int, sregs, rsp: int) -> GateFrame | None:
@@ -70,32 +75,32 @@ def gate_frame(target, v: Vcpu, vector: int, sregs, rsp: int) -> GateFrame | Non
         return None
     if (vector + 1) * 16 - 1 > sregs.idt.limit:
         return None
-    got = _read_virtual(target, v, sregs.idt.base + vector * 16, 16)
-    if got is None:
+    gate_at = _pieces(target, v, sregs.idt.base + vector * 16, 16)
+    if gate_at is None:
         return None
-    gate, touched = got
+    gate = _read(target, gate_at)
     lo, selector, ist, attrs, mid, hi, _ = struct.unpack("<HHBBHII", gate)
     gate_type, present = attrs & 0xF, attrs >> 7
     if not present or gate_type not in (GATE_INTERRUPT, GATE_TRAP) or ist & 7:
         return None
     if selector & 4 or selector >> 3 == 0 or (selector | 7) > sregs.gdt.limit:
         return None
-    got = _read_virtual(target, v, sregs.gdt.base + (selector & ~7), 8)
-    if got is None:
+    desc_at = _pieces(target, v, sregs.gdt.base + (selector & ~7), 8)
+    if desc_at is None:
         return None
-    desc, pages = got
+    desc = _read(target, desc_at)
     access, flags = desc[5], desc[6]
     code_dpl = (access >> 5) & 3
     long_code = (flags >> 5) & 1
     if not access & 0x80 or not access & 0x08 or not long_code or code_dpl != sregs.cs.dpl:
         return None  # not a present 64-bit code segment at the same level: KVM's job
-    stack = ((rsp & ~0xF) - 40) & (2**64 - 1)
-    got = _read_virtual(target, v, stack, 40)
-    if got is None:
+    frame_rsp = ((rsp & ~0xF) - 40) & (2**64 - 1)  # 16-byte aligned, then SS, RSP, RFLAGS, CS, RIP
+    stack_at = _pieces(target, v, frame_rsp, 40)
+    if stack_at is None:
         return None
-    touched += pages + got[1]
     handler = lo | mid << 16 | hi << 32
-    return GateFrame(handler, selector, gate_type, access & 0xF, code_dpl, touched)
+    return GateFrame(handler, selector, gate_type, access & 0xF, code_dpl,
+                     _pages(gate_at) + _pages(desc_at) + _pages(stack_at), stack_at, frame_rsp)
 
 
 def deliver_by_hand(target, v: Vcpu, vector: int, return_rip: int) -> bool:
@@ -109,19 +114,17 @@ def deliver_by_hand(target, v: Vcpu, vector: int, return_rip: int) -> bool:
     frame = gate_frame(target, v, vector, sregs, regs.rsp)
     if frame is None or not any(page in protected for page in frame.touched):
         return False
-    rsp = (regs.rsp & ~0xF) - 40
     pushed = struct.pack("<5Q", return_rip, sregs.cs.selector, regs.rflags, regs.rsp, sregs.ss.selector)
     hits = []
-    for i in range(0, 40, 8):
-        vaddr = rsp + i
-        page = target.translator.page(v, vaddr & ~(PAGE - 1))
-        phys = page | (vaddr & (PAGE - 1))
+    off = 0
+    for start, n in frame.stack:  # the frame's own pieces, as gate_frame found them
         with target._lock:
-            hit = target._watch_hit(phys, 8, True) if target.attached else None
+            hit = target._watch_hit(start, n, True) if target.attached else None
         if hit is not None:
             hits.append(hit)
-        target.mem.view[phys : phys + 8] = pushed[i : i + 8]
-    regs.rsp = rsp
+        target.mem.view[start : start + n] = pushed[off : off + n]
+        off += n
+    regs.rsp = frame.rsp
     regs.rip = frame.handler
     regs.rflags &= ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM)
     if frame.gate_type == GATE_INTERRUPT:
