@@ -7,6 +7,7 @@ and the tests treat them alike.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -17,6 +18,20 @@ from vmscope.gdbserver.target import Target
 class ImageError(Exception):
     """A kernel/initrd image that cannot be booted; the message names the
     file and what is wrong with it (one line, shown to the user as is)."""
+
+
+@contextlib.contextmanager
+def kernel_file_errors(path):
+    """The OS errors of opening or reading a kernel or initrd file, as the
+    ImageError that names the file and what is wrong with it."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a directory, not a kernel image") from None
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
 
 
 class MachineUnavailable(Exception):

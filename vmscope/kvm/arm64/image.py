@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmscope.machine import ImageError
+from vmscope.machine import ImageError, kernel_file_errors
 
 MAGIC = b"ARM\x64"
 MAGIC_OFFSET = 0x38
@@ -68,14 +68,8 @@ class LinuxLayout:
 def read_image(path: Path) -> bytes:
     """The raw Image bytes of ``path``, inflated when it is gzip'd."""
     path = Path(path)
-    try:
+    with kernel_file_errors(path):
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not a kernel image") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
@@ -153,17 +147,10 @@ def load_image(path: Path, ram, initrd: Path | None = None) -> LinuxLayout:
 
 def _raw_size(path: Path) -> int | None:
     """The file's size when it is not gzip'd, None when it is."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(2) == b"\x1f\x8b":
-                return None
-            return os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not a kernel image") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+    with kernel_file_errors(path), open(path, "rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            return None
+        return os.fstat(f.fileno()).st_size
 
 
 def _read_into(path: Path, ram, addr: int, length: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from vmscope.devices.pvh import BootPlan, load_pvh
 from vmscope.devices.ram import GuestRam
 from vmscope.kvm.boot.linux import load_bzimage
-from vmscope.machine import ImageError
+from vmscope.machine import ImageError, kernel_file_errors
 
 __all__ = ["BootPlan", "load_kernel"]
 
@@ -38,15 +38,8 @@ def load_kernel(path: Path, mem: GuestRam, cmdline: str = "", initrd: Path | Non
     Raises :class:`ImageError` naming the file and the problem.
     """
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not a kernel image") from None
-    except OSError as e:
-        raise ImageError(f"{path}: cannot read: {e.strerror}") from None
+    with kernel_file_errors(path), open(path, "rb") as f:
+        head = f.read(4096)
     if not head:
         raise ImageError(f"{path}: empty file")
     if head[:4] == b"\x7fELF":
