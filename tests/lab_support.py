@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from typing import Callable, Iterator
 
 import pytest
 
@@ -38,3 +40,47 @@ def require_arm64() -> None:
         if os.environ.get("VMSCOPE_REQUIRE_LAB") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
+
+
+def kept_lab(make: Callable[[], "Lab"]) -> Iterator[Callable[[], "Lab"]]:
+    """For a lab fixture: yields a function that returns a running lab,
+    booting a new one (``make()``, not yet started) when the one before died.
+
+    L1 is a Debian kernel running KVM's nested SVM on QEMU's emulated SVM;
+    rarely it panics under load (seen once in a CI run: "stack guard page
+    was hit" in L1's page-fault handler, in the VMM's process). Without
+    this, one such death fails every later test of the module with "the lab
+    is not running". With it, only the test running at the time fails (its
+    error carries L1's console), and :data:`RERUN_IF_THE_LAB_DIED` gives
+    that test one more run in the new lab: the run must then pass on its own.
+    """
+    current: list = []
+
+    def running():
+        if current and not current[0].running:
+            dead = current.pop()
+            print(f"\nthe lab died (console: {dead.console_log}); booting a new one",
+                  file=sys.stderr, flush=True)
+            dead.close()
+        if not current:
+            lab = make()
+            lab.start()
+            current.append(lab)
+        return current[0]
+
+    try:
+        yield running
+    finally:
+        for lab in current:
+            lab.close()
+
+
+def _rerun_if_the_lab_died() -> pytest.MarkDecorator:
+    from vmscope.lab.lab import LAB_DIED
+
+    return pytest.mark.flaky(reruns=1, only_rerun=[LAB_DIED])
+
+
+RERUN_IF_THE_LAB_DIED = _rerun_if_the_lab_died()
+"""One more run of a lab test whose L1 died under it (QEMU exited, its
+console in the error): never for a failure of the test's own assertions."""

@@ -13,11 +13,11 @@ import sys
 
 import pytest
 
-from tests.lab_support import FORWARDED_GUEST_PORT, LAB_PORTS, _require, require_arm64
+from tests.lab_support import FORWARDED_GUEST_PORT, LAB_PORTS, _require, kept_lab, require_arm64
 
 
 @pytest.fixture(scope="session")
-def lab():
+def _session_lab():
     for tool in ("qemu-system-x86_64", "apt-get", "dpkg-deb", "/usr/bin/python3.11"):
         _require(tool)
     from vmscope.lab import Lab
@@ -29,16 +29,27 @@ def lab():
         if os.environ.get("VMSCOPE_LAB_CONSOLE"):
             print(f"[L1] {line}", file=sys.stderr, flush=True)
 
-    with Lab(cpus=2, mem_mib=2048, forward=[FORWARDED_GUEST_PORT], port_range=LAB_PORTS,
-             console=console, extra_dists=["pytest", "pytest-timeout"]) as lab:
-        yield lab
+    yield from kept_lab(lambda: Lab(cpus=2, mem_mib=2048, forward=[FORWARDED_GUEST_PORT],
+                                    port_range=LAB_PORTS, console=console,
+                                    extra_dists=["pytest", "pytest-timeout"]))
+
+
+@pytest.fixture
+def lab(_session_lab):
+    """The session's x86 lab, booted again if it died (see kept_lab)."""
+    return _session_lab()
 
 
 @pytest.fixture(scope="module")
-def arm64_lab():
+def _module_arm64_lab():
     require_arm64()
     from vmscope.lab import Lab
 
-    with Lab(arch="aarch64", cpus=2, mem_mib=2048, forward=[FORWARDED_GUEST_PORT],
-             port_range=LAB_PORTS, boot_timeout=900) as lab:
-        yield lab
+    yield from kept_lab(lambda: Lab(arch="aarch64", cpus=2, mem_mib=2048,
+                                    forward=[FORWARDED_GUEST_PORT], port_range=LAB_PORTS,
+                                    boot_timeout=900))
+
+
+@pytest.fixture
+def arm64_lab(_module_arm64_lab):
+    return _module_arm64_lab()

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from tests.lab_support import require_arm64
+from tests.lab_support import RERUN_IF_THE_LAB_DIED, kept_lab, require_arm64
 from vmscope.lab import LabTimeout
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, RERUN_IF_THE_LAB_DIED]
 
 PORTS = (17100, 17199)
 GDB_GUEST_PORT = 17500
@@ -33,16 +33,21 @@ PTY_RUN = ("python3 -c 'import pty, sys; sys.exit(pty.spawn(sys.argv[1:]) >> 8)'
 
 
 @pytest.fixture(scope="module")
-def lab():
+def _module_lab():
     require_arm64()
     from vmscope.lab import Lab
 
-    t0 = time.monotonic()
-    with Lab(arch="aarch64", cpus=2, mem_mib=2048, forward=[GDB_GUEST_PORT], port_range=PORTS,
-             boot_timeout=900) as lab:
-        MEASURED["lab_start_s"] = time.monotonic() - t0
-        yield lab
+    yield from kept_lab(lambda: Lab(arch="aarch64", cpus=2, mem_mib=2048, forward=[GDB_GUEST_PORT],
+                                    port_range=PORTS, boot_timeout=900))
     print("\narm64 Linux VMM measurements: " + json.dumps({k: round(v, 2) for k, v in MEASURED.items()}))
+
+
+@pytest.fixture
+def lab(_module_lab):
+    """This module's lab, booted again if it died (see kept_lab)."""
+    lab = _module_lab()
+    MEASURED.setdefault("lab_start_s", lab.timings["image_s"] + lab.timings["boot_s"])
+    return lab
 
 
 def vm_command(append: str = "console=ttyS0 quiet panic=-1", cpus: int = 2, extra: str = "",

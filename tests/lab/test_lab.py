@@ -8,10 +8,10 @@ import socket
 
 import pytest
 
-from tests.lab_support import FORWARDED_GUEST_PORT
+from tests.lab_support import FORWARDED_GUEST_PORT, RERUN_IF_THE_LAB_DIED
 from vmscope.lab import LabError, LabTimeout
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, RERUN_IF_THE_LAB_DIED]
 
 
 def test_l1_has_kvm_amd_and_dev_kvm(lab):
@@ -146,3 +146,26 @@ def test_put_and_get_files_round_trip_binary_data(lab):
     assert lab.run("stat -c %a /tmp/sub/blob.bin").stdout.strip() == "600"
     with pytest.raises(LabError, match="cannot read /no/such/file"):
         lab.get("/no/such/file")
+
+
+@pytest.mark.flaky(reruns=0)  # this test kills the lab on purpose: no second run
+def test_a_lab_that_dies_says_so_and_the_next_test_gets_a_new_one(_session_lab):
+    """A real L1 kernel panic (sysrq 'c') under a running command: the
+    command's error says the lab itself died, with QEMU's status and L1's
+    last console lines (the panic), and the suite's next request for the lab
+    boots a new one instead of failing with "the lab is not running"."""
+    from vmscope.lab.lab import LAB_DIED
+
+    lab = _session_lab()
+    with lab.spawn("sleep 2; echo c > /proc/sysrq-trigger; sleep 60") as proc:
+        with pytest.raises(LabError) as died:
+            proc.wait(300)
+    message = str(died.value)
+    assert LAB_DIED in message and "QEMU exited with status" in message, message
+    assert re.search(r"sysrq|Kernel panic", message), message
+    assert not lab.running
+    with pytest.raises(LabError, match="the lab is not running; the lab itself died"):
+        lab.spawn("true")
+    fresh = _session_lab()
+    assert fresh is not lab and fresh.running
+    assert fresh.run("echo alive").stdout.strip() == "alive"

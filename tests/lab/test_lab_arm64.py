@@ -10,9 +10,9 @@ import socket
 import pexpect
 import pytest
 
-from tests.lab_support import FORWARDED_GUEST_PORT, require_arm64
+from tests.lab_support import FORWARDED_GUEST_PORT, RERUN_IF_THE_LAB_DIED, require_arm64
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, RERUN_IF_THE_LAB_DIED]
 
 
 def test_arm64_l1_runs_a_tiny_l2_guest(arm64_lab):

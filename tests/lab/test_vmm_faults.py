@@ -18,8 +18,9 @@ import re
 import pytest
 
 from tests.kvm_support import bzimage, make_pvh_elf
+from tests.lab_support import RERUN_IF_THE_LAB_DIED
 
-pytestmark = [pytest.mark.lab, pytest.mark.slow]
+pytestmark = [pytest.mark.lab, pytest.mark.slow, RERUN_IF_THE_LAB_DIED]
 
 UD2 = bytes.fromhex("0f0b")  # ud2 with no IDT: #UD -> #DF -> shutdown (triple fault)
 GUEST = "/tmp/vmscope-faults/ud2.elf"

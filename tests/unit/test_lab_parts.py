@@ -172,3 +172,18 @@ def test_extra_files_go_into_the_small_source_archive(tmp_path):
     assert entries["etc/flag"].data == b"1"
     assert "opt/vmscope/src/vmscope/lab/agent.py" in entries
     assert "opt/vmscope/src/tests/lab/kvm_smoke.py" in entries
+
+
+def test_a_lost_agent_connection_says_how_the_lab_fared():
+    """When L1 dies under a command, the agent's socket just closes: the
+    error must carry the lab's own account (QEMU's status, the console's
+    last lines) so a CI log shows the panic or OOM kill, not only "lost"."""
+    host, agent = socket.socketpair()
+    proc = LabProcess(host, "poweroff -f", post_mortem=lambda: "; QEMU exited with status 0; "
+                      "L1 console, last lines:\nKernel panic - not syncing")
+    agent.close()  # L1 gone: the connection ends with no exit frame
+    with pytest.raises(LabError, match=r"(?s)was lost; QEMU exited with status 0.*Kernel panic"):
+        proc.wait(10)
+    with pytest.raises(LabError, match=r"(?s)did not appear.*was lost.*Kernel panic"):
+        proc.wait_for_output("never", 5)
+    proc.__exit__()

@@ -140,6 +140,14 @@ class KvmVcpuEvents(ctypes.Structure):
     ]
 
 
+class KvmXcr(ctypes.Structure):
+    _fields_ = [("xcr", u32), ("reserved", u32), ("value", u64)]
+
+
+class KvmXcrs(ctypes.Structure):
+    _fields_ = [("nr_xcrs", u32), ("flags", u32), ("xcrs", KvmXcr * 16), ("padding", u64 * 16)]
+
+
 class KvmCpuidEntry2(ctypes.Structure):
     _fields_ = [
         ("function", u32), ("index", u32), ("flags", u32), ("eax", u32),
@@ -273,6 +281,7 @@ KVM_SET_MSRS = _iow(0x89, KvmCpuid2Header)
 KVM_GET_FPU = _ior(0x8C, KvmFpu)
 KVM_SET_FPU = _iow(0x8D, KvmFpu)
 KVM_SET_CPUID2 = _iow(0x90, KvmCpuid2Header)
+KVM_GET_XCRS = _ior(0xA6, KvmXcrs)
 KVM_GET_MP_STATE = _ior(0x98, KvmMpState)
 KVM_SET_MP_STATE = _iow(0x99, KvmMpState)
 KVM_SET_GUEST_DEBUG = _iow(0x9B, KvmGuestDebug)

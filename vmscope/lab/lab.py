@@ -101,6 +101,11 @@ def free_ports(count: int, port_range: tuple[int, int] | None = None,
     raise LabError(f"no {count} free TCP ports in {low}-{high}")
 
 
+LAB_DIED = "the lab itself died"
+"""Said in an error when L1's QEMU ended under a command: a kernel panic in
+L1 or an emulator crash, not anything the command did to its own guest."""
+
+
 class Lab:
     """An L1 guest with real KVM, booted under QEMU's TCG emulator.
 
@@ -298,6 +303,28 @@ class Lab:
                                      f"{timeout} s; console:\n{self._tail()}")
                 self._lines_changed.wait(min(left, 0.5))
 
+    @property
+    def running(self) -> bool:
+        """Whether L1 (its QEMU) is still up."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def post_mortem(self) -> str:
+        """How L1 stands, for an error message: whether QEMU still runs (its
+        exit status if not, with :data:`LAB_DIED`) and the console's last
+        lines, where a panic, an OOM kill or a KVM splat would show. Empty
+        when QEMU was never started."""
+        proc = self._proc
+        if proc is None:
+            return ""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)  # a dropped agent connection usually means L1 is going down
+        if proc.poll() is not None and self._console_thread.is_alive():
+            self._console_thread.join(2)  # let the last console lines in
+        state = (f"{LAB_DIED}: QEMU exited with status {proc.returncode}" if proc.poll() is not None
+                 else "QEMU still runs")
+        where = f" (whole console: {self.console_log})" if self.console_log else ""
+        return f"; {state}; L1 console, last lines{where}:\n{self._tail()}"
+
     def _tail(self, n: int = 40) -> str:
         return "\n".join(self._lines[-n:])
 
@@ -315,7 +342,7 @@ class Lab:
         """Start ``cmd`` in L1 (a shell command line, or an argv list) and
         return at once. Use as a context manager to kill it on exit."""
         if self._proc is None or self._proc.poll() is not None:
-            raise LabError("the lab is not running")
+            raise LabError(f"the lab is not running{self.post_mortem()}")
         cmd = cmd if isinstance(cmd, str) else list(cmd)
         try:
             sock = socket.create_connection(("127.0.0.1", self._ports[AGENT_PORT]), timeout=30)
@@ -324,7 +351,7 @@ class Lab:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(json.dumps({"cmd": cmd, "env": dict(env or {}), "cwd": cwd}).encode() + b"\n")
-        proc = LabProcess(sock, cmd, on_output)
+        proc = LabProcess(sock, cmd, on_output, post_mortem=self.post_mortem)
         if not proc._started.wait(60):
             proc.__exit__()
             raise LabError(f"the lab agent did not start {cmd!r}")

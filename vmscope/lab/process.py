@@ -60,8 +60,12 @@ class LabProcess:
     """
 
     def __init__(self, sock: socket.socket, cmd: str | list[str],
-                 on_output: Callable[[str, bytes], None] | None = None) -> None:
+                 on_output: Callable[[str, bytes], None] | None = None,
+                 post_mortem: Callable[[], str] | None = None) -> None:
         self.cmd = cmd
+        # says how the lab itself fared when the agent's connection drops:
+        # a lost connection alone does not tell a dead L1 from a killed agent
+        self._post_mortem = post_mortem
         self.pid: int | None = None
         self.returncode: int | None = None
         self._sock = sock
@@ -157,7 +161,8 @@ class LabProcess:
             raise LabTimeout(f"lab command {self.cmd!r} did not finish in {timeout} s",
                              self.result())
         if self._error and self.returncode == -255:
-            raise LabError(f"lab command {self.cmd!r}: {self._error}")
+            detail = self._post_mortem() if self._post_mortem else ""
+            raise LabError(f"lab command {self.cmd!r}: {self._error}{detail}")
         return self.result()
 
     def wait_for_output(self, pattern: str, timeout: float, stream: str = "any") -> re.Match:
@@ -173,6 +178,10 @@ class LabProcess:
                         if m:
                             return m
                 left = deadline - time.monotonic()
+                if self._done.is_set() and self.returncode == -255 and self._error:
+                    detail = self._post_mortem() if self._post_mortem else ""
+                    raise LabError(f"{pattern!r} did not appear in the output of {self.cmd!r}: "
+                                   f"{self._error}{detail}\n--- stdout ---\n{self.stdout[-2000:]}")
                 if self._done.is_set() or left <= 0:
                     raise LabTimeout(
                         f"{pattern!r} did not appear in the output of {self.cmd!r} "
