@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--boot", choices=["direct", "decompressor"], default="decompressor",
                      help="x86 KVM, bzImage: 'decompressor' (default) runs the kernel's own; 'direct' "
                           "decompresses the kernel on the host (cached), places it with KASLR and enters "
-                          "startup_64 (faster; it still triple-faults at some KASLR placements)")
+                          "startup_64 (faster, and kernel symbols from the first instruction)")
     run.add_argument("--gdb", metavar="[HOST:]PORT|unix:PATH",
                      help="serve GDB here and wait for it before the first instruction (host defaults to 127.0.0.1; "
                           "unix:PATH: a Unix socket only its owner can use)")

@@ -56,8 +56,8 @@ class MachineConfig:
     #: file descriptor for serial input (the console), None = no input
     serial_in: int | None = None
     #: how the x86 KVM back end boots a bzImage: "decompressor" (the kernel's
-    #: own) or "direct" (decompressed on the host, entered at startup_64; not
-    #: the default while it triple-faults at some KASLR placements)
+    #: own, the boot every other VMM exercises) or "direct" (decompressed on
+    #: the host, placed with KASLR, entered at startup_64)
     boot: str = "decompressor"
     extra: dict = field(default_factory=dict)
 
