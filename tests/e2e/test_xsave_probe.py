@@ -43,8 +43,12 @@ def test_probe_answer_is_kept_per_host_boot(tmp_path, monkeypatch):
     assert xsave_probe.guest_xsetbv_reaches_kvm(fd, entries) is True
     kept = list((tmp_path / "host").glob("xsetbv-reaches-kvm-*"))
     assert len(kept) == 1 and kept[0].read_text() == "yes\n"
+    xsave_probe.fit_cpuid_to_kvm(fd, entries)
+    assert xsave_probe._has_xsave(entries), "KVM follows XCR0 here: the CPU is left as KVM offers it"
     kept[0].write_text("no\n")  # as the nested lab's KVM answers: read back, not probed again
     assert xsave_probe.guest_xsetbv_reaches_kvm(fd, entries) is False
+    xsave_probe.fit_cpuid_to_kvm(fd, entries)
+    assert not xsave_probe._has_xsave(entries)
 
 
 def test_hide_xsave_clears_xsave_and_what_needs_it():

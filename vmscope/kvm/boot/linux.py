@@ -24,7 +24,6 @@ vCPU count, since Debian's kernel has no MP-table parser).
 
 from __future__ import annotations
 
-import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,6 @@ from pathlib import Path
 from vmscope.devices.pvh import BootPlan
 from vmscope.devices.ram import PAGE, GuestRam
 from vmscope.machine import ImageError
-
-log = logging.getLogger(__name__)
 
 #: the command line when the user gives none: the serial console, few
 #: console lines (each character is a VM exit), reboot on panic (the VMM
@@ -237,8 +234,7 @@ def tune_cpuid(kvm_fd: int, entries) -> None:
     noisy nested) and the TSC-deadline timer (KVM emulates it whenever
     KVM_CAP_TSC_DEADLINE_TIMER says so; with it Linux skips calibrating the
     LAPIC timer against the PIT, which fails verification under a nested
-    KVM and leaves every CPU on PIT broadcast ticks). It also hides XSAVE
-    where KVM cannot follow the guest's XCR0 (:mod:`vmscope.kvm.x86.xsave_probe`).
+    KVM and leaves every CPU on PIT broadcast ticks).
     """
     from vmscope.kvm import abi
     from vmscope.kvm.abi import ioctl
@@ -247,12 +243,6 @@ def tune_cpuid(kvm_fd: int, entries) -> None:
     for e in entries:
         if e.function == 1:
             e.ecx |= CPUID1_ECX_HYPERVISOR | (CPUID1_ECX_TSC_DEADLINE if deadline else 0)
-    from vmscope.kvm.x86.xsave_probe import guest_xsetbv_reaches_kvm, hide_xsave
-
-    if not guest_xsetbv_reaches_kvm(kvm_fd, entries):
-        hide_xsave(entries)
-        log.info("this KVM does not see the guest's XSETBV (QEMU TCG's emulated SVM): XSAVE and AVX "
-                 "are hidden from the guest, which then uses FXSAVE (docs/kvm-notes.md)")
 
 
 def attach_platform(machine, out) -> None:

@@ -118,6 +118,10 @@ class KvmMachine(X86Exits, RunControl):
 
         mmap_size = ioctl(kvm, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         cpuid = self._supported_cpuid()
+        if cpuid is not None:
+            from vmscope.kvm.x86.xsave_probe import fit_cpuid_to_kvm
+
+            fit_cpuid_to_kvm(self.kvm_fd, cpuid)  # XSAVE hidden where KVM cannot follow XCR0
         if cpuid is not None and self.plan.linux:
             from vmscope.kvm.boot.linux import tune_cpuid
 

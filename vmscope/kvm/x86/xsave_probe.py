@@ -14,8 +14,9 @@ XSAVE buffers land, later hangs, triple-faults, or corrupts L1 itself
 :func:`guest_xsetbv_reaches_kvm` runs four instructions in a throwaway VM
 (``XSETBV`` to x87+SSE, ``HLT``) and asks KVM for the XCR0 it saw. When
 KVM did not see it, :func:`hide_xsave` takes XSAVE and what needs it (AVX,
-AVX2, AVX-512, FMA, F16C, leaf 0xD) out of the guest's CPUID, as QEMU's
-default CPU model does: Linux then uses FXSAVE and boots cleanly. The
+AVX2, AVX-512, FMA, F16C, leaf 0xD) out of every guest's CPUID
+(:func:`fit_cpuid_to_kvm`), as QEMU's default CPU model does: Linux then
+uses FXSAVE and boots cleanly. The
 answer is kept per host boot (it depends on the host, not on the guest).
 """
 
@@ -43,6 +44,15 @@ CPUID7_EDX_AVX = (1 << 2) | (1 << 3) | (1 << 8) | (1 << 23)
 PROBE_CODE = bytes.fromhex("66b803000000" "6631d2" "6631c9" "0f01d1" "f4")
 PROBE_XCR0 = 0x3
 PROBE_AT = 0x1000
+
+
+def fit_cpuid_to_kvm(kvm_fd: int, entries) -> None:
+    """Hide XSAVE from every guest (Linux or not) where KVM cannot follow
+    the guest's XCR0; leave the table alone everywhere else."""
+    if not guest_xsetbv_reaches_kvm(kvm_fd, entries):
+        hide_xsave(entries)
+        log.info("this KVM does not see the guest's XSETBV (QEMU TCG's emulated SVM): XSAVE and AVX "
+                 "are hidden from the guest, which then uses FXSAVE (docs/kvm-notes.md)")
 
 
 def _has_xsave(entries) -> bool:
