@@ -46,9 +46,11 @@ def kept_lab(make: Callable[[], "Lab"]) -> Iterator[Callable[[], "Lab"]]:
     """For a lab fixture: yields a function that returns a running lab,
     booting a new one (``make()``, not yet started) when the one before died.
 
-    L1 is a Debian kernel running KVM's nested SVM on QEMU's emulated SVM;
-    rarely it panics under load (seen once in a CI run: "stack guard page
-    was hit" in L1's page-fault handler, in the VMM's process). Without
+    L1 is a Debian kernel running KVM's nested SVM on QEMU's emulated SVM,
+    and it has died under lab tests (twice, both before vmscope hid XSAVE
+    where the lab's KVM cannot follow a guest's XCR0: docs/kvm-notes.md;
+    once a CI run's "stack guard page was hit" in L1's page-fault handler,
+    in the VMM's process). Without
     this, one such death fails every later test of the module with "the lab
     is not running". With it, only the test running at the time fails (its
     error carries L1's console), and :data:`RERUN_IF_THE_LAB_DIED` gives

@@ -16,8 +16,8 @@ XSAVE buffers land, later hangs, triple-faults, or corrupts L1 itself
 KVM did not see it, :func:`hide_xsave` takes XSAVE and what needs it (AVX,
 AVX2, AVX-512, FMA, F16C, leaf 0xD) out of every guest's CPUID
 (:func:`fit_cpuid_to_kvm`), as QEMU's default CPU model does: Linux then
-uses FXSAVE and boots cleanly. The
-answer is kept per host boot (it depends on the host, not on the guest).
+uses FXSAVE and boots cleanly. The answer is kept per host boot (it
+depends on the host, not on the guest).
 """
 
 from __future__ import annotations
@@ -94,13 +94,15 @@ def hide_xsave(entries) -> None:
 
 
 def _cache_file() -> Path | None:
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
+    """Where this host boot's answer is kept; None where it cannot be (no
+    boot id, no writable cache): the probe then runs at every start."""
     from vmscope.images.cache import cache_dir
 
-    return cache_dir("host") / f"xsetbv-reaches-kvm-{boot_id}"
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return cache_dir("host") / f"xsetbv-reaches-kvm-{boot_id}"
+    except OSError:
+        return None
 
 
 def _probe(kvm_fd: int, entries) -> bool:
