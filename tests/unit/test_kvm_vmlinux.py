@@ -167,7 +167,6 @@ def _boot(bzimage, tmp_path, cmdline="console=ttyS0", pick=None, mem_mib=512):
     mem = GuestRam(0, mem_mib * MiB)
     plan = vl.load_vmlinux(bzimage, bzimage.read_bytes()[: vl.HEAD_BYTES], mem, cmdline, initrd,
                            randbelow=pick or vl.random_below)
-    plan.loading.wait()  # the copy and relocations run in a thread beside the VMM's other start-up
     return mem, plan
 
 
@@ -271,27 +270,3 @@ def test_a_logged_placement_can_be_forced_to_boot_it_again(bzimage, cached, tmp_
     monkeypatch.setenv("VMSCOPE_KASLR_PLACEMENT", "b000001:1600000")
     with pytest.raises(vl.ImageError, match="2 MiB aligned"):
         _boot(bzimage, tmp_path)
-
-
-def test_image_fill_runs_beside_the_caller_and_hands_back_its_error():
-    """The direct boot copies and relocates the kernel in a thread while the
-    machine is built; whatever that raises reaches the thread that waits
-    (the machine's start-up), not a thread's stderr."""
-    import threading
-
-    started, release = threading.Event(), threading.Event()
-
-    def slow():
-        started.set()
-        release.wait(10)
-
-    fill = vl.ImageFill(slow)
-    assert started.wait(10)  # it runs while we go on
-    release.set()
-    fill.wait()
-
-    def broken():
-        raise vl.ImageError("a relocation at 0x1 lies outside the kernel image")
-
-    with pytest.raises(vl.ImageError, match="outside the kernel image"):
-        vl.ImageFill(broken).wait()

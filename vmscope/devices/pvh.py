@@ -67,9 +67,6 @@ class BootPlan:
     kernel: object | None = None
     #: vmscope.kvm.boot.vmlinux.LongMode (page tables, GDT) for "linux64"
     long_mode: object | None = None
-    #: vmscope.kvm.boot.vmlinux.ImageFill while the kernel image is still
-    #: being copied in (the direct boot): wait() before running or reading it
-    loading: object | None = None
 
     @property
     def linux(self) -> bool:

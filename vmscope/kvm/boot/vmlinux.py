@@ -32,7 +32,6 @@ import logging
 import mmap
 import os
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,39 +204,29 @@ def load_vmlinux(path: Path, head: bytes, mem: GuestRam, cmdline: str = "", init
             virt = load_phys  # no relocation table: the virtual address is the linked one
         if not hdr.relocatable:
             phys = load_phys
+        for s in segs:
+            copy_to_ram(mem, phys + (s.paddr - load_phys), elf_file.fileno(), elf, s.offset, s.filesz)
         text_vaddr = _text_vaddr(elf, segs, load_phys)
-    except BaseException:
+        start_map = text_vaddr - load_phys  # __START_KERNEL_map
+        delta = virt - load_phys
+        populate(mem, phys, total)
+        t2 = time.monotonic()
+        image_view = mem.view[phys - mem.base : phys - mem.base + (total & ~7)]
+        try:
+            apply_relocs(image_view, table, text_vaddr, delta, mem.host_address + phys - mem.base)
+        finally:
+            image_view.release()
+    finally:
         elf.close()
         elf_file.close()
-        raise
-    start_map = text_vaddr - load_phys  # __START_KERNEL_map
-    delta = virt - load_phys
-    placement = KernelPlacement(phys, start_map + virt, start_map + virt + total, text_vaddr, bool(flags))
-
-    def fill() -> None:
-        """Copy the segments in, map the pages, apply the relocations."""
-        try:
-            t2 = time.monotonic()
-            for s in segs:
-                copy_to_ram(mem, phys + (s.paddr - load_phys), elf_file.fileno(), elf, s.offset, s.filesz)
-            populate(mem, phys, total)
-            t3 = time.monotonic()
-            image_view = mem.view[phys - mem.base : phys - mem.base + (total & ~7)]
-            try:
-                apply_relocs(image_view, table, text_vaddr, delta, mem.host_address + phys - mem.base)
-            finally:
-                image_view.release()
-        finally:
-            elf.close()
-            elf_file.close()
-        log.info("vmlinux: %s (%s, %.0f ms), segments copied in %.0f ms, %d relocations (slide %#x) in %.0f ms "
-                 "(beside the rest of start-up); _text at physical %#x, virtual %#x", elf_path.name,
-                 "cached" if cached else "decompressed now", (t1 - t0) * 1000, (t3 - t2) * 1000,
-                 len(table) if delta else 0, placement.slide, (time.monotonic() - t3) * 1000,
-                 phys, placement.text)
-
+    t3 = time.monotonic()
     if entry >= start_map:  # a virtual e_entry: make it physical
         entry -= start_map
+    placement = KernelPlacement(phys, start_map + virt, start_map + virt + total, text_vaddr, bool(flags))
+    log.info("vmlinux: %s (%s, %.0f ms), segments copied in %.0f ms, %d relocations (slide %#x) in %.0f ms; "
+             "_text at physical %#x, virtual %#x", elf_path.name, "cached" if cached else "decompressed now",
+             (t1 - t0) * 1000, (t2 - t1) * 1000, len(table) if delta else 0, placement.slide, (t3 - t2) * 1000,
+             phys, placement.text)
     return BootPlan(
         entry=phys + (entry - load_phys),
         start_info=BOOT_PARAMS_ADDR,
@@ -245,35 +234,7 @@ def load_vmlinux(path: Path, head: bytes, mem: GuestRam, cmdline: str = "", init
         segments=[(phys + (s.paddr - load_phys), s.memsz) for s in segs],
         kernel=placement,
         long_mode=write_long_mode(mem),
-        loading=ImageFill(fill),
     )
-
-
-class ImageFill:
-    """The kernel's segments copied into guest RAM and relocated in a
-    thread, while the VMM builds the rest of the machine: in the nested lab
-    the copy alone took 0.26-0.71 s of a 4.6 s boot (docs/linux-vmm.md). The
-    copy (``sendfile``), the page population and the relocation loops all
-    run outside the GIL. :meth:`wait` before anything runs or reads that
-    memory, and before the memory is released."""
-
-    def __init__(self, work) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(work,), name="kernel-fill", daemon=True)
-        self._thread.start()
-
-    def _run(self, work) -> None:
-        try:
-            work()
-        except BaseException as e:  # re-raised in the thread that waits
-            self._error = e
-
-    def wait(self) -> None:
-        """Block until the image is in place; raise what filling it raised."""
-        self._thread.join()
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
 
 
 def copy_to_ram(mem: GuestRam, at: int, fd: int, src: mmap.mmap, offset: int, size: int) -> None:
@@ -305,17 +266,14 @@ def populate(mem: GuestRam, at: int, size: int) -> None:
     """Map guest RAM ``[at, at+size)`` into this process in one system call
     before the relocations write all over it: in the nested lab each page
     fault is an emulated exception, and the image is 12,000 pages."""
-    if getattr(mem, "_map", None) is None:
+    mapping = getattr(mem, "_map", None)
+    if mapping is None:
         return
-    import ctypes
-
     start = (at - mem.base) & ~(mmap.PAGESIZE - 1)
-    length = min(mem.size, at - mem.base + size) - start
-    # libc's madvise through ctypes, not mmap.madvise: ctypes lets go of the
-    # GIL, so the rest of start-up runs meanwhile (ImageFill); a refusal
-    # (an older kernel) just leaves the writes to fault the pages in
-    ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(mem.host_address + start),
-                                              ctypes.c_size_t(length), MADV_POPULATE_WRITE)
+    try:
+        mapping.madvise(MADV_POPULATE_WRITE, start, min(mem.size, at - mem.base + size) - start)
+    except (OSError, ValueError):
+        pass  # an older kernel: the writes fault the pages in
 
 
 def _text_vaddr(elf, segs: list[Segment], load_phys: int) -> int:

@@ -103,14 +103,7 @@ class KvmMachine(X86Exits, RunControl):
             kernel = _demo_guest()
         self.kernel_path = kernel
         self.plan: BootPlan = load_kernel(kernel, self.mem, config.append, config.initrd, config.boot)
-        try:
-            self._create_devices_and_vcpus(config)
-        finally:
-            if self.plan.loading is not None:  # the direct boot's image copy ran beside the above
-                self.plan.loading.wait()
 
-    def _create_devices_and_vcpus(self, config: MachineConfig) -> None:
-        kvm = self.kvm_fd
         self.bus = PortBus()
         out = config.serial_out if config.serial_out is not None else sys.stdout.buffer
         if self.plan.linux:
