@@ -123,6 +123,11 @@ class LabProcess:
         with self._changed:
             self._changed.notify_all()
 
+    def _lost(self) -> str:
+        """Why the command's connection ended without an exit status, with
+        the lab's own account when there is one."""
+        return self._error + (self._post_mortem() if self._post_mortem else "")
+
     @property
     def stdout(self) -> str:
         return self._out.decode(errors="replace")
@@ -161,8 +166,7 @@ class LabProcess:
             raise LabTimeout(f"lab command {self.cmd!r} did not finish in {timeout} s",
                              self.result())
         if self._error and self.returncode == -255:
-            detail = self._post_mortem() if self._post_mortem else ""
-            raise LabError(f"lab command {self.cmd!r}: {self._error}{detail}")
+            raise LabError(f"lab command {self.cmd!r}: {self._lost()}")
         return self.result()
 
     def wait_for_output(self, pattern: str, timeout: float, stream: str = "any") -> re.Match:
@@ -179,9 +183,8 @@ class LabProcess:
                             return m
                 left = deadline - time.monotonic()
                 if self._done.is_set() and self.returncode == -255 and self._error:
-                    detail = self._post_mortem() if self._post_mortem else ""
                     raise LabError(f"{pattern!r} did not appear in the output of {self.cmd!r}: "
-                                   f"{self._error}{detail}\n--- stdout ---\n{self.stdout[-2000:]}")
+                                   f"{self._lost()}\n--- stdout ---\n{self.stdout[-2000:]}")
                 if self._done.is_set() or left <= 0:
                     raise LabTimeout(
                         f"{pattern!r} did not appear in the output of {self.cmd!r} "
