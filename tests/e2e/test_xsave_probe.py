@@ -14,10 +14,12 @@ from vmscope.kvm.x86 import xsave_probe
 
 def _supported_cpuid():
     from vmscope.kvm.system import open_kvm
-    from vmscope.kvm.x86.machine import supported_cpuid
+    from vmscope.kvm.x86.machine import KvmMachine
 
     fd = open_kvm()
-    return fd, supported_cpuid(fd)
+    machine = KvmMachine.__new__(KvmMachine)  # only its KVM_GET_SUPPORTED_CPUID helper
+    machine.kvm_fd = fd
+    return fd, machine._supported_cpuid()
 
 
 def test_probe_runs_a_guest_xsetbv_and_reads_kvms_xcr0():

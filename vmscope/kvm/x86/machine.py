@@ -117,7 +117,7 @@ class KvmMachine(X86Exits, RunControl):
         self.bus.register(PM1A_CNT, 2, PowerPort(self))
 
         mmap_size = ioctl(kvm, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
-        cpuid = supported_cpuid(kvm)
+        cpuid = self._supported_cpuid()
         if cpuid is not None:
             from vmscope.kvm.x86.xsave_probe import fit_cpuid_to_kvm
 
@@ -140,6 +140,21 @@ class KvmMachine(X86Exits, RunControl):
             from vmscope.kvm.devices.storm import ExitStormDetector
 
             self._storm = ExitStormDetector(config.cpus)
+
+    def _supported_cpuid(self):
+        for n in (100, 200, 400):
+            s = abi.cpuid2_struct(n)()
+            s.nent = n
+            try:
+                ioctl(self.kvm_fd, abi.KVM_GET_SUPPORTED_CPUID, s, "KVM_GET_SUPPORTED_CPUID")
+            except KvmIoctlError as e:
+                if e.errno == errno.E2BIG:
+                    continue
+                return None
+            arr = (abi.KvmCpuidEntry2 * s.nent)()
+            ctypes.memmove(arr, s.entries, ctypes.sizeof(arr))
+            return arr
+        return None
 
     def _setup_vcpu_state(self, v: Vcpu, plan: BootPlan) -> None:
         s = v.sregs()
@@ -196,24 +211,6 @@ def _set_seg(seg: abi.KvmSegment, fields: dict) -> None:
         setattr(seg, k, val)
     seg.unusable = 0
 
-
-
-def supported_cpuid(kvm_fd: int):
-    """KVM_GET_SUPPORTED_CPUID's table (a ctypes array of entries), or None
-    where KVM will not give one."""
-    for n in (100, 200, 400):
-        s = abi.cpuid2_struct(n)()
-        s.nent = n
-        try:
-            ioctl(kvm_fd, abi.KVM_GET_SUPPORTED_CPUID, s, "KVM_GET_SUPPORTED_CPUID")
-        except KvmIoctlError as e:
-            if e.errno == errno.E2BIG:
-                continue
-            return None
-        arr = (abi.KvmCpuidEntry2 * s.nent)()
-        ctypes.memmove(arr, s.entries, ctypes.sizeof(arr))
-        return arr
-    return None
 
 def _set_apic_id(cpuid, index: int) -> None:
     for e in cpuid:

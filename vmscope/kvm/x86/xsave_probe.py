@@ -22,7 +22,9 @@ depends on the host, not on the guest).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -104,21 +106,19 @@ def _cache_file() -> Path | None:
 
 
 def _probe(kvm_fd: int, entries) -> bool:
-    from vmscope.devices.ram import GuestRam
-    from vmscope.kvm.slots import MemorySlots
-    from vmscope.kvm.system import create_vm
     from vmscope.kvm.x86.vcpu import Vcpu
-    from vmscope.machine import MachineUnavailable
 
-    try:
-        vm_fd = create_vm(kvm_fd)
-    except MachineUnavailable as e:
-        raise OSError(str(e)) from None
-    ram = GuestRam(0, 0x2000, name="vmscope-xsetbv-probe")
+    vm_fd = ioctl(kvm_fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+    ram = mmap.mmap(-1, 0x2000, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     vcpu = None
     try:
-        ram.write(PROBE_AT, PROBE_CODE)
-        MemorySlots(vm_fd, ram.host_address, 0, ram.size).map_ram()
+        ram[PROBE_AT:PROBE_AT + len(PROBE_CODE)] = PROBE_CODE
+        view = ctypes.c_char.from_buffer(ram)
+        addr = ctypes.addressof(view)
+        del view  # only the address is needed: the mapping must stay closable
+        ioctl(vm_fd, abi.KVM_SET_USER_MEMORY_REGION,
+              abi.KvmUserspaceMemoryRegion(slot=0, flags=0, guest_phys_addr=0, memory_size=0x2000,
+                                           userspace_addr=addr), "KVM_SET_USER_MEMORY_REGION")
         mmap_size = ioctl(kvm_fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE")
         vcpu = Vcpu(vm_fd, 0, mmap_size)
         vcpu.set_cpuid(entries)
@@ -145,3 +145,4 @@ def _probe(kvm_fd: int, entries) -> bool:
             vcpu.close()
         os.close(vm_fd)
         ram.close()
+
