@@ -62,6 +62,28 @@ def started_pid(job: dict) -> int:
     return int(m.group(1))
 
 
+def test_inspector_finds_the_kernel_while_both_vcpus_run_user_code(guest):
+    """Two shell loops keep both vCPUs in EL0, so the Inspector's stop finds
+    the current vCPU there, where KPTI leaves only the entry trampoline in
+    TTBR1 and VBAR_EL1 (the kernel is found through swapper_pg_dir)."""
+    out = guest.console.run("(while :; do :; done) & echo spin=$!; (while :; do :; done) & echo spin=$!")
+    spinners = [int(p) for p in re.findall(r"spin=(\d+)", out)]
+    assert len(spinners) == 2, out
+    try:
+        stopped_in_el0, ticks = 0, []
+        for _ in range(3):
+            with Inspector(guest.gdb, guest.qmp, timeout=60) as vm:
+                stopped_in_el0 += (vm.client.register("cpsr") >> 2) & 3 == 0
+                by_pid = {t.pid: t for t in vm.kernel().tasks()}
+                assert all(by_pid[p].comm == "sh" and by_pid[p].state == "R" for p in spinners), by_pid
+                ticks.append(int.from_bytes(vm.kernel().read(vm.address_of("jiffies"), 8), "little"))
+            time.sleep(0.2)
+        assert stopped_in_el0, "no attach found the current vCPU in EL0: the test did not exercise KPTI"
+        assert ticks == sorted(set(ticks)), ticks  # kernel data read live: jiffies moves on between attaches
+    finally:
+        guest.console.run(f"kill {spinners[0]} {spinners[1]}")
+
+
 def test_probe_on_arm64_reports_the_process_that_opens_a_file(guest):
     marker = f"/tmp/vmscope-arm64-{uuid.uuid4().hex[:8]}"
     seen = []

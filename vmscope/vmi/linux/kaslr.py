@@ -133,3 +133,55 @@ def _arm64_image_without_header(boot, walker, stext: int, phys: int, text_addres
                              f"from 0x{stext:x} (around 0x{text_address:x}); is this a Linux kernel?")
     text = stext - HEAD_TEXT_SIZE
     return KernelLocation(text, end, text - arm64_kimage_vaddr(walker), phys - HEAD_TEXT_SIZE, walker.ttbr1)
+
+
+# KPTI (CONFIG_UNMAP_KERNEL_AT_EL0): while a CPU runs EL0 code, TTBR1 holds
+# tramp_pg_dir, which maps only the entry trampoline, and VBAR_EL1 points at
+# the trampoline's vectors. The linker script puts tramp_pg_dir,
+# reserved_pg_dir and swapper_pg_dir on consecutive pages, and the
+# trampoline's exit code finds swapper_pg_dir by adding TRAMP_SWAPPER_OFFSET
+# (two pages, Linux 4.16 to 6.x) to TTBR1. The other offsets are tried too,
+# and every guess must map a whole kernel image before it is believed.
+KPTI_SWAPPER_PAGES = (2, 1, 3)
+TRAMP_SCAN_PAGES = 4  # the trampoline's text and its literal pool sit within a few pages of VBAR
+VECTORS_ALIGN = 1 << 11  # the kernel's `vectors` table is 2 KiB aligned
+
+
+def find_arm64_kernel_behind_trampoline(phys: PhysicalMemory, walker, vbar: int, cache: TranslationCache | None = None):
+    """(walker through swapper_pg_dir, KernelLocation) for a vCPU stopped in
+    EL0 under KPTI, or ``None`` when TTBR1 is not a trampoline's table.
+
+    The trampoline reads the kernel's own ``vectors`` address from a literal
+    next to its code (``tramp_data_read_var``, relocated at boot like any
+    kernel pointer), so the 2 KiB-aligned kernel-half words on the pages
+    around VBAR are the text addresses to try; each swapper guess is walked
+    from them, and the first that maps a kernel image wins."""
+    from vmscope.vmi.address_space import AddressSpace
+    from vmscope.vmi.paging.aarch64 import TTBR_BADDR_MASK, Aarch64Paging
+
+    granule = 1 << walker.granule1
+    kernel_half = (1 << 64) - (1 << (64 - walker.t1sz))
+    base = vbar & ~(granule - 1)
+    root = walker.ttbr1 & TTBR_BADDR_MASK
+    guesses = [Aarch64Paging(phys, walker.ttbr0, root + pages * granule, walker.tcr, cache=cache)
+               for pages in KPTI_SWAPPER_PAGES]
+    tried = set()
+    for table in [walker, *guesses]:  # the literal is on the trampoline's pages, or on swapper's fixmap
+        space = AddressSpace(table)
+        for page in range(base - TRAMP_SCAN_PAGES * granule, base + (TRAMP_SCAN_PAGES + 1) * granule, granule):
+            try:
+                data = space.read(page, granule)
+            except VmiError:
+                continue
+            words = {int.from_bytes(data[i : i + 8], "little") for i in range(0, granule, 8)}
+            for text in sorted(w for w in words if w >= kernel_half and not w % VECTORS_ALIGN
+                               and not base - TRAMP_SCAN_PAGES * granule <= w < base + (TRAMP_SCAN_PAGES + 1) * granule):
+                for swapper in guesses:
+                    if (text, swapper.ttbr1) in tried:
+                        continue
+                    tried.add((text, swapper.ttbr1))
+                    try:
+                        return swapper, find_arm64_kernel_image(AddressSpace(swapper), text, swapper)
+                    except VmiError:
+                        continue
+    return None

@@ -119,11 +119,14 @@ class LinuxKernel:
             self._progress("scanning kernel image for kallsyms", done, total)
 
         try:
-            return scan_for_kallsyms(lambda pos, n: boot.read_partial(pos, n)[0], loc.text, loc.end, SCAN_CHUNK,
+            syms = scan_for_kallsyms(lambda pos, n: boot.read_partial(pos, n)[0], loc.text, loc.end, SCAN_CHUNK,
                                      progress, cache=symcache.BUILD_CACHE if self._use_build_cache else None)
         except KallsymsNotFound as e:
             raise KallsymsNotFound(f"kallsyms not found in the kernel image at 0x{loc.text:x}-0x{loc.end:x}: {e}") \
                 from None
+        from vmscope.vmi.linux.derived_symbols import with_derived_symbols
+
+        return with_derived_symbols(syms, boot.read, self.arch)  # e.g. jiffies, which arm64's kallsyms lacks
 
     @property
     def btf(self) -> Btf:
@@ -360,14 +363,23 @@ class Arm64LinuxKernel(LinuxKernel):
     def __init__(self, phys: PhysicalMemory, ttbr0: int, ttbr1: int, tcr: int, text_address: int, *,
                  current_task: int | None = None, cache: TranslationCache | None = None,
                  progress: Progress | None = None, system_map: str | None = None, disk_cache: bool = True):
-        from vmscope.vmi.linux.kaslr import arm64_kimage_vaddr, find_arm64_kernel_image
+        from vmscope.vmi.linux.kaslr import (KernelNotFound, arm64_kimage_vaddr, find_arm64_kernel_image,
+                                             find_arm64_kernel_behind_trampoline)
         from vmscope.vmi.paging.aarch64 import TTBR_BADDR_MASK, Aarch64Paging
 
         self._setup(phys, cache, progress)
         self.cr4 = 0
         walker = Aarch64Paging(phys, ttbr0, ttbr1, tcr, cache=self.cache)
+        try:
+            self.location = find_arm64_kernel_image(AddressSpace(walker), text_address, walker)
+        except KernelNotFound as error:
+            # Stopped in EL0 under KPTI: TTBR1 and VBAR are the trampoline's.
+            found = find_arm64_kernel_behind_trampoline(phys, walker, text_address, cache=self.cache)
+            if found is None:
+                raise error
+            walker, self.location = found
         boot = AddressSpace(walker)
-        self.location = find_arm64_kernel_image(boot, text_address, walker)
+        ttbr1 = walker.ttbr1
         from_cache = self._symbols_and_btf(boot, system_map, disk_cache)
         self.text = self.symbols["_text"] if "_text" in self.symbols else self.location.text
         self.slide = self.text - arm64_kimage_vaddr(walker)  # what the kernel prints as "Kernel Offset"

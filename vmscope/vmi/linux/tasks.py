@@ -47,8 +47,7 @@ def tasks(kernel: LinuxKernel, threads: bool = False) -> list[Task]:
     elif kernel.current_hint:
         start = kernel.current_hint  # any task on the list leads round to all of them
     else:
-        raise VmiError("kallsyms has no init_task (no CONFIG_KALLSYMS_ALL) and no running task is known: "
-                       "stop the guest in the kernel so its current task can start the walk")
+        start = init_task_by_content(kernel)
     if "task_state_field" not in kernel._layouts:
         kernel._layouts["task_state_field"] = "__state" if has_member(kernel.btf, "task_struct", "__state") else "state"
     state_field = kernel._layouts["task_state_field"]
@@ -98,6 +97,66 @@ def tasks(kernel: LinuxKernel, threads: bool = False) -> list[Task]:
                         kernel_thread=bool(v["flags"] & PF_KTHREAD) or addr == init, address=addr,
                         start_time_ns=v["start_time"]))
     return out
+
+
+INIT_TASK_COMM = b"swapper/0\0"  # init_task's comm once sched_init() made it CPU 0's idle task
+DATA_SCAN_BYTES = 32 << 20  # .data starts right after init; init_task sits near its start
+
+
+def init_task_by_content(kernel: LinuxKernel) -> int:
+    """``init_task`` when kallsyms lacks it (Debian's arm64 kernel has no
+    ``CONFIG_KALLSYMS_ALL``) and no vCPU stopped in the kernel names its
+    current task (every one in user code). init_task is the only task in
+    the kernel image's ``.data``, which follows the init sections (unmapped
+    after boot); a ``swapper/0`` comm with pid 0, whose task-list
+    neighbours point back at it, is it. Found once per kernel."""
+    if "init_task" in kernel._layouts:
+        return kernel._layouts["init_task"]
+    fields, lo, hi = kernel.layout("task_struct", ["pid", "comm", "tasks.next", "tasks.prev"])
+    comm_off, tasks_off = fields["comm"].offset, fields["tasks.next"].offset
+    space, granule = kernel.aspace, 1 << 12
+    for name in ("_einittext", "__init_begin", "_etext"):
+        if name in kernel.symbols:
+            pos = kernel.symbols[name] & ~(granule - 1)
+            break
+    else:
+        pos = kernel.location.end
+    scanned, limit = 0, pos + (256 << 20)
+    carry, carry_end = b"", None  # the tail of the last read, for a comm across two reads
+    while scanned < DATA_SCAN_BYTES and pos < limit:
+        if not space.is_mapped(pos):
+            pos += granule
+            continue
+        run = pos
+        while run < pos + (1 << 20) and space.is_mapped(run):
+            run += granule
+        head = carry if carry_end == pos else b""
+        data = head + space.read(pos, run - pos)
+        base = pos - len(head)
+        hit = data.find(INIT_TASK_COMM)
+        while hit >= 0:
+            task = base + hit - comm_off
+            if _is_init_task(kernel, task, fields, lo, hi, tasks_off):
+                kernel._layouts["init_task"] = task
+                return task
+            hit = data.find(INIT_TASK_COMM, hit + 1)
+        carry, carry_end = data[-len(INIT_TASK_COMM):], run
+        scanned += run - pos
+        pos = run
+    raise VmiError("kallsyms has no init_task (no CONFIG_KALLSYMS_ALL), no running task is known and none was "
+                   "found in the kernel's data: stop the guest in the kernel so its current task starts the walk")
+
+
+def _is_init_task(kernel: LinuxKernel, task: int, fields, lo: int, hi: int, tasks_off: int) -> bool:
+    try:
+        data = kernel.read(task + lo, hi - lo)
+        pid = kernel.decoder(fields["pid"], lo)(data)
+        nxt, prev = kernel.decoder(fields["tasks.next"], lo)(data), kernel.decoder(fields["tasks.prev"], lo)(data)
+        own = task + tasks_off
+        return (pid == 0 and kernel.member(nxt - tasks_off, "task_struct", "tasks.prev") == own
+                and kernel.member(prev - tasks_off, "task_struct", "tasks.next") == own)
+    except (VmiError, KeyError):
+        return False
 
 
 def _other_threads(kernel: LinuxKernel, leader: int, v: dict) -> list[int]:
