@@ -11,7 +11,9 @@ benchmark (``bench/gdb_ops.py``) reports vmscope's rates over this floor.
   every packet gdb sends and every frame the stub returns, in order.
 - ``python bench/rsp_replay.py serve PORT LOG`` answers the n-th packet
   with the frames recorded after the n-th request, from one thread with
-  precomputed bytes: one ``recv`` and one ``send`` per packet. A request
+  precomputed bytes: one ``recv`` and one ``send`` per packet; like vmscope's
+  stub it polls for the next request for ``VMSCOPE_STUB_POLL_US`` (300 us)
+  before it sleeps, so the floor stays below the stub. A request
   that differs from the recording (it should not happen) is looked up by its
   payload instead and counted in a ``mismatches=`` line on stderr.
 
@@ -22,10 +24,13 @@ The log is pickled ``[(request payload, [raw reply frames]), ...]``; acks
 
 from __future__ import annotations
 
+import os
 import pickle
+import select
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 
@@ -113,6 +118,32 @@ class Recorder:
         return out
 
 
+#: poll for the next request this long before sleeping, as vmscope's stub does (its VMSCOPE_STUB_POLL_US)
+POLL_WINDOW = float(os.environ.get("VMSCOPE_STUB_POLL_US", "300")) / 1e6
+
+
+def _poll_then_wait(conn: socket.socket, rbuf: bytearray) -> int:
+    """The next read: polled for POLL_WINDOW, as the stub polls, so the
+    floor never pays a wake-up the stub does not; then a sleeping wait."""
+    deadline = time.perf_counter() + POLL_WINDOW
+    while True:
+        try:
+            return conn.recv_into(rbuf)
+        except BlockingIOError:
+            if time.perf_counter() >= deadline:
+                select.select([conn], [], [])
+                deadline = time.perf_counter() + POLL_WINDOW
+
+
+def _send_all(conn: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[conn.send(view):]
+        except BlockingIOError:
+            select.select([], [conn], [])
+
+
 def serve(port: int, log: list[tuple[bytes, list[bytes]]], ready=None) -> int:
     """Answer one gdb connection from ``log``; returns the mismatch count."""
     replies = [b"".join(frames) for _, frames in log]
@@ -131,9 +162,10 @@ def serve(port: int, log: list[tuple[bytes, list[bytes]]], ready=None) -> int:
     rbuf = bytearray(1 << 20)
     n = mismatches = 0
     ack = True
+    conn.setblocking(False)
     try:
         while True:
-            k = conn.recv_into(rbuf)
+            k = _poll_then_wait(conn, rbuf)
             if not k:
                 break
             buf += rbuf[:k]
@@ -150,7 +182,7 @@ def serve(port: int, log: list[tuple[bytes, list[bytes]]], ready=None) -> int:
                 if req == b"QStartNoAckMode":
                     ack = False
             if out:
-                conn.sendall(b"".join(out))
+                _send_all(conn, b"".join(out))
     except OSError:
         pass
     finally:

@@ -96,18 +96,21 @@ class _LazyRegisters(LazyRegisters):
         self._values: dict[str, int] = {}
         self._table = access_table(target.arch)
 
-    def _group(self, access: Access) -> dict[str, int]:
-        if access.group in _FETCH:
-            state = _FETCH[access.group](self._v)
-            return {a.reg.name: a.get(state) for a in self._table.groups[access.group]}
-        if access.group == "msr":
-            return {access.reg.name: self._t._msr(self._v, access.msr)}
-        return {access.reg.name: 0}
-
     def _fetch(self, name: str) -> int:
-        if name not in self._values:
-            self._values.update(self._group(self._table.by_name[name]))
-        return self._values[name]
+        """One register: its structure comes from the vCPU's cache (one
+        ioctl per structure and stop, none for what KVM synced), and only
+        the asked field is decoded: a stop reply decodes 3 of 18 GPRs."""
+        value = self._values.get(name)
+        if value is None:
+            access = self._table.by_name[name]
+            if access.group in _FETCH:
+                value = access.get(_FETCH[access.group](self._v))
+            elif access.group == "msr":
+                value = self._t._msr(self._v, access.msr)
+            else:
+                value = 0
+            self._values[name] = value
+        return value
 
 
 class X86Registers:
