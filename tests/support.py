@@ -8,6 +8,7 @@
   VMSCOPE_REQUIRE_KVM=1 (CI on a KVM machine), where a missing KVM fails.
 - :func:`elf_symbols`, :func:`elf_bytes_at`: what a guest ELF says, to compare
   what a debugger reads with; :func:`guest_ps`: a guest's busybox ``ps``.
+- :class:`RawClient`: RSP requests one at a time, as GDB sends them (no ack).
 - tests/kvm_support.py: the in-process KVM machine and synthetic guest images;
   tests/emu_support.py: the emulated-CPU target booted in-process.
 
@@ -327,3 +328,53 @@ def x86_with_an_msr_line():
     from vmscope.arch.x86_64 import SYSTEM, X86_64
 
     return dataclasses.replace(X86_64, registers=X86_64.registers + (Register("star", 64, SYSTEM, msr=0xC000_0081),))
+
+
+class RawClient:
+    """RSP requests one at a time, as GDB sends them, in no-ack mode."""
+
+    def __init__(self, port: int) -> None:
+        from vmscope.rsp.framing import Endpoint
+
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        self.ep = Endpoint()
+        self.ask(b"QStartNoAckMode")
+        self.ep.disable_acks()
+
+    def ask(self, payload: bytes) -> bytes:
+        from vmscope.rsp.framing import Packet
+
+        self.ep.send(payload)
+        self.sock.sendall(self.ep.data_to_send())
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the stub closed the connection")
+            for ev in self.ep.receive(chunk):
+                if isinstance(ev, Packet):
+                    return ev.payload
+
+    def interrupt(self) -> bytes:
+        """Ctrl-C (0x03) to a running target: the stop reply."""
+        self.sock.sendall(b"\x03")
+        return self.ask_nothing()
+
+    def ask_nothing(self) -> bytes:
+        """The next packet the stub sends, sending nothing."""
+        from vmscope.rsp.framing import Packet
+
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the stub closed the connection")
+            for ev in self.ep.receive(chunk):
+                if isinstance(ev, Packet):
+                    return ev.payload
+
+    def send(self, payload: bytes) -> None:
+        """A request whose reply comes later (a continue)."""
+        self.ep.send(payload)
+        self.sock.sendall(self.ep.data_to_send())
+
+    def close(self) -> None:
+        self.sock.close()

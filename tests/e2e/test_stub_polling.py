@@ -12,39 +12,13 @@ to its own shutdown while a client talks without pause.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 
 import pytest
 
-from tests.support import VmProcess, elf_symbols, free_port, require_kvm
-from vmscope.rsp.framing import Endpoint, Packet
+from tests.support import RawClient, VmProcess, elf_symbols, free_port, require_kvm
 
 pytestmark = pytest.mark.e2e
-
-
-class RawClient:
-    """Requests one at a time, as GDB sends them, in no-ack mode."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-        self.ep = Endpoint()
-        self.ask(b"QStartNoAckMode")
-        self.ep.disable_acks()
-
-    def ask(self, payload: bytes) -> bytes:
-        self.ep.send(payload)
-        self.sock.sendall(self.ep.data_to_send())
-        while True:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the stub closed the connection")
-            for ev in self.ep.receive(chunk):
-                if isinstance(ev, Packet):
-                    return ev.payload
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _session(accel: str, poll_us: str) -> list[bytes]:

@@ -22,6 +22,7 @@ from typing import Callable
 
 from vmscope.gdbserver.session import PACKET_SIZE, Session
 from vmscope.gdbserver.target import StopEvent, Target
+from vmscope.gdbserver.vcpu_serving import VcpuServing
 from vmscope.rsp.framing import BadPacket, Endpoint, Interrupt, Packet, frame
 
 log = logging.getLogger("vmscope.gdbserver")
@@ -205,12 +206,15 @@ class GdbServer:
         # object per packet, 14 µs of a 50 µs round trip (docs/performance.md).
         rbuf = bytearray(RECV_SIZE)
         rview = memoryview(rbuf)
+        handoff = VcpuServing(self, conn, endpoint, session, rbuf)
         try:
             while not session.closed:
                 if POLL_WINDOW and not session.running and not endpoint.pending and not self._closing:
                     n = self._poll_request(conn, rbuf)
                     if n is not None:  # the debugger's next request, taken without sleeping
                         if not self._take_request(conn, endpoint, session, rview[:n].tobytes()):
+                            break
+                        if not handoff.hand_off():
                             break
                         continue
                 r, _, _ = select.select([conn, stop_fd, self._wake_r, self.listener], [], [])
@@ -233,12 +237,15 @@ class GdbServer:
                         n = 0
                     if not self._take_request(conn, endpoint, session, rview[:n].tobytes()):
                         break
+                    if not handoff.hand_off():
+                        break
                 elif endpoint.pending:
                     self._flush(conn, endpoint)
                 # after the client's own input: a "D" and a close queued there end this session first
                 if self.listener in r and not session.closed and self._still_connected(conn):
                     self._turn_away()
         finally:
+            handoff.close()
             if session.killed:
                 self.killed.set()
             elif not session.closed:
@@ -280,6 +287,7 @@ class GdbServer:
             except BlockingIOError:
                 if time.perf_counter() >= deadline:
                     return None
+                os.sched_yield()
             except OSError:
                 return 0
 

@@ -24,6 +24,16 @@ machine subclasses :class:`RunControl` and supplies the hooks:
 
 The vCPU objects only need ``index``, ``run.immediate_exit``, ``enter()``,
 ``close()`` and ``summary()``; nothing here knows an architecture.
+
+Serving the debugger from a parked vCPU's thread (:meth:`RunControl.offer_debugger`):
+a single step is a hand-off to the vCPU's thread and back (each a kernel
+wake-up, about 20 us on a VM, twice per ``stepi``). Once the stub has
+started a step it may offer the connection to that vCPU: when the vCPU
+parks with the stop, its own thread sends the stop reply and answers the
+debugger's next requests; a step of the same vCPU then runs in the same
+thread with no hand-off at all. The vCPU gives the connection back when the
+debugger pauses or asks for anything else (see
+:mod:`vmscope.gdbserver.vcpu_serving`).
 """
 
 from __future__ import annotations
@@ -82,6 +92,10 @@ class RunControl:
         self._stops_posted = 0
         self._closed = False
         self._input = None  # a console input thread, stopped at shutdown
+        # the debugger offered to a parked vCPU (offer_debugger): its index, whether it took it, the server
+        self._offered_to: int | None = None
+        self._serving = False
+        self._debugger_server: Callable[[int], bool] | None = None
         self.coalesced = None  # a coalesced-MMIO/PIO ring (kvm.devices.coalesced), closed at shutdown
         self.vcpus: list[VcpuSlot] = []
         self.kvm_fd: int | None = None
@@ -335,7 +349,9 @@ class RunControl:
     # --- vCPU threads -------------------------------------------------------------------
 
     def _park(self, slot: VcpuSlot) -> bool:
-        """Wait until this vCPU may run; False when the VM is ending."""
+        """Wait until this vCPU may run; False when the VM is ending. A
+        vCPU offered the debugger serves it from here once the machine is
+        stopped (see the module docstring)."""
         with self._cond:
             if slot.runnable and not self._ending:
                 slot.parked = False
@@ -344,9 +360,46 @@ class RunControl:
             self._maybe_post_locked()
             self._cond.notify_all()
             while not slot.runnable and not self._ending:
+                if self._offered_to == slot.vcpu.index and self._stopped and not self._serving:
+                    self._serve_debugger(slot)
+                    continue
                 self._cond.wait()
             slot.parked = False
             return not self._ending
+
+    # --- the debugger served from a parked vCPU's thread ---------------------------------
+
+    def offer_debugger(self, index: int, server: Callable[[int], bool]) -> None:
+        """Let vCPU ``index`` serve the debugger when it next parks with the
+        machine stopped: ``server(index)`` runs in its thread and returns
+        True to keep the offer (it started this vCPU's own step, so it will
+        serve the stop that ends it), False to give the debugger back."""
+        with self._cond:
+            self._offered_to, self._debugger_server = index, server
+            self._cond.notify_all()  # the vCPU may have parked already
+
+    def withdraw_debugger(self) -> bool:
+        """Take back an offer no vCPU has taken yet: True when withdrawn,
+        False while a vCPU's thread is serving (wait for it to give back)."""
+        with self._cond:
+            if self._serving:
+                return False
+            self._offered_to = None
+            return True
+
+    def _serve_debugger(self, slot: VcpuSlot) -> None:
+        """Called with the lock held, returns with it held."""
+        self._serving = True
+        server = self._debugger_server
+        keep = False
+        self._cond.release()
+        try:
+            keep = server(slot.vcpu.index)
+        finally:
+            self._cond.acquire()
+            self._serving = False
+            if not keep:
+                self._offered_to = None
 
     def idle(self, slot: VcpuSlot) -> None:
         """A vCPU halted with nothing to wake it (no interrupt controller):

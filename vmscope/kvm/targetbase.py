@@ -35,3 +35,26 @@ class KvmTargetBase(StopNotifying):
 
     def kill(self) -> None:
         self.m.end(0, None)
+
+    # --- the debugger served from the stepping vCPU's thread (kvm/runcontrol.py) ---------
+
+    #: whether :meth:`offer_debugger` may be used (x86: measured and tested; arm64: not yet)
+    serves_debugger_from_vcpu = False
+
+    def offer_debugger(self, server) -> bool:
+        """After a resume: offer the debugger to the vCPU that single-steps
+        alone, if any (``server(index) -> keep``, in that vCPU's thread).
+        False when there is no such vCPU."""
+        if not self.serves_debugger_from_vcpu or self._stepping is None:
+            return False
+        self.m.offer_debugger(self._stepping, server)
+        return True
+
+    def withdraw_debugger(self) -> bool:
+        return self.m.withdraw_debugger()
+
+    def stepping_alone(self, index: int) -> bool:
+        """True when the last resume ran vCPU ``index`` alone for a step, or
+        ran nothing (a held-back stop was posted instead)."""
+        runnable = {s.vcpu.index for s in self.m.vcpus if s.runnable}
+        return runnable <= {index} and (not runnable or self._stepping == index)

@@ -249,6 +249,11 @@ class Endpoint:
         data, self._out = bytes(self._out), bytearray()
         return data
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received of a packet not yet complete."""
+        return len(self._buf)
+
     def disable_acks(self) -> None:
         """Call after the ``OK`` to ``QStartNoAckMode`` was queued (stub) or
         received (client): from then on no ``+``/``-`` is sent or expected."""

@@ -83,6 +83,7 @@ class KvmTarget(
     (``machine``: its run control, vCPU slots, RAM and memory slots)."""
 
     arch = X86_64
+    serves_debugger_from_vcpu = True
 
     def __init__(self, machine):
         self.m = machine
