@@ -76,6 +76,10 @@ def test_inspector_finds_the_kernel_while_both_vcpus_run_user_code(guest):
                 stopped_in_el0 += (vm.client.register("cpsr") >> 2) & 3 == 0
                 by_pid = {t.pid: t for t in vm.kernel().tasks()}
                 assert all(by_pid[p].comm == "sh" and by_pid[p].state == "R" for p in spinners), by_pid
+                # SP_EL0 as a vCPU stopped in an exception entry's first
+                # instructions holds it: a user stack pointer, not `current`
+                vm.kernel().current_hint = 0x0000_FFFF_F000_0FB0
+                assert {t.pid for t in vm.kernel().tasks()} == set(by_pid)
                 ticks.append(int.from_bytes(vm.kernel().read(vm.address_of("jiffies"), 8), "little"))
             time.sleep(0.2)
         assert stopped_in_el0, "no attach found the current vCPU in EL0: the test did not exercise KPTI"

@@ -129,6 +129,8 @@ class VcpuServing:
         except OSError:
             self.lost = True
             return False
+        if session.closed:  # the guest exited: "W" sent, the stub's thread ends the session
+            return False
         while not server._closing:
             n = server._poll_request(self.conn, self.rbuf)
             if n is None:

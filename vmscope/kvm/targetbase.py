@@ -44,8 +44,14 @@ class KvmTargetBase(StopNotifying):
     def offer_debugger(self, server) -> bool:
         """After a resume: offer the debugger to the vCPU that single-steps
         alone, if any (``server(index) -> keep``, in that vCPU's thread).
-        False when there is no such vCPU."""
+        False when there is no such vCPU, and on a machine with more than
+        one vCPU online: there, a stock gdb hitting a breakpoint that both
+        vCPUs of a Linux guest reach hung 2 times in about 20 runs in the
+        nested lab (tests/lab/test_linux_vmm.py), cause not yet found
+        (docs/performance.md)."""
         if not self.serves_debugger_from_vcpu or self._stepping is None:
+            return False
+        if sum(1 for slot in self.m.vcpus if slot.online) != 1:
             return False
         self.m.offer_debugger(self._stepping, server)
         return True

@@ -141,8 +141,10 @@ def _arm64_image_without_header(boot, walker, stext: int, phys: int, text_addres
 # reserved_pg_dir and swapper_pg_dir on consecutive pages, and the
 # trampoline's exit code finds swapper_pg_dir by adding TRAMP_SWAPPER_OFFSET
 # (two pages, Linux 4.16 to 6.x) to TTBR1. The other offsets are tried too,
-# and every guess must map a whole kernel image before it is believed.
-KPTI_SWAPPER_PAGES = (2, 1, 3)
+# and every guess must map a whole kernel image before it is believed; 0 is
+# a vCPU stopped in the exception entry between the switch of TTBR1 to
+# swapper_pg_dir and the switch of VBAR to the kernel's own vectors.
+KPTI_SWAPPER_PAGES = (2, 0, 1, 3)
 TRAMP_SCAN_PAGES = 4  # the trampoline's text and its literal pool sit within a few pages of VBAR
 VECTORS_ALIGN = 1 << 11  # the kernel's `vectors` table is 2 KiB aligned
 

@@ -44,10 +44,10 @@ def tasks(kernel: LinuxKernel, threads: bool = False) -> list[Task]:
     follow it (from ``signal->thread_head``), as ``ps -T`` lists them."""
     if "init_task" in kernel.symbols:
         start = kernel.symbols["init_task"]
-    elif kernel.current_hint:
-        start = kernel.current_hint  # any task on the list leads round to all of them
     else:
-        start = init_task_by_content(kernel)
+        start = _on_task_list(kernel, kernel.current_hint) if kernel.current_hint else None
+        if start is None:
+            start = init_task_by_content(kernel)
     if "task_state_field" not in kernel._layouts:
         kernel._layouts["task_state_field"] = "__state" if has_member(kernel.btf, "task_struct", "__state") else "state"
     state_field = kernel._layouts["task_state_field"]
@@ -145,6 +145,28 @@ def init_task_by_content(kernel: LinuxKernel) -> int:
         pos = run
     raise VmiError("kallsyms has no init_task (no CONFIG_KALLSYMS_ALL), no running task is known and none was "
                    "found in the kernel's data: stop the guest in the kernel so its current task starts the walk")
+
+
+def _on_task_list(kernel: LinuxKernel, task: int) -> int | None:
+    """A task on the ``init_task.tasks`` list to start the walk from, given
+    a hint of the running task (arm64: SP_EL0): the task itself, or its
+    thread-group leader (only leaders are on the list); None when neither
+    is linked there. SP_EL0 names ``current`` only once the exception
+    entry has set it: a vCPU stopped in the entry's first instructions
+    still holds the user stack pointer there."""
+    try:
+        fields, _, _ = kernel.layout("task_struct", ["tasks.next", "tasks.prev", "group_leader"])
+        off = fields["tasks.next"].offset
+        for candidate in (task, kernel.member(task, "task_struct", "group_leader")):
+            own = candidate + off
+            nxt = kernel.member(candidate, "task_struct", "tasks.next")
+            prev = kernel.member(candidate, "task_struct", "tasks.prev")
+            if (kernel.member(nxt - off, "task_struct", "tasks.prev") == own
+                    and kernel.member(prev - off, "task_struct", "tasks.next") == own):
+                return candidate
+    except (VmiError, KeyError, ValueError):
+        pass
+    return None
 
 
 def _is_init_task(kernel: LinuxKernel, task: int, fields, lo: int, hi: int, tasks_off: int) -> bool:
