@@ -62,13 +62,10 @@ class Access:
 
 
 class AccessTable:
-    """Every register of an x86 arch table, by name and by structure."""
+    """Every register of an x86 arch table, by name."""
 
     def __init__(self, arch: Arch):
         self.by_name: dict[str, Access] = {r.name: Access(r) for r in arch.registers}
-        self.groups: dict[str | None, tuple[Access, ...]] = {
-            g: tuple(a for a in self.by_name.values() if a.group == g) for g in ("regs", "sregs", "fpu", "msr", None)
-        }
 
 
 _TABLES: dict[int, tuple[Arch, AccessTable]] = {}
