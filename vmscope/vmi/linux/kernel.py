@@ -379,12 +379,11 @@ class Arm64LinuxKernel(LinuxKernel):
                 raise error
             walker, self.location = found
         boot = AddressSpace(walker)
-        ttbr1 = walker.ttbr1
         from_cache = self._symbols_and_btf(boot, system_map, disk_cache)
         self.text = self.symbols["_text"] if "_text" in self.symbols else self.location.text
         self.slide = self.text - arm64_kimage_vaddr(walker)  # what the kernel prints as "Kernel Offset"
         self.phys_base = self.location.phys_text
-        self.root = ttbr1 & TTBR_BADDR_MASK
+        self.root = walker.ttbr1 & TTBR_BADDR_MASK  # swapper_pg_dir, also when found behind KPTI's trampoline
         self.aspace = boot
         self.current_hint = current_task
         self._fill_disk_cache(from_cache)

@@ -112,8 +112,7 @@ def init_task_by_content(kernel: LinuxKernel) -> int:
     neighbours point back at it, is it. Found once per kernel."""
     if "init_task" in kernel._layouts:
         return kernel._layouts["init_task"]
-    fields, lo, hi = kernel.layout("task_struct", ["pid", "comm", "tasks.next", "tasks.prev"])
-    comm_off, tasks_off = fields["comm"].offset, fields["tasks.next"].offset
+    comm_off = kernel.layout("task_struct", ["comm"])[0]["comm"].offset
     space, granule = kernel.aspace, 1 << 12
     for name in ("_einittext", "__init_begin", "_etext"):
         if name in kernel.symbols:
@@ -136,7 +135,7 @@ def init_task_by_content(kernel: LinuxKernel) -> int:
         hit = data.find(INIT_TASK_COMM)
         while hit >= 0:
             task = base + hit - comm_off
-            if _is_init_task(kernel, task, fields, lo, hi, tasks_off):
+            if _is_init_task(kernel, task):
                 kernel._layouts["init_task"] = task
                 return task
             hit = data.find(INIT_TASK_COMM, hit + 1)
@@ -155,30 +154,30 @@ def _on_task_list(kernel: LinuxKernel, task: int) -> int | None:
     entry has set it: a vCPU stopped in the entry's first instructions
     still holds the user stack pointer there."""
     try:
-        fields, _, _ = kernel.layout("task_struct", ["tasks.next", "tasks.prev", "group_leader"])
-        off = fields["tasks.next"].offset
         for candidate in (task, kernel.member(task, "task_struct", "group_leader")):
-            own = candidate + off
-            nxt = kernel.member(candidate, "task_struct", "tasks.next")
-            prev = kernel.member(candidate, "task_struct", "tasks.prev")
-            if (kernel.member(nxt - off, "task_struct", "tasks.prev") == own
-                    and kernel.member(prev - off, "task_struct", "tasks.next") == own):
+            if _linked(kernel, candidate):
                 return candidate
     except (VmiError, KeyError, ValueError):
         pass
     return None
 
 
-def _is_init_task(kernel: LinuxKernel, task: int, fields, lo: int, hi: int, tasks_off: int) -> bool:
+def _is_init_task(kernel: LinuxKernel, task: int) -> bool:
     try:
-        data = kernel.read(task + lo, hi - lo)
-        pid = kernel.decoder(fields["pid"], lo)(data)
-        nxt, prev = kernel.decoder(fields["tasks.next"], lo)(data), kernel.decoder(fields["tasks.prev"], lo)(data)
-        own = task + tasks_off
-        return (pid == 0 and kernel.member(nxt - tasks_off, "task_struct", "tasks.prev") == own
-                and kernel.member(prev - tasks_off, "task_struct", "tasks.next") == own)
-    except (VmiError, KeyError):
+        return kernel.member(task, "task_struct", "pid") == 0 and _linked(kernel, task)
+    except (VmiError, KeyError, ValueError):
         return False
+
+
+def _linked(kernel: LinuxKernel, task: int) -> bool:
+    """Whether ``task`` is on a task list: both its ``tasks`` neighbours
+    point back at it (a stale or made-up pointer does not)."""
+    off = kernel.layout("task_struct", ["tasks.next"])[0]["tasks.next"].offset
+    own = task + off
+    nxt = kernel.member(task, "task_struct", "tasks.next")
+    prev = kernel.member(task, "task_struct", "tasks.prev")
+    return (kernel.member(nxt - off, "task_struct", "tasks.prev") == own
+            and kernel.member(prev - off, "task_struct", "tasks.next") == own)
 
 
 def _other_threads(kernel: LinuxKernel, leader: int, v: dict) -> list[int]:
