@@ -342,17 +342,8 @@ class RawClient:
         self.ep.disable_acks()
 
     def ask(self, payload: bytes) -> bytes:
-        from vmscope.rsp.framing import Packet
-
-        self.ep.send(payload)
-        self.sock.sendall(self.ep.data_to_send())
-        while True:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("the stub closed the connection")
-            for ev in self.ep.receive(chunk):
-                if isinstance(ev, Packet):
-                    return ev.payload
+        self.send(payload)
+        return self.ask_nothing()
 
     def interrupt(self) -> bytes:
         """Ctrl-C (0x03) to a running target: the stop reply."""

@@ -54,6 +54,7 @@ class VcpuServing:
         self.target = server.target
         self.enabled = ENABLED and getattr(self.target, "serves_debugger_from_vcpu", False)
         self._back_r, self._back_w = os.pipe()  # a vCPU's thread gives the connection back through it
+        os.set_blocking(self._back_r, False)  # drained without waiting; select waits for it
         self.handback: bytes | None = None  # a request a vCPU's thread read but left to the stub's
         self.lost = False  # the connection ended while a vCPU's thread served it
 
@@ -94,7 +95,6 @@ class VcpuServing:
         self._drain()
 
     def _drain(self) -> None:
-        os.set_blocking(self._back_r, False)
         try:
             while os.read(self._back_r, 64):
                 pass
