@@ -164,20 +164,20 @@ def find_arm64_kernel_behind_trampoline(phys: PhysicalMemory, walker, vbar: int,
     granule = 1 << walker.granule1
     kernel_half = (1 << 64) - (1 << (64 - walker.t1sz))
     base = vbar & ~(granule - 1)
+    lo, hi = base - TRAMP_SCAN_PAGES * granule, base + (TRAMP_SCAN_PAGES + 1) * granule  # the pages scanned
     root = walker.ttbr1 & TTBR_BADDR_MASK
     guesses = [Aarch64Paging(phys, walker.ttbr0, root + pages * granule, walker.tcr, cache=cache)
                for pages in KPTI_SWAPPER_PAGES]
     tried = set()
     for table in [walker, *guesses]:  # the literal is on the trampoline's pages, or on swapper's fixmap
         space = AddressSpace(table)
-        for page in range(base - TRAMP_SCAN_PAGES * granule, base + (TRAMP_SCAN_PAGES + 1) * granule, granule):
+        for page in range(lo, hi, granule):
             try:
                 data = space.read(page, granule)
             except VmiError:
                 continue
             words = {int.from_bytes(data[i : i + 8], "little") for i in range(0, granule, 8)}
-            for text in sorted(w for w in words if w >= kernel_half and not w % VECTORS_ALIGN
-                               and not base - TRAMP_SCAN_PAGES * granule <= w < base + (TRAMP_SCAN_PAGES + 1) * granule):
+            for text in sorted(w for w in words if w >= kernel_half and not w % VECTORS_ALIGN and not lo <= w < hi):
                 for swapper in guesses:
                     if (text, swapper.ttbr1) in tried:
                         continue
