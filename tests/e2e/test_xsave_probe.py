@@ -47,8 +47,13 @@ def test_probe_answer_is_kept_per_host_boot(tmp_path, monkeypatch):
     assert xsave_probe._has_xsave(entries), "KVM follows XCR0 here: the CPU is left as KVM offers it"
     kept[0].write_text("no\n")  # as the nested lab's KVM answers: read back, not probed again
     assert xsave_probe.guest_xsetbv_reaches_kvm(fd, entries) is False
+    for e in entries:
+        if e.function == 7 and e.index == 0:
+            e.ecx |= xsave_probe.CPUID7_ECX_LA57  # as QEMU's -cpu max offers it to L1's KVM
     xsave_probe.fit_cpuid_to_kvm(fd, entries)
     assert not xsave_probe._has_xsave(entries)
+    leaf7 = [e for e in entries if e.function == 7 and e.index == 0]
+    assert leaf7 and not any(e.ecx & xsave_probe.CPUID7_ECX_LA57 for e in leaf7), "5-level paging hidden too"
 
 
 def test_hide_xsave_clears_xsave_and_what_needs_it():
@@ -70,3 +75,13 @@ def test_no_xsave_means_nothing_to_probe():
     table = (abi.KvmCpuidEntry2 * 1)()
     table[0].function = 1
     assert xsave_probe.guest_xsetbv_reaches_kvm(-1, table) is True  # no VM made: fd -1 is never used
+
+
+def test_hide_la57_clears_only_5_level_paging():
+    table = (abi.KvmCpuidEntry2 * 3)()
+    table[0].function, table[0].ecx = 1, 0xFFFFFFFF
+    table[1].function, table[1].index, table[1].ecx = 7, 0, 0xFFFFFFFF
+    table[2].function, table[2].index, table[2].ecx = 7, 1, 0xFFFFFFFF  # another subleaf: not LA57
+    xsave_probe.hide_la57(table)
+    assert table[1].ecx == 0xFFFFFFFF & ~(1 << 16)
+    assert table[0].ecx == 0xFFFFFFFF and table[2].ecx == 0xFFFFFFFF
