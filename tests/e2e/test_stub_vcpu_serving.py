@@ -1,13 +1,16 @@
-"""Requests served from the stepping vCPU's own thread
+"""Requests served from the thread of the vCPU that runs alone
 (``vmscope/gdbserver/vcpu_serving.py``): once the stub has started a lone
-step, that vCPU's thread sends the stop reply and answers what follows
-(memory, registers, breakpoints, the next step or a continue), with no
-hand-off between threads. It must change no reply, and the connection must
-come back to the stub's thread for everything else.
+step, or a continue with one vCPU online, that vCPU's thread sends the stop
+reply and answers what follows (memory, registers, breakpoints, the next
+step or continue), with no hand-off between threads. It must change no
+reply, and the connection must come back to the stub's thread for
+everything else.
 
 - one vCPU: a session of steps, reads, a breakpoint inserted, a continue to
   it, a step over it, its removal and a detach gets the same replies with
   ``VMSCOPE_STUB_VCPU_SERVING`` on and off
+- breakpoint hits as gdb makes them (remove, step over, insert, continue)
+  are answered from the vCPU's thread, continues included
 - a continue started from a vCPU's thread gives the connection back to the
   stub's, which sees GDB's Ctrl-C while the guest runs
 - two vCPUs online: no vCPU's thread serves (only one-vCPU machines do for
@@ -65,6 +68,41 @@ def test_serving_from_the_vcpu_changes_no_reply():
     rips = [int.from_bytes(bytes.fromhex(r.decode()), "little") for r in served[3:13:3]]
     assert len(set(rips)) == 4, rips  # four steps, four places
     assert served[-2] == b"counts 1 0" and served[-1] == b"OK"
+
+
+def test_breakpoint_hits_are_served_from_the_vcpu_thread():
+    """gdb's packets for `continue` to a breakpoint, ten times: each hit's
+    stop reply comes from vCPU 0's thread (-vv logs each stop a vCPU's
+    thread serves: the step over and the hit, so two per round; the stub's
+    thread takes the offer back when it finds the vCPU running at the end
+    of its 50 ms wait, so a slow round may lose one). Before continues were
+    served there, only the step-overs were: ten."""
+    from vmscope.guests import guest_elf
+
+    syms = elf_symbols(guest_elf("demo"))
+    tick, counter = syms["tick"], syms["counter"]
+    require_kvm()
+    vm, c = _vm(1, "1", "-vv")
+    try:
+        c.ask(b"?")
+        assert c.ask(b"Z0,%x,1" % tick) == b"OK"
+        assert c.ask(b"vCont;c").startswith(b"T05")
+        counts = []
+        for _ in range(10):
+            assert c.ask(b"z0,%x,1" % tick) == b"OK"
+            assert c.ask(b"vCont;s:1").startswith(b"T05")
+            assert c.ask(b"Z0,%x,1" % tick) == b"OK"
+            stop = c.ask(b"vCont;c")
+            assert stop.startswith(b"T05") and b"swbreak" in stop, stop
+            assert int.from_bytes(bytes.fromhex(c.ask(b"p10").decode()), "little") == tick
+            counts.append(int.from_bytes(bytes.fromhex(c.ask(b"m%x,8" % counter).decode()), "little"))
+        assert [b - a for a, b in zip(counts, counts[1:])] == [1] * 9  # one lap of the loop per hit
+        assert c.ask(b"z0,%x,1" % tick) == b"OK" and c.ask(b"D") == b"OK"
+        c.close()
+    finally:
+        vm.close()
+    served = vm.stderr.count("serves the debugger from its stop")
+    assert served > 12, vm.stderr[-3000:]  # 20 when no round was slow
 
 
 def _rip(c: RawClient, tid: int) -> int:

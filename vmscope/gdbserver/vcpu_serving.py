@@ -1,17 +1,21 @@
-"""The debugger served from the stepping vCPU's own thread.
+"""The debugger served from the thread of the vCPU that runs alone.
 
 Why: on a KVM target a single step is two hand-offs between threads, the
 stub's to the vCPU's (which alone may enter KVM_RUN) and back with the stop;
 each wakes a sleeping thread, about 20 us on a virtual machine, and GDB
-steps one instruction per round trip. So once the stub has started a step
-of one vCPU it offers the connection to that vCPU
+steps one instruction per round trip; a breakpoint hit is a step and a
+continue. So once the stub has started one vCPU running alone (a step, or
+a continue with one vCPU online) it offers the connection to that vCPU
 (:meth:`vmscope.kvm.runcontrol.RunControl.offer_debugger`): the vCPU's
 thread, parked with the stop, sends the stop reply itself and answers the
 requests GDB sends next (memory, registers, the thread list, breakpoints);
-when the next request is a step of the same vCPU it runs it in place, with
-no hand-off at all. Anything else (a continue, a detach, a second packet in
-one read, acks still on) goes back to the stub's thread unread, as does the
-connection when GDB pauses longer than the poll window.
+when the next request runs the same vCPU alone again it runs it in place,
+with no hand-off at all. Anything else (a resume of several vCPUs, a
+detach, a second packet in one read, acks still on) goes back to the
+stub's thread unread, as does the connection when GDB pauses longer than
+the poll window. While the vCPU runs, the stub's thread takes the offer
+back after :data:`OFFER_WAIT` and watches the connection again (a Ctrl-C
+is seen within that time).
 
 Only one thread uses the connection, the session and the endpoint at a
 time: the stub's thread waits while a vCPU's thread serves.
@@ -145,7 +149,7 @@ class VcpuServing:
             if session.closed:
                 return False
             if session.running:
-                return self.target.stepping_alone(index)
+                return self.target.running_alone(index)
         return False
 
     def _servable(self, data: bytes) -> bool:
