@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from tests.lab_support import RERUN_IF_THE_LAB_DIED, kept_lab
+from tests.lab_support import RERUN_IF_THE_LAB_DIED, kept_lab, raise_if_the_guest_triple_faulted
 from vmscope.lab import LabTimeout
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, RERUN_IF_THE_LAB_DIED]
@@ -171,9 +171,10 @@ def host_gdb(vm):
     try:
         gdb.cmd("set architecture i386:x86-64")
         yield gdb
-    except BaseException:
+    except BaseException as e:
         print("\n".join(gdb.log))
         print("vmscope:", vm.stdout[-2000:], vm.stderr[-2000:])
+        raise_if_the_guest_triple_faulted(vm, e)
         raise
     finally:
         if os.environ.get("VMSCOPE_SHOW_GDB"):
