@@ -49,8 +49,8 @@ class KvmTargetBase(StopNotifying):
         machine with more than one vCPU online: there, a stock gdb hitting
         a breakpoint that both vCPUs of a Linux guest reach hung 2 times in
         about 20 runs in the nested lab (tests/lab/test_linux_vmm.py),
-        before the guest's own random deaths there were traced to 5-level
-        paging (docs/kvm-notes.md); not tried again since."""
+        whose emulated SVM was later found to lose state under that very
+        load, serving or not (docs/kvm-notes.md); not tried again since."""
         if not self.serves_debugger_from_vcpu:
             return False
         if sum(1 for slot in self.m.vcpus if slot.online) != 1:
