@@ -98,9 +98,9 @@ def raise_if_the_guest_triple_faulted(vm, failure: BaseException) -> None:
     single-stepped (docs/kvm-notes.md). Under that load the emulated SVM
     loses state: L1 itself died once with the L2 guest's per-CPU address in
     CR2 in its own page-fault handler (L1 running on L2's GS base), and a
-    2-vCPU Linux guest's breakpoint loop ended 3 times in about 12 runs in a
-    triple fault of a vCPU, twice inside a timer interrupt that KVM
-    delivered during a step it was told to keep interrupts out of
+    2-vCPU Linux guest's breakpoint loop ended in a triple fault of a vCPU
+    in 3 of 24 runs, one traced to a timer interrupt that KVM delivered
+    during a step it was told to keep interrupts out of
     (``KVM_GUESTDBG_BLOCKIRQ``). A VMM cannot cause either on real SVM.
     The test then gets the one rerun :data:`RERUN_IF_THE_LAB_DIED` allows;
     a vmscope bug that kills the guest every time still fails it."""
