@@ -47,12 +47,11 @@ def test_probe_answer_is_kept_per_host_boot(tmp_path, monkeypatch):
     assert xsave_probe._has_xsave(entries), "KVM follows XCR0 here: the CPU is left as KVM offers it"
     kept[0].write_text("no\n")  # as the nested lab's KVM answers: read back, not probed again
     assert xsave_probe.guest_xsetbv_reaches_kvm(fd, entries) is False
-    for e in entries:
-        if e.function == 7 and e.index == 0:
-            e.ecx |= xsave_probe.CPUID7_ECX_LA57  # as QEMU's -cpu max offers it to L1's KVM
+    leaf7 = [e for e in entries if e.function == 7 and e.index == 0]  # views into the table
+    for e in leaf7:
+        e.ecx |= xsave_probe.CPUID7_ECX_LA57  # as QEMU's -cpu max offers it to L1's KVM
     xsave_probe.fit_cpuid_to_kvm(fd, entries)
     assert not xsave_probe._has_xsave(entries)
-    leaf7 = [e for e in entries if e.function == 7 and e.index == 0]
     assert leaf7 and not any(e.ecx & xsave_probe.CPUID7_ECX_LA57 for e in leaf7), "5-level paging hidden too"
 
 
