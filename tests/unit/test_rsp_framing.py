@@ -219,3 +219,50 @@ def test_packet_at_the_limit_is_taken():
     payload = b"M0,7f8:" + b"ab" * 0x7F8
     assert len(frame(payload)) - 4 <= 4096
     assert ep.receive(frame(payload)) == [Packet(payload)]
+
+
+# --- the whole-request shortcut of Endpoint.receive (no-ack mode) ------------------------------
+
+
+def _no_ack_endpoint(max_packet=None):
+    ep = Endpoint(max_packet=max_packet)
+    ep.disable_acks()
+    return ep
+
+
+def _seen(events):
+    """Events as a session sees them (a refused packet's quoted bytes
+    depend on how its bytes arrived, in the general parse too)."""
+    return [(type(e).__name__, e.oversized) if isinstance(e, BadPacket) else e for e in events]
+
+
+def _events_byte_by_byte(wire, max_packet=None):
+    """The general parser's events: no one-byte read takes the shortcut."""
+    ep = _no_ack_endpoint(max_packet)
+    events = []
+    for i in range(len(wire)):
+        events += ep.receive(wire[i : i + 1])
+    return _seen(events), ep.data_to_send(), ep.buffered
+
+
+@given(st.binary(max_size=300), st.booleans(), st.sampled_from([None, 16, 64]))
+def test_a_whole_request_in_one_read_gives_what_the_general_parse_gives(payload, rle, max_packet):
+    """Any packet (escapes, runs, binary bytes such as 0x03 inside, one
+    over the size limit) read whole gives the events, output and buffer
+    state that byte-by-byte parsing gives."""
+    wire = frame(payload, rle=rle)
+    ep = _no_ack_endpoint(max_packet)
+    assert (_seen(ep.receive(wire)), ep.data_to_send(), ep.buffered) == _events_byte_by_byte(wire, max_packet)
+
+
+@given(st.binary(max_size=120))
+def test_any_read_in_no_ack_mode_gives_what_the_general_parse_gives(data):
+    ep = _no_ack_endpoint()
+    assert (_seen(ep.receive(data)), ep.data_to_send(), ep.buffered) == _events_byte_by_byte(data)
+
+
+def test_a_whole_request_after_a_partial_one_is_parsed_in_order():
+    ep = _no_ack_endpoint()
+    assert ep.receive(b"$m10,") == []
+    assert ep.receive(b"4#00") == [Packet(b"m10,4")]
+    assert ep.receive(frame(b"g")) == [Packet(b"g")]

@@ -68,6 +68,8 @@ def test_stop_reply_carries_pc_sp_fp_and_thread_list_follows_names(session, monk
     assert doc.startswith(b"l") and doc.count(b"<thread ") == 2
     assert session.handle(b"qXfer:threads:read::0,1000") == doc
     monkeypatch.setattr(type(session.target), "thread_name", lambda self, tid: f"renamed {tid}")
+    assert session.handle(b"vCont;s:1") is None  # names change while the guest runs
+    _stop(session)
     assert b'name="renamed 2"' in session.handle(b"qXfer:threads:read::0,1000")
 
 
@@ -168,3 +170,60 @@ def test_internal_errors_are_logged_counted_and_raised_in_strict_mode(session, c
     with pytest.raises(RuntimeError, match="planted bug"):
         strict.handle(b"m100000,4")
     assert strict.internal_errors == 1
+
+
+# --- reads GDB repeats within one stop are answered once ---------------------------------------
+
+
+@pytest.fixture
+def counted_reads(session, monkeypatch):
+    """How many reads reach the target."""
+    calls = []
+    read_memory, read_registers = session.target.read_memory, session.target.read_registers
+    monkeypatch.setattr(session.target, "read_memory", lambda *a: calls.append("m") or read_memory(*a))
+    monkeypatch.setattr(session.target, "read_registers", lambda *a: calls.append("g") or read_registers(*a))
+    return calls
+
+
+def test_a_read_repeated_within_a_stop_reaches_the_target_once(session, counted_reads):
+    pc = session.target.read_registers(1)["rip"]
+    counted_reads.clear()
+    first = [session.handle(p) for p in (b"m%x,1" % pc, b"g", b"qXfer:threads:read::0,1000")]
+    again = [session.handle(p) for p in (b"m%x,1" % pc, b"g", b"qXfer:threads:read::0,1000", b"m%x,1" % pc)]
+    assert again == first + [first[0]]
+    assert counted_reads == ["m", "g"], "the repeats were answered without the target"
+
+
+@pytest.mark.parametrize("between", [b"M%x,1:5a", b"Hg2", b"Z0,%x,1", b"qRcmd,68656c70"])
+def test_any_other_request_makes_the_next_read_ask_the_target(session, counted_reads, between):
+    addr = session.target.read_registers(1)["rip"] + 0x40
+    session.handle(b"m%x,1" % addr)
+    counted_reads.clear()
+    assert session.handle(between % addr if b"%" in between else between) not in (None, b"")
+    reply = session.handle(b"m%x,1" % addr)
+    assert counted_reads == ["m"]
+    if between.startswith(b"M"):
+        assert reply == b"5a", "the byte just written, not the one read before"
+    session.cleanup()
+
+
+def test_a_stop_makes_every_read_ask_the_target_again(session):
+    before = session.handle(b"g")
+    assert session.handle(b"vCont;s:1") is None
+    _stop(session)
+    assert session.handle(b"g") != before, "the step moved rip: the registers read afresh"
+
+
+def test_a_change_made_elsewhere_is_seen_once_the_reuse_age_has_passed(session, monkeypatch):
+    """Another program writing guest RAM (through the memfd ``monitor
+    memory`` names) is seen by a read more than REUSE_SECONDS later."""
+    import time
+
+    from vmscope.gdbserver import session as session_module
+
+    addr = session.target.read_registers(1)["rip"] + 0x40
+    old = session.handle(b"m%x,1" % addr)
+    session.target.write_memory(addr, bytes([int(old, 16) ^ 0xFF]), 1)  # not through the session
+    assert session.handle(b"m%x,1" % addr) == old, "within the age limit: the kept reply"
+    time.sleep(session_module.REUSE_SECONDS * 2)
+    assert session.handle(b"m%x,1" % addr) == b"%02x" % (int(old, 16) ^ 0xFF)

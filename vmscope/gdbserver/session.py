@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import logging
 import sys
+import time
 from typing import Callable
 
 from vmscope.gdbserver.target import (
@@ -48,6 +49,16 @@ PACKET_SIZE = 0x100000
 _MAX_MEMORY = (PACKET_SIZE - 32) // 2
 
 _WATCH_KINDS = {2: "write", 3: "read", 4: "access"}
+
+#: Reads whose replies the session reuses when GDB repeats them within one
+#: stop (see :meth:`Session.handle`): memory, registers, the thread list.
+REUSABLE_READS = (b"m", b"x", b"g", b"p", b"qXfer:threads:read:")
+#: How long a reused reply stays good, in seconds: GDB's repeats of one
+#: stop come within a millisecond; a later read is answered afresh.
+REUSE_SECONDS = 0.002
+#: Replies longer than this are not kept (a dump's chunks are read once; a ``g`` reply fits).
+REUSE_MAX_REPLY = 8192
+REUSE_MAX_ENTRIES = 64
 
 # GDB's File-I/O errno values (protocol constants, not the host's)
 FILEIO_ENOENT, FILEIO_EIO, FILEIO_EBADF, FILEIO_EACCES, FILEIO_EINVAL, FILEIO_ENOSYS = 2, 5, 9, 13, 22, 88
@@ -89,12 +100,43 @@ class Session:
         # inspect over RSP, Stackdb-style tools) read the guest this way;
         # per connection here, so no later debugger inherits it (QEMU keeps it).
         self.phys_mode = False
+        # Replies to reads, reused while the guest stays stopped (handle)
+        self._reuse: dict[bytes, tuple[float, bytes]] = {}
 
     # --- entry points ------------------------------------------------------
 
     def handle(self, payload: bytes) -> bytes | None:
         """The reply payload, or None when the target is now running (the
-        reply is the stop reply from :meth:`on_stop`) or none is due."""
+        reply is the stop reply from :meth:`on_stop`) or none is due.
+
+        A read GDB repeats within one stop is answered with the reply it
+        got REUSE_SECONDS ago at most: every ``stepi`` reads the byte at pc
+        four times (``m addr,1``) around one thread-list read, and each
+        read costs a target call. Any other request (a write, a breakpoint,
+        a thread selection, a resume, a monitor command) drops every kept
+        reply first, and so does a stop; so a kept reply is never one the
+        target would answer differently (with the guest stopped, only the
+        debugger changes its memory and registers), and the age limit keeps
+        a change made by another program (a write through the RAM memfd of
+        ``monitor memory``) from being hidden for longer than a race
+        between the two would hide it anyway."""
+        if not payload.startswith(REUSABLE_READS):
+            if self._reuse:
+                self._reuse.clear()
+            return self._handle(payload)
+        now = time.monotonic()
+        kept = self._reuse.get(payload)
+        if kept is not None and now - kept[0] < REUSE_SECONDS:
+            return kept[1]
+        reply = self._handle(payload)
+        if (reply is not None and not self.running and len(reply) <= REUSE_MAX_REPLY
+                and not reply.startswith(b"E")):
+            if len(self._reuse) >= REUSE_MAX_ENTRIES:
+                self._reuse.clear()
+            self._reuse[payload] = (now, reply)
+        return reply
+
+    def _handle(self, payload: bytes) -> bytes | None:
         try:
             req = P.parse_request(payload)
             if self.running and not isinstance(req, (P.Query, P.Kill, P.Detach)):
@@ -121,6 +163,7 @@ class Session:
     def on_stop(self, event: StopEvent) -> bytes:
         """The target stopped: the stop reply to send."""
         self.running = False
+        self._reuse.clear()
         if event.kind == "exited":
             self.closed = True
             return P.exit_reply(event.code)

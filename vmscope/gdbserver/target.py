@@ -109,11 +109,11 @@ class StopNotifier:
     def take(self) -> StopEvent | None:
         with self._lock:
             ev, self._event = self._event, None
-            try:
-                while os.read(self._r, 64):
+            if ev is not None:  # post wrote one byte for it, under this lock: one read takes it
+                try:
+                    os.read(self._r, 64)
+                except BlockingIOError:
                     pass
-            except BlockingIOError:
-                pass
             return ev
 
     def close(self) -> None:

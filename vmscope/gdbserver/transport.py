@@ -317,7 +317,20 @@ class GdbServer:
                     endpoint.send(TOO_LONG_REPLY)
         out = endpoint.data_to_send()
         if out:
-            conn.sendall(out)
+            self._send_reply(conn, out)
+
+    @staticmethod
+    def _send_reply(conn: socket.socket, data: bytes) -> None:
+        """``conn.sendall(data)`` less a system call: CPython polls a socket
+        that has a timeout before each send, and a reply to a stopped target
+        fits the socket's buffer. One write on the (non-blocking) socket;
+        only what does not fit goes through sendall and its send timeout."""
+        try:
+            sent = os.write(conn.fileno(), data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            conn.sendall(memoryview(data)[sent:])
 
     @staticmethod
     def _still_connected(conn: socket.socket) -> bool:

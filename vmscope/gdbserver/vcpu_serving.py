@@ -129,7 +129,7 @@ class VcpuServing:
         if session.running:
             endpoint.send(session.on_stop(event))
         try:
-            self.conn.sendall(endpoint.data_to_send())
+            server._send_reply(self.conn, endpoint.data_to_send())
         except OSError:
             self.lost = True
             return False

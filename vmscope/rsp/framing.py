@@ -261,6 +261,20 @@ class Endpoint:
 
     # input
     def receive(self, data: bytes) -> list[Event]:
+        # The common case first: in no-ack mode a read is one whole request
+        # and nothing waits in the buffer (a debugger waits for each reply),
+        # and its checksum is not checked (see _packet). The general parse
+        # below gives the same event for it, in about three times the time.
+        if (not self.ack_mode and not self._buf and not self._discarding and len(data) >= 4
+                and data[0] == 0x24 and data[-3] == 0x23 and data.find(b"$", 1) < 0
+                and data.find(b"#", 1) == len(data) - 3 and len(data) - 3 <= self.max_packet):
+            try:
+                payload = decode(data[1:-3])
+            except FramingError:
+                pass  # the general parse reports it
+            else:
+                self._last_sent = None
+                return [Packet(payload)]
         self._buf += data
         events: list[Event] = []
         buf = self._buf
