@@ -126,6 +126,47 @@ def test_memory_read_write_and_short_reads(dbg):
     assert len(big) == 4 << 20 and big[: 4] == dbg.m.mem.read(0x100000, 4)
 
 
+def _demo_page_directory_slot(dbg, va: int) -> int:
+    """Guest-physical address of the 2 MiB page-directory entry that maps
+    ``va`` in the demo's identity map (pvh_boot.S: PML4[0] -> PDPT[0] -> PD)."""
+    def entry(addr):
+        return int.from_bytes(dbg.t.read_physical(addr, 8), "little") & 0x000F_FFFF_FFFF_F000
+
+    pd = entry(entry(dbg.t.read_registers(1)["cr3"] & ~0xFFF))
+    return pd + (va >> 21) * 8
+
+
+def test_page_tables_changed_while_the_guest_ran_are_walked_again(dbg):
+    """The target keeps its page walks from one stop to the next only
+    while the page tables it read are unchanged: an entry the guest (here:
+    a write to its RAM from outside, as the guest's own would be) changes
+    while running is seen at the next stop."""
+    dbg.run_until_up()
+    va = (16 << 21) | 0x100000  # 33 MiB: RAM the demo never touches
+    slot = _demo_page_directory_slot(dbg, va)
+    original = dbg.m.mem.read(slot, 8)
+    code = dbg.t.read_physical(0x100000, 16)  # the guest's code at 1 MiB
+    plain = dbg.t.read_memory(va, 16, 1)
+    assert plain != code
+    for entry, expected in ((0x83, code), (int.from_bytes(original, "little"), plain)):
+        dbg.m.mem.write(slot, entry.to_bytes(8, "little"))  # maps va's 2 MiB to physical 0, then back
+        dbg.t.resume(step(1))  # a stop from a KVM exit: the control registers at hand, the walk in software
+        assert dbg.wait_stop().kind == "signal"
+        assert dbg.t.read_memory(va, 16, 1) == expected
+
+
+def test_a_page_table_the_debugger_writes_is_walked_again_in_the_same_stop(dbg):
+    dbg.run_until_up()
+    va = (16 << 21) | 0x100000
+    slot = _demo_page_directory_slot(dbg, va)
+    original = dbg.t.read_physical(slot, 8)
+    plain = dbg.t.read_memory(va, 16, 1)
+    dbg.t.write_physical(slot, (0x83).to_bytes(8, "little"))
+    assert dbg.t.read_memory(va, 16, 1) == dbg.t.read_physical(0x100000, 16)
+    dbg.t.write_memory(slot, original, 1)  # identity-mapped: the same entry, through a virtual write
+    assert dbg.t.read_memory(va, 16, 1) == plain
+
+
 def test_sw_breakpoint_on_tick_hits_repeatedly(dbg):
     dbg.run_until_up()
     tick = dbg.sym["tick"]

@@ -141,6 +141,36 @@ def test_cache_serves_stale_until_invalidated():
     assert cache.hits >= 1
 
 
+def test_cache_still_valid_only_while_every_table_page_it_read_is_unchanged():
+    t = X86Tables()
+    t.map(0x400000, 0x5000)
+    t.map(0x7F00_0000_0000, 0x6000)
+    cache = TranslationCache()
+    w = t.walker(cache)
+    assert [w.translate(v).paddr for v in (0x400000, 0x7F00_0000_0000)] == [0x5000, 0x6000]
+    memory = BytesMemory(t.mem)
+    assert cache.still_valid(memory)
+    t.mem[0x5000] = 0xAA  # a data page changed: the walks still hold
+    assert cache.still_valid(memory)
+    t.map(0x401000, 0x9000)  # a new entry in a table page a walk read: unmapped before, mapped now
+    assert not cache.still_valid(memory)
+    cache.invalidate()
+    assert w.translate(0x401000).paddr == 0x9000 and cache.still_valid(memory)
+    t.mem[t.root + 8 * 0x1FF] |= 0x20  # even a bit the walk does not use (cheaper to walk again)
+    assert not cache.still_valid(memory)
+
+
+def test_cache_of_many_table_pages_is_not_compared():
+    t = X86Tables(size=64 * MB)
+    cache = TranslationCache()
+    w = t.walker(cache)
+    for i in range(TranslationCache.MAX_CHECKED_TABLES):  # one page table per 2 MiB, besides PML4, PDPT, PD
+        t.map(i << 21, 0x5000)
+    for i in range(TranslationCache.MAX_CHECKED_TABLES):
+        w.translate(i << 21)
+    assert not cache.still_valid(BytesMemory(t.mem))
+
+
 def test_address_space_reads_across_discontiguous_pages():
     t = X86Tables()
     t.mem[0x5000:0x6000] = b"A" * 0x1000

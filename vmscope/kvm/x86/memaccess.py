@@ -94,6 +94,7 @@ class X86Memory:
         pieces, bad = self._pieces(addr, len(data), tid)
         if bad is not None:
             raise TargetError(f"cannot write {addr:#x}+{len(data)}: address {bad:#x} not mapped")
+        self.translator.clear()  # the write may be to a page table
         with self._lock:
             buf = keep_breakpoints(addr, data, self.sw, bytes([INT3]))  # our 0xCC stays
             off = 0
@@ -109,6 +110,7 @@ class X86Memory:
     def write_physical(self, addr: int, data: bytes) -> None:
         if not self.mem.contains(addr, len(data)):
             raise TargetError(f"guest-physical range {addr:#x}+{len(data)} is outside RAM (0..{self.mem.size:#x})")
+        self.translator.clear()  # the write may be to a page table
         self.mem.write(addr, data)
 
     def read_memory_raw(self, vaddr: int, v: Vcpu) -> int:

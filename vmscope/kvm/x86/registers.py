@@ -79,6 +79,8 @@ def access_table(arch: Arch) -> AccessTable:
     return entry[1]
 
 
+#: registers that are whole fields of KVM's GPR structure under their own names
+_GPR_FIELDS = frozenset(name for name, _ in abi.KvmRegs._fields_)
 _FETCH = {"regs": Vcpu.regs, "sregs": Vcpu.sregs, "fpu": Vcpu.fpu}
 _STORE = {"regs": Vcpu.set_regs, "sregs": Vcpu.set_sregs, "fpu": Vcpu.set_fpu}
 
@@ -119,6 +121,16 @@ class X86Registers:
         rip/rsp/rbp, so stepping costs one KVM_GET_REGS, not four ioctls."""
         self._require_stopped()  # a vCPU ioctl would block until KVM_RUN returns
         return _LazyRegisters(self, self._vcpu(tid))
+
+    def stop_registers(self, tid: int, names: tuple[str, ...]) -> Mapping[str, int]:
+        """The stop reply's registers (rip, rsp, rbp) straight from the GPR
+        structure KVM synced at the exit: the lazy mapping decodes each
+        field through its table entry, 8 us of a 17 us stop reply."""
+        self._require_stopped()
+        regs = self._vcpu(tid).regs()
+        if all(name in _GPR_FIELDS for name in names):
+            return {name: getattr(regs, name) for name in names}
+        return self.read_registers(tid)
 
     def _msr(self, v: Vcpu, index: int) -> int:
         key = (v.index << 32) | index

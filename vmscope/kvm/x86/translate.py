@@ -10,8 +10,12 @@ RAM memfd, from that vCPU's CR3; with paging off, the identity.
 Why the vmi walker: one x86 page walker for the debug target and for
 introspection (``vmscope inspect``), so a fix to one is a fix to both.
 
-Results are cached per debug stop: the target drops the cache whenever a
-vCPU runs, because the guest may change its page tables.
+Results are cached per debug stop. When a vCPU runs (or the debugger
+writes memory or control registers) the target calls :meth:`Translator.clear`:
+the answers per vCPU go (a vCPU may load another CR3), and the walks' cache
+is kept only if the page-table pages it read still hold the same bytes at
+the next translation (``TranslationCache.still_valid``), as they mostly do
+from one stop of a stepping or breakpoint loop to the next.
 """
 
 from __future__ import annotations
@@ -53,11 +57,21 @@ class Translator:
     def __init__(self, mem):
         self.mem = mem
         self._cache: dict[tuple[int, int], int | None] = {}
-        self._walks = TranslationCache()
+        self._walks_cache = TranslationCache()
+        self._recheck = False
 
     def clear(self) -> None:
         self._cache.clear()
-        self._walks.invalidate()
+        self._recheck = True
+
+    @property
+    def _walks(self) -> TranslationCache:
+        """The walks' cache, checked against the page tables after a clear."""
+        if self._recheck:
+            self._recheck = False
+            if not self._walks_cache.still_valid(self.mem):
+                self._walks_cache.invalidate()
+        return self._walks_cache
 
     def leaf(self, vcpu, vaddr: int) -> tuple[int, int] | None:
         """(physical address, bytes to the end of the mapping page) for

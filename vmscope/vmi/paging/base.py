@@ -58,6 +58,7 @@ class TranslationCache:
         self.upper: dict = {}
         self.hits = 0
         self.misses = 0
+        self._unkept_reads = False  # an entry was read without keeping its table page (still_valid)
 
     def pages(self, root: int) -> dict[int, Page]:
         return self._pages.setdefault(root, {})
@@ -72,10 +73,30 @@ class TranslationCache:
             try:
                 table = self._tables[base] = phys.read(base, 0x1000)
             except Exception:
+                self._unkept_reads = True
                 return _U64.unpack(phys.read(addr, 8))[0]  # a table at the edge of RAM
         return _U64.unpack_from(table, addr - base)[0]
 
+    #: still_valid compares at most this many table pages (then a new walk is cheaper)
+    MAX_CHECKED_TABLES = 32
+
+    def still_valid(self, phys: PhysicalMemory) -> bool:
+        """Whether every page-table page the cached walks read holds the
+        same bytes in ``phys`` now. A translation is a function of its root
+        and of those entries alone, so then every cached one still holds,
+        even after the guest ran: a debugger stopping a guest again and
+        again mostly finds its page tables as they were (accessed and dirty
+        bits are set once), and comparing a few 4 KiB pages costs less than
+        one walk. False when an entry was read without its page being kept."""
+        if self._unkept_reads or len(self._tables) > self.MAX_CHECKED_TABLES:
+            return False
+        try:
+            return all(phys.read(base, 0x1000) == table for base, table in self._tables.items())
+        except Exception:
+            return False
+
     def invalidate(self) -> None:
+        self._unkept_reads = False
         self._pages.clear()
         self._tables.clear()
         self.upper.clear()
