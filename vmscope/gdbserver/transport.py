@@ -217,6 +217,14 @@ class GdbServer:
                         if not handoff.hand_off():
                             break
                         continue
+                if session.running and not endpoint.pending:
+                    # A stop may be posted already (the emulated CPU runs a step in
+                    # the thread that resumed it): report it without a select.
+                    event = target.take_stop()
+                    if event is not None:
+                        endpoint.send(session.on_stop(event))
+                        self._flush(conn, endpoint)
+                        continue
                 r, _, _ = select.select([conn, stop_fd, self._wake_r, self.listener], [], [])
                 closing = self._wake_r in r
                 # A stop first, even when closing: the VMM closes the stub
@@ -364,10 +372,10 @@ class GdbServer:
         finally:
             other.close()
 
-    @staticmethod
-    def _flush(conn: socket.socket, endpoint: Endpoint) -> None:
+    @classmethod
+    def _flush(cls, conn: socket.socket, endpoint: Endpoint) -> None:
         try:
-            conn.sendall(endpoint.data_to_send())
+            cls._send_reply(conn, endpoint.data_to_send())
         except OSError:
             pass
 
