@@ -111,14 +111,34 @@ def raise_if_the_guest_triple_faulted(vm, failure: BaseException) -> None:
     raise GuestTripleFaultInLab(f"{LAB_GUEST_TRIPLE_FAULT}: {failure}") from failure
 
 
+LAB_GUEST_STALLED = "the lab's guest made no progress: its jiffies stood still across continues"
+
+
+class GuestStalledInLab(AssertionError):
+    """A lab test failed because its L2 guest stopped advancing its own
+    clock while the debugger let it run: ``jiffies`` read the same at every
+    stop of several continues. Heavy interrupt load stalls the lab's guests
+    whatever the VMM (docs/kvm-notes.md: QEMU ``-enable-kvm`` as the L2 VMM
+    stalled, then L1 died); a VMM that never resumed its vCPUs would fail
+    the rerun too."""
+
+
+def raise_if_the_guest_clock_stood_still(jiffies: list[int], failure: str) -> None:
+    """Raise :class:`GuestStalledInLab` when the ``jiffies`` values read
+    at the stops of several continues (at least three) are all the same."""
+    if len(jiffies) >= 3 and len(set(jiffies)) == 1:
+        raise GuestStalledInLab(f"{LAB_GUEST_STALLED} (jiffies {jiffies[0]:#x} at {len(jiffies)} stops): {failure}")
+
+
 def _rerun_if_the_lab_died() -> pytest.MarkDecorator:
     from vmscope.lab.lab import LAB_DIED
 
-    return pytest.mark.flaky(reruns=1, only_rerun=[LAB_DIED, LAB_GUEST_TRIPLE_FAULT])
+    return pytest.mark.flaky(reruns=1, only_rerun=[LAB_DIED, LAB_GUEST_TRIPLE_FAULT, LAB_GUEST_STALLED])
 
 
 RERUN_IF_THE_LAB_DIED = _rerun_if_the_lab_died()
 """One more run of a lab test whose L1 died under it (QEMU exited, its
 console in the error), or whose guest triple-faulted under a debugger there
-(:func:`raise_if_the_guest_triple_faulted`): never for a failure of the
-test's own assertions."""
+(:func:`raise_if_the_guest_triple_faulted`), or whose guest's clock stood
+still across continues (:func:`raise_if_the_guest_clock_stood_still`):
+never for a failure of the test's own assertions."""

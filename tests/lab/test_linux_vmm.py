@@ -15,7 +15,9 @@ import re
 
 import pytest
 
-from tests.lab_support import RERUN_IF_THE_LAB_DIED, kept_lab, raise_if_the_guest_triple_faulted
+from tests.lab_support import (
+    RERUN_IF_THE_LAB_DIED, kept_lab, raise_if_the_guest_clock_stood_still, raise_if_the_guest_triple_faulted,
+)
 from vmscope.lab import LabTimeout
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, RERUN_IF_THE_LAB_DIED]
@@ -205,11 +207,16 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
             vm.write("while :; do :; done &\nwhile :; do :; done &\necho loops-$((1 + 1))\n")
             expect(vm, "loops-2")
             connect(gdb, lab)
+            clock = []  # jiffies at each stop: a guest whose clock stands still is stalled (lab_support)
             for _ in range(10):
                 if all(cs & 3 == 3 for cs in thread_cs(gdb)):
                     break
+                clock.append(gdb.value(f"*(long *){syms['jiffies']:#x}"))
                 resume(gdb)
                 gdb.interrupt(120)
+            if not all(cs & 3 == 3 for cs in thread_cs(gdb)):
+                clock.append(gdb.value(f"*(long *){syms['jiffies']:#x}"))
+                raise_if_the_guest_clock_stood_still(clock, "both vCPUs stayed in the kernel")
             assert all(cs & 3 == 3 for cs in thread_cs(gdb)), gdb.transcript()
             banner = gdb.cmd(f"x/s {syms['linux_banner']:#x}")
             assert "Linux version 6." in banner, banner

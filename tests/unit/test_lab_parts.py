@@ -187,3 +187,19 @@ def test_a_lost_agent_connection_says_how_the_lab_fared():
     with pytest.raises(LabError, match=r"(?s)did not appear.*was lost.*Kernel panic"):
         proc.wait_for_output("never", 5)
     proc.__exit__()
+
+
+def test_a_lab_guest_whose_clock_stood_still_gets_the_rerun_and_no_other_failure_does():
+    """The rerun rule of tests/lab_support.py: only a guest whose jiffies
+    read the same at three or more stops; its error matches the rerun
+    marker's pattern, a plain assertion's does not."""
+    import re
+
+    from tests.lab_support import LAB_GUEST_STALLED, GuestStalledInLab, raise_if_the_guest_clock_stood_still
+
+    raise_if_the_guest_clock_stood_still([5, 5], "two stops say too little")
+    raise_if_the_guest_clock_stood_still([5, 5, 6], "the clock moved: a real failure")
+    with pytest.raises(GuestStalledInLab) as exc:
+        raise_if_the_guest_clock_stood_still([7, 7, 7, 7], "stuck")
+    assert re.search(LAB_GUEST_STALLED, str(exc.value)) and "0x7 at 4 stops" in str(exc.value)
+    assert not re.search(LAB_GUEST_STALLED, str(AssertionError("both vCPUs stayed in the kernel")))
