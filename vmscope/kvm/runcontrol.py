@@ -250,8 +250,6 @@ class RunControl:
                 slot.vcpu.run.immediate_exit = 0
             ev, self._stop_event = self._stop_event, None
             self._stopped = True
-            if self.coalesced is not None:
-                self.coalesced.machine_stopped = True
             self._stops_posted += 1
             self.target.post_stop(ev)
 
@@ -290,8 +288,6 @@ class RunControl:
                 slot.runnable = slot.online and which.get(slot.vcpu.index, False)
             if not any(slot.runnable for slot in self.vcpus):
                 self._stopped = True
-            if self.coalesced is not None:
-                self.coalesced.machine_stopped = self._stopped
             self._cond.notify_all()
 
     # --- exclusive turns ----------------------------------------------------------------

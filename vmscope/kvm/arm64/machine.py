@@ -154,7 +154,7 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
 
         try:
             self.coalesced = CoalescedPorts(self.kvm_fd, self.vm_fd, self.vcpus[0].vcpu.fd, mmap_size,
-                                            self.serial.write, pio=False)
+                                            self.serial.write, pio=False, machine_stopped=lambda: self.stopped)
         except OSError:
             return
         self.serial.use_coalescing(self.coalesced)

@@ -55,10 +55,13 @@ class CoalescedPorts:
     """The ring and the zones of one VM. ``handler(port, size, value)``
     replays each queued write, in guest order. ``pio``: the zones are I/O
     ports (x86's COM1); False: MMIO addresses (the arm64 machine's UART,
-    the same ring and the same device model)."""
+    the same ring and the same device model). ``machine_stopped()``: the
+    run control's word that a debugger holds every vCPU (the drain thread
+    then looks every STOPPED_DRAIN_PERIOD)."""
 
     def __init__(self, kvm_fd: int, vm_fd: int, vcpu_fd: int, mmap_size: int,
-                 handler: Callable[[int, int, int], None], pio: bool = True):
+                 handler: Callable[[int, int, int], None], pio: bool = True,
+                 machine_stopped: Callable[[], bool] = lambda: False):
         offset = ioctl(kvm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_MMIO, "KVM_CHECK_EXTENSION")
         if offset <= 0 or (pio and ioctl(kvm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_COALESCED_PIO,
                                          "KVM_CHECK_EXTENSION") <= 0):
@@ -75,7 +78,7 @@ class CoalescedPorts:
         self.zones: set[tuple[int, int]] = set()
         self.active = False  # any zone registered: exits must drain first
         self.replayed = 0  # writes that came through the ring, not an exit
-        self.machine_stopped = False  # set by the run control: a debugger stopped every vCPU
+        self.machine_stopped = machine_stopped  # the run control's: a debugger stopped every vCPU
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -113,7 +116,7 @@ class CoalescedPorts:
             return n
 
     def _drain_loop(self) -> None:
-        while not self._stop.wait(STOPPED_DRAIN_PERIOD if self.machine_stopped else DRAIN_PERIOD):
+        while not self._stop.wait(STOPPED_DRAIN_PERIOD if self.machine_stopped() else DRAIN_PERIOD):
             if self.active:
                 try:
                     self.drain()

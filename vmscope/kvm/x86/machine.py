@@ -66,7 +66,8 @@ class KvmMachine(X86Exits, RunControl):
         from vmscope.kvm.devices.coalesced import CoalescedPorts
 
         try:
-            self.coalesced = CoalescedPorts(self.kvm_fd, self.vm_fd, self.vcpus[0].vcpu.fd, mmap_size, self.bus.write)
+            self.coalesced = CoalescedPorts(self.kvm_fd, self.vm_fd, self.vcpus[0].vcpu.fd, mmap_size, self.bus.write,
+                                            machine_stopped=lambda: self.stopped)
         except OSError:
             return
         attach = getattr(self.serial, "use_coalescing", None)
