@@ -53,16 +53,20 @@ def kept_lab(make: Callable[[], "Lab"]) -> Iterator[Callable[[], "Lab"]]:
     in the VMM's process: L1 running on its L2 guest's GS base,
     docs/kvm-notes.md). Without
     this, one such death fails every later test of the module with "the lab
-    is not running". With it, only the test running at the time fails (its
+    is not running". An L1 whose QEMU runs but whose agent no longer starts
+    commands (wedged, :data:`~vmscope.lab.lab.LAB_WEDGED`) is replaced the
+    same way: it once failed three tests in a row with "the lab agent did
+    not start". With it, only the test running at the time fails (its
     error carries L1's console), and :data:`RERUN_IF_THE_LAB_DIED` gives
     that test one more run in the new lab: the run must then pass on its own.
     """
     current: list = []
 
     def running():
-        if current and not current[0].running:
+        if current and not current[0].usable:
             dead = current.pop()
-            print(f"\nthe lab died (console: {dead.console_log}); booting a new one",
+            how = "died" if not dead.running else "stopped starting commands"
+            print(f"\nthe lab {how} (console: {dead.console_log}); booting a new one",
                   file=sys.stderr, flush=True)
             dead.close()
         if not current:
@@ -131,14 +135,16 @@ def raise_if_the_guest_clock_stood_still(jiffies: list[int], failure: str) -> No
 
 
 def _rerun_if_the_lab_died() -> pytest.MarkDecorator:
-    from vmscope.lab.lab import LAB_DIED
+    from vmscope.lab.lab import LAB_DIED, LAB_WEDGED
 
-    return pytest.mark.flaky(reruns=1, only_rerun=[LAB_DIED, LAB_GUEST_TRIPLE_FAULT, LAB_GUEST_STALLED])
+    return pytest.mark.flaky(reruns=1, only_rerun=[LAB_DIED, LAB_WEDGED, LAB_GUEST_TRIPLE_FAULT,
+                                                   LAB_GUEST_STALLED])
 
 
 RERUN_IF_THE_LAB_DIED = _rerun_if_the_lab_died()
 """One more run of a lab test whose L1 died under it (QEMU exited, its
-console in the error), or whose guest triple-faulted under a debugger there
+console in the error) or stopped starting commands (a timeout after which
+the agent could not start ``true``: :meth:`~vmscope.lab.Lab.still_answers`), or whose guest triple-faulted under a debugger there
 (:func:`raise_if_the_guest_triple_faulted`), or whose guest's clock stood
 still across continues (:func:`raise_if_the_guest_clock_stood_still`):
 never for a failure of the test's own assertions."""

@@ -203,3 +203,66 @@ def test_a_lab_guest_whose_clock_stood_still_gets_the_rerun_and_no_other_failure
         raise_if_the_guest_clock_stood_still([7, 7, 7, 7], "stuck")
     assert re.search(LAB_GUEST_STALLED, str(exc.value)) and "0x7 at 4 stops" in str(exc.value)
     assert not re.search(LAB_GUEST_STALLED, str(AssertionError("both vCPUs stayed in the kernel")))
+
+
+def test_a_lab_whose_agent_stopped_starting_commands_is_called_wedged_and_replaced(monkeypatch):
+    """An L1 can stay up and still run nothing (CI once saw a guest's boot
+    stall, then three tests fail with "the lab agent did not start"). A
+    wedged L1 cannot be made on demand, so the real agent script stands in
+    for L1's, stopped with SIGSTOP, and ``sleep`` for its QEMU. A timeout
+    then says the lab is wedged (the rerun marker), the lab refuses further
+    commands, and kept_lab boots a new one; while the agent answers, a
+    timeout is the command's own."""
+    import os
+    import signal
+
+    import vmscope.lab.lab as lab_module
+    from tests.lab_support import kept_lab
+    from vmscope.lab.lab import AGENT_PORT, LAB_WEDGED
+
+    monkeypatch.setattr(lab_module, "AGENT_START_SECONDS", 2)
+    port = free_ports(1, AGENT_TEST_PORTS)[0]
+    agent = subprocess.Popen([sys.executable, agent_module.__file__, "--port", str(port),
+                              "--ready-marker", "agent-ready"], stdout=subprocess.PIPE, text=True)
+    qemu = subprocess.Popen(["sleep", "600"], start_new_session=True)  # close() kills its group
+    lab = Lab()
+    lab._proc, lab._ports = qemu, {AGENT_PORT: port}
+    try:
+        assert agent.stdout.readline().startswith("agent-ready port=")
+        assert lab.run("true", timeout=30).returncode == 0 and lab.usable
+        with lab.spawn("sleep 30") as slow:
+            with pytest.raises(LabTimeout) as answered:
+                slow.wait_for_output("never", 0.5)
+            assert LAB_WEDGED not in str(answered.value) and lab.usable
+            os.kill(agent.pid, signal.SIGSTOP)
+            with pytest.raises(LabTimeout, match=f"{LAB_WEDGED}: its agent did not start"):
+                slow.wait_for_output("never", 0.5)
+            os.kill(agent.pid, signal.SIGCONT)  # so that leaving the block can kill the sleep
+        assert lab.running and not lab.usable
+        with pytest.raises(LabError, match=f"{LAB_WEDGED} before 'true'"):
+            lab.spawn("true")
+
+        class NewLab:
+            usable = running = True
+            started = closed = False
+            console_log = None
+
+            def start(self):
+                self.started = True
+
+            def close(self):
+                self.closed = True
+
+        made = iter([lab, NewLab()])
+        fixture = kept_lab(lambda: next(made))
+        lab.start = lambda: None  # already "started" above
+        running = next(fixture)
+        assert running() is lab  # the first call makes the (now wedged) lab
+        fresh = running()
+        assert fresh is not lab and fresh.started
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+        agent.kill()
+        agent.wait()
+        qemu.kill()
+        qemu.wait()

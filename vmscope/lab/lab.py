@@ -105,6 +105,16 @@ LAB_DIED = "the lab itself died"
 """Said in an error when L1's QEMU ended under a command: a kernel panic in
 L1 or an emulator crash, not anything the command did to its own guest."""
 
+LAB_WEDGED = "the lab stopped starting commands"
+"""Said in an error when L1's QEMU still runs but the lab's agent no longer
+starts a command (within :data:`AGENT_START_SECONDS`): L1 is wedged, as the
+lab has been under interrupt-heavy L2 guests whatever the VMM
+(docs/kvm-notes.md). Like :data:`LAB_DIED`, it is the lab's failure, not
+the command's; a wedged lab is never given another command."""
+
+AGENT_START_SECONDS = 60
+"""How long the agent may take to start a command in a slow (TCG) L1."""
+
 
 class Lab:
     """An L1 guest with real KVM, booted under QEMU's TCG emulator.
@@ -156,6 +166,7 @@ class Lab:
         self.console_log: Path | None = None
         self.kvm_available: bool | None = None
         self.timings: dict[str, float] = {}
+        self._wedged = False
 
     # -- life cycle -----------------------------------------------------------
     def __enter__(self) -> "Lab":
@@ -308,7 +319,24 @@ class Lab:
         """Whether L1 (its QEMU) is still up."""
         return self._proc is not None and self._proc.poll() is None
 
-    def post_mortem(self) -> str:
+    @property
+    def usable(self) -> bool:
+        """Whether L1 is up and its agent last started what it was asked
+        to: false for a dead lab and for a wedged one (:data:`LAB_WEDGED`)."""
+        return self.running and not self._wedged
+
+    def still_answers(self) -> str:
+        """Empty when the agent still starts a command (``true``); else
+        :data:`LAB_WEDGED` or :data:`LAB_DIED` with L1's account, for the
+        error of a command that timed out: a test waiting on its guest
+        cannot tell a slow guest from a lab that stopped running anything."""
+        try:
+            self.run(["true"], timeout=AGENT_START_SECONDS)
+        except LabError as exc:
+            return f"; {exc}"
+        return ""
+
+    def post_mortem(self, wait: float = 5) -> str:
         """How L1 stands, for an error message: whether QEMU still runs (its
         exit status if not, with :data:`LAB_DIED`) and the console's last
         lines, where a panic, an OOM kill or a KVM splat would show. Empty
@@ -317,7 +345,7 @@ class Lab:
         if proc is None:
             return ""
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)  # a dropped agent connection usually means L1 is going down
+            proc.wait(wait)  # a dropped agent connection usually means L1 is going down
         if proc.poll() is not None and self._console_thread.is_alive():
             self._console_thread.join(2)  # let the last console lines in
         state = (f"{LAB_DIED}: QEMU exited with status {proc.returncode}" if proc.poll() is not None
@@ -343,6 +371,8 @@ class Lab:
         return at once. Use as a context manager to kill it on exit."""
         if self._proc is None or self._proc.poll() is not None:
             raise LabError(f"the lab is not running{self.post_mortem()}")
+        if self._wedged:
+            raise LabError(f"{LAB_WEDGED} before {cmd!r}{self.post_mortem(wait=0)}")
         cmd = cmd if isinstance(cmd, str) else list(cmd)
         try:
             sock = socket.create_connection(("127.0.0.1", self._ports[AGENT_PORT]), timeout=30)
@@ -351,10 +381,14 @@ class Lab:
         sock.settimeout(None)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(json.dumps({"cmd": cmd, "env": dict(env or {}), "cwd": cwd}).encode() + b"\n")
-        proc = LabProcess(sock, cmd, on_output, post_mortem=self.post_mortem)
-        if not proc._started.wait(60):
+        proc = LabProcess(sock, cmd, on_output, post_mortem=self.post_mortem,
+                          lab_check=self.still_answers)
+        if not proc._started.wait(AGENT_START_SECONDS):
             proc.__exit__()
-            raise LabError(f"the lab agent did not start {cmd!r}")
+            self._wedged = self.running
+            raise LabError(f"{LAB_WEDGED if self._wedged else 'the lab agent failed'}: "
+                           f"its agent did not start {cmd!r} in {AGENT_START_SECONDS} s"
+                           f"{self.post_mortem(wait=0)}")
         return proc
 
     def run(self, cmd: str | Sequence[str], timeout: float | None = 600,

@@ -61,11 +61,15 @@ class LabProcess:
 
     def __init__(self, sock: socket.socket, cmd: str | list[str],
                  on_output: Callable[[str, bytes], None] | None = None,
-                 post_mortem: Callable[[], str] | None = None) -> None:
+                 post_mortem: Callable[[], str] | None = None,
+                 lab_check: Callable[[], str] | None = None) -> None:
         self.cmd = cmd
         # says how the lab itself fared when the agent's connection drops:
         # a lost connection alone does not tell a dead L1 from a killed agent
         self._post_mortem = post_mortem
+        # asked when the command timed out: empty while the lab still starts
+        # commands, else why not (a wedged or dead L1 is not the command's fault)
+        self._lab_check = lab_check
         self.pid: int | None = None
         self.returncode: int | None = None
         self._sock = sock
@@ -163,8 +167,8 @@ class LabProcess:
         if not self._done.wait(timeout):
             self.kill()
             self._done.wait(10)
-            raise LabTimeout(f"lab command {self.cmd!r} did not finish in {timeout} s",
-                             self.result())
+            raise LabTimeout(f"lab command {self.cmd!r} did not finish in {timeout} s"
+                             f"{self._lab_state()}", self.result())
         if self._error and self.returncode == -255:
             raise LabError(f"lab command {self.cmd!r}: {self._lost()}")
         return self.result()
@@ -186,12 +190,22 @@ class LabProcess:
                     raise LabError(f"{pattern!r} did not appear in the output of {self.cmd!r}: "
                                    f"{self._lost()}\n--- stdout ---\n{self.stdout[-2000:]}")
                 if self._done.is_set() or left <= 0:
-                    raise LabTimeout(
-                        f"{pattern!r} did not appear in the output of {self.cmd!r} "
-                        f"({'it exited with ' + str(self.returncode) if self._done.is_set() else f'{timeout} s'})"
-                        f"\n--- stdout ---\n{self.stdout[-2000:]}\n--- stderr ---\n{self.stderr[-2000:]}",
-                        self.result())
+                    break
                 self._changed.wait(min(left, 1.0))
+        # asked outside the lock: the probe may take a minute, and this
+        # command's reader must not wait for it
+        exited = self._done.is_set()
+        raise LabTimeout(
+            f"{pattern!r} did not appear in the output of {self.cmd!r} "
+            f"({'it exited with ' + str(self.returncode) if exited else f'{timeout} s'})"
+            f"{'' if exited else self._lab_state()}"
+            f"\n--- stdout ---\n{self.stdout[-2000:]}\n--- stderr ---\n{self.stderr[-2000:]}",
+            self.result())
+
+    def _lab_state(self) -> str:
+        """After a timeout: whether the lab still starts commands (empty if
+        so, or when there is no lab to ask)."""
+        return self._lab_check() if self._lab_check else ""
 
     def result(self) -> LabResult:
         return LabResult(self.cmd, self.returncode if self.returncode is not None else -1,
@@ -201,8 +215,8 @@ class LabProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self._done.is_set():
-            self.kill()
+        if self._started.is_set() and not self._done.is_set():
+            self.kill()  # a command the agent never started has nothing to kill
             self._done.wait(10)
         with contextlib.suppress(OSError):
             # shutdown, not just close: the reader thread's recv() holds the
