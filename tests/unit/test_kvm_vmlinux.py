@@ -197,6 +197,29 @@ def test_nokaslr_keeps_the_link_addresses(bzimage, cached, tmp_path):
         mem.close()
 
 
+def test_the_cached_kernel_is_sparse_and_its_holes_load_as_zeros(bzimage, cached, elf, tmp_path):
+    """The cache writes the ELF's zero pages as holes (a third of Debian's
+    loaded image is .bss, .brk and .init.scratch) and the loader copies
+    only the data extents: the placed image must still equal every
+    segment's bytes (nokaslr: no relocation changes them)."""
+    path = cached[0][0]
+    st = path.stat()
+    assert st.st_size - st.st_blocks * 512 > 10 * MiB  # at least 10 MiB of holes
+    with open(path, "rb") as f:
+        extents = list(pl.data_extents(f.fileno(), 0, st.st_size))
+    assert sum(e - s for s, e in extents) < st.st_size - 10 * MiB
+    assert all(not any(elf[e:n]) for (_, e), (n, _) in zip(extents, extents[1:]))  # the gaps read as zeros
+    mem, plan = _boot(bzimage, tmp_path, "console=ttyS0 nokaslr")
+    try:
+        _, segs = vl.parse_elf(elf)
+        load_phys = min(seg.paddr for seg in segs)
+        for seg in segs:
+            at = plan.kernel.phys_text + (seg.paddr - load_phys)
+            assert mem.read(at, seg.filesz) == elf[seg.offset : seg.offset + seg.filesz]
+    finally:
+        mem.close()
+
+
 def test_placed_kernel_is_relocated_and_its_kallsyms_decode_at_the_slid_addresses(bzimage, cached, tmp_path):
     """Symbols from the first instruction: kallsyms read from the physical
     image the VMM placed give the slid addresses, and the long-mode page

@@ -24,6 +24,7 @@ and the caller boots through the kernel's own decompressor.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -49,8 +50,11 @@ MAGICS = (
     (b"\x5d\x00\x00", "lzma"),
 )
 
-#: bump when the cached files' layout changes
-CACHE_VERSION = 1
+#: bump when the cached files' layout changes (2: the ELF is written sparse)
+CACHE_VERSION = 2
+
+#: the unit in which the cached ELF's zero runs become holes (a page)
+HOLE_GRAIN = 4096
 
 
 class PayloadUnsupported(Exception):
@@ -192,6 +196,52 @@ def _write_atomically(target: Path, blob: bytes | str) -> None:
     os.replace(tmp, target)
 
 
+def _write_sparse_atomically(target: Path, blob: bytes) -> None:
+    """Write ``blob`` with its all-zero pages left as holes. Why: a third of
+    a kernel's loaded image is zeros (.bss, .brk and .init.scratch are
+    stored in the decompressed ELF), and guest RAM starts zeroed, so the
+    loader copies only the data extents (:func:`data_extents`): 15 of
+    44 MB fewer bytes to copy for Debian's 6.1 kernel, which in the nested
+    lab's emulated L1 is 0.3-1.3 s per boot. A file system without holes
+    just stores the zeros."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    zero = bytes(HOLE_GRAIN)
+    view = memoryview(blob)
+    with open(tmp, "wb") as f:
+        run = None  # start of the current run of non-zero pages
+        for at in range(0, len(blob), HOLE_GRAIN):
+            is_zero = view[at : at + HOLE_GRAIN] == zero[: min(HOLE_GRAIN, len(blob) - at)]
+            if is_zero and run is not None:
+                os.pwrite(f.fileno(), view[run:at], run)
+                run = None
+            elif not is_zero and run is None:
+                run = at
+        if run is not None:
+            os.pwrite(f.fileno(), view[run:], run)
+        f.truncate(len(blob))
+    os.replace(tmp, target)
+
+
+def data_extents(fd: int, start: int, end: int):
+    """The ``(offset, end)`` parts of ``[start, end)`` of the file ``fd``
+    that hold data (``SEEK_DATA``/``SEEK_HOLE``): the rest reads as zeros.
+    The whole range when the file system cannot say."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole from pos to the end of the file
+                return
+            yield pos, end  # SEEK_DATA unsupported here
+            return
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
 def cached_vmlinux(path: Path) -> tuple[Path, Path, bool]:
     """The decompressed vmlinux ELF and its relocation table of the bzImage
     at ``path``, as files in the cache (``vmlinux/<hash>.elf`` and
@@ -226,6 +276,6 @@ def cached_vmlinux(path: Path) -> tuple[Path, Path, bool]:
         raise PayloadUnsupported("the decompressed payload is not an ELF file")
     body, relocs = split_relocs(raw)
     _write_atomically(rel, relocs)
-    _write_atomically(elf, body)  # the ELF last: its presence says both are complete
+    _write_sparse_atomically(elf, body)  # the ELF last: its presence says both are complete
     _write_atomically(memo, f"{ident}\n{key}")
     return elf, rel, False

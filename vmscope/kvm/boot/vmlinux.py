@@ -242,8 +242,17 @@ def copy_to_ram(mem: GuestRam, at: int, fd: int, src: mmap.mmap, offset: int, si
     ``at``: by ``sendfile`` into the RAM's memfd, where the kernel copies
     page-cache pages without a page fault per page in this process (in the
     nested lab the faults of a 48 MB copy cost seconds); through the
-    mapping where that is refused."""
+    mapping where that is refused. Only the file's data extents are copied:
+    its holes are zeros, which fresh guest RAM already holds (the cache
+    writes the kernel sparse, :func:`~vmscope.kvm.boot.payload.data_extents`)."""
+    from vmscope.kvm.boot.payload import data_extents
+
     mem._check(at, size)
+    for start, end in data_extents(fd, offset, offset + size):
+        _copy_extent(mem, at + (start - offset), fd, src, start, end - start)
+
+
+def _copy_extent(mem: GuestRam, at: int, fd: int, src: mmap.mmap, offset: int, size: int) -> None:
     done = 0
     try:
         os.lseek(mem.fd, at - mem.base, os.SEEK_SET)
