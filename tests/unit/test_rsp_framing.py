@@ -14,6 +14,16 @@ def test_frame_known_packet():
     assert frame(b"") == b"$#00"
 
 
+@given(st.binary(min_size=2000, max_size=9000)
+       | st.builds(lambda byte, n: bytes([byte]) * n, st.integers(0, 255), st.integers(2040, 70000)))
+def test_the_checksum_of_a_long_body_is_the_sum_of_its_bytes(body):
+    """Long bodies are summed through adler32 in 256-byte chunks: any
+    content, any length (a partial last chunk, 0xff runs at the largest
+    chunk sum) gives the plain sum modulo 256, and a frame gdb would check."""
+    assert checksum(body) == sum(body) & 0xFF
+    assert frame(hex_rle(body)).endswith(b"#%02x" % (sum(bytes(hex_rle(body))) & 0xFF))
+
+
 def test_escapes_reserved_bytes():
     raw = b"a$b#c}d*e"
     body = escape(raw)
