@@ -331,7 +331,9 @@ class Lab:
         error of a command that timed out: a test waiting on its guest
         cannot tell a slow guest from a lab that stopped running anything."""
         try:
-            self.run(["true"], timeout=AGENT_START_SECONDS)
+            with self.spawn(["true"]) as probe:
+                probe._lab_check = None  # a probe that times out must not probe again
+                probe.wait(AGENT_START_SECONDS)
         except LabError as exc:
             return f"; {exc}"
         return ""
