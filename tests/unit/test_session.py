@@ -194,7 +194,7 @@ def test_a_read_repeated_within_a_stop_reaches_the_target_once(session, counted_
     assert counted_reads == ["m", "g"], "the repeats were answered without the target"
 
 
-@pytest.mark.parametrize("between", [b"M%x,1:5a", b"Hg2", b"Z0,%x,1", b"qRcmd,68656c70"])
+@pytest.mark.parametrize("between", [b"M%x,1:5a", b"Hg2", b"qRcmd,68656c70"])
 def test_any_other_request_makes_the_next_read_ask_the_target(session, counted_reads, between):
     addr = session.target.read_registers(1)["rip"] + 0x40
     session.handle(b"m%x,1" % addr)
@@ -227,3 +227,68 @@ def test_a_change_made_elsewhere_is_seen_once_the_reuse_age_has_passed(session, 
     assert session.handle(b"m%x,1" % addr) == old, "within the age limit: the kept reply"
     time.sleep(session_module.REUSE_SECONDS * 2)
     assert session.handle(b"m%x,1" % addr) == b"%02x" % (int(old, 16) ^ 0xFF)
+
+
+# --- reads GDB sends after every stop are answered ahead --------------------------------------
+
+
+def _step_and_stop(session: Session) -> int:
+    """Step, take the stop as the stub does, and return the pc its reply
+    reports (rip is register 16: ``10:`` and 8 little-endian bytes)."""
+    import re
+
+    assert session.handle(b"vCont;s:1") is None
+    reply = _stop(session)
+    session.prefetch()  # what the stub does once the stop reply is sent
+    return int.from_bytes(bytes.fromhex(re.search(rb"10:([0-9a-f]{16});", reply).group(1).decode()), "little")
+
+
+def test_the_reads_of_the_last_stop_are_answered_ahead_at_the_next(session, counted_reads):
+    """GDB reads the thread list and the instruction at pc after every
+    stop: read at one stop, they are prepared at the next (at its new pc),
+    and GDB's requests then reach no target; the replies are the target's."""
+    pc = _step_and_stop(session)
+    session.handle(b"qXfer:threads:read::0,1000")
+    session.handle(b"m%x,1" % pc)
+    counted_reads.clear()
+    new_pc = _step_and_stop(session)
+    assert new_pc != pc
+    assert counted_reads == ["m"], "the read at the new pc was made ahead"
+    counted_reads.clear()
+    assert session.handle(b"m%x,1" % new_pc) == b"%02x" % session.target.read_memory(new_pc, 1, 1)[0]
+    assert session.handle(b"qXfer:threads:read::0,1000").startswith(b"l<?xml")
+    assert counted_reads == ["m"], "only the check's own read reached the target"
+    assert session.target.read_registers(1)["rip"] == new_pc
+
+
+def test_a_write_before_the_read_makes_gdb_get_the_written_byte(session, counted_reads):
+    pc = _step_and_stop(session)
+    session.handle(b"m%x,1" % pc)
+    new_pc = _step_and_stop(session)
+    old = session.target.read_memory(new_pc, 1, 1)[0]
+    assert session.handle(b"M%x,1:%02x" % (new_pc, old ^ 0xFF)) == b"OK"
+    assert session.handle(b"m%x,1" % new_pc) == b"%02x" % (old ^ 0xFF)
+    session.handle(b"M%x,1:%02x" % (new_pc, old))
+
+
+def test_nothing_is_answered_ahead_that_gdb_did_not_read_at_the_last_stop(session, counted_reads):
+    _step_and_stop(session)
+    counted_reads.clear()
+    _step_and_stop(session)
+    assert counted_reads == [], "no read was asked at the stop before: none is made ahead"
+
+
+def test_a_breakpoint_keeps_the_kept_reads_and_reads_never_show_it(session, counted_reads):
+    """Z0/z0 change nothing a read returns (the stub hides its INT3), so
+    GDB's reads at pc after it removes a breakpoint are still answered from
+    the kept replies; a fresh read agrees."""
+    pc = _step_and_stop(session)
+    addr = pc + 0x10
+    before = session.handle(b"m%x,1" % addr)
+    counted_reads.clear()
+    assert session.handle(b"Z0,%x,1" % addr) == b"OK"
+    assert session.handle(b"m%x,1" % addr) == before
+    assert counted_reads == [], "the kept reply answered"
+    assert session.target.read_memory(addr, 1, 1) == bytes.fromhex(before.decode()), "the target hides its INT3"
+    assert session.handle(b"z0,%x,1" % addr) == b"OK"
+    assert session.handle(b"m%x,1" % addr) == before

@@ -53,12 +53,20 @@ _WATCH_KINDS = {2: "write", 3: "read", 4: "access"}
 #: Reads whose replies the session reuses when GDB repeats them within one
 #: stop (see :meth:`Session.handle`): memory, registers, the thread list.
 REUSABLE_READS = (b"m", b"x", b"g", b"p", b"qXfer:threads:read:")
+#: Requests that change no reply a read gets, so they keep the reused
+#: replies: breakpoints and watchpoints (Z/z). A stub's reads never show its
+#: own breakpoints (gdbserver's ``check_mem_read`` does the same; every
+#: vmscope target hides an INT3 it wrote from ``m``), and GDB removes its
+#: breakpoints at every stop, between the thread list and its reads at pc.
+KEEPS_READS = (b"Z", b"z")
 #: How long a reused reply stays good, in seconds: GDB's repeats of one
 #: stop come within a millisecond; a later read is answered afresh.
 REUSE_SECONDS = 0.002
 #: Replies longer than this are not kept (a dump's chunks are read once; a ``g`` reply fits).
 REUSE_MAX_REPLY = 8192
 REUSE_MAX_ENTRIES = 64
+#: At most this many of one stop's reads are answered ahead at the next stop (:meth:`Session.prefetch`)
+PREFETCH_MAX = 4
 
 # GDB's File-I/O errno values (protocol constants, not the host's)
 FILEIO_ENOENT, FILEIO_EIO, FILEIO_EBADF, FILEIO_EACCES, FILEIO_EINVAL, FILEIO_ENOSYS = 2, 5, 9, 13, 22, 88
@@ -102,6 +110,14 @@ class Session:
         self.phys_mode = False
         # Replies to reads, reused while the guest stays stopped (handle)
         self._reuse: dict[bytes, tuple[float, bytes]] = {}
+        # What GDB read after the last stop of each kind, and that stop's
+        # pc: what the next stop of the kind answers ahead (prefetch)
+        self._reads_since_stop: list[bytes] = []
+        self._stop_pc: int | None = None
+        self._stop_key: tuple | None = None
+        self._reads_by_stop: dict[tuple, tuple[list[bytes], int | None]] = {}
+        self._resumed_by = b""
+        self._prefetch: list[bytes] = []
 
     # --- entry points ------------------------------------------------------
 
@@ -112,18 +128,29 @@ class Session:
         A read GDB repeats within one stop is answered with the reply it
         got REUSE_SECONDS ago at most: every ``stepi`` reads the byte at pc
         four times (``m addr,1``) around one thread-list read, and each
-        read costs a target call. Any other request (a write, a breakpoint,
-        a thread selection, a resume, a monitor command) drops every kept
-        reply first, and so does a stop; so a kept reply is never one the
+        read costs a target call. Any other request (a write, a thread
+        selection, a resume, a monitor command) drops every kept reply
+        first, except a breakpoint or watchpoint (:data:`KEEPS_READS`), and
+        so does a stop; so a kept reply is never one the
         target would answer differently (with the guest stopped, only the
         debugger changes its memory and registers), and the age limit keeps
         a change made by another program (a write through the RAM memfd of
         ``monitor memory``) from being hidden for longer than a race
         between the two would hide it anyway."""
         if not payload.startswith(REUSABLE_READS):
-            if self._reuse:
+            if self._reuse and not payload.startswith(KEEPS_READS):
                 self._reuse.clear()
-            return self._handle(payload)
+            reply = self._handle(payload)
+            if self.running:
+                self._resumed_by = payload
+            return reply
+        if len(self._reads_since_stop) < PREFETCH_MAX and payload not in self._reads_since_stop:
+            self._reads_since_stop.append(payload)
+        return self._read(payload)
+
+    def _read(self, payload: bytes) -> bytes | None:
+        """A reusable read: the kept reply if it is young enough, else the
+        target's, kept (see :meth:`handle`)."""
         now = time.monotonic()
         kept = self._reuse.get(payload)
         if kept is not None and now - kept[0] < REUSE_SECONDS:
@@ -174,7 +201,51 @@ class Session:
         self.current = event.tid
         self.last_stop = event
         self.g_thread = self.c_thread = 0
-        return self._stop_reply(event)
+        reply, pc = self._stop_reply(event)
+        if self._stop_key is not None:
+            self._reads_by_stop[self._stop_key] = (self._reads_since_stop, self._stop_pc)
+        # A stop is judged by the last of its kind: GDB's own step off a
+        # breakpoint (vCont;s) is followed by no read, a stepi (vCont;s:1;c)
+        # or a breakpoint hit by the thread list and a read at pc.
+        self._stop_key = (self._resumed_by, event.kind, event.signal)
+        self._prefetch = self._predicted_reads(pc, *self._reads_by_stop.get(self._stop_key, ((), None)))
+        self._reads_since_stop, self._stop_pc = [], pc
+        return reply
+
+    @staticmethod
+    def _predicted_reads(pc: int | None, reads, old_pc: int | None) -> list[bytes]:
+        """The reads GDB will send after this stop, judged by the ``reads``
+        it sent after the last stop of the same kind (at ``old_pc``): the
+        same thread-list read, and a read at that pc made at this one's
+        (GDB reads the instruction at pc after such stops)."""
+        predicted = []
+        for payload in reads:
+            if payload.startswith(b"qXfer:threads:read:"):
+                predicted.append(payload)
+            elif payload[:1] == b"m" and old_pc is not None and pc is not None:
+                addr, _, length = payload[1:].partition(b",")
+                if addr == b"%x" % old_pc:
+                    predicted.append(b"m%x,%s" % (pc, length))
+        return predicted
+
+    def prefetch(self) -> None:
+        """Answer ahead the reads GDB is expected to send after the stop
+        just reported (:meth:`_predicted_reads`), into the replies
+        :meth:`handle` reuses. Call it after the stop reply is on its way:
+        GDB reads it meanwhile.
+
+        Why: on a virtual machine, a reply that comes after GDB went to
+        sleep waiting for it pays for waking GDB's vCPU (an interprocessor
+        interrupt to a halted vCPU; docs/performance.md, items 9 and 11). A
+        kept reply goes out microseconds after its request. A reply made
+        ahead is what the target would answer then: nothing but the
+        debugger changes a stopped guest, and any other request drops the
+        kept replies first."""
+        todo, self._prefetch = self._prefetch, []
+        for payload in todo:
+            if self.running or self.closed:
+                return
+            self._read(payload)
 
     def cleanup(self) -> None:
         """Remove every breakpoint and watchpoint GDB left inserted. The
@@ -196,7 +267,8 @@ class Session:
             raise TargetError(f"no thread {selected}", errno.ESRCH)
         return selected
 
-    def _stop_reply(self, event: StopEvent) -> bytes:
+    def _stop_reply(self, event: StopEvent) -> tuple[bytes, int | None]:
+        """The stop reply, and the pc it reports (None if the target gave none)."""
         # The registers gdb reads next (pc, sp, fp) ride in the reply, so a
         # stop costs gdb no 'g' or 'p' round trip.
         regs = self.target.stop_registers(event.tid, self.arch.expedited)
@@ -204,7 +276,7 @@ class Session:
             (num, (regs.get(name, 0) & mask).to_bytes(size, "little")) for num, name, mask, size in self._expedited
         ]
         reason = event.kind if event.kind in ("swbreak", "hwbreak", "watch", "rwatch", "awatch") else None
-        return P.stop_reply(event.signal, event.tid, expedited, reason, event.addr)
+        return P.stop_reply(event.signal, event.tid, expedited, reason, event.addr), regs.get(self.arch.pc)
 
     # --- dispatch ----------------------------------------------------------
 
@@ -214,7 +286,7 @@ class Session:
             if self.last_stop is None:
                 self.last_stop = t.initial_stop()
                 self.current = self.last_stop.tid
-            return self._stop_reply(self.last_stop)
+            return self._stop_reply(self.last_stop)[0]
         if isinstance(req, P.ReadRegisters):
             tid = self._tid(self.g_thread)
             return P.hexbytes(self.arch.encode_g(t.read_registers(tid)))

@@ -224,6 +224,7 @@ class GdbServer:
                     if event is not None:
                         endpoint.send(session.on_stop(event))
                         self._flush(conn, endpoint)
+                        session.prefetch()  # while GDB reads the stop reply
                         continue
                 r, _, _ = select.select([conn, stop_fd, self._wake_r, self.listener], [], [])
                 closing = self._wake_r in r
@@ -233,6 +234,8 @@ class GdbServer:
                     event = target.take_stop()
                     if event is not None and session.running:
                         endpoint.send(session.on_stop(event))
+                        self._flush(conn, endpoint)
+                        session.prefetch()  # while GDB reads the stop reply
                     elif event is not None:
                         log.debug("stop while not running ignored: %s", event)
                 if closing:

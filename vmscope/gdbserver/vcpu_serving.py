@@ -133,6 +133,7 @@ class VcpuServing:
         except OSError:
             self.lost = True
             return False
+        session.prefetch()  # while GDB reads the stop reply
         if session.closed:  # the guest exited: "W" sent, the stub's thread ends the session
             return False
         while not server._closing:
