@@ -67,6 +67,8 @@ REUSE_MAX_REPLY = 8192
 REUSE_MAX_ENTRIES = 64
 #: At most this many of one stop's reads are answered ahead at the next stop (:meth:`Session.prefetch`)
 PREFETCH_MAX = 4
+#: ... and remembered for at most this many kinds of stop
+PREFETCH_KINDS = 32
 
 # GDB's File-I/O errno values (protocol constants, not the host's)
 FILEIO_ENOENT, FILEIO_EIO, FILEIO_EBADF, FILEIO_EACCES, FILEIO_EINVAL, FILEIO_ENOSYS = 2, 5, 9, 13, 22, 88
@@ -203,6 +205,8 @@ class Session:
         self.g_thread = self.c_thread = 0
         reply, pc = self._stop_reply(event)
         if self._stop_key is not None:
+            if len(self._reads_by_stop) >= PREFETCH_KINDS:  # resumes at many addresses (c ADDR): start over
+                self._reads_by_stop.clear()
             self._reads_by_stop[self._stop_key] = (self._reads_since_stop, self._stop_pc)
         # A stop is judged by the last of its kind: GDB's own step off a
         # breakpoint (vCont;s) is followed by no read, a stepi (vCont;s:1;c)
