@@ -25,6 +25,7 @@ import sys
 import time
 from typing import Callable
 
+from vmscope.gdbserver.kept_reads import REUSABLE_READS, KeptReads
 from vmscope.gdbserver.target import (
     HwBreakpoints,
     MonitorCommands,
@@ -49,26 +50,6 @@ PACKET_SIZE = 0x100000
 _MAX_MEMORY = (PACKET_SIZE - 32) // 2
 
 _WATCH_KINDS = {2: "write", 3: "read", 4: "access"}
-
-#: Reads whose replies the session reuses when GDB repeats them within one
-#: stop (see :meth:`Session.handle`): memory, registers, the thread list.
-REUSABLE_READS = (b"m", b"x", b"g", b"p", b"qXfer:threads:read:")
-#: Requests that change no reply a read gets, so they keep the reused
-#: replies: breakpoints and watchpoints (Z/z). A stub's reads never show its
-#: own breakpoints (gdbserver's ``check_mem_read`` does the same; every
-#: vmscope target hides an INT3 it wrote from ``m``), and GDB removes its
-#: breakpoints at every stop, between the thread list and its reads at pc.
-KEEPS_READS = (b"Z", b"z")
-#: How long a reused reply stays good, in seconds: GDB's repeats of one
-#: stop come within a millisecond; a later read is answered afresh.
-REUSE_SECONDS = 0.002
-#: Replies longer than this are not kept (a dump's chunks are read once; a ``g`` reply fits).
-REUSE_MAX_REPLY = 8192
-REUSE_MAX_ENTRIES = 64
-#: At most this many of one stop's reads are answered ahead at the next stop (:meth:`Session.prefetch`)
-PREFETCH_MAX = 4
-#: ... and remembered for at most this many kinds of stop
-PREFETCH_KINDS = 32
 
 # GDB's File-I/O errno values (protocol constants, not the host's)
 FILEIO_ENOENT, FILEIO_EIO, FILEIO_EBADF, FILEIO_EACCES, FILEIO_EINVAL, FILEIO_ENOSYS = 2, 5, 9, 13, 22, 88
@@ -110,16 +91,8 @@ class Session:
         # inspect over RSP, Stackdb-style tools) read the guest this way;
         # per connection here, so no later debugger inherits it (QEMU keeps it).
         self.phys_mode = False
-        # Replies to reads, reused while the guest stays stopped (handle)
-        self._reuse: dict[bytes, tuple[float, bytes]] = {}
-        # What GDB read after the last stop of each kind, and that stop's
-        # pc: what the next stop of the kind answers ahead (prefetch)
-        self._reads_since_stop: list[bytes] = []
-        self._stop_pc: int | None = None
-        self._stop_key: tuple | None = None
-        self._reads_by_stop: dict[tuple, tuple[list[bytes], int | None]] = {}
-        self._resumed_by = b""
-        self._prefetch: list[bytes] = []
+        # Replies to reads, kept while the guest stays stopped, and made ahead (handle, prefetch)
+        self.kept = KeptReads()
 
     # --- entry points ------------------------------------------------------
 
@@ -128,41 +101,27 @@ class Session:
         reply is the stop reply from :meth:`on_stop`) or none is due.
 
         A read GDB repeats within one stop is answered with the reply it
-        got REUSE_SECONDS ago at most: every ``stepi`` reads the byte at pc
-        four times (``m addr,1``) around one thread-list read, and each
-        read costs a target call. Any other request (a write, a thread
-        selection, a resume, a monitor command) drops every kept reply
-        first, except a breakpoint or watchpoint (:data:`KEEPS_READS`), and
-        so does a stop; so a kept reply is never one the
-        target would answer differently (with the guest stopped, only the
-        debugger changes its memory and registers), and the age limit keeps
-        a change made by another program (a write through the RAM memfd of
-        ``monitor memory``) from being hidden for longer than a race
-        between the two would hide it anyway."""
+        got REUSE_SECONDS ago at most, and the reads GDB makes after every
+        stop are answered ahead (:meth:`prefetch`); what may be kept and
+        when it goes: :mod:`vmscope.gdbserver.kept_reads`."""
         if not payload.startswith(REUSABLE_READS):
-            if self._reuse and not payload.startswith(KEEPS_READS):
-                self._reuse.clear()
+            self.kept.other_request(payload)
             reply = self._handle(payload)
             if self.running:
-                self._resumed_by = payload
+                self.kept.resumed(payload)
             return reply
-        if len(self._reads_since_stop) < PREFETCH_MAX and payload not in self._reads_since_stop:
-            self._reads_since_stop.append(payload)
+        self.kept.read_asked(payload)
         return self._read(payload)
 
     def _read(self, payload: bytes) -> bytes | None:
-        """A reusable read: the kept reply if it is young enough, else the
-        target's, kept (see :meth:`handle`)."""
+        """A read: the kept reply if there is one, else the target's, kept."""
         now = time.monotonic()
-        kept = self._reuse.get(payload)
-        if kept is not None and now - kept[0] < REUSE_SECONDS:
-            return kept[1]
+        kept = self.kept.reply(payload, now)
+        if kept is not None:
+            return kept
         reply = self._handle(payload)
-        if (reply is not None and not self.running and len(reply) <= REUSE_MAX_REPLY
-                and not reply.startswith(b"E")):
-            if len(self._reuse) >= REUSE_MAX_ENTRIES:
-                self._reuse.clear()
-            self._reuse[payload] = (now, reply)
+        if reply is not None and not self.running:
+            self.kept.keep(payload, reply, now)
         return reply
 
     def _handle(self, payload: bytes) -> bytes | None:
@@ -192,7 +151,7 @@ class Session:
     def on_stop(self, event: StopEvent) -> bytes:
         """The target stopped: the stop reply to send."""
         self.running = False
-        self._reuse.clear()
+        self.kept.forget()
         if event.kind == "exited":
             self.closed = True
             return P.exit_reply(event.code)
@@ -204,49 +163,14 @@ class Session:
         self.last_stop = event
         self.g_thread = self.c_thread = 0
         reply, pc = self._stop_reply(event)
-        if self._stop_key is not None:
-            if len(self._reads_by_stop) >= PREFETCH_KINDS:  # resumes at many addresses (c ADDR): start over
-                self._reads_by_stop.clear()
-            self._reads_by_stop[self._stop_key] = (self._reads_since_stop, self._stop_pc)
-        # A stop is judged by the last of its kind: GDB's own step off a
-        # breakpoint (vCont;s) is followed by no read, a stepi (vCont;s:1;c)
-        # or a breakpoint hit by the thread list and a read at pc.
-        self._stop_key = (self._resumed_by, event.kind, event.signal)
-        self._prefetch = self._predicted_reads(pc, *self._reads_by_stop.get(self._stop_key, ((), None)))
-        self._reads_since_stop, self._stop_pc = [], pc
+        self.kept.stopped(event.kind, event.signal, pc)
         return reply
-
-    @staticmethod
-    def _predicted_reads(pc: int | None, reads, old_pc: int | None) -> list[bytes]:
-        """The reads GDB will send after this stop, judged by the ``reads``
-        it sent after the last stop of the same kind (at ``old_pc``): the
-        same thread-list read, and a read at that pc made at this one's
-        (GDB reads the instruction at pc after such stops)."""
-        predicted = []
-        for payload in reads:
-            if payload.startswith(b"qXfer:threads:read:"):
-                predicted.append(payload)
-            elif payload[:1] == b"m" and old_pc is not None and pc is not None:
-                addr, _, length = payload[1:].partition(b",")
-                if addr == b"%x" % old_pc:
-                    predicted.append(b"m%x,%s" % (pc, length))
-        return predicted
 
     def prefetch(self) -> None:
         """Answer ahead the reads GDB is expected to send after the stop
-        just reported (:meth:`_predicted_reads`), into the replies
-        :meth:`handle` reuses. Call it after the stop reply is on its way:
-        GDB reads it meanwhile.
-
-        Why: on a virtual machine, a reply that comes after GDB went to
-        sleep waiting for it pays for waking GDB's vCPU (an interprocessor
-        interrupt to a halted vCPU; docs/performance.md, items 9 and 11). A
-        kept reply goes out microseconds after its request. A reply made
-        ahead is what the target would answer then: nothing but the
-        debugger changes a stopped guest, and any other request drops the
-        kept replies first."""
-        todo, self._prefetch = self._prefetch, []
-        for payload in todo:
+        just reported (:meth:`KeptReads.stopped`), into the kept replies.
+        Call it once the stop reply is on its way: GDB reads it meanwhile."""
+        for payload in self.kept.take_predicted():
             if self.running or self.closed:
                 return
             self._read(payload)
