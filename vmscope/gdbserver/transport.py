@@ -222,9 +222,7 @@ class GdbServer:
                     # the thread that resumed it): report it without a select.
                     event = target.take_stop()
                     if event is not None:
-                        endpoint.send(session.on_stop(event))
-                        self._flush(conn, endpoint)
-                        session.prefetch()  # while GDB reads the stop reply
+                        self._report_stop(conn, endpoint, session, event)
                         continue
                 r, _, _ = select.select([conn, stop_fd, self._wake_r, self.listener], [], [])
                 closing = self._wake_r in r
@@ -233,9 +231,7 @@ class GdbServer:
                 if stop_fd in r or (closing and session.running):
                     event = target.take_stop()
                     if event is not None and session.running:
-                        endpoint.send(session.on_stop(event))
-                        self._flush(conn, endpoint)
-                        session.prefetch()  # while GDB reads the stop reply
+                        self._report_stop(conn, endpoint, session, event)
                     elif event is not None:
                         log.debug("stop while not running ignored: %s", event)
                 if closing:
@@ -261,6 +257,14 @@ class GdbServer:
                 self.killed.set()
             elif not session.closed:
                 self._abandon(session)
+
+    @classmethod
+    def _report_stop(cls, conn: socket.socket, endpoint: Endpoint, session: Session, event) -> None:
+        """Send the stop reply now, then answer ahead the reads GDB will
+        make after it (:meth:`Session.prefetch`) while GDB reads it."""
+        endpoint.send(session.on_stop(event))
+        cls._flush(conn, endpoint)
+        session.prefetch()
 
     def _take_request(self, conn: socket.socket, endpoint: Endpoint, session: Session, data: bytes) -> bool:
         """Answer what one read brought; False when the connection ended."""
