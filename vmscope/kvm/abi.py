@@ -278,6 +278,7 @@ KVM_SET_SREGS = _iow(0x84, KvmSregs)
 KVM_TRANSLATE = _iowr(0x85, KvmTranslation)
 KVM_GET_MSRS = _iowr(0x88, KvmCpuid2Header)  # struct kvm_msrs header is 8 bytes too
 KVM_SET_MSRS = _iow(0x89, KvmCpuid2Header)
+KVM_KVMCLOCK_CTRL = _io(0xAD)  # vCPU: set kvmclock's PVCLOCK_GUEST_STOPPED at the next entry
 KVM_GET_FPU = _ior(0x8C, KvmFpu)
 KVM_SET_FPU = _iow(0x8D, KvmFpu)
 KVM_SET_CPUID2 = _iow(0x90, KvmCpuid2Header)

@@ -23,7 +23,20 @@ machine subclasses :class:`RunControl` and supplies the hooks:
 - ``self.target`` (a :class:`StopSink`) hears of stops and of the end.
 
 The vCPU objects only need ``index``, ``run.immediate_exit``, ``enter()``,
-``close()`` and ``summary()``; nothing here knows an architecture.
+``guest_paused()``, ``close()`` and ``summary()``; nothing here knows an
+architecture.
+
+Telling the guest it was paused (as QEMU does with ``KVM_KVMCLOCK_CTRL``
+whenever a stopped VM resumes): a guest kernel's soft-lockup watchdog and
+RCU stall detector see the time a debugger held the machine as time its
+CPUs did not run, and print stall reports with backtraces after the
+continue (on a serial console, seconds of output that keep a vCPU busy).
+Once the machine has been held at debug stops for
+:data:`PAUSE_NOTICE_SECONDS` in all, each vCPU calls ``guest_paused()``
+from its own thread before it next enters the guest; on x86 that sets
+kvmclock's "guest stopped" flag, which Linux checks before it reports
+either stall. Counting the held time, rather than telling at every resume,
+keeps the ioctl off the path of each ``stepi`` (docs/performance.md).
 
 Serving the debugger from a parked vCPU's thread (:meth:`RunControl.offer_debugger`):
 a single step is a hand-off to the vCPU's thread and back (each a kernel
@@ -43,9 +56,17 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable, Protocol
 
 from vmscope.kvm.system import KICK_SIGNAL, install_kick_handler, open_kvm
+
+
+PAUSE_NOTICE_SECONDS = 1.0
+"""Held at debug stops this long in all, the vCPUs tell the guest it was
+paused (see the module docstring). Linux's shortest stall timeouts are
+seconds (``watchdog_thresh=1`` reports after 2 s, RCU after 3 s at the
+least); a second of held time costs one ioctl per vCPU."""
 
 
 class StopSink(Protocol):
@@ -70,6 +91,7 @@ class VcpuSlot:
         self.parked = True
         self.online = online
         self.thread: threading.Thread | None = None
+        self.tell_paused = False  # call vcpu.guest_paused() before the next KVM_RUN
 
 
 class RunControl:
@@ -90,6 +112,8 @@ class RunControl:
         self._exclusive: VcpuSlot | bool | None = None
         self._generation = 0
         self._stops_posted = 0
+        self._stopped_at: float | None = None  # when the debug stop being held was posted
+        self._held_seconds = 0.0  # time held at debug stops since the vCPUs last told the guest
         self._closed = False
         self._input = None  # a console input thread, stopped at shutdown
         # the debugger offered to a parked vCPU (offer_debugger): its index, whether it took it, the server
@@ -251,6 +275,7 @@ class RunControl:
             ev, self._stop_event = self._stop_event, None
             self._stopped = True
             self._stops_posted += 1
+            self._stopped_at = time.monotonic()
             self.target.post_stop(ev)
 
     def request_stop(self, event, keep_if_busy: Callable | None = None) -> bool:
@@ -283,12 +308,23 @@ class RunControl:
                 return
             self._stopped = False
             self._generation += 1  # wakes idle (halted) vCPUs: a debugger resumed them
+            self._count_held_time_locked()
             for slot in self.vcpus:
                 slot.vcpu.run.immediate_exit = 0
                 slot.runnable = slot.online and which.get(slot.vcpu.index, False)
             if not any(slot.runnable for slot in self.vcpus):
                 self._stopped = True
             self._cond.notify_all()
+
+    def _count_held_time_locked(self) -> None:
+        if self._stopped_at is None:
+            return
+        self._held_seconds += time.monotonic() - self._stopped_at
+        self._stopped_at = None
+        if self._held_seconds >= PAUSE_NOTICE_SECONDS:
+            self._held_seconds = 0.0
+            for slot in self.vcpus:
+                slot.tell_paused = True
 
     # --- exclusive turns ----------------------------------------------------------------
 
@@ -417,6 +453,9 @@ class RunControl:
         v = slot.vcpu
         try:
             while self._park(slot):
+                if slot.tell_paused:
+                    slot.tell_paused = False
+                    v.guest_paused()
                 if v.enter():
                     self.handle_exit(slot)
         except Exception as e:  # a bug or a dead fd: end the VM, loudly

@@ -10,6 +10,7 @@ parked (KVM serialises vCPU ioctls with a per-vCPU mutex).
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 
 from vmscope.kvm import abi
@@ -40,6 +41,7 @@ class Vcpu(KvmVcpu):
         self.thread_id: int | None = None  # native id of the owning thread, for kicks
         self._sync = 0  # KVM_SYNC_X86_* groups KVM refreshes in kvm_run at every exit
         self._synced = False  # True once a KVM_RUN filled them
+        self._clock_ctrl = True  # KVM_KVMCLOCK_CTRL works (guest_paused)
         try:
             caps = ioctl(vm_fd, abi.KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS, "KVM_CHECK_EXTENSION")
         except OSError:
@@ -191,6 +193,21 @@ class Vcpu(KvmVcpu):
             self.enter()
         finally:
             self.run.immediate_exit = 0
+
+    def guest_paused(self) -> None:
+        """``KVM_KVMCLOCK_CTRL``: the guest's kvmclock page gets the
+        PVCLOCK_GUEST_STOPPED flag, which Linux's soft-lockup watchdog and
+        RCU stall detector check (and clear) before reporting a stall.
+        EINVAL means the guest has not registered a kvmclock (a bare-metal
+        guest, or Linux before its clock set-up): nothing to tell; a KVM
+        without the ioctl is not asked again."""
+        if not self._clock_ctrl:
+            return
+        try:
+            ioctl(self.fd, abi.KVM_KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                self._clock_ctrl = False
 
     def summary(self) -> str:
         """One line with the registers that explain why a guest died."""
