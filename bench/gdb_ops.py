@@ -53,6 +53,7 @@ sys.path[0] = str(ROOT)  # not bench/: bench/inspect.py would shadow the standar
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from vmscope.childproc import die_with_parent  # noqa: E402
 from vmscope.guests import guest_elf  # noqa: E402
 
 console = Console(stderr=True)
@@ -223,7 +224,7 @@ def run_peer(name: str, cmd: list[str] | None, gdb: str, elf: Path, args, mem_lo
         cmd = [c.format(port=port) for c in cmd]
         console.print(f"[bold]{name}[/]{' (recording packets)' if record else ''}: {' '.join(cmd)}")
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                cwd=ROOT)
+                                cwd=ROOT, preexec_fn=die_with_parent)
     out: dict[str, float] = {}
     logs: dict[str, list] = {}
     try:
@@ -274,7 +275,7 @@ def _start_replay(log: list, path: Path) -> tuple[subprocess.Popen, int]:
     path.write_bytes(pickle.dumps(log))
     port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "rsp_replay.py"), "serve", str(port), str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
     proc.stdout.readline()  # "ready"
     return proc, port
 

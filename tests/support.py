@@ -37,6 +37,8 @@ except ImportError:
     pytest = None
 from elftools.elf.elffile import ELFFile
 
+from vmscope.childproc import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -100,6 +102,7 @@ class VmProcess:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             cwd=ROOT, env={**os.environ, **(env or {})},
+            preexec_fn=die_with_parent,  # a killed test run leaves no VMM spinning
         )
         self.output = bytearray()
         self.errors = bytearray()

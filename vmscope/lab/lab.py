@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from vmscope.childproc import die_with_parent
 from vmscope.images.cache import cache_dir
 from vmscope.lab.image import (AGENT_PORT, KVM_MARKER, READY_MARKER, RUNTIME_DISTS, LabImage,
                                build_lab_image)
@@ -196,7 +197,7 @@ class Lab:
         t1 = time.monotonic()
         self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=die_with_parent)  # a killed test run leaves no emulator behind
         self._console_thread = threading.Thread(target=self._read_console, name="lab-console",
                                                 daemon=True)
         self._console_thread.start()
@@ -439,13 +440,3 @@ def _new_run_dir(keep: int = 20) -> Path:
     for old in runs[keep - 1:]:
         shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix="run-", dir=root))
-
-
-def _die_with_parent() -> None:
-    """In the QEMU child before exec: get SIGKILL when the process that
-    started the lab dies, so a killed test run leaves no emulator behind.
-    (Linux ties this to the starting *thread*: start labs from a thread that
-    outlives them, as the main thread does.)"""
-    with contextlib.suppress(Exception):
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
