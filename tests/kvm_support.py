@@ -61,6 +61,24 @@ def make_machine(**config):
         pytest.skip(str(e))
 
 
+def stopped_bzimage_guest(tmp_path, code: bytes, name: str = "guest.bzImage"):
+    """A 1-vCPU machine on a synthetic bzImage whose 32-bit code is ``code``
+    at 0x100000 (so the VMM builds the Linux platform: in-kernel PIC,
+    IOAPIC and LAPIC, kvmclock), started paused: (machine, debug target)
+    at its first instruction. The caller shuts the machine down."""
+    image = tmp_path / name
+    image.write_bytes(bzimage(kernel=code))
+    m = make_machine(kernel=image, cpus=1, serial_out=SerialSink())
+    try:
+        m.start(paused=True)
+        t = m.debug_target()
+        t.initial_stop()
+    except BaseException:
+        m.shutdown()
+        raise
+    return m, t
+
+
 def tiny_guest(tmp_path, code: bytes, name: str = "tiny.elf"):
     path = tmp_path / name
     path.write_bytes(make_pvh_elf(code))

@@ -154,3 +154,16 @@ the agent could not start ``true``: :meth:`~vmscope.lab.Lab.still_answers`), or 
 (:func:`raise_if_the_guest_triple_faulted`), or whose guest's clock stood
 still across continues (:func:`raise_if_the_guest_clock_stood_still`):
 never for a failure of the test's own assertions."""
+
+
+STALL_REPORTS = r"soft lockup|detected stalls? on CPU|self-detected stall"
+"""What Linux prints when its soft-lockup watchdog or RCU stall detector fires."""
+
+
+def assert_the_guest_reported_no_stalls(vm, expect, timeout: float) -> None:
+    """After a debugger held a Linux guest: let its watchdog sample twice
+    (every 4 s) and RCU tick, then count stall reports in its ``dmesg``
+    (``expect(vm, pattern, timeout)`` is the test module's console wait)."""
+    vm.write("sleep 10; echo stalls=$(dmesg | grep -cE '" + STALL_REPORTS + "')\n")
+    m = expect(vm, r"stalls=(\d+)", timeout)
+    assert m.group(1) == "0", vm.stdout[-3000:]

@@ -20,7 +20,7 @@ import select
 
 import pytest
 
-from tests.kvm_support import SerialSink, bzimage, make_machine
+from tests.kvm_support import stopped_bzimage_guest
 from vmscope.gdbserver.target import SIGTRAP, ResumeAction, ResumeActions
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(120)]
@@ -47,13 +47,8 @@ def step(t):
 def test_a_step_with_an_interrupt_pending_executes_one_instruction(tmp_path):
     from vmscope.kvm.devices.irq import IrqLine
 
-    image = tmp_path / "loop.bzImage"
-    image.write_bytes(bzimage(kernel=CODE))
-    m = make_machine(kernel=image, cpus=1, serial_out=SerialSink())
+    m, t = stopped_bzimage_guest(tmp_path, CODE, "loop.bzImage")
     try:
-        m.start(paused=True)
-        t = m.debug_target()
-        t.initial_stop()
         assert t.read_registers(1)["rip"] == LOAD
         ev = step(t)  # sti
         assert ev.kind == "signal" and ev.signal == SIGTRAP

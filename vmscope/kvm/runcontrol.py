@@ -23,20 +23,20 @@ machine subclasses :class:`RunControl` and supplies the hooks:
 - ``self.target`` (a :class:`StopSink`) hears of stops and of the end.
 
 The vCPU objects only need ``index``, ``run.immediate_exit``, ``enter()``,
-``guest_paused()``, ``close()`` and ``summary()``; nothing here knows an
-architecture.
+``close()`` and ``summary()``; nothing here knows an architecture.
 
-Telling the guest it was paused (as QEMU does with ``KVM_KVMCLOCK_CTRL``
-whenever a stopped VM resumes): a guest kernel's soft-lockup watchdog and
-RCU stall detector see the time a debugger held the machine as time its
-CPUs did not run, and print stall reports with backtraces after the
-continue (on a serial console, seconds of output that keep a vCPU busy).
-Once the machine has been held at debug stops for
-:data:`PAUSE_NOTICE_SECONDS` in all, each vCPU calls ``guest_paused()``
-from its own thread before it next enters the guest; on x86 that sets
-kvmclock's "guest stopped" flag, which Linux checks before it reports
-either stall. Counting the held time, rather than telling at every resume,
-keeps the ioctl off the path of each ``stepi`` (docs/performance.md).
+Telling the guest it was held (as QEMU does whenever a stopped VM
+resumes): a guest kernel's soft-lockup watchdog and RCU stall detector see
+the time a debugger held the machine as time its CPUs did not run, and
+print stall reports with backtraces after the continue (on a serial
+console, seconds of output that keep a vCPU busy; in the nested lab, enough
+to kill L1: docs/kvm-notes.md). Every resume after a debug stop calls the
+hook :meth:`RunControl.guest_was_held` with how long that stop lasted and
+every vCPU still parked. x86 sets kvmclock's "guest stopped" flag
+(``KVM_KVMCLOCK_CTRL``), which Linux checks before it reports either stall,
+once the machine has been held for :data:`PAUSE_NOTICE_SECONDS` in all;
+arm64 takes a stop that long off the virtual counter (QEMU's
+``kvm-adjvtime``). Either way no ioctl is added to the path of a ``stepi``.
 
 Serving the debugger from a parked vCPU's thread (:meth:`RunControl.offer_debugger`):
 a single step is a hand-off to the vCPU's thread and back (each a kernel
@@ -63,10 +63,10 @@ from vmscope.kvm.system import KICK_SIGNAL, install_kick_handler, open_kvm
 
 
 PAUSE_NOTICE_SECONDS = 1.0
-"""Held at debug stops this long in all, the vCPUs tell the guest it was
-paused (see the module docstring). Linux's shortest stall timeouts are
-seconds (``watchdog_thresh=1`` reports after 2 s, RCU after 3 s at the
-least); a second of held time costs one ioctl per vCPU."""
+"""Held at debug stops this long, the guest is told (see the module
+docstring). Linux's shortest stall timeouts are seconds (``watchdog_thresh=1``
+reports after 2 s, RCU after 3 s at the least); a second of held time costs
+an ioctl or two per vCPU."""
 
 
 class StopSink(Protocol):
@@ -91,7 +91,6 @@ class VcpuSlot:
         self.parked = True
         self.online = online
         self.thread: threading.Thread | None = None
-        self.tell_paused = False  # call vcpu.guest_paused() before the next KVM_RUN
 
 
 class RunControl:
@@ -113,7 +112,6 @@ class RunControl:
         self._generation = 0
         self._stops_posted = 0
         self._stopped_at: float | None = None  # when the debug stop being held was posted
-        self._held_seconds = 0.0  # time held at debug stops since the vCPUs last told the guest
         self._closed = False
         self._input = None  # a console input thread, stopped at shutdown
         # the debugger offered to a parked vCPU (offer_debugger): its index, whether it took it, the server
@@ -143,6 +141,12 @@ class RunControl:
 
     def flush_console(self) -> None:
         """Replay console output KVM still holds (before a report)."""
+
+    def guest_was_held(self, seconds: float) -> None:
+        """The debugger resumes the guest after a stop that held it for
+        ``seconds``: tell the guest if need be (see the module docstring).
+        Called with every vCPU parked (vCPU ioctls from this thread do not
+        wait for a KVM_RUN) and the run-control lock held. Default: nothing."""
 
     def stop_devices(self) -> None:
         """At shutdown, after the vCPU threads ended and before the fds
@@ -317,14 +321,9 @@ class RunControl:
             self._cond.notify_all()
 
     def _count_held_time_locked(self) -> None:
-        if self._stopped_at is None:
-            return
-        self._held_seconds += time.monotonic() - self._stopped_at
-        self._stopped_at = None
-        if self._held_seconds >= PAUSE_NOTICE_SECONDS:
-            self._held_seconds = 0.0
-            for slot in self.vcpus:
-                slot.tell_paused = True
+        if self._stopped_at is not None:
+            held, self._stopped_at = time.monotonic() - self._stopped_at, None
+            self.guest_was_held(held)
 
     # --- exclusive turns ----------------------------------------------------------------
 
@@ -453,9 +452,6 @@ class RunControl:
         v = slot.vcpu
         try:
             while self._park(slot):
-                if slot.tell_paused:
-                    slot.tell_paused = False
-                    v.guest_paused()
                 if v.enter():
                     self.handle_exit(slot)
         except Exception as e:  # a bug or a dead fd: end the VM, loudly

@@ -27,12 +27,6 @@ class KvmVcpu:
         """Called once KVM_RUN returned (not interrupted by a signal): state
         KVM stores in ``kvm_run`` at every exit is fresh from here on."""
 
-    def guest_paused(self) -> None:
-        """Tell the guest that the host held it (a debugger stop), so its
-        stall detectors do not count the held time; called in this vCPU's
-        own thread before its next KVM_RUN (see :mod:`vmscope.kvm.runcontrol`).
-        Nothing to tell on an architecture without a paravirtual clock flag."""
-
     def enter(self) -> bool:
         """One KVM_RUN. True when the guest exited with a reason to handle,
         False when interrupted (a kick or ``immediate_exit``)."""

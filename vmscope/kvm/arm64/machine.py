@@ -43,7 +43,8 @@ from vmscope.kvm.arm64.exits import UART_BASE, Arm64Exits
 from vmscope.kvm.arm64.platform import LinuxPlatform, is_linux_image
 from vmscope.kvm.arm64.target import Arm64KvmTarget
 from vmscope.kvm.arm64.vcpu import Arm64Vcpu
-from vmscope.kvm.runcontrol import RunControl, VcpuSlot
+from vmscope.kvm.arm64.virtual_time import StopHider
+from vmscope.kvm.runcontrol import PAUSE_NOTICE_SECONDS, RunControl, VcpuSlot
 from vmscope.kvm.slots import MemorySlots
 from vmscope.kvm.system import check_extension, create_vm, require_capabilities
 from vmscope.machine import ImageError, MachineConfig, MachineUnavailable
@@ -88,6 +89,7 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
             raise ValueError(f"guest memory must be at least 2 MiB, got {config.mem_mib} MiB")
         self._init_run_control()
         self.ram: GuestRam | None = None
+        self.stop_hider: StopHider | None = None  # takes long debug stops off the virtual counter
         self.linux: LinuxPlatform | None = None
         self._open_and_create(config, missing_hint="boot the kernel at EL2, or use --accel emu")
         self.target = Arm64KvmTarget(self)
@@ -140,10 +142,20 @@ class Arm64KvmMachine(Arm64Exits, RunControl):
             mpidr = v.sys("MPIDR_EL1")
             with contextlib.suppress(OSError):  # older KVMs keep their own value
                 v.set_sys("MPIDR_EL1", (mpidr & ~0xFF_00FF_FFFF) | (i & 0xFF))
+        with contextlib.suppress(OSError):  # no counter to read: stops are not hidden
+            self.stop_hider = StopHider([s.vcpu for s in self.vcpus])
         if self.linux is not None:
             # the cpu nodes' reg must be each vCPU's MPIDR affinity, whichever value KVM kept
             self.linux.finish([s.vcpu.sys("MPIDR_EL1") & 0xFF_00FF_FFFF for s in self.vcpus])
             self._coalesce_console(mmap_size)
+
+    def guest_was_held(self, seconds: float) -> None:
+        """A stop of PAUSE_NOTICE_SECONDS or more is taken off the virtual
+        counter (:mod:`vmscope.kvm.arm64.virtual_time`), so Linux does not
+        report the held time as soft lockups or RCU stalls."""
+        if seconds >= PAUSE_NOTICE_SECONDS and self.stop_hider is not None:
+            with contextlib.suppress(OSError):  # a KVM that refuses the write: the guest sees the time
+                self.stop_hider.stop_ended(seconds)
 
     def _coalesce_console(self, mmap_size: int) -> None:
         """Queue the UART's character writes in KVM's coalesced-MMIO ring

@@ -47,6 +47,12 @@ class Arm64Vcpu(KvmVcpu):
             self._cache[reg_id] = value
         return value
 
+    def read_fresh(self, reg_id: int) -> int:
+        """``get`` without the cache: for registers that change while the
+        vCPU is parked (the virtual counter)."""
+        self._cache.pop(reg_id, None)
+        return self.get(reg_id)
+
     def set(self, reg_id: int, value: int) -> None:
         size = 1 << ((reg_id >> 52) & 0xF)
         value &= (1 << (8 * size)) - 1

@@ -26,7 +26,7 @@ from vmscope.devices.ram import GuestRam
 from vmscope.devices.uart16550 import COM1, Serial16550
 from vmscope.kvm.boot import BootPlan, load_kernel
 from vmscope.kvm.devices.bus import PortBus
-from vmscope.kvm.runcontrol import RunControl, VcpuSlot
+from vmscope.kvm.runcontrol import PAUSE_NOTICE_SECONDS, RunControl, VcpuSlot
 from vmscope.kvm.slots import MemorySlots
 from vmscope.kvm.system import KICK_SIGNAL, KVM_DEVICE, check_extension, create_vm, open_kvm, require_capabilities
 from vmscope.kvm.x86.exits import EXIT_PORT, PM1A_CNT, ExitPort, PowerPort, X86Exits
@@ -52,6 +52,7 @@ class KvmMachine(X86Exits, RunControl):
         if config.cpus < 1 or config.cpus > 64:
             raise ValueError(f"--cpus must be 1..64, got {config.cpus}")
         self._init_run_control()
+        self._held_seconds = 0.0  # held at debug stops since the guest was last told (guest_was_held)
         self.mem: GuestRam | None = None
         self._storm = None
         self._open_and_create(config)
@@ -182,6 +183,19 @@ class KvmMachine(X86Exits, RunControl):
         v.set_regs(r)
 
     # --- Machine protocol -------------------------------------------------------
+
+    def guest_was_held(self, seconds: float) -> None:
+        """Once held for PAUSE_NOTICE_SECONDS in all, kvmclock's "guest
+        stopped" flag on every vCPU (``KVM_KVMCLOCK_CTRL``, as QEMU sets it
+        at each resume), so Linux's soft-lockup watchdog and RCU stall
+        detector do not report the held time; the guest's clock still
+        shows the real time. Short stops add up: single-stepping for a
+        minute holds the guest as long as one long stop."""
+        self._held_seconds += seconds
+        if self._held_seconds >= PAUSE_NOTICE_SECONDS:
+            self._held_seconds = 0.0
+            for slot in self.vcpus:
+                slot.vcpu.guest_paused()
 
     def debug_target(self) -> KvmTarget:
         """The stub's target. A debugger will attach: when the VMM placed the

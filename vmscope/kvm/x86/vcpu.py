@@ -196,8 +196,10 @@ class Vcpu(KvmVcpu):
 
     def guest_paused(self) -> None:
         """``KVM_KVMCLOCK_CTRL``: the guest's kvmclock page gets the
-        PVCLOCK_GUEST_STOPPED flag, which Linux's soft-lockup watchdog and
-        RCU stall detector check (and clear) before reporting a stall.
+        PVCLOCK_GUEST_STOPPED flag at its next entry, which Linux's
+        soft-lockup watchdog and RCU stall detector check (and clear) before
+        reporting a stall. Called while the vCPU is parked (KVM: "any time
+        after pausing the vcpu, but before it is resumed").
         EINVAL means the guest has not registered a kvmclock (a bare-metal
         guest, or Linux before its clock set-up): nothing to tell; a KVM
         without the ioctl is not asked again."""
