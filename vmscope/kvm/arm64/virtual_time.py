@@ -25,7 +25,11 @@ from vmscope.kvm.arm64.abi import sysreg
 # KVM_REG_ARM_TIMER_CNT: CNTVCT_EL0. The uapi swapped this id with CVAL's
 # (op2 2 with CRm 3 is CNTV_CVAL_EL0's encoding), and cannot change it now.
 TIMER_CNT = sysreg(3, 3, 14, 3, 2)
-MARGIN_SECONDS = 0.005  # taken off less than the stop lasted: the counter never goes back
+# Taken off less than the stop lasted, so the counter never goes back even
+# if the measured rate is off: 0.1% of the stop plus 5 ms. The rate is
+# measured over at least a second (an ioctl's jitter is tens of
+# microseconds: an error of 1e-4 at worst).
+MARGIN_SECONDS, MARGIN_FRACTION, MIN_BASE_SECONDS = 0.005, 0.001, 1.0
 
 
 class StopHider:
@@ -39,9 +43,9 @@ class StopHider:
 
     def rate(self, now: float, count: int) -> float | None:
         """Counter ticks per second since the machine was made, or None
-        when too little time has passed to tell."""
+        when too little time has passed to tell it well."""
         made_at, made_count = self._made
-        if now - made_at < 0.1:
+        if now - made_at < MIN_BASE_SECONDS:
             return None
         return (count + self.taken_off - made_count) / (now - made_at)
 
@@ -51,9 +55,10 @@ class StopHider:
         each vCPU too). Returns the ticks taken off."""
         now, count = time.monotonic(), self._vcpus[0].read_fresh(TIMER_CNT)
         rate = self.rate(now, count)
-        if rate is None or seconds <= MARGIN_SECONDS:
+        hidden = seconds * (1 - MARGIN_FRACTION) - MARGIN_SECONDS
+        if rate is None or hidden <= 0:
             return 0
-        ticks = int((seconds - MARGIN_SECONDS) * rate)
+        ticks = int(hidden * rate)
         for v in self._vcpus:
             v.set(TIMER_CNT, count - ticks)
         self.taken_off += ticks
