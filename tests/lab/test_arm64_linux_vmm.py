@@ -17,7 +17,9 @@ import time
 
 import pytest
 
-from tests.lab_support import RERUN_IF_THE_LAB_DIED, assert_the_guest_reported_no_stalls, kept_lab, require_arm64
+from tests.lab_support import (
+    RERUN_IF_THE_LAB_DIED, assert_the_guest_reported_no_stalls, ended_with_status_0, kept_lab, require_arm64,
+)
 from vmscope.lab import LabTimeout
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, RERUN_IF_THE_LAB_DIED]
@@ -102,8 +104,7 @@ def test_shell_session_two_cpus_interrupts_and_poweroff(lab):
         assert second[timer] > first[timer] > 0, (first, second)
         assert second[uart] > first[uart] > 0, (first, second)  # our typing and its echo
         vm.write("poweroff -f\n")
-        result = vm.wait(180)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-2000:]}"
+        result = ended_with_status_0(vm, 180)
     assert "Power down" in result.stdout or "reboot" in result.stdout
 
 
@@ -111,8 +112,7 @@ def test_reboot_ends_the_vmm_with_status_0(lab):
     with lab.spawn(vm_command(cpus=1)) as vm:
         expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
         vm.write("reboot -f\n")
-        result = vm.wait(180)
-    assert result.returncode == 0, f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-2000:]}"
+        result = ended_with_status_0(vm, 180)
     assert "Traceback" not in result.stderr
 
 
@@ -186,8 +186,7 @@ def test_a_kernel_held_by_gdb_reports_no_stall_after_the_continue(lab):
             gdb.cmd("detach")
         assert_the_guest_reported_no_stalls(vm, expect, 180)
         vm.write("poweroff -f\n")
-        result = vm.wait(180)
-    assert result.returncode == 0, result.stderr[-2000:]
+        ended_with_status_0(vm, 180)
 
 
 def banner_offset() -> int:
@@ -286,8 +285,7 @@ def test_gdb_multiarch_debugs_the_live_kernel_with_kaslr(lab):
             assert gdb.value("$CurrentEL") >> 2 & 3 == 1
             gdb.cmd("detach")
         vm.write("poweroff -f\n")
-        result = vm.wait(180)
-    assert result.returncode == 0, result.stderr[-2000:]
+        ended_with_status_0(vm, 180)
 
 
 def test_kernel_entry_then_hbreak_start_kernel_and_watch_jiffies(lab):
@@ -339,8 +337,7 @@ def test_kernel_entry_then_hbreak_start_kernel_and_watch_jiffies(lab):
             gdb.cmd("detach")
         expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
         vm.write("poweroff -f\n")
-        result = vm.wait(180)
-    assert result.returncode == 0, result.stderr[-2000:]
+        ended_with_status_0(vm, 180)
 
 
 def test_inspect_ps_through_vmscopes_own_arm64_stub(lab):
@@ -378,5 +375,4 @@ def test_inspect_ps_through_vmscopes_own_arm64_stub(lab):
         vm.write("echo still-$((6 * 7))\n")
         expect(vm, "still-42")  # the guest runs on after the inspection
         vm.write("poweroff -f\n")
-        result = vm.wait(180)
-    assert result.returncode == 0, result.stderr[-2000:]
+        ended_with_status_0(vm, 180)

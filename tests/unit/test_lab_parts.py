@@ -209,6 +209,34 @@ def test_a_lab_guest_whose_clock_stood_still_gets_the_rerun_and_no_other_failure
     assert not re.search(LAB_GUEST_STALLED, str(AssertionError("both vCPUs stayed in the kernel")))
 
 
+def test_a_vmm_whose_lab_guest_triple_faulted_gets_the_rerun_and_other_bad_endings_do_not():
+    """ended_with_status_0 (tests/lab_support.py): status 0 passes; a
+    non-zero status fails with both streams; one whose output reports a
+    triple fault (the lab's emulated SVM under console load, which cannot
+    be caused on demand: a finished ``LabResult`` stands in for the lab
+    process) raises the error the rerun marker matches."""
+    import re
+
+    from tests.lab_support import LAB_GUEST_TRIPLE_FAULT, GuestTripleFaultInLab, ended_with_status_0
+    from vmscope.lab.process import LabResult
+
+    class Ended:
+        def __init__(self, status: int, stdout: str) -> None:
+            self.result = LabResult("vmscope run", status, stdout, "")
+
+        def wait(self, timeout: float) -> LabResult:
+            return self.result
+
+    assert ended_with_status_0(Ended(0, "Power down"), 1).stdout == "Power down"
+    with pytest.raises(AssertionError) as exc:
+        ended_with_status_0(Ended(1, "guest kernel panicked"), 1)
+    assert not isinstance(exc.value, GuestTripleFaultInLab) and "guest kernel panicked" in str(exc.value)
+    assert not re.search(LAB_GUEST_TRIPLE_FAULT, str(exc.value))
+    with pytest.raises(GuestTripleFaultInLab) as exc:
+        ended_with_status_0(Ended(1, "vmscope: guest stopped: triple fault (shutdown exit)"), 1)
+    assert re.search(LAB_GUEST_TRIPLE_FAULT, str(exc.value)) and "status 1" in str(exc.value)
+
+
 def test_a_lab_whose_agent_stopped_starting_commands_is_called_wedged_and_replaced(monkeypatch):
     """An L1 can stay up and still run nothing (CI once saw a guest's boot
     stall, then three tests fail with "the lab agent did not start"). A
