@@ -85,6 +85,8 @@ def kept_lab(make: Callable[[], "Lab"]) -> Iterator[Callable[[], "Lab"]]:
 #: said (by :class:`GuestTripleFaultInLab`) when a guest in the lab
 #: triple-faulted: see :func:`raise_if_the_guest_triple_faulted`
 LAB_GUEST_TRIPLE_FAULT = "the lab's guest triple-faulted"
+#: what vmscope prints when its guest triple-faulted
+TRIPLE_FAULT_REPORT = "guest stopped: triple fault"
 
 
 class GuestTripleFaultInLab(AssertionError):
@@ -113,7 +115,7 @@ def raise_if_the_guest_triple_faulted(vm, failure: BaseException) -> None:
     :data:`RERUN_IF_THE_LAB_DIED` allows; a vmscope bug that kills the
     guest every time still fails it."""
     try:
-        vm.wait_for_output("guest stopped: triple fault", timeout=5)
+        vm.wait_for_output(TRIPLE_FAULT_REPORT, timeout=5)
     except Exception:  # not said (LabTimeout), or the process is gone without saying it
         return
     raise GuestTripleFaultInLab(f"{LAB_GUEST_TRIPLE_FAULT}: {failure}") from failure
@@ -170,7 +172,7 @@ def ended_with_status_0(vm, timeout: float):
     if result.returncode != 0:
         failure = AssertionError(f"vmscope ended with status {result.returncode}\n"
                                  f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-2000:]}")
-        if "guest stopped: triple fault" in result.stdout + result.stderr:
+        if TRIPLE_FAULT_REPORT in result.stdout + result.stderr:
             raise GuestTripleFaultInLab(f"{LAB_GUEST_TRIPLE_FAULT}: {failure}") from failure
         raise failure
     return result

@@ -9,9 +9,18 @@ RAM. ``PR_SET_PDEATHSIG`` has the kernel send SIGKILL to the child instead.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 
 PR_SET_PDEATHSIG = 1
+
+# Looked up once, in the parent: the child between fork and exec should do
+# no more than call it (a dlopen there could wait on a loader lock another
+# thread of the parent held at the fork).
+try:
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
 
 
 def die_with_parent() -> None:
@@ -19,7 +28,6 @@ def die_with_parent() -> None:
     exec, ask for SIGKILL when the parent dies. Linux ties this to the
     starting *thread*: start such children from a thread that outlives them
     (the main thread does). Best effort: without ``prctl`` nothing changes."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if _prctl is not None:
+        with contextlib.suppress(Exception):
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -332,8 +332,7 @@ class Lab:
         error of a command that timed out: a test waiting on its guest
         cannot tell a slow guest from a lab that stopped running anything."""
         try:
-            with self.spawn(["true"]) as probe:
-                probe._lab_check = None  # a probe that times out must not probe again
+            with self.spawn(["true"], check_lab=False) as probe:  # a probe that times out must not probe again
                 probe.wait(AGENT_START_SECONDS)
         except LabError as exc:
             return f"; {exc}"
@@ -369,9 +368,11 @@ class Lab:
 
     def spawn(self, cmd: str | Sequence[str], env: Mapping[str, str] | None = None,
               cwd: str | None = None,
-              on_output: Callable[[str, bytes], None] | None = None) -> LabProcess:
+              on_output: Callable[[str, bytes], None] | None = None, check_lab: bool = True) -> LabProcess:
         """Start ``cmd`` in L1 (a shell command line, or an argv list) and
-        return at once. Use as a context manager to kill it on exit."""
+        return at once. Use as a context manager to kill it on exit.
+        ``check_lab``: a timeout waiting on it asks whether the lab still
+        starts commands (:meth:`still_answers`)."""
         if self._proc is None or self._proc.poll() is not None:
             raise LabError(f"the lab is not running{self.post_mortem()}")
         if self._wedged:
@@ -385,7 +386,7 @@ class Lab:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(json.dumps({"cmd": cmd, "env": dict(env or {}), "cwd": cwd}).encode() + b"\n")
         proc = LabProcess(sock, cmd, on_output, post_mortem=self.post_mortem,
-                          lab_check=self.still_answers)
+                          lab_check=self.still_answers if check_lab else None)
         if not proc._started.wait(AGENT_START_SECONDS):
             proc.__exit__()
             self._wedged = self.running
