@@ -40,12 +40,44 @@ def _console_input_fd() -> int | None:
 def _stack_dumps_on_sigusr1() -> None:
     """``kill -USR1 PID`` prints every thread's Python stack on stderr (vCPU
     threads, the stub, the console) and the VMM runs on: how to see where
-    a VMM that seems hung is waiting, without a debugger for Python."""
-    import faulthandler
+    a VMM that seems hung is waiting, without a debugger for Python.
+
+    A Python-level handler, not ``faulthandler.register``: faulthandler
+    reads the other threads' frames without the GIL while they run, and
+    with vCPU threads starting it crashed the VMM (SIGSEGV, about 1 run in
+    40 with signals at the first guest output). The handler runs in the
+    main thread, which waits on an event that a signal interrupts, and
+    reads the frames under the GIL. A process wedged with the GIL held
+    needs ``py-spy dump --pid PID`` instead."""
     import signal
 
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _write_every_threads_stack(2))
+
+
+def _write_every_threads_stack(fd: int) -> None:
+    """Every thread's stack, most recent call first, as faulthandler
+    prints them; written with os.write because the handler may run while
+    the main thread is inside a write to sys.stderr (a second write to the
+    same buffered stream from the handler would raise)."""
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    here = threading.get_ident()
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        mark = " (this thread)" if ident == here else ""
+        lines.append(f"Thread 0x{ident:016x} {names.get(ident, '?')}{mark} (most recent call first):\n")
+        lines.extend(reversed(traceback.format_stack(frame)))
+        lines.append("\n")
+    data = "".join(lines).encode(errors="replace")
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except InterruptedError:
+            continue
+        except OSError:
+            return  # stderr closed: nothing to show the stacks on
 
 
 def _end_on_sigterm() -> None:
