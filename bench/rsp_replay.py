@@ -12,10 +12,11 @@ benchmark (``bench/gdb_ops.py``) reports vmscope's rates over this floor.
 - ``python bench/rsp_replay.py serve PORT LOG`` answers the n-th packet
   with the frames recorded after the n-th request, from one thread with
   precomputed bytes: one ``recv`` and one ``send`` per packet; like vmscope's
-  stub it polls for the next request for ``VMSCOPE_STUB_POLL_US`` (300 us)
-  before it sleeps, so the floor stays below the stub. A request
-  that differs from the recording (it should not happen) is looked up by its
-  payload instead and counted in a ``mismatches=`` line on stderr.
+  stub it polls for the next request for ``VMSCOPE_STUB_POLL_US`` (300 us),
+  yielding the CPU between tries as the stub does, before it sleeps, so
+  the floor stays below the stub. A request that differs from the
+  recording (it should not happen) is looked up by its payload instead
+  and counted in a ``mismatches=`` line on stderr.
 
 The log is pickled ``[(request payload, [raw reply frames]), ...]``; acks
 (``+``) are not recorded: the replay sends one per packet until gdb's
@@ -124,15 +125,22 @@ POLL_WINDOW = float(os.environ.get("VMSCOPE_STUB_POLL_US", "300")) / 1e6
 
 def _poll_then_wait(conn: socket.socket, rbuf: bytearray) -> int:
     """The next read: polled for POLL_WINDOW, as the stub polls, so the
-    floor never pays a wake-up the stub does not; then a sleeping wait."""
+    floor never pays a wake-up the stub does not; then a sleeping wait.
+    Each empty try yields the CPU (``sched_yield``), as the stub's poll
+    does: a tight spin fell below the stub itself when another process
+    kept one of the two CPUs busy (1,361 against the stub's 1,589 stepi/s;
+    2,018 with the yield; docs/performance.md, item 13)."""
+    fd = conn.fileno()
     deadline = time.perf_counter() + POLL_WINDOW
     while True:
         try:
-            return conn.recv_into(rbuf)
+            return os.readv(fd, [rbuf])
         except BlockingIOError:
             if time.perf_counter() >= deadline:
                 select.select([conn], [], [])
                 deadline = time.perf_counter() + POLL_WINDOW
+            else:
+                os.sched_yield()
 
 
 def _send_all(conn: socket.socket, data: bytes) -> None:

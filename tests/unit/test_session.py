@@ -292,3 +292,55 @@ def test_a_breakpoint_keeps_the_kept_reads_and_reads_never_show_it(session, coun
     assert session.target.read_memory(addr, 1, 1) == bytes.fromhex(before.decode()), "the target hides its INT3"
     assert session.handle(b"z0,%x,1" % addr) == b"OK"
     assert session.handle(b"m%x,1" % addr) == before
+
+
+# --- a dump's next chunk is read while GDB decodes the last one -------------------------------
+
+CHUNK = 0x80000  # what GDB's `dump memory` asks for at a time (PacketSize 1 MiB)...
+GOT = 0x7FFF0  # ... and gets (the reply's hex and framing fit the PacketSize): it asks next at A+GOT
+DUMP_BASE = 0x100000
+
+
+def _dump_chunk(session: Session, addr: int) -> bytes:
+    """One chunk as the stub serves it: the reply, then (once it is sent) the read ahead."""
+    reply = session.handle(b"m%x,%x" % (addr, CHUNK))
+    session.read_ahead()
+    return reply
+
+
+def test_a_dumps_next_chunk_is_read_ahead_and_is_what_the_target_answers(session, counted_reads):
+    from vmscope.rsp.framing import frame, hex_rle
+
+    _dump_chunk(session, DUMP_BASE)
+    assert counted_reads == ["m", "m"], "the chunk asked for, then the next one ahead"
+    counted_reads.clear()
+    reply = _dump_chunk(session, DUMP_BASE + GOT)
+    assert counted_reads == ["m"], "the chunk came from the read ahead; only the one after it was read"
+    fresh = hex_rle(session.target.read_memory(DUMP_BASE + GOT, GOT, 1))
+    assert reply == fresh
+    assert frame(reply) == frame(fresh), "the checksum computed ahead is the packet's"
+
+
+def test_a_write_drops_the_chunk_read_ahead(session, counted_reads):
+    _dump_chunk(session, DUMP_BASE)
+    addr = DUMP_BASE + GOT + 5
+    old = session.target.read_memory(addr, 1, 1)[0]
+    assert session.handle(b"M%x,1:%02x" % (addr, old ^ 0xFF)) == b"OK"
+    reply = session.handle(b"m%x,%x" % (DUMP_BASE + GOT, CHUNK))
+    session.handle(b"M%x,1:%02x" % (addr, old))
+    assert bytes.fromhex(reply[10:12].decode()) == bytes([old ^ 0xFF]), "the byte written, not the one read ahead"
+
+
+def test_small_reads_and_stale_chunks_are_not_answered_ahead(session, counted_reads, monkeypatch):
+    from vmscope.gdbserver import kept_reads
+
+    pc = session.target.read_registers(1)["rip"]
+    counted_reads.clear()
+    session.handle(b"m%x,40" % pc)
+    session.read_ahead()
+    assert counted_reads == ["m"], "a read at pc is not a dump: nothing read ahead"
+    monkeypatch.setattr(kept_reads, "READ_AHEAD_SECONDS", 0.0)
+    _dump_chunk(session, DUMP_BASE)
+    counted_reads.clear()
+    session.handle(b"m%x,%x" % (DUMP_BASE + GOT, CHUNK))
+    assert counted_reads == ["m"], "a chunk read ahead too long ago is read afresh"

@@ -32,6 +32,15 @@ REUSE_SECONDS = 0.002
 #: Replies longer than this are not kept (a dump's chunks are read once; a ``g`` reply fits).
 REUSE_MAX_REPLY = 8192
 REUSE_MAX_ENTRIES = 64
+#: A memory read of at least this many bytes is a chunk of a dump: the
+#: chunk after it is read ahead while GDB takes this one in
+#: (:meth:`KeptReads.next_chunk`; GDB's ``dump memory`` asks for 512 KiB
+#: at a time, the bytes it can take in a PacketSize of 1 MiB)...
+READ_AHEAD_MIN = 64 * 1024
+#: ... and stays good this long: GDB decodes 1 MiB of hex in 2-3 ms; a
+#: reply older than this is read afresh (the age limit above, for a
+#: reply GDB has not seen yet)
+READ_AHEAD_SECONDS = 0.05
 #: At most this many of one stop's reads are answered ahead at the next stop of its kind...
 PREFETCH_MAX = 4
 #: ... and remembered for at most this many kinds of stop
@@ -51,11 +60,22 @@ class KeptReads:
         self._reads_by_stop: dict[tuple, tuple[list[bytes], int | None]] = {}
         self._resumed_by = b""
         self._predicted: list[bytes] = []
+        # a dump's next chunk: the read to make ahead, and the reply made
+        self._next_chunk: bytes | None = None
+        self._ahead: tuple[bytes, float, bytes, bytes | None] | None = None
 
     def reply(self, payload: bytes, now: float) -> bytes | None:
         """The kept reply to the read ``payload``, if young enough."""
         kept = self._replies.get(payload)
-        return kept[1] if kept is not None and now - kept[0] < REUSE_SECONDS else None
+        if kept is not None and now - kept[0] < REUSE_SECONDS:
+            return kept[1]
+        ahead = self._ahead
+        if ahead is not None and ahead[0] == payload:
+            self._ahead = None  # read once: a dump does not come back to a chunk
+            if now - ahead[1] < READ_AHEAD_SECONDS:
+                self._next_chunk = ahead[3]
+                return ahead[2]
+        return None
 
     def keep(self, payload: bytes, reply: bytes, now: float) -> None:
         if len(reply) <= REUSE_MAX_REPLY and not reply.startswith(b"E"):
@@ -67,11 +87,34 @@ class KeptReads:
         """GDB sent the read ``payload``: remembered for the next stop of this kind."""
         if len(self._reads_since_stop) < PREFETCH_MAX and payload not in self._reads_since_stop:
             self._reads_since_stop.append(payload)
+        self._next_chunk = None
+
+    def memory_read(self, addr: int, asked: int, got: int) -> None:
+        """The target answered a read of ``asked`` bytes at ``addr`` with
+        ``got`` bytes (a stub answers at most what fits its PacketSize).
+        If it is a chunk of a dump, GDB asks next for as much again right
+        after what it got (``m A,80000`` then ``m A+7fff0,80000``)."""
+        if asked >= READ_AHEAD_MIN and got >= READ_AHEAD_MIN and addr + got + asked <= 1 << 64:
+            self._next_chunk = b"m%x,%x" % (addr + got, asked)
+        else:
+            self._next_chunk = None
+
+    def next_chunk(self) -> bytes | None:
+        """The read GDB will send next if it is dumping memory (once)."""
+        payload, self._next_chunk = self._next_chunk, None
+        return payload
+
+    def keep_ahead(self, payload: bytes, reply: bytes, now: float, following: bytes | None) -> None:
+        """The reply to a read made ahead (:meth:`next_chunk`), and the
+        chunk due once GDB has it."""
+        if not reply.startswith(b"E"):
+            self._ahead = (payload, now, reply, following)
 
     def other_request(self, payload: bytes) -> None:
         """GDB sent ``payload``, not a read: the replies go, unless it is a breakpoint."""
-        if self._replies and not payload.startswith(KEEPS_READS):
+        if not payload.startswith(KEEPS_READS):
             self._replies.clear()
+            self._ahead = self._next_chunk = None
 
     def resumed(self, payload: bytes) -> None:
         """``payload`` resumed the guest: part of the kind of the next stop."""
@@ -85,6 +128,7 @@ class KeptReads:
         (``vCont;s:1;c``) or a breakpoint hit by the thread list and a read
         at pc."""
         self._replies.clear()
+        self._ahead = self._next_chunk = None
         if self._stop_key is not None:
             if len(self._reads_by_stop) >= PREFETCH_KINDS:  # resumes at many addresses (c ADDR): start over
                 self._reads_by_stop.clear()
@@ -97,6 +141,7 @@ class KeptReads:
     def forget(self) -> None:
         """The guest ended or is running: nothing kept is good any more."""
         self._replies.clear()
+        self._ahead = self._next_chunk = None
 
     def take_predicted(self) -> list[bytes]:
         """The reads to answer ahead at this stop (once)."""

@@ -41,7 +41,7 @@ from vmscope.gdbserver.target import (
     Watchpoints,
 )
 from vmscope.rsp import packets as P
-from vmscope.rsp.framing import hex_rle
+from vmscope.rsp.framing import Encoded, hex_rle
 
 log = logging.getLogger("vmscope.gdbserver")
 
@@ -175,6 +175,23 @@ class Session:
                 return
             self._read(payload)
 
+    def read_ahead(self) -> None:
+        """If GDB is dumping memory (a read of a dump's chunk size), read
+        the next chunk now, ready with its checksum, into the kept replies.
+        Call it once the reply to the last read is sent: GDB decodes it
+        meanwhile (2-3 ms for a 512 KiB chunk on this machine), so on two
+        CPUs the next reply costs GDB only its own share
+        (docs/performance.md). Memory reads have no side effects on any
+        vmscope target (RAM only, never a device), so a chunk GDB does not
+        ask for costs only the time."""
+        payload = self.kept.next_chunk()
+        if payload is None or self.running or self.closed:
+            return
+        reply = self._handle(payload)
+        following = self.kept.next_chunk()  # set by the read just made, when it got a whole chunk
+        if isinstance(reply, Encoded) and not self.running:
+            self.kept.keep_ahead(payload, reply.with_checksum(), time.monotonic(), following)
+
     def cleanup(self) -> None:
         """Remove every breakpoint and watchpoint GDB left inserted. The
         target must be stopped."""
@@ -288,6 +305,8 @@ class Session:
             data = self.target.read_physical(req.addr, length)
         else:
             data = self.target.read_memory(req.addr, length, self._tid(self.g_thread))
+        if not req.binary:
+            self.kept.memory_read(req.addr, req.length, len(data))  # a dump's chunk: the next is read ahead
         if req.binary:
             return (b"b" + data) if self.binary_upload else data
         return hex_rle(data)  # framed as is: hex and run-length encoded in one pass

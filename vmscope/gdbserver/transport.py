@@ -333,6 +333,7 @@ class GdbServer:
         out = endpoint.data_to_send()
         if out:
             self._send_reply(conn, out)
+            session.read_ahead()  # a dump's next chunk, while GDB decodes this one
 
     @staticmethod
     def _send_reply(conn: socket.socket, data: bytes) -> None:

@@ -178,7 +178,15 @@ def rle_encode(body: bytes) -> bytes:
 
 class Encoded(bytes):
     """A payload already escaped and run-length encoded (:func:`hex_rle`):
-    :func:`frame` sends it as is."""
+    :func:`frame` sends it as is, with the checksum :meth:`with_checksum`
+    computed ahead if it was (a dump's next chunk, made while GDB reads
+    this one: ``Session.read_ahead``)."""
+
+    checksum: int | None = None
+
+    def with_checksum(self) -> Encoded:
+        self.checksum = checksum(self)
+        return self
 
 
 _HEX_CHUNK = 4096  # raw bytes per chunk of hex_rle (a page)
@@ -219,6 +227,8 @@ def frame(payload: bytes, *, rle: bool = False, notification: bool = False) -> b
     payload is sent as it is."""
     if isinstance(payload, Encoded):
         body = payload
+        if payload.checksum is not None:
+            return b"".join((b"%" if notification else b"$", body, b"#", b"%02x" % payload.checksum))
     else:
         body = escape(payload)
         if rle:
