@@ -86,6 +86,13 @@ def timed(n, cmd):
     for _ in range(n):
         gdb.execute(cmd, to_string=True)
     return n / (time.perf_counter() - t)
+def dump_rate(n, path, lo, hi):
+    rates = []
+    for _ in range(n):
+        t = time.perf_counter()
+        gdb.execute("dump binary memory %s %#x %#x" % (path, lo, hi), to_string=True)
+        rates.append((hi - lo) / (time.perf_counter() - t) / 1e6)
+    return sorted(rates)[len(rates) // 2]
 """
 PHASES = {
     # name: (script body, result keys)
@@ -93,21 +100,11 @@ PHASES = {
 mark("stepi")
 steps = timed({steps}, "stepi")
 mark("dump")
-rates = []
-for _ in range({dumps}):
-    t = time.perf_counter()
-    gdb.execute("dump binary memory {dump} {mem_lo:#x} {mem_hi:#x}", to_string=True)
-    rates.append(({mem_hi} - {mem_lo}) / (time.perf_counter() - t) / 1e6)
-mbps = sorted(rates)[len(rates) // 2]
+mbps = dump_rate({dumps}, "{dump}", {mem_lo:#x}, {mem_hi:#x})
 mark("restore")
 gdb.execute("restore {noise} binary {data_lo:#x}", to_string=True)
 mark("dump-data")
-rates = []
-for _ in range({dumps}):
-    t = time.perf_counter()
-    gdb.execute("dump binary memory {dump} {data_lo:#x} {data_hi:#x}", to_string=True)
-    rates.append(({data_hi} - {data_lo}) / (time.perf_counter() - t) / 1e6)
-data_mbps = sorted(rates)[len(rates) // 2]
+data_mbps = dump_rate({dumps}, "{dump}", {data_lo:#x}, {data_hi:#x})
 gdb.execute("hbreak {fn}", to_string=True)
 mark("hbreak")
 hits = timed({hits}, "continue")
