@@ -62,7 +62,10 @@ def _write_every_threads_stack(fd: int) -> None:
     same buffered stream from the handler would raise)."""
     import traceback
 
-    names = {t.ident: t.name for t in threading.enumerate()}
+    # Not threading.enumerate(): it takes a lock that the main thread,
+    # where this runs, may hold at the moment of the signal (Thread.start)
+    # and would wait on forever. Copying the registry is one C call under the GIL.
+    names = {ident: t.name for ident, t in dict(getattr(threading, "_active", {})).items()}
     here = threading.get_ident()
     lines = []
     for ident, frame in sys._current_frames().items():
