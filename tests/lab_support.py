@@ -168,7 +168,17 @@ def ended_with_status_0(vm, timeout: float):
     failure shows both streams (a pty merges them into stdout). A guest
     that triple-faulted instead gets the rerun
     (:func:`raise_if_the_guest_triple_faulted`). Returns the result."""
-    result = vm.wait(timeout)
+    from vmscope.lab.process import LabTimeout
+
+    try:
+        result = vm.wait(timeout)
+    except LabTimeout as e:  # what the VMM and its guest printed last: where it stood
+        partial = e.result
+        said = "" if partial is None else f"stdout:\n{partial.stdout[-4000:]}\nstderr:\n{partial.stderr[-2000:]}"
+        failure = AssertionError(f"vmscope did not end within {timeout} s\n{said}")
+        if partial is not None and TRIPLE_FAULT_REPORT in partial.stdout + partial.stderr:
+            raise GuestTripleFaultInLab(f"{LAB_GUEST_TRIPLE_FAULT}: {failure}") from e
+        raise failure from e
     if result.returncode != 0:
         failure = AssertionError(f"vmscope ended with status {result.returncode}\n"
                                  f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-2000:]}")

@@ -218,7 +218,7 @@ def test_a_vmm_whose_lab_guest_triple_faulted_gets_the_rerun_and_other_bad_endin
     import re
 
     from tests.lab_support import LAB_GUEST_TRIPLE_FAULT, GuestTripleFaultInLab, ended_with_status_0
-    from vmscope.lab.process import LabResult
+    from vmscope.lab.process import LabResult, LabTimeout
 
     class Ended:
         def __init__(self, status: int, stdout: str) -> None:
@@ -235,6 +235,17 @@ def test_a_vmm_whose_lab_guest_triple_faulted_gets_the_rerun_and_other_bad_endin
     with pytest.raises(GuestTripleFaultInLab) as exc:
         ended_with_status_0(Ended(1, "vmscope: guest stopped: triple fault (shutdown exit)"), 1)
     assert re.search(LAB_GUEST_TRIPLE_FAULT, str(exc.value)) and "status 1" in str(exc.value)
+
+    class Hung(Ended):  # did not end: the partial output is what a test needs to see
+        def wait(self, timeout: float) -> LabResult:
+            raise LabTimeout("lab command 'vmscope run' did not finish", self.result)
+
+    with pytest.raises(AssertionError) as exc:
+        ended_with_status_0(Hung(-9, "# poweroff -f\n"), 1)
+    assert not isinstance(exc.value, GuestTripleFaultInLab)
+    assert "did not end within 1 s" in str(exc.value) and "# poweroff -f" in str(exc.value)
+    with pytest.raises(GuestTripleFaultInLab):
+        ended_with_status_0(Hung(-9, "vmscope: guest stopped: triple fault (shutdown exit)"), 1)
 
 
 def test_a_lab_whose_agent_stopped_starting_commands_is_called_wedged_and_replaced(monkeypatch):
