@@ -29,12 +29,11 @@ sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/: bench/i
 
 def main(n: int) -> None:
     from vmscope.gdbserver.session import Session
-    from vmscope.guests import guest_elf
+    from vmscope.guests import guest_symbols
     from vmscope.kvm import KvmMachine, abi
     from vmscope.machine import MachineConfig
-    from tests.support import elf_symbols
 
-    tick = elf_symbols(guest_elf("demo"))["tick"]
+    tick = guest_symbols("demo")["tick"]
     machine = KvmMachine(MachineConfig(arch="x86_64", cpus=1, mem_mib=64, serial_out=io.BytesIO()))
     machine.start(paused=True)
     try:

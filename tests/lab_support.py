@@ -173,19 +173,20 @@ def ended_with_status_0(vm, timeout: float):
     try:
         result = vm.wait(timeout)
     except LabTimeout as e:  # what the VMM and its guest printed last: where it stood
-        partial = e.result
-        said = "" if partial is None else f"stdout:\n{partial.stdout[-4000:]}\nstderr:\n{partial.stderr[-2000:]}"
-        failure = AssertionError(f"vmscope did not end within {timeout} s\n{said}")
-        if partial is not None and TRIPLE_FAULT_REPORT in partial.stdout + partial.stderr:
-            raise GuestTripleFaultInLab(f"{LAB_GUEST_TRIPLE_FAULT}: {failure}") from e
-        raise failure from e
+        _fail_with_output(f"vmscope did not end within {timeout} s", e.result, 4000)
     if result.returncode != 0:
-        failure = AssertionError(f"vmscope ended with status {result.returncode}\n"
-                                 f"stdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-2000:]}")
-        if TRIPLE_FAULT_REPORT in result.stdout + result.stderr:
-            raise GuestTripleFaultInLab(f"{LAB_GUEST_TRIPLE_FAULT}: {failure}") from failure
-        raise failure
+        _fail_with_output(f"vmscope ended with status {result.returncode}", result, 2000)
     return result
+
+
+def _fail_with_output(what: str, result, stdout_tail: int):
+    """Raise ``what`` with the tails of ``result``'s streams (None: nothing
+    was kept), as the rerun's error when they report a triple fault."""
+    out, err = ("", "") if result is None else (result.stdout, result.stderr)
+    failure = AssertionError(f"{what}\nstdout:\n{out[-stdout_tail:]}\nstderr:\n{err[-2000:]}")
+    if TRIPLE_FAULT_REPORT in out + err:
+        raise GuestTripleFaultInLab(f"{LAB_GUEST_TRIPLE_FAULT}: {failure}") from failure
+    raise failure
 
 
 STALL_REPORTS = r"soft lockup|detected stalls? on CPU|self-detected stall"

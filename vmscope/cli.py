@@ -77,8 +77,6 @@ def _write_every_threads_stack(fd: int) -> None:
     while data:
         try:
             data = data[os.write(fd, data):]
-        except InterruptedError:
-            continue
         except OSError:
             return  # stderr closed: nothing to show the stacks on
 

@@ -226,15 +226,15 @@ def frame(payload: bytes, *, rle: bool = False, notification: bool = False) -> b
     """``$payload#cc`` with escaping (and RLE if asked); an :class:`Encoded`
     payload is sent as it is."""
     if isinstance(payload, Encoded):
-        body = payload
-        if payload.checksum is not None:
-            return b"".join((b"%" if notification else b"$", body, b"#", b"%02x" % payload.checksum))
+        body, total = payload, payload.checksum
     else:
-        body = escape(payload)
+        body, total = escape(payload), None
         if rle:
             body = rle_encode(body)
+    if total is None:
+        total = checksum(body)
     # one copy of a long body, not three (a memory reply is 1 MiB of hex)
-    return b"".join((b"%" if notification else b"$", body, b"#", b"%02x" % checksum(body)))
+    return b"".join((b"%" if notification else b"$", body, b"#", b"%02x" % total))
 
 
 # --- the endpoint --------------------------------------------------------------
