@@ -344,3 +344,108 @@ def test_small_reads_and_stale_chunks_are_not_answered_ahead(session, counted_re
     counted_reads.clear()
     session.handle(b"m%x,%x" % (DUMP_BASE + GOT, CHUNK))
     assert counted_reads == ["m"], "a chunk read ahead too long ago is read afresh"
+
+
+# --- a kept reply is sent as a whole packet, without parsing the request ----------------------
+
+
+@pytest.fixture
+def kept_long(monkeypatch):
+    """Kept replies stay good for the whole test (they live 2 ms; a slow CI machine takes longer)."""
+    from vmscope.gdbserver import kept_reads
+
+    monkeypatch.setattr(kept_reads, "REUSE_SECONDS", 60.0)
+
+
+def test_a_kept_read_is_the_packet_the_long_way_makes_and_asks_no_target(session, counted_reads, kept_long):
+    from vmscope.rsp.framing import frame
+
+    pc = _step_and_stop(session)
+    reads = (b"m%x,1" % pc, b"qXfer:threads:read::0,1000", b"g")
+    assert all(session.kept_packet(p) is None for p in reads), "nothing is kept yet"
+    replies = [session.handle(p) for p in reads]
+    counted_reads.clear()
+    assert [session.kept_packet(p) for p in reads] == [frame(r, rle=True) for r in replies]
+    assert counted_reads == [], "answered from the kept replies"
+    assert session.kept_packet(b"m%x,1" % (pc + 1)) is None, "a read not made before"
+    assert session.kept_packet(b"vCont;c") is None and session.kept_packet(b"M%x,1:90" % pc) is None
+    _step_and_stop(session)
+    assert session.kept_packet(b"g") is None, "a stop drops what was kept"
+
+
+@pytest.fixture
+def wire(session):
+    """(answer, close): send raw bytes to a GdbServer's request handling
+    with ``session`` and get back everything it wrote to the socket."""
+    import socket
+    import threading
+
+    from vmscope.gdbserver.transport import GdbServer
+    from vmscope.rsp.framing import Endpoint
+
+    server = GdbServer(session.target, port=0)
+    stub_side, gdb_side = socket.socketpair()
+    stub_side.setblocking(False)
+    endpoint = Endpoint(rle_replies=True)
+    endpoint.disable_acks()
+    received = bytearray()
+
+    def drain() -> None:  # GDB's side: a 1 MiB reply does not fit a socket's buffer
+        while chunk := gdb_side.recv(1 << 20):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+
+    def answer(data: bytes, packets: int = 1) -> bytes:
+        import re
+        import time
+
+        received.clear()
+        server._answer(stub_side, endpoint, session, data)
+        deadline = time.monotonic() + 10
+        while len(re.findall(rb"#[0-9a-f]{2}", bytes(received))) < packets:
+            assert time.monotonic() < deadline, f"no reply to {data[:40]!r}"
+            time.sleep(0.001)
+        return bytes(received)
+
+    yield answer
+    stub_side.close()
+    reader.join(5)
+    gdb_side.close()
+    server.listener.close()
+
+
+def test_the_stub_sends_a_kept_read_byte_for_byte_as_before(session, counted_reads, wire, kept_long, monkeypatch):
+    from vmscope.rsp.framing import frame
+
+    handled = []
+    handle = session.handle
+    monkeypatch.setattr(session, "handle", lambda payload: handled.append(payload) or handle(payload))
+    pc = _step_and_stop(session)
+    handled.clear()
+    for payload in (b"m%x,1" % pc, b"qXfer:threads:read::0,1000", b"g"):
+        counted_reads.clear()
+        first = wire(frame(payload))
+        assert counted_reads == ([] if payload.startswith(b"q") else [payload[:1].decode()])
+        assert handled == [payload], "the first time: parsed and handled"
+        counted_reads.clear()
+        handled.clear()
+        assert wire(frame(payload)) == first
+        assert counted_reads == [] and handled == [], f"{payload!r} again: the kept packet, sent as it is"
+    two = wire(frame(b"m%x,1" % pc) + frame(b"m%x,2" % pc), packets=2)
+    assert counted_reads == ["m"], "two requests in one read: the second (not kept) asked the target"
+    assert two == wire(frame(b"m%x,1" % pc)) + frame(session.target.read_memory(pc, 2, 1).hex().encode(), rle=True)
+
+
+def test_a_dumps_chunk_sent_from_the_read_ahead_reads_the_next_one_ahead(session, counted_reads, wire):
+    from vmscope.rsp.framing import frame, hex_rle
+
+    wire(frame(b"m%x,%x" % (DUMP_BASE, CHUNK)))
+    counted_reads.clear()
+    reply = wire(frame(b"m%x,%x" % (DUMP_BASE + GOT, CHUNK)))
+    assert reply == frame(hex_rle(session.target.read_memory(DUMP_BASE + GOT, GOT, 1)))
+    assert counted_reads == ["m", "m"], "the chunk after it was read ahead (then the check's own read)"
+    counted_reads.clear()
+    wire(frame(b"m%x,%x" % (DUMP_BASE + 2 * GOT, CHUNK)))
+    assert counted_reads == ["m"], "the third chunk came from the read ahead too"

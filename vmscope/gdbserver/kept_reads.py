@@ -14,9 +14,16 @@ stop. The age limit keeps a change made by another program (a write
 through the RAM memfd of ``monitor memory``) from being hidden for longer
 than a race between the two would hide it anyway. :class:`Session` owns
 one :class:`KeptReads` and asks the target for what it does not hold.
+
+A kept reply is also kept framed (:meth:`KeptReads.packet`), so the
+transport can send it without parsing the request or building the packet
+again: answered within microseconds, GDB often finds the reply before it
+sleeps (docs/performance.md, item 14).
 """
 
 from __future__ import annotations
+
+from vmscope.rsp.framing import frame
 
 #: Reads whose replies are kept: memory, registers, the thread list.
 REUSABLE_READS = (b"m", b"x", b"g", b"p", b"qXfer:threads:read:")
@@ -52,6 +59,7 @@ class KeptReads:
 
     def __init__(self) -> None:
         self._replies: dict[bytes, tuple[float, bytes]] = {}
+        self._packets: dict[bytes, bytes] = {}  # kept replies framed, by request (made on first use)
         # What GDB read after the last stop of each kind, and that stop's
         # pc: what the next stop of the kind answers ahead
         self._reads_since_stop: list[bytes] = []
@@ -77,11 +85,27 @@ class KeptReads:
                 return ahead[2]
         return None
 
+    def packet(self, payload: bytes, now: float) -> bytes | None:
+        """The kept reply to the read ``payload`` as the packet to send
+        (``$...#cc``, run-length encoded as the stub sends replies),
+        framed once per kept reply; None when :meth:`reply` has none."""
+        reply = self.reply(payload, now)
+        if reply is None:
+            return None
+        kept = self._replies.get(payload)
+        if kept is None or kept[1] is not reply:  # a dump's chunk read ahead: sent once, not kept
+            return frame(reply, rle=True)
+        packet = self._packets.get(payload)
+        if packet is None:
+            packet = self._packets[payload] = frame(reply, rle=True)
+        return packet
+
     def keep(self, payload: bytes, reply: bytes, now: float) -> None:
         if len(reply) <= REUSE_MAX_REPLY and not reply.startswith(b"E"):
             if len(self._replies) >= REUSE_MAX_ENTRIES:
-                self._replies.clear()
+                self._clear()
             self._replies[payload] = (now, reply)
+            self._packets.pop(payload, None)
 
     def read_asked(self, payload: bytes) -> None:
         """GDB sent the read ``payload``: remembered for the next stop of this kind."""
@@ -113,7 +137,7 @@ class KeptReads:
     def other_request(self, payload: bytes) -> None:
         """GDB sent ``payload``, not a read: the replies go, unless it is a breakpoint."""
         if not payload.startswith(KEEPS_READS):
-            self._replies.clear()
+            self._clear()
             self._ahead = self._next_chunk = None
 
     def resumed(self, payload: bytes) -> None:
@@ -127,7 +151,7 @@ class KeptReads:
         (``vCont;s:1``) is followed by no read, a ``stepi``
         (``vCont;s:1;c``) or a breakpoint hit by the thread list and a read
         at pc."""
-        self._replies.clear()
+        self._clear()
         self._ahead = self._next_chunk = None
         if self._stop_key is not None:
             if len(self._reads_by_stop) >= PREFETCH_KINDS:  # resumes at many addresses (c ADDR): start over
@@ -140,8 +164,12 @@ class KeptReads:
 
     def forget(self) -> None:
         """The guest ended or is running: nothing kept is good any more."""
-        self._replies.clear()
+        self._clear()
         self._ahead = self._next_chunk = None
+
+    def _clear(self) -> None:
+        self._replies.clear()
+        self._packets.clear()
 
     def take_predicted(self) -> list[bytes]:
         """The reads to answer ahead at this stop (once)."""

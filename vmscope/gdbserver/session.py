@@ -113,6 +113,16 @@ class Session:
         self.kept.read_asked(payload)
         return self._read(payload)
 
+    def kept_packet(self, payload: bytes) -> bytes | None:
+        """The whole packet answering the read ``payload`` from the kept
+        replies, or None (then :meth:`handle` it). What :meth:`handle`
+        would answer, framed as the stub sends it; the transport sends it
+        without parsing the request (docs/performance.md, item 14)."""
+        if not payload.startswith(REUSABLE_READS):
+            return None
+        self.kept.read_asked(payload)
+        return self.kept.packet(payload, time.monotonic())
+
     def _read(self, payload: bytes) -> bytes | None:
         """A read: the kept reply if there is one, else the target's, kept."""
         now = time.monotonic()
@@ -174,6 +184,7 @@ class Session:
             if self.running or self.closed:
                 return
             self._read(payload)
+            self.kept.packet(payload, time.monotonic())  # framed now too, while GDB reads the stop reply
 
     def read_ahead(self) -> None:
         """If GDB is dumping memory (a read of a dump's chunk size), read

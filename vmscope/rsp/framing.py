@@ -286,6 +286,12 @@ class Endpoint:
         """Bytes received of a packet not yet complete."""
         return len(self._buf)
 
+    @property
+    def between_packets(self) -> bool:
+        """No packet is partly received (nor an oversized one being skipped):
+        the next byte in starts a new one."""
+        return not self._buf and not self._discarding
+
     def disable_acks(self) -> None:
         """Call after the ``OK`` to ``QStartNoAckMode`` was queued (stub) or
         received (client): from then on no ``+``/``-`` is sent or expected."""
