@@ -348,10 +348,8 @@ class GdbServer:
         would give, in 3-4 us instead of 5-14 us (docs/performance.md, item 14).
         Anything else (two packets in one read, an interrupt byte, a request
         that is not a kept read) goes the long way."""
-        if (endpoint.ack_mode or not endpoint.between_packets or endpoint.pending or data[:1] != b"$"
-                or data[-3:-2] != b"#" or data.find(b"$", 1) >= 0):
-            return None
-        return session.kept_packet(data[1:-3])
+        body = None if endpoint.pending else endpoint.lone_packet(data)
+        return None if body is None else session.kept_packet(body)
 
     @staticmethod
     def _send_reply(conn: socket.socket, data: bytes) -> None:

@@ -155,5 +155,5 @@ class VcpuServing:
 
     def _servable(self, data: bytes) -> bool:
         """One whole packet, of a kind a vCPU's thread answers."""
-        return (data[:1] == b"$" and data.find(b"$", 1) < 0 and len(data) >= 4 and data[-3:-2] == b"#"
-                and not self.endpoint.buffered and data[1:].startswith(SERVED_FROM_VCPU))
+        body = self.endpoint.lone_packet(data)
+        return body is not None and body.startswith(SERVED_FROM_VCPU)

@@ -286,11 +286,17 @@ class Endpoint:
         """Bytes received of a packet not yet complete."""
         return len(self._buf)
 
-    @property
-    def between_packets(self) -> bool:
-        """No packet is partly received (nor an oversized one being skipped):
-        the next byte in starts a new one."""
-        return not self._buf and not self._discarding
+    def lone_packet(self, data: bytes) -> bytes | None:
+        """The body of ``data`` (still escaped) when ``data`` is one whole
+        packet, in no-ack mode, with no other packet partly received or
+        being skipped: a debugger's usual read, since it waits for each
+        reply. None otherwise. :meth:`receive` and the stub's fast paths
+        take such a read without the general parse."""
+        if (not self.ack_mode and not self._buf and not self._discarding and len(data) >= 4
+                and data[0] == 0x24 and data[-3] == 0x23 and data.find(b"$", 1) < 0
+                and data.find(b"#", 1) == len(data) - 3 and len(data) - 3 <= self.max_packet):
+            return data[1:-3]
+        return None
 
     def disable_acks(self) -> None:
         """Call after the ``OK`` to ``QStartNoAckMode`` was queued (stub) or
@@ -303,11 +309,10 @@ class Endpoint:
         # and nothing waits in the buffer (a debugger waits for each reply),
         # and its checksum is not checked (see _packet). The general parse
         # below gives the same event for it, in about three times the time.
-        if (not self.ack_mode and not self._buf and not self._discarding and len(data) >= 4
-                and data[0] == 0x24 and data[-3] == 0x23 and data.find(b"$", 1) < 0
-                and data.find(b"#", 1) == len(data) - 3 and len(data) - 3 <= self.max_packet):
+        body = self.lone_packet(data)
+        if body is not None:
             try:
-                payload = decode(data[1:-3])
+                payload = decode(body)
             except FramingError:
                 pass  # the general parse reports it
             else:
