@@ -37,10 +37,12 @@ def _console_input_fd() -> int | None:
     return fd
 
 
-def _stack_dumps_on_sigusr1() -> None:
+def _stack_dumps_on_sigusr1(state_report=None) -> None:
     """``kill -USR1 PID`` prints every thread's Python stack on stderr (vCPU
-    threads, the stub, the console) and the VMM runs on: how to see where
-    a VMM that seems hung is waiting, without a debugger for Python.
+    threads, the stub, the console), then ``state_report()``'s lines (run
+    control, each vCPU, the UART's interrupt state, the debugger's
+    breakpoints), and the VMM runs on: how to see where a VMM that seems
+    hung is waiting, without a debugger for Python.
 
     A Python-level handler, not ``faulthandler.register``: faulthandler
     reads the other threads' frames without the GIL while they run, and
@@ -52,14 +54,15 @@ def _stack_dumps_on_sigusr1() -> None:
     import signal
 
     if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, lambda signum, frame: _write_every_threads_stack(2))
+        signal.signal(signal.SIGUSR1, lambda signum, frame: _write_every_threads_stack(2, state_report))
 
 
-def _write_every_threads_stack(fd: int) -> None:
+def _write_every_threads_stack(fd: int, state_report=None) -> None:
     """Every thread's stack, most recent call first, as faulthandler
-    prints them; written with os.write because the handler may run while
-    the main thread is inside a write to sys.stderr (a second write to the
-    same buffered stream from the handler would raise)."""
+    prints them, then the machine's state; written with os.write because
+    the handler may run while the main thread is inside a write to
+    sys.stderr (a second write to the same buffered stream from the
+    handler would raise)."""
     import traceback
 
     # Not threading.enumerate(): it takes a lock that the main thread,
@@ -73,6 +76,11 @@ def _write_every_threads_stack(fd: int) -> None:
         lines.append(f"Thread 0x{ident:016x} {names.get(ident, '?')}{mark} (most recent call first):\n")
         lines.extend(reversed(traceback.format_stack(frame)))
         lines.append("\n")
+    if state_report is not None:
+        try:
+            lines.extend(f"{line}\n" for line in state_report())
+        except Exception as e:  # a report half made by a racing thread: say so, keep the stacks
+            lines.append(f"machine state unavailable: {type(e).__name__}: {e}\n")
     data = "".join(lines).encode(errors="replace")
     while data:
         try:
@@ -200,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      "the guest starts when it continues")
                 server_thread = threading.Thread(target=server.serve_forever, name="gdbstub", daemon=True)
                 server_thread.start()
-            _stack_dumps_on_sigusr1()
+            _stack_dumps_on_sigusr1(getattr(machine, "state_report", None))
             _end_on_sigterm()
             clock.enter("starting the vCPU threads")
             machine.start(paused=args.gdb is not None)

@@ -60,12 +60,25 @@ def vm_command(initrd: str = "initramfs.cpio.gz", append: str = "console=ttyS0 l
             f"--cpus {cpus} --mem 512 --append '{append}' {extra}")
 
 
-def expect(vm, pattern: str, timeout: float = 120) -> re.Match:
+def expect(vm, pattern: str, timeout: float = 120, lab=None) -> re.Match:
+    """Wait for ``pattern`` on the console. With ``lab``, a timeout first
+    asks the VMM in L1 for its threads' stacks and machine state (`kill
+    -USR1`: run control, each vCPU, the UART's interrupt state, the
+    debugger's breakpoints), so a guest that stopped answering says why."""
     try:
         return vm.wait_for_output(pattern, timeout=timeout)
     except LabTimeout as e:
         raise_if_the_guest_triple_faulted(vm, e)  # the lab's quirk under console load: one rerun
-        pytest.fail(f"no {pattern!r} on the console; it said:\n{vm.stdout[-3000:]}\nstderr:\n{vm.stderr[-3000:]}")
+        state = ""
+        if lab is not None:
+            seen = len(vm.stdout)
+            # ^python3 -m: the VMM, not the pty wrapper whose command line names it too (USR1 would end that)
+            lab.run(["pkill", "-USR1", "-f", "^python3 -m vmscope run"], timeout=60)
+            with contextlib.suppress(LabTimeout):
+                vm.wait_for_output("run control: ", timeout=15)
+            time.sleep(1)
+            state = f"\n--- the VMM's state after kill -USR1 ---\n{vm.stdout[seen:][-12000:]}"
+        pytest.fail(f"no {pattern!r} on the console; it said:\n{vm.stdout[-3000:]}\nstderr:\n{vm.stderr[-3000:]}{state}")
 
 
 def boot_undebugged(vm, lab) -> None:
@@ -206,7 +219,7 @@ def test_gdb_debugs_the_live_kernel_with_kaslr(lab):
 
             # both vCPUs busy in user mode (two shell loops), then stopped there
             vm.write("while :; do :; done &\nwhile :; do :; done &\necho loops-$((1 + 1))\n")
-            expect(vm, "loops-2")
+            expect(vm, "loops-2", lab=lab)
             connect(gdb, lab)
             clock = []  # jiffies at each stop: a guest whose clock stands still is stalled (lab_support)
             for _ in range(10):
@@ -273,7 +286,7 @@ def test_a_kernel_held_by_gdb_reports_no_stall_after_the_continue(lab):
         boot_undebugged(vm, lab)
         # busy vCPUs: an idle one restarts its tick (and touches the watchdog) when it wakes
         vm.write("while :; do :; done &\nwhile :; do :; done &\necho loops-$((1 + 1))\n")
-        expect(vm, "loops-2")
+        expect(vm, "loops-2", lab=lab)
         with host_gdb(vm) as gdb:
             connect(gdb, lab)  # attaching stops every vCPU
             gdb.cmd("info threads")
@@ -422,7 +435,7 @@ def test_both_boot_methods_boot_the_shell(lab, boot):
     with lab.spawn(vm_command(extra=f"--boot {boot} -v", pty=False)) as vm:
         expect(vm, "vmscope-linux-ready", BOOT_TIMEOUT)
         vm.write("echo sum-$((40+2))\n")
-        expect(vm, "sum-42", 60)
+        expect(vm, "sum-42", 60, lab=lab)
         vm.write("poweroff -f\n")
         result = ended_with_status_0(vm, 120)
     assert "XSAVE consistency" not in result.stdout, result.stdout[-3000:]
@@ -522,6 +535,17 @@ def test_vmscope_trace_through_vmscopes_own_stub(lab):
         assert [(h["pid"], h["comm"], h["args"]["filename"]) for h in hits] == [(pid, "cat", marker)], r.stdout
         assert summary["summary"]["hits"] == 1
         vm.write("echo still-$((20 + 1))\n")
-        expect(vm, "still-21", 120)
+        expect(vm, "still-21", 120, lab=lab)
+        # The VMM's own account (kill -USR1): no breakpoint, no pulled page, every vCPU free to run
+        seen = len(vm.stdout)
+        lab.run(["pkill", "-USR1", "-f", "^python3 -m vmscope run"], timeout=60)
+        expect(vm, "no debugger attached: .*protected pages", 60)
+        report = vm.stdout[seen:]
+        assert "no debugger attached: 0 software breakpoints, 0 hardware, 0 watchpoints, 0 on pulled pages, " \
+               "0 protected pages" in report, report[-3000:]
+        assert "run control: running, stop pending: no" in report, report[-3000:]
+        assert len(re.findall(r"vCPU \d: online, runnable", report)) == 2, report[-3000:]
+        ier = re.search(r"UART 0x3f8: IER=(0x[0-9a-f]+)", report)
+        assert ier and int(ier.group(1), 16) & 0x01, report[-3000:]  # the shell's tty reads by interrupt
         vm.write("poweroff -f\n")
         ended_with_status_0(vm, 120)

@@ -125,9 +125,16 @@ def test_acpi_tables_checksum_and_list_one_lapic_per_cpu(mem):
 # --- the PC devices a Linux guest talks to (no KVM: a recording IRQ line) ------------------------
 
 class RecordingLine:
+    """The level and the rising edges a UART asked of its line (what the
+    real IrqLine sends to KVM, without a VM)."""
+
     def __init__(self):
         self.level = False
         self.edges = 0
+
+    @property
+    def raised(self) -> int:  # IrqLine's name for the count
+        return self.edges
 
     def set(self, level: bool) -> None:
         if level and not self.level:
@@ -163,6 +170,22 @@ def test_serial_transmit_interrupt_and_console_tail():
     assert line.level and line.edges == 2
     assert b"".join(out) == b"Kernel panic - not syncing: x\nlast"
     assert uart.console_tail() == ["Kernel panic - not syncing: x", "last"]
+
+
+def test_serial_state_line_shows_a_transmit_interrupt_waiting_for_the_guest():
+    """What `kill -USR1` prints of the UART: a tty whose output stalled is
+    told apart from one the guest never asked to send (THRE pending on a
+    high line that the guest has not acknowledged)."""
+    from vmscope.kvm.devices.uart_irq import InterruptingSerial
+
+    line = RecordingLine()
+    uart = InterruptingSerial(lambda b: None, line)
+    assert uart.state() == ("UART 0x3f8: IER=0x00 LCR=0x00 MCR=0x00, THRE not pending, 0 bytes to read, "
+                            "IRQ line low (0 rising edges)")
+    uart.write(0x3F9, 1, 0x02)
+    uart.feed(b"x")
+    assert uart.state() == ("UART 0x3f8: IER=0x02 LCR=0x00 MCR=0x00, THRE pending, 1 bytes to read, "
+                            "IRQ line high (1 rising edges)")
 
 
 def test_rtc_reads_host_time_in_bcd_and_never_shows_update_in_progress():

@@ -148,6 +148,39 @@ class RunControl:
         Called with every vCPU parked (vCPU ioctls from this thread do not
         wait for a KVM_RUN) and the run-control lock held. Default: nothing."""
 
+    def state_report(self) -> list[str]:
+        """Lines on run control, each vCPU and the devices, for ``kill
+        -USR1`` (with every thread's stack, vmscope/cli.py): what a hung
+        guest's VMM was doing. Read without the lock: a report must never
+        wait, and a racy snapshot is enough to see a vCPU that is held."""
+        exclusive = self._exclusive
+        holder = (f"vCPU {exclusive.vcpu.index}" if isinstance(exclusive, VcpuSlot)
+                  else "the debugger" if exclusive else "none")
+        lines = [f"run control: {'stopped' if self._stopped else 'running'}, "
+                 f"stop pending: {'yes' if self._stop_event is not None else 'no'}, "
+                 f"ending: {'yes' if self._ending else 'no'}, exclusive turn: {holder}, "
+                 f"debugger offered to: {'none' if self._offered_to is None else f'vCPU {self._offered_to}'}"
+                 f"{' (serving)' if self._serving else ''}, debug stops: {self._stops_posted}"]
+        for slot in self.vcpus:
+            run = slot.vcpu.run
+            lines.append(f"vCPU {slot.vcpu.index}: {'online' if slot.online else 'offline'}, "
+                         f"{'runnable' if slot.runnable else 'held'}, {'parked' if slot.parked else 'not parked'}, "
+                         f"immediate_exit={run.immediate_exit}")
+        debug_state = getattr(getattr(self, "target", None), "debug_state", None)
+        return lines + self.device_report() + ([debug_state()] if debug_state is not None else [])
+
+    def device_report(self) -> list[str]:
+        """The devices' lines of :meth:`state_report` (default: none)."""
+        lines = []
+        serial_state = getattr(getattr(self, "serial", None), "state", None)
+        if serial_state is not None:
+            lines.append(serial_state())
+        if self.coalesced is not None:
+            c = self.coalesced
+            zones = ", ".join(f"{addr:#x}+{size}" for addr, size in sorted(c.zones)) or "none"
+            lines.append(f"coalesced writes: zones {zones}, {c.replayed} replayed")
+        return lines
+
     def stop_devices(self) -> None:
         """At shutdown, after the vCPU threads ended and before the fds
         close: stop the console input thread (machines add their devices)."""

@@ -55,6 +55,14 @@ class InterruptingSerial(Serial16550):
             lines.append(self._partial.decode("utf-8", "replace"))
         return lines
 
+    def state(self) -> str:
+        """The interrupt state in one line, for a hung guest's report
+        (:meth:`vmscope.kvm.runcontrol.RunControl.state_report`): a tty
+        whose output stalled waits for a transmit interrupt."""
+        return (f"UART {self.base:#x}: IER={self.ier:#04x} LCR={self.lcr:#04x} MCR={self.mcr:#04x}, "
+                f"THRE {'pending' if self._thre_pending else 'not pending'}, {len(self._rx)} bytes to read, "
+                f"IRQ line {'high' if self.line.level else 'low'} ({self.line.raised} rising edges)")
+
     def _iir(self) -> int:
         with self._lock:
             has_rx = bool(self._rx)
