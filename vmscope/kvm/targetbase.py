@@ -33,6 +33,12 @@ class KvmTargetBase(StopNotifying):
         self.attached = True
         return StopEvent("signal", tid=1, signal=SIGTRAP)
 
+    def debug_state(self) -> str:
+        """One line for a hung guest's report (RunControl.state_report):
+        whether a debugger is attached and what of it is in the guest."""
+        return (f"{'a debugger' if self.attached else 'no debugger'} attached: {len(self.sw)} software breakpoints, "
+                f"{len(self.hw)} hardware, {len(self.watches)} watchpoints")
+
     def kill(self) -> None:
         self.m.end(0, None)
 

@@ -118,9 +118,7 @@ class KvmTarget(
         return f"vCPU {tid - 1}" + ("" if slot.online else " (waiting for SIPI)")
 
     def debug_state(self) -> str:
-        """One line for a hung guest's report (RunControl.state_report)."""
-        return (f"{'a debugger' if self.attached else 'no debugger'} attached: {len(self.sw)} software breakpoints, "
-                f"{len(self.hw)} hardware, {len(self.watches)} watchpoints, {len(self._exec_pages)} on pulled pages, "
+        return (f"{super().debug_state()}, {len(self._exec_pages)} on pulled pages, "
                 f"{len(self.m.slots.protected)} protected pages{', slots to rebuild' if self._protection_dirty else ''}")
 
     def _apply_debug(self, v: Vcpu, step: bool) -> None:
