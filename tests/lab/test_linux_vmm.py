@@ -72,13 +72,38 @@ def expect(vm, pattern: str, timeout: float = 120, lab=None) -> re.Match:
         state = ""
         if lab is not None:
             seen = len(vm.stdout)
-            # ^python3 -m: the VMM, not the pty wrapper whose command line names it too (USR1 would end that)
-            lab.run(["pkill", "-USR1", "-f", "^python3 -m vmscope run"], timeout=60)
+            ask_the_vmm_for_its_state(lab)
             with contextlib.suppress(LabTimeout):
                 vm.wait_for_output("run control: ", timeout=15)
             time.sleep(1)
             state = f"\n--- the VMM's state after kill -USR1 ---\n{vm.stdout[seen:][-12000:]}"
         pytest.fail(f"no {pattern!r} on the console; it said:\n{vm.stdout[-3000:]}\nstderr:\n{vm.stderr[-3000:]}{state}")
+
+
+# L1 has no procps: the VMM is found by its command line. Not the pty
+# wrapper's, which names `python3 -m vmscope run` too (SIGUSR1 would end it).
+_SIGNAL_THE_VMM = """
+import os, signal
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:  # gone meanwhile
+        return b""
+
+pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and cmdline(p).startswith(b"python3\\0-m\\0vmscope\\0run\\0")]
+for pid in pids:
+    os.kill(pid, signal.SIGUSR1)
+print(len(pids))
+"""
+
+
+def ask_the_vmm_for_its_state(lab) -> None:
+    """`kill -USR1` the one `vmscope run` in L1: its threads' stacks and the
+    machine's state (RunControl.state_report) follow on its console."""
+    r = lab.run(["python3", "-c", _SIGNAL_THE_VMM], timeout=60)
+    assert r.stdout.strip() == "1", f"not one vmscope run in L1 to signal: {r.stdout} {r.stderr}"
 
 
 def boot_undebugged(vm, lab) -> None:
@@ -538,7 +563,7 @@ def test_vmscope_trace_through_vmscopes_own_stub(lab):
         expect(vm, "still-21", 120, lab=lab)
         # The VMM's own account (kill -USR1): no breakpoint, no pulled page, every vCPU free to run
         seen = len(vm.stdout)
-        lab.run(["pkill", "-USR1", "-f", "^python3 -m vmscope run"], timeout=60)
+        ask_the_vmm_for_its_state(lab)
         expect(vm, "no debugger attached: .*protected pages", 60)
         report = vm.stdout[seen:]
         assert "no debugger attached: 0 software breakpoints, 0 hardware, 0 watchpoints, 0 on pulled pages, " \
