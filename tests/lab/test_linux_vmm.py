@@ -71,12 +71,7 @@ def expect(vm, pattern: str, timeout: float = 120, lab=None) -> re.Match:
         raise_if_the_guest_triple_faulted(vm, e)  # the lab's quirk under console load: one rerun
         state = ""
         if lab is not None:
-            seen = len(vm.stdout)
-            ask_the_vmm_for_its_state(lab)
-            with contextlib.suppress(LabTimeout):
-                vm.wait_for_output("run control: ", timeout=15)
-            time.sleep(1)
-            state = f"\n--- the VMM's state after kill -USR1 ---\n{vm.stdout[seen:][-12000:]}"
+            state = _what_held_the_guest(vm, lab)
         pytest.fail(f"no {pattern!r} on the console; it said:\n{vm.stdout[-3000:]}\nstderr:\n{vm.stderr[-3000:]}{state}")
 
 
@@ -99,11 +94,35 @@ print(len(pids))
 """
 
 
-def ask_the_vmm_for_its_state(lab) -> None:
-    """`kill -USR1` the one `vmscope run` in L1: its threads' stacks and the
-    machine's state (RunControl.state_report) follow on its console."""
+def ask_the_vmm_for_its_state(lab) -> str:
+    """`kill -USR1` every `vmscope run` in L1 (a test runs one): its threads'
+    stacks and the machine's state (RunControl.state_report) follow on its
+    console. Returns how many were signalled, as L1 printed it."""
     r = lab.run(["python3", "-c", _SIGNAL_THE_VMM], timeout=60)
-    assert r.stdout.strip() == "1", f"not one vmscope run in L1 to signal: {r.stdout} {r.stderr}"
+    return r.stdout.strip() + r.stderr.strip()
+
+
+def _what_held_the_guest(vm, lab) -> str:
+    """After a console wait timed out: the VMM's own account (SIGUSR1),
+    then the guest's, read through the stub if one listens (its kernel
+    log and registers; attaching stops and resumes the guest, so this
+    comes last). Never raises: the failure it explains comes first."""
+    parts = []
+    try:
+        seen = len(vm.stdout)
+        signalled = ask_the_vmm_for_its_state(lab)
+        with contextlib.suppress(LabTimeout):
+            vm.wait_for_output("attached: ", timeout=15)  # the report's last line
+        time.sleep(1)
+        parts.append(f"--- kill -USR1 ({signalled} VMM signalled): the VMM's stacks and state ---\n"
+                     f"{vm.stdout[seen:][-12000:]}")
+        for what in ("dmesg", "regs"):
+            r = lab.run(["python3", "-m", "vmscope", "inspect", "--gdb", f"127.0.0.1:{GDB_GUEST_PORT}",
+                         "--timeout", "30", what], timeout=300)
+            parts.append(f"--- vmscope inspect {what} (status {r.returncode}) ---\n{r.stdout[-4000:]}{r.stderr[-2000:]}")
+    except Exception as e:  # the lab itself failing: say so, keep the original failure
+        parts.append(f"--- gathering the state failed: {type(e).__name__}: {e}")
+    return "\n" + "\n".join(parts)
 
 
 def boot_undebugged(vm, lab) -> None:
@@ -563,7 +582,7 @@ def test_vmscope_trace_through_vmscopes_own_stub(lab):
         expect(vm, "still-21", 120, lab=lab)
         # The VMM's own account (kill -USR1): no breakpoint, no pulled page, every vCPU free to run
         seen = len(vm.stdout)
-        ask_the_vmm_for_its_state(lab)
+        assert ask_the_vmm_for_its_state(lab) == "1"  # one vmscope run in L1
         expect(vm, "no debugger attached: .*protected pages", 60)
         report = vm.stdout[seen:]
         assert "no debugger attached: 0 software breakpoints, 0 hardware, 0 watchpoints, 0 on pulled pages, " \
