@@ -94,12 +94,18 @@ print(len(pids))
 """
 
 
-def ask_the_vmm_for_its_state(lab) -> str:
-    """`kill -USR1` every `vmscope run` in L1 (a test runs one): its threads'
-    stacks and the machine's state (RunControl.state_report) follow on its
-    console. Returns how many were signalled, as L1 printed it."""
+def the_vmms_report(vm, lab, timeout: float = 60) -> tuple[str, str]:
+    """`kill -USR1` every `vmscope run` in L1 (a test runs one) and read
+    what follows on its console: its threads' stacks and the machine's
+    state (RunControl.state_report), up to the report's last line (the
+    debugger's). Returns how many were signalled, as L1 printed it, and
+    that output (what came before, if the report never ended)."""
+    seen = len(vm.stdout)
     r = lab.run(["python3", "-c", _SIGNAL_THE_VMM], timeout=60)
-    return r.stdout.strip() + r.stderr.strip()
+    deadline = time.monotonic() + timeout
+    while not re.search(r"attached: [^\n]*\n", vm.stdout[seen:]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return r.stdout.strip() + r.stderr.strip(), vm.stdout[seen:]
 
 
 def _what_held_the_guest(vm, lab) -> str:
@@ -109,13 +115,9 @@ def _what_held_the_guest(vm, lab) -> str:
     comes last). Never raises: the failure it explains comes first."""
     parts = []
     try:
-        seen = len(vm.stdout)
-        signalled = ask_the_vmm_for_its_state(lab)
-        with contextlib.suppress(LabTimeout):
-            vm.wait_for_output("attached: ", timeout=15)  # the report's last line
-        time.sleep(1)
+        signalled, report = the_vmms_report(vm, lab, timeout=15)
         parts.append(f"--- kill -USR1 ({signalled} VMM signalled): the VMM's stacks and state ---\n"
-                     f"{vm.stdout[seen:][-12000:]}")
+                     f"{report[-12000:]}")
         for what in ("dmesg", "regs"):
             r = lab.run(["python3", "-m", "vmscope", "inspect", "--gdb", f"127.0.0.1:{GDB_GUEST_PORT}",
                          "--timeout", "30", what], timeout=300)
@@ -581,10 +583,8 @@ def test_vmscope_trace_through_vmscopes_own_stub(lab):
         vm.write("echo still-$((20 + 1))\n")
         expect(vm, "still-21", 120, lab=lab)
         # The VMM's own account (kill -USR1): no breakpoint, no pulled page, every vCPU free to run
-        seen = len(vm.stdout)
-        assert ask_the_vmm_for_its_state(lab) == "1"  # one vmscope run in L1
-        expect(vm, "no debugger attached: .*protected pages", 60)
-        report = vm.stdout[seen:]
+        signalled, report = the_vmms_report(vm, lab)
+        assert signalled == "1", signalled  # one vmscope run in L1
         assert "no debugger attached: 0 software breakpoints, 0 hardware, 0 watchpoints, 0 on pulled pages, " \
                "0 protected pages" in report, report[-3000:]
         assert "run control: running, stop pending: no" in report, report[-3000:]

@@ -76,6 +76,10 @@ class StopSink(Protocol):
 
     def guest_ended(self, status: int) -> None: ...
 
+    def debug_state(self) -> str:
+        """One line on the debugger's marks in the guest (for state_report)."""
+        ...
+
 
 class VcpuSlot:
     """A vCPU plus its run-control flags (guarded by the machine's lock).
@@ -166,8 +170,7 @@ class RunControl:
             lines.append(f"vCPU {slot.vcpu.index}: {'online' if slot.online else 'offline'}, "
                          f"{'runnable' if slot.runnable else 'held'}, {'parked' if slot.parked else 'not parked'}, "
                          f"immediate_exit={run.immediate_exit}")
-        debug_state = getattr(getattr(self, "target", None), "debug_state", None)
-        return lines + self.device_report() + ([debug_state()] if debug_state is not None else [])
+        return lines + self.device_report() + [self.target.debug_state()]
 
     def device_report(self) -> list[str]:
         """The devices' lines of :meth:`state_report` (default: none)."""
